@@ -1,0 +1,9 @@
+//! The declared threat model and its comparison with what a system does.
+//!
+//! This crate knows nothing of the kernel, gRPC or the command line. The agent feeds it
+//! [`observation`]s built from kernel events; it resolves each process and endpoint to a component
+//! of the declared model, folds flows into the observed graph and returns [`deviation::Deviation`]s.
+//! The collector and CI mode reuse it unchanged, and benchmarks feed it recorded observations.
+
+pub mod deviation;
+pub mod observation;

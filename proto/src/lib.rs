@@ -1,0 +1,1 @@
+//! The driftwatch.v1 gRPC API.
