@@ -6,4 +6,5 @@
 //! The collector and CI mode reuse it unchanged, and benchmarks feed it recorded observations.
 
 pub mod deviation;
+pub mod graph;
 pub mod observation;
