@@ -1,1 +1,476 @@
+//! Record types and names shared by the kernel programs (`agent-ebpf`) and the agent.
+//!
+//! Every record the kernel writes into the ring buffer starts with a [`RecordHeader`]; its `kind`
+//! field says which record follows and is converted with [`RecordKind::try_from`], so an unknown
+//! number is an error rather than undefined behaviour. Record numbers, counter indexes and field
+//! layouts are never reused for something else: add new ones at the end.
+//!
+//! The names of programs, maps and global variables live here once ([`PROGRAMS`], [`MAPS`],
+//! [`GLOBALS`]) because the BPF link step keeps only the symbols it is told to export and the loader
+//! looks them up by name; two copies would drift apart.
+
 #![no_std]
+
+use core::mem::size_of;
+
+/// Ring buffer holding every record ([`ExecRecord`], [`ForkRecord`], [`ExitRecord`], [`TcpRecord`]).
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Per-CPU array of `u64` loss counters, indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Hash map from thread id to the argv captured at `execve` entry ([`ArgvStash`]).
+pub const MAP_EXEC_ARGS: &str = "EXEC_ARGS";
+/// Per-CPU array with one [`ArgvStash`], where argv is assembled before it goes into
+/// [`MAP_EXEC_ARGS`] (it is too large for the 512-byte BPF stack).
+pub const MAP_ARGV_SCRATCH: &str = "ARGV_SCRATCH";
+/// Hash map from tgid to the status passed to `exit_group`.
+pub const MAP_EXIT_CODES: &str = "EXIT_CODES";
+/// Hash map from kernel socket address to the socket's owner ([`SockOwner`]).
+pub const MAP_SOCKETS: &str = "SOCKETS";
+/// Hash map from a listening (netns, port) to [`ListenerOwner`] flags.
+pub const MAP_LISTENERS: &str = "LISTENERS";
+
+/// Every map the eBPF object defines.
+pub const MAPS: &[&str] = &[
+    MAP_EVENTS,
+    MAP_COUNTERS,
+    MAP_EXEC_ARGS,
+    MAP_ARGV_SCRATCH,
+    MAP_EXIT_CODES,
+    MAP_SOCKETS,
+    MAP_LISTENERS,
+];
+
+/// `u32`: tgid of the agent, whose own activity is not reported.
+pub const GLOBAL_AGENT_TGID: &str = "AGENT_TGID";
+/// `u32`: 1 when only processes inside the scope cgroup are reported.
+pub const GLOBAL_SCOPE_ENABLED: &str = "SCOPE_ENABLED";
+/// `u64`: cgroup v2 id of the scope cgroup.
+pub const GLOBAL_SCOPE_CGROUP_ID: &str = "SCOPE_CGROUP_ID";
+/// `u32`: depth of the scope cgroup below the cgroup v2 root (the root is level 0).
+pub const GLOBAL_SCOPE_CGROUP_LEVEL: &str = "SCOPE_CGROUP_LEVEL";
+/// `u32`: byte offset of `skc_net` in `struct sock_common`.
+pub const GLOBAL_OFFSET_SKC_NET: &str = "OFFSET_SKC_NET";
+/// `u32`: byte offset of `ns.inum` in `struct net`.
+pub const GLOBAL_OFFSET_NET_INUM: &str = "OFFSET_NET_INUM";
+/// `u32`: 1 when the two offsets above are valid; the network namespace is reported as 0 otherwise.
+pub const GLOBAL_NETNS_OFFSETS_VALID: &str = "NETNS_OFFSETS_VALID";
+
+/// Every global variable the loader sets before the programs load.
+pub const GLOBALS: &[&str] = &[
+    GLOBAL_AGENT_TGID,
+    GLOBAL_SCOPE_ENABLED,
+    GLOBAL_SCOPE_CGROUP_ID,
+    GLOBAL_SCOPE_CGROUP_LEVEL,
+    GLOBAL_OFFSET_SKC_NET,
+    GLOBAL_OFFSET_NET_INUM,
+    GLOBAL_NETNS_OFFSETS_VALID,
+];
+
+/// One tracepoint program: its function name in the eBPF object and where it attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramSpec {
+    /// Function (and program) name in the object.
+    pub name: &'static str,
+    /// Tracepoint category, the directory under `events/` in tracefs.
+    pub category: &'static str,
+    /// Tracepoint name inside the category.
+    pub tracepoint: &'static str,
+    /// When true, the agent does not start without this hook.
+    pub required: bool,
+}
+
+/// Every program in the eBPF object.
+pub const PROGRAMS: &[ProgramSpec] = &[
+    ProgramSpec {
+        name: "sys_enter_execve",
+        category: "syscalls",
+        tracepoint: "sys_enter_execve",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_enter_execveat",
+        category: "syscalls",
+        tracepoint: "sys_enter_execveat",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_execve",
+        category: "syscalls",
+        tracepoint: "sys_exit_execve",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_execveat",
+        category: "syscalls",
+        tracepoint: "sys_exit_execveat",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sched_process_exec",
+        category: "sched",
+        tracepoint: "sched_process_exec",
+        required: true,
+    },
+    ProgramSpec {
+        name: "sched_process_fork",
+        category: "sched",
+        tracepoint: "sched_process_fork",
+        required: true,
+    },
+    ProgramSpec {
+        name: "sys_enter_exit_group",
+        category: "syscalls",
+        tracepoint: "sys_enter_exit_group",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sched_process_exit",
+        category: "sched",
+        tracepoint: "sched_process_exit",
+        required: true,
+    },
+    ProgramSpec {
+        name: "inet_sock_set_state",
+        category: "sock",
+        tracepoint: "inet_sock_set_state",
+        required: true,
+    },
+];
+
+/// Every symbol the BPF link step must keep: programs, then maps, then globals.
+pub fn export_names() -> impl Iterator<Item = &'static str> {
+    PROGRAMS
+        .iter()
+        .map(|program| program.name)
+        .chain(MAPS.iter().copied())
+        .chain(GLOBALS.iter().copied())
+}
+
+/// Default size of the [`MAP_EVENTS`] ring buffer in bytes.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 << 20;
+/// Maximum number of `execve` calls in flight at once whose argv is stashed.
+pub const EXEC_ARGS_MAX_ENTRIES: u32 = 2048;
+/// Maximum number of processes whose `exit_group` status waits for their exit.
+pub const EXIT_CODES_MAX_ENTRIES: u32 = 16384;
+/// Maximum number of TCP sockets tracked between connect (or accept) and close.
+pub const SOCKETS_MAX_ENTRIES: u32 = 65536;
+/// Maximum number of listening sockets tracked.
+pub const LISTENERS_MAX_ENTRIES: u32 = 8192;
+
+/// Maximum number of argv entries captured.
+pub const ARGV_MAX_ARGS: u32 = 16;
+/// Bytes of argv captured: the arguments, each with its trailing NUL.
+pub const ARGV_CAPTURE_BYTES: usize = 1024;
+/// Scratch size of [`ArgvStash::data`]: twice the capture size, so that the verifier can prove a
+/// string read of up to [`ARGV_CAPTURE_BYTES`] at any offset below it stays inside the buffer.
+pub const ARGV_SCRATCH_BYTES: usize = 2 * ARGV_CAPTURE_BYTES;
+/// Bytes of the executable path captured, including the trailing NUL.
+pub const FILENAME_BYTES: usize = 512;
+/// Length of a task's `comm`, including the trailing NUL (`TASK_COMM_LEN`).
+pub const COMM_BYTES: usize = 16;
+
+/// Kind of a record, the first field of [`RecordHeader`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RecordKind {
+    Exec = 1,
+    Fork = 2,
+    Exit = 3,
+    Tcp = 4,
+}
+
+/// A `kind` number that no [`RecordKind`] has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownValue(pub u32);
+
+impl TryFrom<u32> for RecordKind {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Exec),
+            2 => Ok(Self::Fork),
+            3 => Ok(Self::Exit),
+            4 => Ok(Self::Tcp),
+            other => Err(UnknownValue(other)),
+        }
+    }
+}
+
+/// First bytes of every record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct RecordHeader {
+    /// A [`RecordKind`] number.
+    pub kind: u32,
+    /// Process id (tgid) of the task the record is about; 0 when not known.
+    pub pid: u32,
+    /// Thread id of that task; 0 when not known.
+    pub tid: u32,
+    pub _reserved: u32,
+    /// `bpf_ktime_get_ns`, `CLOCK_MONOTONIC` nanoseconds.
+    pub ktime_ns: u64,
+    /// cgroup v2 id of the current task; 0 in records written outside process context.
+    pub cgroup_id: u64,
+}
+
+/// [`ExecRecord::flags`] bit: argv had more arguments or bytes than were captured.
+pub const EXEC_FLAG_ARGV_TRUNCATED: u32 = 1;
+/// [`ExecRecord::flags`] bit: no argv was stashed at syscall entry (the hook was missing or the
+/// stash was full), so `argv` is empty.
+pub const EXEC_FLAG_ARGV_MISSING: u32 = 2;
+/// [`ExecRecord::flags`] bit: the filename was longer than [`FILENAME_BYTES`] and was cut.
+pub const EXEC_FLAG_FILENAME_TRUNCATED: u32 = 4;
+
+/// A successful exec (`sched:sched_process_exec`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct ExecRecord {
+    /// `pid` is the tgid after the exec, `tid` the thread id that called exec.
+    pub header: RecordHeader,
+    pub uid: u32,
+    pub gid: u32,
+    /// `EXEC_FLAG_*` bits.
+    pub flags: u32,
+    /// Number of bytes of `filename`, without the trailing NUL.
+    pub filename_len: u32,
+    /// Number of bytes of `argv`: NUL-terminated arguments one after the other.
+    pub argv_len: u32,
+    pub _reserved: u32,
+    pub comm: [u8; COMM_BYTES],
+    pub filename: [u8; FILENAME_BYTES],
+    pub argv: [u8; ARGV_CAPTURE_BYTES],
+}
+
+/// A new task (`sched:sched_process_fork`); `header.pid` is the parent's tgid.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct ForkRecord {
+    pub header: RecordHeader,
+    /// Id of the new task (a thread id when the parent created a thread).
+    pub child_pid: u32,
+    pub _reserved: u32,
+}
+
+/// A task exited (`sched:sched_process_exit`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct ExitRecord {
+    pub header: RecordHeader,
+    /// Status as `wait(2)` reports it; valid when `has_exit_code` is 1.
+    pub exit_code: i32,
+    pub has_exit_code: u32,
+    /// 1 when this was the last thread of the process.
+    pub group_dead: u32,
+    pub _reserved: u32,
+}
+
+/// What happened to a TCP socket, [`TcpRecord::event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum TcpKind {
+    Connect = 1,
+    Connected = 2,
+    ConnectFailed = 3,
+    Listen = 4,
+    Accepted = 5,
+    Close = 6,
+}
+
+impl TryFrom<u32> for TcpKind {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Connect),
+            2 => Ok(Self::Connected),
+            3 => Ok(Self::ConnectFailed),
+            4 => Ok(Self::Listen),
+            5 => Ok(Self::Accepted),
+            6 => Ok(Self::Close),
+            other => Err(UnknownValue(other)),
+        }
+    }
+}
+
+/// `AF_INET`.
+pub const FAMILY_INET: u16 = 2;
+/// `AF_INET6`.
+pub const FAMILY_INET6: u16 = 10;
+
+/// A TCP state change (`sock:inet_sock_set_state`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct TcpRecord {
+    /// `pid` is the owning process, 0 when the kernel program does not know it.
+    pub header: RecordHeader,
+    /// A [`TcpKind`] number.
+    pub event: u32,
+    /// Inode number of the socket's network namespace, 0 when unknown.
+    pub netns: u32,
+    /// Kernel address of the socket, pairing the records of one connection.
+    pub skaddr: u64,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    pub family: u16,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    pub _reserved: u16,
+    /// Local address: the first 4 bytes for IPv4, all 16 for IPv6, network byte order.
+    pub saddr: [u8; 16],
+    /// Remote address, same layout as `saddr`.
+    pub daddr: [u8; 16],
+}
+
+/// Argv captured at `execve` entry, the value type of [`MAP_EXEC_ARGS`].
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct ArgvStash {
+    /// Bytes used in `data`, at most [`ARGV_CAPTURE_BYTES`].
+    pub len: u32,
+    /// `EXEC_FLAG_ARGV_TRUNCATED` when cut.
+    pub flags: u32,
+    pub data: [u8; ARGV_SCRATCH_BYTES],
+}
+
+/// Value type of [`MAP_SOCKETS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct SockOwner {
+    /// Process that called `connect()`, 0 for an accepted socket.
+    pub pid: u32,
+    /// `SOCKET_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// [`SockOwner::flags`] bit: the socket belongs to the agent; its records are not reported.
+pub const SOCKET_FLAG_AGENT: u32 = 1;
+
+/// Key type of [`MAP_LISTENERS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ListenerKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _reserved: u16,
+}
+
+/// Value type of [`MAP_LISTENERS`]: the process that listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ListenerOwner {
+    pub pid: u32,
+    /// `LISTENER_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// [`ListenerOwner::flags`] bit: the listener belongs to the agent; its accepts are not reported.
+pub const LISTENER_FLAG_AGENT: u32 = 1;
+
+/// Index of a loss counter in [`MAP_COUNTERS`]. Every record that could not be sent and every
+/// stash that could not be made adds one to exactly one counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Counter {
+    /// `sys_enter_execve(at)`: the argv stash map was full.
+    ExecArgsStashFull = 0,
+    /// `sys_enter_execve(at)`: no per-CPU scratch space was available.
+    ExecArgsScratchMissing = 1,
+    /// `sched_process_exec`: the ring buffer was full.
+    ExecRingBufferFull = 2,
+    /// `sched_process_fork`: the ring buffer was full.
+    ForkRingBufferFull = 3,
+    /// `sys_enter_exit_group`: the exit status map was full.
+    ExitCodeStashFull = 4,
+    /// `sched_process_exit`: the ring buffer was full.
+    ExitRingBufferFull = 5,
+    /// `inet_sock_set_state`: the ring buffer was full.
+    TcpRingBufferFull = 6,
+    /// `inet_sock_set_state`: the socket owner map was full, so later records of that socket
+    /// carry no pid (and are not reported under a cgroup scope).
+    TcpSocketMapFull = 7,
+    /// `inet_sock_set_state`: the listener map was full, so accepts on that port are not reported
+    /// under a cgroup scope.
+    TcpListenerMapFull = 8,
+}
+
+/// Number of [`Counter`] values, the size of [`MAP_COUNTERS`].
+pub const COUNTER_COUNT: u32 = 9;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::ExecArgsStashFull,
+        Counter::ExecArgsScratchMissing,
+        Counter::ExecRingBufferFull,
+        Counter::ForkRingBufferFull,
+        Counter::ExitCodeStashFull,
+        Counter::ExitRingBufferFull,
+        Counter::TcpRingBufferFull,
+        Counter::TcpSocketMapFull,
+        Counter::TcpListenerMapFull,
+    ];
+
+    /// Program that increments the counter.
+    pub const fn program(self) -> &'static str {
+        match self {
+            Counter::ExecArgsStashFull | Counter::ExecArgsScratchMissing => "sys_enter_execve(at)",
+            Counter::ExecRingBufferFull => "sched_process_exec",
+            Counter::ForkRingBufferFull => "sched_process_fork",
+            Counter::ExitCodeStashFull => "sys_enter_exit_group",
+            Counter::ExitRingBufferFull => "sched_process_exit",
+            Counter::TcpRingBufferFull
+            | Counter::TcpSocketMapFull
+            | Counter::TcpListenerMapFull => "inet_sock_set_state",
+        }
+    }
+
+    /// Why the record or stash was lost.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Counter::ExecArgsStashFull => "argv stash map full",
+            Counter::ExecArgsScratchMissing => "argv scratch buffer missing",
+            Counter::ExecRingBufferFull
+            | Counter::ForkRingBufferFull
+            | Counter::ExitRingBufferFull
+            | Counter::TcpRingBufferFull => "ring buffer full",
+            Counter::ExitCodeStashFull => "exit status map full",
+            Counter::TcpSocketMapFull => "socket owner map full",
+            Counter::TcpListenerMapFull => "listener map full",
+        }
+    }
+}
+
+// The decoder and the kernel programs depend on these exact sizes; a field added without updating
+// both sides fails the build here.
+const _: () = assert!(size_of::<RecordHeader>() == 32);
+const _: () = assert!(
+    size_of::<ExecRecord>() == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES
+);
+const _: () = assert!(size_of::<ForkRecord>() == 40);
+const _: () = assert!(size_of::<ExitRecord>() == 48);
+const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32);
+const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
+const _: () = assert!(size_of::<SockOwner>() == 8);
+const _: () = assert!(size_of::<ListenerKey>() == 8);
+const _: () = assert!(size_of::<ListenerOwner>() == 8);
+const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
+const _: () = assert!(ARGV_CAPTURE_BYTES.is_power_of_two());
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are `#[repr(C)]`, contain only integers and byte arrays, and have no
+    // implicit padding (the size assertions above pin every byte), so any bit pattern is valid.
+    unsafe impl aya::Pod for RecordHeader {}
+    unsafe impl aya::Pod for ExecRecord {}
+    unsafe impl aya::Pod for ForkRecord {}
+    unsafe impl aya::Pod for ExitRecord {}
+    unsafe impl aya::Pod for TcpRecord {}
+    unsafe impl aya::Pod for ArgvStash {}
+    unsafe impl aya::Pod for SockOwner {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerOwner {}
+}

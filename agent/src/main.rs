@@ -1,1 +1,73 @@
-fn main() {}
+//! `driftwatch`: the agent daemon and its command-line clients.
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use driftwatch::commands::{agent, graph, model, status, watch};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "driftwatch", version, about = "Check a declared threat model against what the kernel sees")]
+struct Cli {
+    /// Log format of the agent's own messages on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load the kernel programs, compare with the model, serve the API.
+    Agent(agent::AgentArgs),
+    /// Stream deviations from a running agent.
+    Watch(watch::WatchArgs),
+    /// Print the observed graph of a running agent.
+    Graph(graph::GraphArgs),
+    /// Print a running agent's status: hooks, counters, model.
+    Status(status::StatusArgs),
+    /// Work with model files.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Model(command) => model::run(command),
+        Command::Agent(args) => block_on(agent::run(args)),
+        Command::Watch(args) => block_on(async { watch::run(args).await.map(|()| ExitCode::SUCCESS) }),
+        Command::Graph(args) => block_on(async { graph::run(args).await.map(|()| ExitCode::SUCCESS) }),
+        Command::Status(args) => block_on(async { status::run(args).await.map(|()| ExitCode::SUCCESS) }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on(command: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(command)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

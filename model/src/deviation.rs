@@ -66,6 +66,27 @@ impl Category {
     pub fn parse(name: &str) -> Option<Category> {
         Category::ALL.into_iter().find(|c| c.as_str() == name)
     }
+
+    /// Returns the STRIDE class a deviation of this category points at.
+    pub fn stride(self) -> Stride {
+        match self {
+            // Traffic the model does not expect is the path by which data leaves a component.
+            Category::UnexpectedFlow | Category::UnattributedEndpoint => {
+                Stride::InformationDisclosure
+            }
+            // Reaching a zone, a program or a path the model does not grant is gaining privilege.
+            Category::TrustBoundaryCrossing
+            | Category::UnexpectedExecutable
+            | Category::NewAttackPath
+            | Category::ControlFailed => Stride::ElevationOfPrivilege,
+            // A new listening socket changes what the component exposes.
+            Category::NewListener => Stride::Tampering,
+            // A process that matches no component has an identity that no declaration vouches for.
+            Category::UnknownComponent => Stride::Spoofing,
+            // An unused declaration or lost events both weaken the record of what happened.
+            Category::DeclaredFlowUnused | Category::TelemetryGap => Stride::Repudiation,
+        }
+    }
 }
 
 /// Severity on five levels, ordered from least to most severe.
@@ -80,8 +101,13 @@ pub enum Severity {
 }
 
 impl Severity {
-    pub const ALL: [Severity; 5] =
-        [Severity::Low, Severity::Medium, Severity::Elevated, Severity::High, Severity::Critical];
+    pub const ALL: [Severity; 5] = [
+        Severity::Low,
+        Severity::Medium,
+        Severity::Elevated,
+        Severity::High,
+        Severity::Critical,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -131,6 +157,7 @@ pub struct Evidence {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deviation {
     /// Stable id `category@source@destination@proto/port`; exceptions match it with wildcards.
+    /// Categories without a port leave out the last part: `unexpected-executable@web@/bin/bash`.
     pub id: String,
     pub category: Category,
     pub severity: Severity,

@@ -1,10 +1,16 @@
-//! The observed-communication graph.
+//! The observed-communication graph: who talked to whom, on which port, how often, and whether
+//! the model allows it.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::SystemTime;
 
+use petgraph::stable_graph::{EdgeIndex, NodeIndex, StableDiGraph};
 use serde::{Deserialize, Serialize};
 
+use crate::model::Model;
 use crate::observation::Protocol;
+use crate::recency::{RecencyIndex, Stamp};
 
 /// How a graph node came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,4 +54,339 @@ pub struct EdgeSnapshot {
     pub connections: u64,
     /// A few processes that used the edge, as (pid, executable).
     pub examples: Vec<(u32, String)>,
+}
+
+/// Connections of one edge kept as examples, so a snapshot shows who used it without growing.
+pub const MAX_EXAMPLES: usize = 4;
+
+/// Identifies an edge: one direction, one protocol, one server port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EdgeKey {
+    pub source: String,
+    pub destination: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+struct NodeData {
+    id: String,
+    kind: NodeKind,
+    zone: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct EdgeData {
+    key: EdgeKey,
+    declared: bool,
+    first_seen: SystemTime,
+    last_seen: SystemTime,
+    connections: u64,
+    examples: Vec<(u32, String)>,
+    stamp: Stamp,
+}
+
+/// A node as the engine names it when recording a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRef {
+    pub id: String,
+    pub kind: NodeKind,
+    pub zone: Option<String>,
+}
+
+/// One connection to record on an edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub protocol: Protocol,
+    /// Server port.
+    pub port: u16,
+    /// True when a declared flow allows it.
+    pub declared: bool,
+    pub time: SystemTime,
+    /// The process that made it, as (pid, executable).
+    pub example: Option<(u32, String)>,
+}
+
+/// The observed-communication graph, bounded by an edge count.
+///
+/// Nodes are the declared components (always present) plus discovered processes and external
+/// endpoints (present while an edge uses them). When a new edge would pass the bound, the edge
+/// idle the longest is evicted and counted.
+#[derive(Debug, Clone)]
+pub struct ObservedGraph {
+    graph: StableDiGraph<NodeData, EdgeData>,
+    nodes: HashMap<String, NodeIndex>,
+    edges: HashMap<EdgeKey, EdgeIndex>,
+    recency: RecencyIndex<EdgeIndex>,
+    max_edges: usize,
+    evictions: u64,
+}
+
+impl ObservedGraph {
+    /// Creates an empty graph that keeps at most `max_edges` edges (at least one).
+    pub fn new(max_edges: usize) -> ObservedGraph {
+        ObservedGraph {
+            graph: StableDiGraph::new(),
+            nodes: HashMap::new(),
+            edges: HashMap::new(),
+            recency: RecencyIndex::new(),
+            max_edges: max_edges.max(1),
+            evictions: 0,
+        }
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    pub fn edge_count(&self) -> usize {
+        self.graph.edge_count()
+    }
+
+    /// Edges evicted to stay within the bound since the graph was created.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Adds a node or updates the kind and zone of an existing one.
+    pub fn upsert_node(&mut self, node: NodeRef) -> NodeIndex {
+        if let Some(&index) = self.nodes.get(&node.id) {
+            let data = &mut self.graph[index];
+            data.kind = node.kind;
+            data.zone = node.zone;
+            return index;
+        }
+        let id = node.id.clone();
+        let index = self.graph.add_node(NodeData {
+            id: node.id,
+            kind: node.kind,
+            zone: node.zone,
+        });
+        self.nodes.insert(id, index);
+        index
+    }
+
+    /// Records one connection from `source` to `destination`. Returns true when the edge is new.
+    pub fn record(
+        &mut self,
+        source: NodeRef,
+        destination: NodeRef,
+        connection: Connection,
+    ) -> bool {
+        let Connection {
+            protocol,
+            port,
+            declared,
+            time,
+            example,
+        } = connection;
+        let key = EdgeKey {
+            source: source.id.clone(),
+            destination: destination.id.clone(),
+            protocol,
+            port,
+        };
+        if let Some(&index) = self.edges.get(&key) {
+            let edge = &mut self.graph[index];
+            edge.connections += 1;
+            edge.declared = declared;
+            if time > edge.last_seen {
+                edge.last_seen = time;
+            }
+            if let Some(example) = example {
+                if edge.examples.len() < MAX_EXAMPLES && !edge.examples.contains(&example) {
+                    edge.examples.push(example);
+                }
+            }
+            let previous = edge.stamp;
+            let last_seen = edge.last_seen;
+            self.graph[index].stamp = self.recency.touch(Some(previous), last_seen, index);
+            return false;
+        }
+
+        while self.graph.edge_count() >= self.max_edges {
+            if !self.evict_oldest() {
+                break;
+            }
+        }
+        let source_index = self.upsert_node(source);
+        let destination_index = self.upsert_node(destination);
+        let data = EdgeData {
+            key: key.clone(),
+            declared,
+            first_seen: time,
+            last_seen: time,
+            connections: 1,
+            examples: example.into_iter().collect(),
+            stamp: (time, 0),
+        };
+        let index = self.graph.add_edge(source_index, destination_index, data);
+        self.graph[index].stamp = self.recency.touch(None, time, index);
+        self.edges.insert(key, index);
+        true
+    }
+
+    fn evict_oldest(&mut self) -> bool {
+        let Some(index) = self.recency.pop_oldest() else {
+            return false;
+        };
+        let Some((source, destination)) = self.graph.edge_endpoints(index) else {
+            return false;
+        };
+        if let Some(edge) = self.graph.remove_edge(index) {
+            self.edges.remove(&edge.key);
+        }
+        self.evictions += 1;
+        self.remove_if_orphan(source);
+        self.remove_if_orphan(destination);
+        true
+    }
+
+    /// Removes a discovered or external node that no edge uses any more, so such nodes stay
+    /// bounded by the edges.
+    fn remove_if_orphan(&mut self, index: NodeIndex) {
+        let Some(node) = self.graph.node_weight(index) else {
+            return;
+        };
+        if node.kind == NodeKind::Declared {
+            return;
+        }
+        if self.graph.neighbors_undirected(index).next().is_none() {
+            if let Some(node) = self.graph.remove_node(index) {
+                self.nodes.remove(&node.id);
+            }
+        }
+    }
+
+    /// Re-derives node kinds and the `declared` flag of every edge after a model change. Nodes of
+    /// components the model no longer has become discovered nodes; declared components the graph
+    /// lacks are added.
+    ///
+    /// NOTE: an `external:<ip>` node stays external even if the new model has a zone that contains
+    /// the address. The next flow to that address is recorded under the zone.
+    pub fn apply_model(&mut self, model: &Model) {
+        let indices: Vec<NodeIndex> = self.graph.node_indices().collect();
+        for index in indices {
+            let node = &mut self.graph[index];
+            if let Some(component) = model.component(&node.id) {
+                node.kind = NodeKind::Declared;
+                node.zone = Some(component.zone.clone());
+            } else if model.zone(&node.id).is_some() {
+                node.kind = NodeKind::External;
+                node.zone = Some(node.id.clone());
+            } else if node.kind == NodeKind::Declared {
+                node.kind = NodeKind::Discovered;
+                node.zone = None;
+            }
+            self.remove_if_orphan(index);
+        }
+        for component in &model.components {
+            let node = NodeRef {
+                id: component.id.clone(),
+                kind: NodeKind::Declared,
+                zone: Some(component.zone.clone()),
+            };
+            self.upsert_node(node);
+        }
+
+        let edge_indices: Vec<EdgeIndex> = self.graph.edge_indices().collect();
+        for index in edge_indices {
+            let Some((source, destination)) = self.graph.edge_endpoints(index) else {
+                continue;
+            };
+            let source = (
+                self.graph[source].id.as_str(),
+                self.graph[source].zone.as_deref(),
+            );
+            let destination = (
+                self.graph[destination].id.as_str(),
+                self.graph[destination].zone.as_deref(),
+            );
+            let key = &self.graph[index].key;
+            let declared = model.flow_declared(source, destination, key.protocol, key.port);
+            self.graph[index].declared = declared;
+        }
+    }
+
+    /// Copies the graph out, nodes sorted by id and edges by key, so equal graphs compare equal.
+    pub fn snapshot(&self) -> GraphSnapshot {
+        let mut nodes: Vec<NodeSnapshot> = self
+            .graph
+            .node_weights()
+            .map(|n| NodeSnapshot {
+                id: n.id.clone(),
+                kind: n.kind,
+                zone: n.zone.clone(),
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+
+        let mut edges: Vec<&EdgeData> = self.graph.edge_weights().collect();
+        edges.sort_by(|a, b| a.key.cmp(&b.key));
+        let edges = edges
+            .into_iter()
+            .map(|e| EdgeSnapshot {
+                source: e.key.source.clone(),
+                destination: e.key.destination.clone(),
+                protocol: e.key.protocol,
+                port: e.key.port,
+                declared: e.declared,
+                first_seen: e.first_seen,
+                last_seen: e.last_seen,
+                connections: e.connections,
+                examples: e.examples.clone(),
+            })
+            .collect();
+        GraphSnapshot { nodes, edges }
+    }
+}
+
+impl GraphSnapshot {
+    /// Renders the graph in Graphviz DOT. Declared components are boxes, discovered processes
+    /// dashed boxes, external endpoints ellipses; edges no declared flow allows are red.
+    pub fn to_dot(&self) -> String {
+        let mut out = String::from("digraph driftwatch {\n  rankdir=LR;\n");
+        for node in &self.nodes {
+            let style = match node.kind {
+                NodeKind::Declared => "shape=box",
+                NodeKind::Discovered => "shape=box, style=dashed",
+                NodeKind::External => "shape=ellipse",
+            };
+            let label = match &node.zone {
+                Some(zone) if zone != &node.id => {
+                    format!("{}\\n[{}]", dot_escape(&node.id), dot_escape(zone))
+                }
+                _ => dot_escape(&node.id),
+            };
+            let _ = writeln!(
+                out,
+                "  \"{}\" [{style}, label=\"{label}\"];",
+                dot_escape(&node.id)
+            );
+        }
+        for edge in &self.edges {
+            let color = if edge.declared { "black" } else { "red" };
+            let _ = writeln!(
+                out,
+                "  \"{}\" -> \"{}\" [label=\"{}/{} x{}\", color={color}];",
+                dot_escape(&edge.source),
+                dot_escape(&edge.destination),
+                edge.protocol.as_str(),
+                edge.port,
+                edge.connections,
+            );
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// Serialises the snapshot as pretty-printed JSON; times are seconds and nanoseconds since the
+    /// Unix epoch.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a graph snapshot always serialises")
+    }
+}
+
+fn dot_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
 }

@@ -6,5 +6,18 @@
 //! The collector and CI mode reuse it unchanged, and benchmarks feed it recorded observations.
 
 pub mod deviation;
+pub mod engine;
+pub mod error;
 pub mod graph;
+mod load;
+pub mod model;
 pub mod observation;
+pub mod pattern;
+mod recency;
+pub mod severity;
+mod yaml;
+
+pub use engine::{Engine, EngineConfig, EngineStats};
+pub use error::{Location, ModelError, ModelErrorKind, ModelErrors};
+pub use load::MODEL_VERSION;
+pub use model::{Attribution, Component, Criticality, Exception, Flow, Listen, Model, Zone};

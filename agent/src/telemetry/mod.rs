@@ -1,4 +1,359 @@
 //! Kernel telemetry: loading and attaching the eBPF programs, reading the ring buffer and decoding
 //! records into [`event::Event`]s. Only this module knows aya.
+//!
+//! [`Telemetry::start`] loads the programs and spawns one reader task that drains the ring buffer
+//! whenever it becomes readable and forwards decoded events into a bounded channel. The reader
+//! never waits for the consumer: when the channel is full the event is dropped and counted, so the
+//! kernel side keeps draining and back pressure never turns into kernel-side drops that are harder
+//! to attribute. Every loss (kernel counters, decode errors, channel drops) is visible through
+//! [`Telemetry::counters`].
 
+pub mod btf;
+pub mod cgroup;
+pub mod decode;
 pub mod event;
+pub mod loader;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use agent_common::{Counter, DEFAULT_RING_BUFFER_BYTES, MAP_COUNTERS, MAP_EVENTS};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::Ebpf;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use cgroup::{cgroup2_mount, cgroup_id, cgroup_path_by_id, CgroupError, CgroupPaths, CgroupScope};
+pub use decode::DecodeError;
+pub use event::Event;
+pub use loader::HookStatus;
+
+/// Settings of [`Telemetry::start`].
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Report only processes inside this cgroup v2 directory or below it; everything when `None`.
+    pub scope_cgroup: Option<PathBuf>,
+    /// Size of the kernel ring buffer in bytes: a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+    /// Number of decoded events the channel to the pipeline holds before new ones are dropped.
+    pub channel_capacity: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            scope_cgroup: None,
+            ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
+            channel_capacity: 16384,
+        }
+    }
+}
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("loading eBPF programs needs root (effective uid is {euid}); run driftwatch as root")]
+    NotRoot { euid: u32 },
+    #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed; mount it with `mount -t tracefs tracefs /sys/kernel/tracing`")]
+    Tracefs {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("this driftwatch binary was built without its eBPF object; build it with `cargo xtask build`")]
+    ObjectMissing,
+    #[error("the kernel has no bpf() system call; it needs CONFIG_BPF_SYSCALL=y")]
+    BpfUnsupported,
+    #[error("the kernel refused to create BPF maps or programs; run as root and check kernel.unprivileged_bpf_disabled and lockdown")]
+    BpfPermission {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("failed to load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("required hook {name} failed: {error}")]
+    RequiredHook { name: String, error: String },
+    #[error("invalid ring buffer size {0} bytes: it must be a power of two and at least one page")]
+    RingBufferSize(u32),
+    #[error("invalid channel capacity 0: it must be at least 1")]
+    ChannelCapacity,
+    #[error("invalid scope cgroup {path}")]
+    Scope {
+        path: PathBuf,
+        #[source]
+        source: CgroupError,
+    },
+    #[error("map {name} is missing or has the wrong type")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("Telemetry::start must be called inside a tokio runtime")]
+    NoRuntime,
+    #[error("failed to register the ring buffer with the tokio reactor")]
+    Reactor(#[source] std::io::Error),
+}
+
+/// Kernel-side losses of one counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelDrops {
+    /// Program that lost the record or stash.
+    pub program: &'static str,
+    pub reason: &'static str,
+    /// Sum over CPUs.
+    pub total: u64,
+    /// One value per possible CPU.
+    pub per_cpu: Vec<u64>,
+}
+
+/// Loss and throughput counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TelemetryCounters {
+    /// One entry per kernel counter; empty when the counter map could not be read.
+    pub kernel: Vec<KernelDrops>,
+    /// Records read from the ring buffer.
+    pub records_read: u64,
+    /// Records that failed to decode, all causes.
+    pub decode_errors: u64,
+    /// Records shorter than their kind requires.
+    pub short_records: u64,
+    /// Records with an unknown kind, TCP event or address family.
+    pub unknown_records: u64,
+    /// Decoded events dropped because the channel to the pipeline was full.
+    pub channel_drops: u64,
+    /// Events handed to the channel.
+    pub events_sent: u64,
+}
+
+impl TelemetryCounters {
+    /// Sum of every kernel counter.
+    pub fn kernel_drops(&self) -> u64 {
+        self.kernel.iter().map(|drops| drops.total).sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct ReaderStats {
+    records_read: AtomicU64,
+    short_records: AtomicU64,
+    unknown_records: AtomicU64,
+    channel_drops: AtomicU64,
+    events_sent: AtomicU64,
+}
+
+/// Running kernel telemetry. Dropping it stops the reader task and detaches every program.
+pub struct Telemetry {
+    ebpf: Ebpf,
+    hooks: Vec<HookStatus>,
+    stats: Arc<ReaderStats>,
+    cancel: CancellationToken,
+    scope: Option<CgroupScope>,
+}
+
+impl Telemetry {
+    /// Loads and attaches the kernel programs and starts reading their records.
+    ///
+    /// Must be called inside a tokio runtime, which runs the reader task. Fails when not root,
+    /// when tracefs is missing and cannot be mounted, when the binary has no embedded object, when
+    /// the scope cgroup is not a cgroup v2 directory, or when a required hook does not attach.
+    /// Optional hooks that fail are reported by [`Telemetry::hooks`].
+    pub fn start(config: TelemetryConfig) -> Result<(Telemetry, mpsc::Receiver<Event>), TelemetryError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
+        if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < page_size() {
+            return Err(TelemetryError::RingBufferSize(config.ring_buffer_bytes));
+        }
+        if config.channel_capacity == 0 {
+            return Err(TelemetryError::ChannelCapacity);
+        }
+        loader::check_root()?;
+        loader::ensure_tracefs()?;
+        loader::raise_memlock_limit();
+
+        let scope = match &config.scope_cgroup {
+            Some(path) => Some(resolve_scope(path)?),
+            None => None,
+        };
+        let netns_offsets = match btf::netns_offsets(Path::new(btf::VMLINUX_BTF)) {
+            Ok(offsets) => Some(offsets),
+            Err(error) => {
+                tracing::warn!(
+                    error = %error,
+                    "cannot resolve socket struct offsets from kernel BTF; TCP events carry netns 0"
+                );
+                None
+            }
+        };
+        let parameters = loader::LoadParameters {
+            agent_tgid: std::process::id(),
+            scope: scope.as_ref(),
+            netns_offsets,
+            ring_buffer_bytes: config.ring_buffer_bytes,
+        };
+        let (mut ebpf, hooks) = loader::load(&parameters)?;
+
+        let events = ebpf.take_map(MAP_EVENTS).ok_or(TelemetryError::Map {
+            name: MAP_EVENTS,
+            source: aya::maps::MapError::InvalidName { name: MAP_EVENTS.to_string() },
+        })?;
+        let ring = RingBuf::try_from(events)
+            .map_err(|source| TelemetryError::Map { name: MAP_EVENTS, source })?;
+        let ring = {
+            // AsyncFd registers with the reactor of the current runtime.
+            let _guard = runtime.enter();
+            // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
+            // the AsyncFd owns the ring buffer.
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                .map_err(|error| TelemetryError::Reactor(error.into()))?
+        };
+
+        let (sender, receiver) = mpsc::channel(config.channel_capacity);
+        let stats = Arc::new(ReaderStats::default());
+        let cancel = CancellationToken::new();
+        runtime.spawn(read_ring_buffer(ring, sender, stats.clone(), cancel.clone()));
+        tracing::info!(
+            scope = ?scope.as_ref().map(|scope| &scope.path),
+            ring_buffer_bytes = config.ring_buffer_bytes,
+            "kernel telemetry started"
+        );
+        Ok((Telemetry { ebpf, hooks, stats, cancel, scope }, receiver))
+    }
+
+    /// Load and attach status of every hook.
+    pub fn hooks(&self) -> Vec<HookStatus> {
+        self.hooks.clone()
+    }
+
+    /// The scope cgroup the kernel programs filter on, if any.
+    pub fn scope(&self) -> Option<&CgroupScope> {
+        self.scope.as_ref()
+    }
+
+    /// Current loss and throughput counters.
+    pub fn counters(&self) -> TelemetryCounters {
+        let stats = &self.stats;
+        let short_records = stats.short_records.load(Ordering::Relaxed);
+        let unknown_records = stats.unknown_records.load(Ordering::Relaxed);
+        TelemetryCounters {
+            kernel: self.kernel_drops(),
+            records_read: stats.records_read.load(Ordering::Relaxed),
+            decode_errors: short_records + unknown_records,
+            short_records,
+            unknown_records,
+            channel_drops: stats.channel_drops.load(Ordering::Relaxed),
+            events_sent: stats.events_sent.load(Ordering::Relaxed),
+        }
+    }
+
+    fn kernel_drops(&self) -> Vec<KernelDrops> {
+        let counters = self
+            .ebpf
+            .map(MAP_COUNTERS)
+            .ok_or_else(|| aya::maps::MapError::InvalidName { name: MAP_COUNTERS.to_string() })
+            .and_then(PerCpuArray::<&MapData, u64>::try_from);
+        let counters = match counters {
+            Ok(counters) => counters,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read kernel drop counters");
+                return Vec::new();
+            }
+        };
+        Counter::ALL
+            .iter()
+            .filter_map(|&counter| match counters.get(&(counter as u32), 0) {
+                Ok(values) => {
+                    let per_cpu: Vec<u64> = values.iter().copied().collect();
+                    Some(KernelDrops {
+                        program: counter.program(),
+                        reason: counter.reason(),
+                        total: per_cpu.iter().sum(),
+                        per_cpu,
+                    })
+                }
+                Err(error) => {
+                    tracing::warn!(%error, counter = ?counter, "cannot read kernel drop counter");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        // The programs detach when `ebpf` drops right after this; the reader owns the ring buffer
+        // and ends on the cancellation.
+        self.cancel.cancel();
+    }
+}
+
+fn resolve_scope(path: &Path) -> Result<CgroupScope, TelemetryError> {
+    let scope_error = |source| TelemetryError::Scope { path: path.to_path_buf(), source };
+    let mount = cgroup2_mount().map_err(scope_error)?;
+    CgroupScope::resolve(&mount, path).map_err(scope_error)
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
+/// Drains the ring buffer each time it becomes readable until `cancel` fires or the receiver is
+/// dropped.
+async fn read_ring_buffer(
+    mut ring: AsyncFd<RingBuf<aya::maps::MapData>>,
+    sender: mpsc::Sender<Event>,
+    stats: Arc<ReaderStats>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let mut guard = tokio::select! {
+            () = cancel.cancelled() => break,
+            ready = ring.readable_mut() => match ready {
+                Ok(guard) => guard,
+                Err(error) => {
+                    tracing::error!(%error, "ring buffer polling failed; no more kernel events");
+                    break;
+                }
+            },
+        };
+        let ring_buffer = guard.get_inner_mut();
+        while let Some(item) = ring_buffer.next() {
+            stats.records_read.fetch_add(1, Ordering::Relaxed);
+            let event = match decode::decode(&item) {
+                Ok(event) => event,
+                Err(error) => {
+                    let counter = match error {
+                        DecodeError::Short { .. } => &stats.short_records,
+                        _ => &stats.unknown_records,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%error, len = item.len(), "dropped undecodable record");
+                    continue;
+                }
+            };
+            tracing::trace!(?event, "kernel event");
+            match sender.try_send(event) {
+                Ok(()) => {
+                    stats.events_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let dropped = stats.channel_drops.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Logged at 1, 2, 4, 8, ... drops so that a long overload stays readable.
+                    if dropped.is_power_of_two() {
+                        tracing::error!(dropped, "event channel full; kernel events were dropped");
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    tracing::info!("event receiver dropped; ring buffer reader stops");
+                    return;
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+    tracing::debug!("ring buffer reader stopped");
+}

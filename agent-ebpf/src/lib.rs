@@ -1,0 +1,147 @@
+//! driftwatch kernel programs: process lifecycle (exec, fork, exit) and TCP state changes, written
+//! as records into one ring buffer.
+//!
+//! Only tracepoints are used, because their record layouts are published in tracefs and stay stable
+//! across kernels, unlike kprobes or struct offsets baked in at build time. The one kernel struct
+//! read (the socket's network namespace) uses offsets that the agent resolves from the running
+//! kernel's BTF and passes in as global data.
+//!
+//! Every program is a thin entry point calling a `try_` function. No code path may reach a Rust
+//! panic: the verifier rejects the whole object when `core::panicking` is linked in, so there is no
+//! slice indexing, no `unwrap`, and string reads go through the raw helpers that return a length.
+
+#![no_std]
+
+mod exec;
+mod process;
+mod tcp;
+
+use core::ptr::read_volatile;
+
+use agent_common::{
+    ArgvStash, Counter, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
+    DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES,
+    LISTENERS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, r#gen::bpf_get_current_ancestor_cgroup_id},
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+
+// Map and global names must match `agent_common::MAPS` and `agent_common::GLOBALS`: the link step
+// exports exactly those names and the loader looks them up by them.
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map]
+static EXEC_ARGS: HashMap<u32, ArgvStash> = HashMap::with_max_entries(EXEC_ARGS_MAX_ENTRIES, 0);
+
+#[map]
+static ARGV_SCRATCH: PerCpuArray<ArgvStash> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static EXIT_CODES: HashMap<u32, i32> = HashMap::with_max_entries(EXIT_CODES_MAX_ENTRIES, 0);
+
+#[map]
+static SOCKETS: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_MAX_ENTRIES, 0);
+
+#[map]
+static LISTENERS: HashMap<ListenerKey, ListenerOwner> =
+    HashMap::with_max_entries(LISTENERS_MAX_ENTRIES, 0);
+
+// Globals live in `.rodata`; the loader rewrites them before loading, so they are read with
+// `read_volatile` to keep the compiler from folding in the zero initialisers.
+
+#[no_mangle]
+static AGENT_TGID: u32 = 0;
+
+#[no_mangle]
+static SCOPE_ENABLED: u32 = 0;
+
+#[no_mangle]
+static SCOPE_CGROUP_ID: u64 = 0;
+
+#[no_mangle]
+static SCOPE_CGROUP_LEVEL: u32 = 0;
+
+#[no_mangle]
+static OFFSET_SKC_NET: u32 = 0;
+
+#[no_mangle]
+static OFFSET_NET_INUM: u32 = 0;
+
+#[no_mangle]
+static NETNS_OFFSETS_VALID: u32 = 0;
+
+/// Adds one to a loss counter on this CPU.
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer comes from the map lookup and stays valid for this program run; a
+        // per-CPU slot is not written concurrently.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Current task as (tgid, tid).
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    ((pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
+#[inline(always)]
+fn is_agent(tgid: u32) -> bool {
+    // SAFETY: a plain read of a static that the loader initialised.
+    tgid == unsafe { read_volatile(&AGENT_TGID) }
+}
+
+/// True when the current task may be reported: no scope is set, or its cgroup is the scope cgroup
+/// or a descendant of it.
+#[inline(always)]
+fn current_in_scope() -> bool {
+    // SAFETY: plain reads of statics that the loader initialised.
+    let (enabled, level, scope_id) = unsafe {
+        (
+            read_volatile(&SCOPE_ENABLED),
+            read_volatile(&SCOPE_CGROUP_LEVEL),
+            read_volatile(&SCOPE_CGROUP_ID),
+        )
+    };
+    if enabled == 0 {
+        return true;
+    }
+    // SAFETY: the helper takes a level and has no memory arguments.
+    let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+    ancestor == scope_id
+}
+
+#[inline(always)]
+fn scope_enabled() -> bool {
+    // SAFETY: a plain read of a static that the loader initialised.
+    unsafe { read_volatile(&SCOPE_ENABLED) != 0 }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a loaded program: the verifier rejects any object that links a panic path.
+    loop {}
+}
+
+#[inline(always)]
+fn ktime_ns() -> u64 {
+    // SAFETY: the helper has no arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn current_cgroup_id() -> u64 {
+    // SAFETY: the helper has no arguments.
+    unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() }
+}

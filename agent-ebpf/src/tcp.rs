@@ -1,0 +1,255 @@
+//! TCP state changes from `sock:inet_sock_set_state`.
+//!
+//! Connect and listen happen in the calling process, so the current task owns the socket. The
+//! handshake completions (Connected, ConnectFailed, Accepted) and most closes run in softirq
+//! context where the current task is unrelated, so the owner comes from `SOCKETS`, filled at
+//! connect and accept time, and the scope decision made there carries over. An accepted socket has
+//! no owning process in the kernel yet: it is reported with pid 0 when its (netns, local port) is a
+//! listener recorded in scope (or always, when no scope is set).
+
+use agent_common::{
+    Counter, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind, TcpRecord,
+    FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, SOCKET_FLAG_AGENT,
+};
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use core::ptr::read_volatile;
+
+use crate::{
+    count, current_cgroup_id, current_ids, ktime_ns, current_in_scope, is_agent, scope_enabled, EVENTS, LISTENERS,
+    NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SOCKETS,
+};
+
+// Offsets in the record, from events/sock/inet_sock_set_state/format in tracefs.
+const SKADDR_OFFSET: usize = 8;
+const OLDSTATE_OFFSET: usize = 16;
+const NEWSTATE_OFFSET: usize = 20;
+const SPORT_OFFSET: usize = 24;
+const DPORT_OFFSET: usize = 26;
+const FAMILY_OFFSET: usize = 28;
+const PROTOCOL_OFFSET: usize = 30;
+const SADDR_OFFSET: usize = 32;
+const DADDR_OFFSET: usize = 36;
+const SADDR_V6_OFFSET: usize = 40;
+const DADDR_V6_OFFSET: usize = 56;
+
+const IPPROTO_TCP: u16 = 6;
+
+// TCP states, include/net/tcp_states.h.
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+/// Who a record is reported for.
+struct Owner {
+    pid: u32,
+    tid: u32,
+    cgroup_id: u64,
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offsets of this tracepoint's fields.
+    let protocol: u16 = unsafe { ctx.read_at(PROTOCOL_OFFSET)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old_state: i32 = unsafe { ctx.read_at(OLDSTATE_OFFSET)? };
+    let new_state: i32 = unsafe { ctx.read_at(NEWSTATE_OFFSET)? };
+    let skaddr: u64 = unsafe { ctx.read_at(SKADDR_OFFSET)? };
+
+    match (old_state, new_state) {
+        (TCP_CLOSE, TCP_SYN_SENT) => on_connect(ctx, skaddr),
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => on_handshake_end(ctx, skaddr, TcpKind::Connected, false),
+        (TCP_SYN_SENT, TCP_CLOSE) => on_handshake_end(ctx, skaddr, TcpKind::ConnectFailed, true),
+        (TCP_CLOSE, TCP_LISTEN) => on_listen(ctx, skaddr),
+        (TCP_LISTEN, TCP_CLOSE) => on_listener_close(ctx, skaddr),
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => on_accepted(ctx, skaddr),
+        // Every connection that got past the handshake ends with exactly one move to CLOSE, from
+        // whichever state the shutdown sequence reached.
+        (old, TCP_CLOSE) if old != TCP_CLOSE => on_handshake_end(ctx, skaddr, TcpKind::Close, true),
+        _ => Ok(()),
+    }
+}
+
+fn on_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+    let (tgid, tid) = current_ids();
+    if is_agent(tgid) {
+        track_socket(skaddr, tgid, SOCKET_FLAG_AGENT);
+        return Ok(());
+    }
+    if !current_in_scope() {
+        return Ok(());
+    }
+    track_socket(skaddr, tgid, 0);
+    let owner = Owner { pid: tgid, tid, cgroup_id: current_cgroup_id() };
+    emit(ctx, skaddr, TcpKind::Connect, &owner)
+}
+
+/// Reports a softirq-side change of a socket seen at connect or accept; `forget` removes the
+/// socket because it will not change state again.
+fn on_handshake_end(
+    ctx: &TracePointContext,
+    skaddr: u64,
+    kind: TcpKind,
+    forget: bool,
+) -> Result<(), i64> {
+    // SAFETY: the value is copied out before the entry can be removed.
+    let tracked = unsafe { SOCKETS.get(&skaddr) }.copied();
+    if forget && tracked.is_some() {
+        let _ = SOCKETS.remove(&skaddr);
+    }
+    let owner = match tracked {
+        Some(socket) if socket.flags & SOCKET_FLAG_AGENT != 0 => return Ok(()),
+        Some(socket) => socket.pid,
+        // Sockets opened before the agent started, or lost to a full map: unattributed, and
+        // unknown to be in scope.
+        None if scope_enabled() => return Ok(()),
+        None => 0,
+    };
+    emit(ctx, skaddr, kind, &Owner { pid: owner, tid: 0, cgroup_id: 0 })
+}
+
+fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+    let (tgid, tid) = current_ids();
+    let key = listener_key(ctx, skaddr)?;
+    if is_agent(tgid) {
+        remember_listener(&key, tgid, LISTENER_FLAG_AGENT);
+        return Ok(());
+    }
+    if !current_in_scope() {
+        return Ok(());
+    }
+    remember_listener(&key, tgid, 0);
+    let owner = Owner { pid: tgid, tid, cgroup_id: current_cgroup_id() };
+    emit(ctx, skaddr, TcpKind::Listen, &owner)
+}
+
+fn on_listener_close(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+    let key = listener_key(ctx, skaddr)?;
+    let _ = LISTENERS.remove(&key);
+    Ok(())
+}
+
+fn on_accepted(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+    let key = listener_key(ctx, skaddr)?;
+    // SAFETY: the value is copied out of the map.
+    let listener = unsafe { LISTENERS.get(&key) }.copied();
+    match listener {
+        Some(listener) if listener.flags & LISTENER_FLAG_AGENT != 0 => {
+            track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT);
+            return Ok(());
+        }
+        Some(_) => {}
+        None if scope_enabled() => return Ok(()),
+        None => {}
+    }
+    track_socket(skaddr, 0, 0);
+    emit(ctx, skaddr, TcpKind::Accepted, &Owner { pid: 0, tid: 0, cgroup_id: 0 })
+}
+
+fn track_socket(skaddr: u64, pid: u32, flags: u32) {
+    if SOCKETS.insert(&skaddr, &SockOwner { pid, flags }, 0).is_err() {
+        count(Counter::TcpSocketMapFull);
+    }
+}
+
+fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
+    if LISTENERS.insert(key, &ListenerOwner { pid, flags }, 0).is_err() {
+        count(Counter::TcpListenerMapFull);
+    }
+}
+
+fn listener_key(ctx: &TracePointContext, skaddr: u64) -> Result<ListenerKey, i64> {
+    // SAFETY: offset of `sport` in this tracepoint's record.
+    let port: u16 = unsafe { ctx.read_at(SPORT_OFFSET)? };
+    Ok(ListenerKey { netns: socket_netns(skaddr), port, _reserved: 0 })
+}
+
+/// Inode number of the network namespace of the socket at `skaddr`, or 0 when the offsets are
+/// unknown or a read fails.
+fn socket_netns(skaddr: u64) -> u32 {
+    // SAFETY: plain reads of statics that the loader initialised.
+    let (valid, skc_net, net_inum) = unsafe {
+        (
+            read_volatile(&NETNS_OFFSETS_VALID),
+            read_volatile(&OFFSET_SKC_NET),
+            read_volatile(&OFFSET_NET_INUM),
+        )
+    };
+    if valid == 0 || skaddr == 0 {
+        return 0;
+    }
+    // SAFETY: both reads go through the kernel's fault-handling probe read; a wrong address gives
+    // an error, not a crash.
+    let net: u64 = match unsafe {
+        bpf_probe_read_kernel((skaddr + u64::from(skc_net)) as *const u64)
+    } {
+        Ok(net) => net,
+        Err(_) => return 0,
+    };
+    if net == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((net + u64::from(net_inum)) as *const u32) }.unwrap_or(0)
+}
+
+fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> Result<(), i64> {
+    // SAFETY: offsets of this tracepoint's fields.
+    let family: u16 = unsafe { ctx.read_at(FAMILY_OFFSET)? };
+    let sport: u16 = unsafe { ctx.read_at(SPORT_OFFSET)? };
+    let dport: u16 = unsafe { ctx.read_at(DPORT_OFFSET)? };
+    let (saddr, daddr): ([u8; 16], [u8; 16]) = if family == FAMILY_INET6 {
+        unsafe { (ctx.read_at(SADDR_V6_OFFSET)?, ctx.read_at(DADDR_V6_OFFSET)?) }
+    } else if family == FAMILY_INET {
+        let source: [u8; 4] = unsafe { ctx.read_at(SADDR_OFFSET)? };
+        let destination: [u8; 4] = unsafe { ctx.read_at(DADDR_OFFSET)? };
+        (widen_ipv4(source), widen_ipv4(destination))
+    } else {
+        return Ok(());
+    };
+    let netns = socket_netns(skaddr);
+
+    let Some(mut entry) = EVENTS.reserve::<TcpRecord>(0) else {
+        count(Counter::TcpRingBufferFull);
+        return Ok(());
+    };
+    entry.write(TcpRecord {
+        header: RecordHeader {
+            kind: RecordKind::Tcp as u32,
+            pid: owner.pid,
+            tid: owner.tid,
+            _reserved: 0,
+            ktime_ns: ktime_ns(),
+            cgroup_id: owner.cgroup_id,
+        },
+        event: kind as u32,
+        netns,
+        skaddr,
+        family,
+        sport,
+        dport,
+        _reserved: 0,
+        saddr,
+        daddr,
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+/// An IPv4 address in the first 4 bytes of a 16-byte field, the rest zero.
+#[inline(always)]
+fn widen_ipv4(address: [u8; 4]) -> [u8; 16] {
+    let [a, b, c, d] = address;
+    [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}

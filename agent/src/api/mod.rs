@@ -1,0 +1,21 @@
+//! The gRPC API (driftwatch.v1): the deviation hub that sequences and fans out deviations, the
+//! tonic server that serves it with the graph and status, and the client connection.
+//!
+//! Only this module depends on tonic. The pipeline publishes into a [`DeviationHub`] and exposes the
+//! rest through [`AgentView`].
+
+pub mod addr;
+pub mod client;
+pub mod convert;
+pub mod hub;
+pub mod server;
+pub mod status;
+
+pub use addr::{ListenAddr, ListenAddrError, DEFAULT_SOCKET_PATH};
+pub use client::connect;
+pub use hub::{
+    DeviationFilter, DeviationHub, HubConfig, HubCounters, HubMessage, LossNotice, LossReason,
+    Subscription,
+};
+pub use server::{serve, serve_on, AgentView, ApiListener};
+pub use status::{HookStatus, ModelInfo, StatusSnapshot};

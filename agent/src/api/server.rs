@@ -1,0 +1,332 @@
+//! The tonic service for driftwatch.v1 and the listener it serves on.
+//!
+//! The service reads deviations from a [`DeviationHub`] and everything else through [`AgentView`],
+//! so it depends on neither the kernel side nor the engine. Binding is a separate step
+//! ([`ApiListener::bind`]) so that a caller knows the socket accepts connections before it starts
+//! clients, and learns the port when it asked for port 0.
+
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use anyhow::{bail, Context as _};
+use driftwatch_model::graph::GraphSnapshot;
+use driftwatch_proto::v1 as pb;
+use pb::agent_service_server::{AgentService, AgentServiceServer};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::{Request, Response, Status};
+
+use super::addr::ListenAddr;
+use super::convert;
+use super::hub::{DeviationFilter, DeviationHub, HubMessage, SubscribeError};
+use super::status::StatusSnapshot;
+
+/// Mode of the unix socket: the owner (root) and the group may connect, others may not.
+const SOCKET_MODE: u32 = 0o660;
+
+/// The API's read access to the running agent for everything except deviations.
+pub trait AgentView: Send + Sync + 'static {
+    /// Returns a copy of the observed graph.
+    fn graph(&self) -> GraphSnapshot;
+    /// Returns the agent's status.
+    fn status(&self) -> StatusSnapshot;
+}
+
+/// A bound API socket, ready to accept connections.
+pub struct ApiListener {
+    inner: BoundSocket,
+}
+
+enum BoundSocket {
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+    Tcp(TcpListener),
+}
+
+impl ApiListener {
+    /// Binds `addr`. For a unix socket it creates the parent directory, replaces a stale socket
+    /// file that no process listens on, and sets the mode to 0660.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the address is in use (including a socket file another process serves), when the
+    /// path exists and is not a socket, or when the directory or socket cannot be created.
+    pub async fn bind(addr: &ListenAddr) -> anyhow::Result<ApiListener> {
+        let inner = match addr {
+            ListenAddr::Unix(path) => BoundSocket::Unix {
+                listener: bind_unix(path).await?,
+                path: path.clone(),
+            },
+            ListenAddr::Tcp(socket_addr) => {
+                let listener = TcpListener::bind(socket_addr)
+                    .await
+                    .with_context(|| format!("failed to listen on {socket_addr}"))?;
+                BoundSocket::Tcp(listener)
+            }
+        };
+        Ok(ApiListener { inner })
+    }
+
+    /// Returns the address clients connect to. For TCP it carries the port the system chose when
+    /// the requested port was 0.
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match &self.inner {
+            BoundSocket::Unix { path, .. } => Ok(ListenAddr::Unix(path.clone())),
+            BoundSocket::Tcp(listener) => listener.local_addr().map(ListenAddr::Tcp),
+        }
+    }
+}
+
+async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| {
+            format!("failed to create the socket directory {}", parent.display())
+        })?;
+    }
+    remove_stale_socket(path).await?;
+
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("failed to listen on unix socket {}", path.display()))?;
+    // NOTE: until this call the socket has the mode the umask gives, so a client of another group
+    // could connect in that short window if the umask is permissive.
+    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE))
+        .with_context(|| format!("failed to set mode {SOCKET_MODE:o} on {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Removes a socket file left by an agent that did not shut down cleanly. A socket that still
+/// accepts connections belongs to a running agent, and a path that is not a socket is not ours to
+/// delete, so both are errors.
+async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    let metadata = match fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => {
+            return Err(err).with_context(|| format!("failed to inspect {}", path.display()))
+        }
+    };
+    if !metadata.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket; remove it or choose another API address",
+            path.display()
+        );
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        bail!(
+            "another process is already serving on {}; stop it or choose another API address",
+            path.display()
+        );
+    }
+    tracing::info!(path = %path.display(), "removing stale API socket");
+    fs::remove_file(path)
+        .with_context(|| format!("failed to remove stale socket {}", path.display()))
+}
+
+/// Binds `listen` and serves the API on it until `shutdown` is cancelled.
+///
+/// Callers that need to know when clients can connect bind with [`ApiListener::bind`] and call
+/// [`serve_on`] instead.
+pub async fn serve(
+    listen: ListenAddr,
+    hub: Arc<DeviationHub>,
+    view: Arc<dyn AgentView>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = ApiListener::bind(&listen).await?;
+    serve_on(listener, hub, view, shutdown).await
+}
+
+/// Serves the API on a bound listener until `shutdown` is cancelled. Open deviation streams end
+/// at cancellation, so shutdown does not wait for clients to hang up. A unix socket file is removed
+/// on the way out.
+pub async fn serve_on(
+    listener: ApiListener,
+    hub: Arc<DeviationHub>,
+    view: Arc<dyn AgentView>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local_addr = listener
+        .local_addr()
+        .context("failed to read the API listener's address")?;
+    let service = AgentServiceServer::new(AgentApi {
+        hub,
+        view,
+        shutdown: shutdown.clone(),
+    });
+    let router = tonic::transport::Server::builder().add_service(service);
+    tracing::info!(addr = %local_addr, "API listening");
+
+    let result = match listener.inner {
+        BoundSocket::Unix { listener, path } => {
+            let result = router
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener),
+                    shutdown.cancelled(),
+                )
+                .await;
+            if let Err(err) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "failed to remove the API socket");
+            }
+            result
+        }
+        BoundSocket::Tcp(listener) => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    shutdown.cancelled(),
+                )
+                .await
+        }
+    };
+    result.with_context(|| format!("API server on {local_addr} failed"))?;
+    tracing::info!(addr = %local_addr, "API stopped");
+    Ok(())
+}
+
+struct AgentApi {
+    hub: Arc<DeviationHub>,
+    view: Arc<dyn AgentView>,
+    shutdown: CancellationToken,
+}
+
+type DeviationStream =
+    Pin<Box<dyn Stream<Item = Result<pb::StreamDeviationsResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type StreamDeviationsStream = DeviationStream;
+
+    async fn stream_deviations(
+        &self,
+        request: Request<pb::StreamDeviationsRequest>,
+    ) -> Result<Response<DeviationStream>, Status> {
+        let request = request.into_inner();
+        let filter = filter_from_request(&request)?;
+        let subscription = self
+            .hub
+            .subscribe(filter.clone(), request.from_sequence)
+            .map_err(|err| match err {
+                SubscribeError::FromSequenceAhead { .. } => {
+                    Status::invalid_argument(err.to_string())
+                }
+            })?;
+        tracing::debug!(?filter, from_sequence = ?request.from_sequence, "deviation subscriber joined");
+
+        let messages = subscription.map(|message| {
+            if let HubMessage::Loss(notice) = &message {
+                tracing::warn!(
+                    missed = notice.missed(),
+                    first_sequence = notice.first_sequence,
+                    last_sequence = notice.last_sequence,
+                    reason = ?notice.reason,
+                    "deviation subscriber missed messages; it was sent a loss notice"
+                );
+            }
+            Ok(convert::hub_message_to_proto(&message))
+        });
+        let stream = UntilCancelled::new(messages, self.shutdown.clone());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_graph(
+        &self,
+        _request: Request<pb::GetGraphRequest>,
+    ) -> Result<Response<pb::Graph>, Status> {
+        // A large graph takes a while to copy, so it does not run on a runtime worker.
+        let view = Arc::clone(&self.view);
+        let graph = tokio::task::spawn_blocking(move || view.graph())
+            .await
+            .map_err(|err| Status::internal(format!("graph snapshot failed: {err}")))?;
+        Ok(Response::new(convert::graph_to_proto(
+            &graph,
+            SystemTime::now(),
+        )))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::AgentStatus>, Status> {
+        let status = self.view.status();
+        let hub = self.hub.counters();
+        Ok(Response::new(convert::status_to_proto(
+            &status,
+            &hub,
+            SystemTime::now(),
+        )))
+    }
+}
+
+fn filter_from_request(request: &pb::StreamDeviationsRequest) -> Result<DeviationFilter, Status> {
+    let invalid = |err: convert::ConvertError| Status::invalid_argument(err.to_string());
+    let min_severity = match request.min_severity {
+        0 => None,
+        value => Some(convert::severity_from_proto(value).map_err(invalid)?),
+    };
+    let categories = request
+        .categories
+        .iter()
+        .map(|value| convert::category_from_proto(*value))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let exclude_categories = request
+        .exclude_categories
+        .iter()
+        .map(|value| convert::category_from_proto(*value))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    Ok(DeviationFilter {
+        min_severity,
+        categories,
+        exclude_categories,
+    })
+}
+
+/// Ends a stream when a token is cancelled. tonic's graceful shutdown waits for open responses,
+/// and a deviation stream never ends on its own.
+struct UntilCancelled<S> {
+    inner: S,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl<S> UntilCancelled<S> {
+    fn new(inner: S, token: CancellationToken) -> Self {
+        UntilCancelled {
+            inner,
+            cancelled: Box::pin(token.cancelled_owned()),
+            done: false,
+        }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for UntilCancelled<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.cancelled.as_mut().poll(cx).is_ready() {
+            this.done = true;
+            return Poll::Ready(None);
+        }
+        let next = Pin::new(&mut this.inner).poll_next(cx);
+        if let Poll::Ready(None) = next {
+            this.done = true;
+        }
+        next
+    }
+}

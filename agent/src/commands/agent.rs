@@ -1,0 +1,177 @@
+//! `driftwatch agent`: the daemon. Loads the kernel programs, runs the pipeline and serves the API.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use driftwatch_model::Engine;
+use driftwatch_model::Model;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::hub::{DeviationHub, HubConfig};
+use crate::api::server::{self, ApiListener};
+use crate::api::ListenAddr;
+use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
+use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
+use crate::view::{self, AgentStatusView};
+
+/// How long the agent waits for its tasks to finish after a stop signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// The declared threat model (YAML).
+    #[arg(long)]
+    pub model: PathBuf,
+
+    /// Where the gRPC API listens: `unix:/path/to.sock`, or a loopback `IP:PORT` (port 0 picks a
+    /// free one).
+    #[arg(long, default_value = "unix:/run/driftwatch/api.sock")]
+    pub api: ListenAddr,
+
+    /// Observe only processes inside this cgroup v2 directory (an absolute path under the cgroup2
+    /// mount, or a path relative to the mount such as `/system.slice/nginx.service`).
+    #[arg(long)]
+    pub scope_cgroup: Option<PathBuf>,
+
+    /// Write the API address to this file once the hooks are attached and the API serves.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+
+    /// Size of the kernel ring buffer in MiB (a power of two).
+    #[arg(long, default_value_t = 8)]
+    pub ring_buffer_mib: u32,
+
+    /// Deviations kept for replay to new subscribers.
+    #[arg(long, default_value_t = 4096)]
+    pub history: usize,
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let model = match Model::load(&args.model) {
+        Ok(model) => model,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("error: the model {} is invalid; the agent did not start", args.model.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let model_info = view::model_info(&args.model, &model, SystemTime::now());
+    tracing::info!(model = %args.model.display(), components = model.components.len(), flows = model.flows.len(), "model loaded");
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "driftwatch agent must run as root: loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (try: sudo driftwatch agent ...)"
+        );
+    }
+    let scope_cgroup = args.scope_cgroup.as_deref().map(resolve_scope).transpose()?;
+
+    // Kernel side first: nothing else is worth starting if the programs do not load.
+    let config = TelemetryConfig {
+        scope_cgroup: scope_cgroup.clone(),
+        ring_buffer_bytes: args.ring_buffer_mib.checked_mul(1024 * 1024).context("--ring-buffer-mib is too large")?,
+        channel_capacity: 65_536,
+    };
+    let (telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
+    let telemetry = Arc::new(telemetry);
+
+    let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
+    let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
+    let cancel = CancellationToken::new();
+
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub.clone(), cgroup_resolver());
+    let seeded = pipeline.seed_processes();
+    tracing::info!(processes = seeded, "process table seeded from /proc");
+    let lost = {
+        let telemetry = telemetry.clone();
+        Box::new(move || {
+            let counters = telemetry.counters();
+            counters.kernel_drops() + counters.channel_drops + counters.decode_errors
+        })
+    };
+    let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
+
+    let view = Arc::new(AgentStatusView::new(shared, telemetry.clone(), model_info));
+    let listener = ApiListener::bind(&args.api).await.with_context(|| format!("failed to listen on {}", args.api))?;
+    let address = listener.local_addr().context("failed to read the API address")?;
+    let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view, cancel.clone()));
+    tracing::info!(api = %address, "agent ready");
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &address.to_string())?;
+    }
+
+    wait_for_stop_signal().await?;
+    tracing::info!("stopping");
+
+    cancel.cancel();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let _ = pipeline_task.await;
+        let _ = server_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?DRAIN_TIMEOUT, "tasks did not stop in time");
+    }
+    // Dropping the telemetry detaches every program.
+    drop(telemetry);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Accepts a directory under the cgroup2 mount or a path relative to the mount.
+fn resolve_scope(path: &Path) -> anyhow::Result<PathBuf> {
+    let mount = telemetry::cgroup2_mount().context("failed to find the cgroup v2 mount for --scope-cgroup")?;
+    let full = if path.starts_with(&mount) {
+        path.to_path_buf()
+    } else {
+        mount.join(path.strip_prefix("/").unwrap_or(path))
+    };
+    if !full.is_dir() {
+        anyhow::bail!("--scope-cgroup {}: {} is not a cgroup v2 directory", path.display(), full.display());
+    }
+    Ok(full)
+}
+
+fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
+    // Written whole under another name, then renamed, so a reader never sees half of it.
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, format!("{address}\n")).with_context(|| format!("failed to write {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("failed to write {}", path.display()))
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+/// Maps cgroup ids from kernel records to paths relative to the cgroup2 mount, such as
+/// `/system.slice/nginx.service`, with a bounded cache.
+fn cgroup_resolver() -> CgroupResolver {
+    let mount = match telemetry::cgroup2_mount() {
+        Ok(mount) => mount,
+        Err(error) => {
+            tracing::warn!(%error, "no cgroup v2 mount; cgroup selectors in the model match nothing");
+            return Box::new(|_| String::new());
+        }
+    };
+    let mut paths = CgroupPaths::new(mount.clone(), 4096);
+    Box::new(move |id| match paths.path_by_id(id) {
+        Ok(Some(path)) => {
+            let relative = path.strip_prefix(&mount).unwrap_or(&path);
+            format!("/{}", relative.display())
+        }
+        Ok(None) => String::new(),
+        Err(error) => {
+            tracing::debug!(%error, id, "cannot resolve a cgroup id");
+            String::new()
+        }
+    })
+}

@@ -1,0 +1,7 @@
+//! The `driftwatch` subcommands, one module each; `main.rs` only parses and dispatches.
+
+pub mod agent;
+pub mod graph;
+pub mod model;
+pub mod status;
+pub mod watch;

@@ -1,0 +1,389 @@
+//! `driftwatch watch`: follow an agent's deviation stream in a terminal or as JSON lines.
+
+use std::io::{self, IsTerminal, Write};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use driftwatch_model::deviation::{Category, Deviation, Severity};
+use driftwatch_model::observation::ProcessInfo;
+use driftwatch_proto::v1 as pb;
+use pb::stream_deviations_response::Payload;
+use serde_json::{json, Value};
+use tonic::Code;
+
+use crate::api::convert::{self, category_to_proto, severity_to_proto};
+use crate::api::{connect, ListenAddr};
+
+/// Arguments of `driftwatch watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Agent API address: unix:/path/to.sock, 127.0.0.1:PORT or [::1]:PORT.
+    #[arg(long, value_name = "ADDR", default_value_t = ListenAddr::default())]
+    pub api: ListenAddr,
+
+    /// Show only deviations at this severity or above: low, medium, elevated, high or critical.
+    #[arg(long, value_name = "SEVERITY", value_parser = parse_severity)]
+    pub min_severity: Option<Severity>,
+
+    /// Show only deviations in this category, such as unexpected-flow. Repeat for several.
+    #[arg(long = "category", value_name = "CATEGORY", value_parser = parse_category)]
+    pub categories: Vec<Category>,
+
+    /// Hide deviations in this category. Repeat for several.
+    #[arg(long = "exclude-category", value_name = "CATEGORY", value_parser = parse_category)]
+    pub exclude_categories: Vec<Category>,
+
+    /// Print every deviation the agent still retains before following new ones.
+    #[arg(long, conflicts_with = "from_sequence")]
+    pub replay: bool,
+
+    /// Resume a stream: print retained deviations from this sequence number on, then follow.
+    #[arg(long, value_name = "SEQUENCE")]
+    pub from_sequence: Option<u64>,
+
+    /// Output format: text for a terminal, or json for one JSON object per line.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// Print the model YAML that would declare each deviation (text output only, because JSON
+    /// always carries it).
+    #[arg(long)]
+    pub show_resolution: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+fn parse_severity(text: &str) -> Result<Severity, String> {
+    Severity::parse(text).ok_or_else(|| {
+        let names: Vec<_> = Severity::ALL
+            .iter()
+            .map(|severity| severity.as_str())
+            .collect();
+        format!("expected one of {}", names.join(", "))
+    })
+}
+
+fn parse_category(text: &str) -> Result<Category, String> {
+    Category::parse(text).ok_or_else(|| {
+        let names: Vec<_> = Category::ALL
+            .iter()
+            .map(|category| category.as_str())
+            .collect();
+        format!("expected one of {}", names.join(", "))
+    })
+}
+
+/// Follows the deviation stream until the agent ends it or goes away.
+///
+/// # Errors
+///
+/// Fails when the agent cannot be reached or rejects the request, or when writing to stdout fails
+/// for another reason than a closed pipe.
+pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.api).await?;
+    let request = pb::StreamDeviationsRequest {
+        min_severity: args
+            .min_severity
+            .map_or(0, |severity| severity_to_proto(severity) as i32),
+        categories: args
+            .categories
+            .iter()
+            .map(|c| category_to_proto(*c) as i32)
+            .collect(),
+        exclude_categories: args
+            .exclude_categories
+            .iter()
+            .map(|c| category_to_proto(*c) as i32)
+            .collect(),
+        from_sequence: if args.replay {
+            Some(0)
+        } else {
+            args.from_sequence
+        },
+    };
+    let mut stream = client
+        .stream_deviations(request)
+        .await
+        .with_context(|| format!("the agent at {} rejected the subscription", args.api))?
+        .into_inner();
+
+    let printer = Printer {
+        format: args.output,
+        colour: io::stdout().is_terminal(),
+        show_resolution: args.show_resolution,
+    };
+    let mut stdout = io::stdout();
+    loop {
+        let response = match stream.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => {
+                eprintln!("driftwatch: the agent at {} ended the stream", args.api);
+                return Ok(());
+            }
+            Err(status) if agent_went_away(&status) => {
+                eprintln!(
+                    "driftwatch: lost the connection to the agent at {}: {}",
+                    args.api,
+                    status.message()
+                );
+                return Ok(());
+            }
+            Err(status) => {
+                return Err(anyhow::Error::new(status))
+                    .with_context(|| format!("the deviation stream from {} failed", args.api));
+            }
+        };
+
+        match printer.print(&mut stdout, response) {
+            Ok(()) => {}
+            // A reader such as `head` that closed the pipe wants no more, which is not an error.
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(err) => return Err(err).context("failed to write to stdout"),
+        }
+    }
+}
+
+/// Returns true for the errors a stream ends with when the agent stops or the connection drops.
+fn agent_went_away(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
+    )
+}
+
+struct Printer {
+    format: OutputFormat,
+    colour: bool,
+    show_resolution: bool,
+}
+
+impl Printer {
+    fn print(
+        &self,
+        out: &mut impl Write,
+        response: pb::StreamDeviationsResponse,
+    ) -> io::Result<()> {
+        let sequence = response.sequence;
+        match response.payload {
+            Some(Payload::Deviation(deviation)) => match convert::deviation_from_proto(deviation) {
+                Ok(deviation) => match self.format {
+                    OutputFormat::Text => self.print_deviation_text(out, sequence, &deviation),
+                    OutputFormat::Json => {
+                        print_json_line(out, &deviation_json(sequence, &deviation))
+                    }
+                },
+                Err(err) => {
+                    eprintln!("driftwatch: skipping deviation {sequence} that this build cannot read: {err}");
+                    Ok(())
+                }
+            },
+            Some(Payload::Loss(notice)) => match self.format {
+                OutputFormat::Text => self.print_loss_text(out, &notice),
+                OutputFormat::Json => print_json_line(out, &loss_json(sequence, &notice)),
+            },
+            None => {
+                eprintln!("driftwatch: skipping message {sequence} with a payload this build does not know");
+                Ok(())
+            }
+        }
+    }
+
+    fn print_deviation_text(
+        &self,
+        out: &mut impl Write,
+        sequence: u64,
+        deviation: &Deviation,
+    ) -> io::Result<()> {
+        let severity = deviation.severity.as_str().to_uppercase();
+        let severity = self.paint(
+            severity_colour(deviation.severity),
+            &format!("{severity:<8}"),
+        );
+        writeln!(
+            out,
+            "{}  {}  {}  #{}",
+            format_time(deviation.last_seen),
+            severity,
+            deviation.category.as_str(),
+            sequence
+        )?;
+        writeln!(out, "  {}", deviation.summary)?;
+        writeln!(out, "    id         {}", deviation.id)?;
+
+        let evidence = &deviation.evidence;
+        if let Some(process) = &evidence.process {
+            print_process_lines(out, "process", process)?;
+        }
+        if let Some(peer) = &evidence.peer_process {
+            print_process_lines(out, "peer", peer)?;
+        }
+        let endpoints = match (evidence.local_addr, evidence.remote_addr) {
+            (Some(local), Some(remote)) => Some(format!("{local} -> {remote}")),
+            (Some(local), None) => Some(local.to_string()),
+            (None, Some(remote)) => Some(format!("-> {remote}")),
+            (None, None) => None,
+        };
+        if let Some(endpoints) = endpoints {
+            let protocol = deviation
+                .protocol
+                .map(|p| format!(" ({})", p.as_str()))
+                .unwrap_or_default();
+            writeln!(out, "    endpoints  {endpoints}{protocol}")?;
+        }
+        if evidence.source_zone.is_some() || evidence.destination_zone.is_some() {
+            let zone = |zone: &Option<String>| zone.clone().unwrap_or_else(|| "?".into());
+            writeln!(
+                out,
+                "    zones      {} -> {}",
+                zone(&evidence.source_zone),
+                zone(&evidence.destination_zone)
+            )?;
+        }
+        writeln!(
+            out,
+            "    seen       {} time(s), first {}",
+            deviation.count,
+            format_time(deviation.first_seen)
+        )?;
+        if self.show_resolution && !deviation.resolution.is_empty() {
+            writeln!(out, "    resolution")?;
+            for line in deviation.resolution.lines() {
+                writeln!(out, "      {line}")?;
+            }
+        }
+        writeln!(out)
+    }
+
+    fn print_loss_text(&self, out: &mut impl Write, notice: &pb::LossNotice) -> io::Result<()> {
+        let cause = match pb::LossReason::try_from(notice.reason) {
+            Ok(pb::LossReason::SubscriberLagged) => {
+                "this client read too slowly and the agent dropped them"
+            }
+            Ok(pb::LossReason::HistoryEvicted) => "the agent no longer retains them for replay",
+            _ => "the agent gave no known reason",
+        };
+        let line = format!(
+            "warning: missed {} deviation(s), sequences {} to {}: {cause}",
+            notice.missed, notice.first_sequence, notice.last_sequence
+        );
+        writeln!(out, "{}\n", self.paint(YELLOW, &line))
+    }
+
+    fn paint(&self, colour: &str, text: &str) -> String {
+        if self.colour {
+            format!("{colour}{text}{RESET}")
+        } else {
+            text.to_owned()
+        }
+    }
+}
+
+const RESET: &str = "\x1b[0m";
+const YELLOW: &str = "\x1b[33m";
+
+fn severity_colour(severity: Severity) -> &'static str {
+    match severity {
+        Severity::Critical => "\x1b[1;31m",
+        Severity::High => "\x1b[31m",
+        Severity::Elevated => YELLOW,
+        Severity::Medium => "\x1b[36m",
+        Severity::Low => "\x1b[2m",
+    }
+}
+
+fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo) -> io::Result<()> {
+    writeln!(
+        out,
+        "    {label:<10} pid {} (ppid {}) {}",
+        process.pid, process.ppid, process.exe
+    )?;
+    if !process.argv.is_empty() {
+        let truncated = if process.argv_truncated { " ..." } else { "" };
+        writeln!(
+            out,
+            "    {:<10} {}{truncated}",
+            "argv",
+            process.argv.join(" ")
+        )?;
+    }
+    let user = process.user.as_deref().unwrap_or("?");
+    writeln!(
+        out,
+        "    {:<10} {user} (uid {}, gid {})",
+        "user", process.uid, process.gid
+    )?;
+    if !process.cgroup.is_empty() {
+        writeln!(out, "    {:<10} {}", "cgroup", process.cgroup)?;
+    }
+    if !process.ancestry.is_empty() {
+        let ancestry: Vec<String> = process
+            .ancestry
+            .iter()
+            .map(|(pid, exe)| format!("{pid} {exe}"))
+            .collect();
+        writeln!(out, "    {:<10} {}", "ancestry", ancestry.join(" <- "))?;
+    }
+    Ok(())
+}
+
+/// Formats a time as RFC 3339 in UTC, to the second.
+pub(crate) fn format_time(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// Replaces every serialized `SystemTime` in `value` (an object with exactly `secs_since_epoch`
+/// and `nanos_since_epoch`) by an RFC 3339 string, which JSON consumers parse without help.
+pub(crate) fn times_to_rfc3339(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let secs = map.get("secs_since_epoch").and_then(Value::as_u64);
+            let nanos = map.get("nanos_since_epoch").and_then(Value::as_u64);
+            if let (2, Some(secs), Some(nanos)) = (map.len(), secs, nanos) {
+                let time = SystemTime::UNIX_EPOCH
+                    + std::time::Duration::new(secs, u32::try_from(nanos).unwrap_or(0));
+                *value = Value::String(humantime::format_rfc3339_nanos(time).to_string());
+                return;
+            }
+            map.values_mut().for_each(times_to_rfc3339);
+        }
+        Value::Array(items) => items.iter_mut().for_each(times_to_rfc3339),
+        _ => {}
+    }
+}
+
+fn deviation_json(sequence: u64, deviation: &Deviation) -> Value {
+    let mut deviation = serde_json::to_value(deviation).unwrap_or(Value::Null);
+    times_to_rfc3339(&mut deviation);
+    json!({ "sequence": sequence, "deviation": deviation })
+}
+
+fn loss_json(sequence: u64, notice: &pb::LossNotice) -> Value {
+    let reason = match pb::LossReason::try_from(notice.reason) {
+        Ok(pb::LossReason::SubscriberLagged) => "subscriber-lagged",
+        Ok(pb::LossReason::HistoryEvicted) => "history-evicted",
+        _ => "unknown",
+    };
+    json!({
+        "sequence": sequence,
+        "loss": {
+            "missed": notice.missed,
+            "first_sequence": notice.first_sequence,
+            "last_sequence": notice.last_sequence,
+            "reason": reason,
+        }
+    })
+}
+
+fn print_json_line(out: &mut impl Write, value: &Value) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    writeln!(out)?;
+    out.flush()
+}
+
+#[cfg(test)]
+#[path = "watch_tests.rs"]
+mod tests;

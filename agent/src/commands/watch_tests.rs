@@ -1,0 +1,230 @@
+use std::time::Duration;
+
+use driftwatch_model::deviation::{Evidence, Stride};
+use driftwatch_model::observation::Protocol;
+
+use super::*;
+use crate::api::convert::deviation_to_proto;
+
+fn sample() -> Deviation {
+    let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    Deviation {
+        id: "unexpected-flow@web@db@tcp/5432".into(),
+        category: Category::UnexpectedFlow,
+        severity: Severity::High,
+        stride: Stride::InformationDisclosure,
+        summary: "web connected to db on tcp/5432, which no declared flow allows".into(),
+        source: "web".into(),
+        destination: "db".into(),
+        protocol: Some(Protocol::Tcp),
+        port: Some(5432),
+        evidence: Evidence {
+            process: Some(ProcessInfo {
+                pid: 4242,
+                ppid: 1,
+                exe: "/usr/bin/curl".into(),
+                argv: vec!["curl".into(), "db:5432".into()],
+                argv_truncated: false,
+                uid: 33,
+                gid: 33,
+                user: Some("www-data".into()),
+                cgroup: "/system.slice/nginx.service".into(),
+                comm: "curl".into(),
+                ancestry: vec![(4000, "/bin/bash".into())],
+            }),
+            peer_process: None,
+            local_addr: Some("10.0.0.1:43210".parse().unwrap()),
+            remote_addr: Some("10.0.0.2:5432".parse().unwrap()),
+            source_zone: Some("dmz".into()),
+            destination_zone: Some("core".into()),
+            netns: 0,
+        },
+        first_seen: time,
+        last_seen: time + Duration::from_secs(60),
+        count: 2,
+        resolution: "flows:\n  - { from: web, to: db, port: 5432 }".into(),
+    }
+}
+
+fn render(printer: &Printer, response: pb::StreamDeviationsResponse) -> String {
+    let mut out = Vec::new();
+    printer.print(&mut out, response).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+fn deviation_response(sequence: u64) -> pb::StreamDeviationsResponse {
+    pb::StreamDeviationsResponse {
+        sequence,
+        payload: Some(Payload::Deviation(deviation_to_proto(&sample()))),
+    }
+}
+
+#[test]
+fn text_block_shows_header_evidence_and_resolution() {
+    let printer = Printer {
+        format: OutputFormat::Text,
+        colour: false,
+        show_resolution: true,
+    };
+    let text = render(&printer, deviation_response(42));
+    let expected = "\
+2023-11-14T22:14:20Z  HIGH      unexpected-flow  #42
+  web connected to db on tcp/5432, which no declared flow allows
+    id         unexpected-flow@web@db@tcp/5432
+    process    pid 4242 (ppid 1) /usr/bin/curl
+    argv       curl db:5432
+    user       www-data (uid 33, gid 33)
+    cgroup     /system.slice/nginx.service
+    ancestry   4000 /bin/bash
+    endpoints  10.0.0.1:43210 -> 10.0.0.2:5432 (tcp)
+    zones      dmz -> core
+    seen       2 time(s), first 2023-11-14T22:13:20Z
+    resolution
+      flows:
+        - { from: web, to: db, port: 5432 }
+
+";
+    assert_eq!(text, expected);
+}
+
+#[test]
+fn text_colours_severity_only_when_asked() {
+    let plain = Printer {
+        format: OutputFormat::Text,
+        colour: false,
+        show_resolution: false,
+    };
+    let coloured = Printer {
+        colour: true,
+        ..plain
+    };
+    assert!(!render(&plain, deviation_response(1)).contains('\x1b'));
+    assert!(!render(&plain, deviation_response(1)).contains("resolution"));
+    assert!(render(&coloured, deviation_response(1)).contains("\x1b[31mHIGH    \x1b[0m"));
+}
+
+#[test]
+fn loss_notice_prints_warning_line() {
+    let printer = Printer {
+        format: OutputFormat::Text,
+        colour: false,
+        show_resolution: false,
+    };
+    let response = pb::StreamDeviationsResponse {
+        sequence: 9,
+        payload: Some(Payload::Loss(pb::LossNotice {
+            missed: 4,
+            first_sequence: 6,
+            last_sequence: 9,
+            reason: pb::LossReason::SubscriberLagged as i32,
+        })),
+    };
+    assert_eq!(
+        render(&printer, response),
+        "warning: missed 4 deviation(s), sequences 6 to 9: this client read too slowly and the \
+         agent dropped them\n\n"
+    );
+}
+
+#[test]
+fn json_output_is_one_object_per_line() {
+    let printer = Printer {
+        format: OutputFormat::Json,
+        colour: false,
+        show_resolution: false,
+    };
+    let text = render(&printer, deviation_response(42));
+    assert_eq!(text.lines().count(), 1);
+    let value: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["sequence"], 42);
+    assert_eq!(value["deviation"]["category"], "unexpected-flow");
+    assert_eq!(value["deviation"]["severity"], "high");
+    assert_eq!(
+        value["deviation"]["last_seen"],
+        "2023-11-14T22:14:20.000000000Z"
+    );
+    assert_eq!(value["deviation"]["evidence"]["process"]["pid"], 4242);
+    assert_eq!(
+        value["deviation"]["evidence"]["remote_addr"],
+        "10.0.0.2:5432"
+    );
+
+    let loss = pb::StreamDeviationsResponse {
+        sequence: 3,
+        payload: Some(Payload::Loss(pb::LossNotice {
+            missed: 3,
+            first_sequence: 1,
+            last_sequence: 3,
+            reason: pb::LossReason::HistoryEvicted as i32,
+        })),
+    };
+    let value: Value = serde_json::from_str(&render(&printer, loss)).unwrap();
+    assert_eq!(value["loss"]["missed"], 3);
+    assert_eq!(value["loss"]["reason"], "history-evicted");
+}
+
+#[test]
+fn severity_and_category_arguments_parse_model_names() {
+    assert_eq!(parse_severity("elevated"), Ok(Severity::Elevated));
+    assert!(parse_severity("severe")
+        .unwrap_err()
+        .contains("low, medium, elevated, high, critical"));
+    assert_eq!(parse_category("new-listener"), Ok(Category::NewListener));
+    assert!(parse_category("flow").is_err());
+}
+
+#[derive(Debug, clap::Parser)]
+struct WatchCli {
+    #[command(flatten)]
+    args: WatchArgs,
+}
+
+#[test]
+fn command_line_parses_repeated_categories() {
+    use clap::Parser as _;
+
+    let cli = WatchCli::try_parse_from([
+        "watch",
+        "--api",
+        "127.0.0.1:7070",
+        "--min-severity",
+        "high",
+        "--category",
+        "new-listener",
+        "--category",
+        "unexpected-flow",
+        "--replay",
+        "--output",
+        "json",
+    ])
+    .unwrap();
+    assert_eq!(
+        cli.args.api,
+        ListenAddr::Tcp("127.0.0.1:7070".parse().unwrap())
+    );
+    assert_eq!(cli.args.min_severity, Some(Severity::High));
+    assert_eq!(
+        cli.args.categories,
+        vec![Category::NewListener, Category::UnexpectedFlow]
+    );
+    assert!(cli.args.replay);
+    assert_eq!(cli.args.output, OutputFormat::Json);
+}
+
+#[test]
+fn command_line_defaults_and_conflicts() {
+    use clap::Parser as _;
+
+    let cli = WatchCli::try_parse_from(["watch"]).unwrap();
+    assert_eq!(cli.args.api, ListenAddr::default());
+    assert_eq!(cli.args.output, OutputFormat::Text);
+    assert!(!cli.args.replay);
+
+    let conflict = WatchCli::try_parse_from(["watch", "--replay", "--from-sequence", "5"]);
+    assert!(conflict.is_err());
+    let remote = WatchCli::try_parse_from(["watch", "--api", "10.1.2.3:7070"]).unwrap_err();
+    assert!(
+        remote.to_string().contains("not a loopback address"),
+        "{remote}"
+    );
+}

@@ -1,0 +1,350 @@
+//! Struct member offsets from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//!
+//! The kernel programs are built without CO-RE relocations, so the one kernel struct they read
+//! (the socket's network namespace) needs offsets that match the running kernel. This module
+//! parses just enough of the BTF format (kernel `Documentation/bpf/btf.rst`) to find them: type
+//! records, struct and union members, and the typedef/qualifier chains in between.
+
+use std::path::Path;
+
+/// Path of the kernel's own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+const BTF_MAGIC: u16 = 0xeb9f;
+
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FWD: u32 = 7;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_FLOAT: u32 = 16;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+/// Failure to read or understand a BTF blob.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("failed to read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid BTF: {0}")]
+    Invalid(String),
+    #[error("struct {0} not found in BTF")]
+    StructNotFound(String),
+    #[error("member {member} not found in struct {owner}")]
+    MemberNotFound { owner: String, member: String },
+    #[error("member {0} is a bitfield; only byte-aligned members can be read")]
+    Bitfield(String),
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    name_offset: u32,
+    type_id: u32,
+    bit_offset: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Type {
+    kind: u32,
+    name_offset: u32,
+    /// The referenced type id for typedefs, pointers and qualifiers.
+    referenced: u32,
+    members: Vec<Member>,
+}
+
+/// A parsed BTF blob: its types (index = type id, id 0 is `void`) and string section.
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+}
+
+impl Btf {
+    /// Reads and parses the BTF at `path`.
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&data)
+    }
+
+    /// Parses a little-endian BTF blob (the layout of `/sys/kernel/btf/vmlinux` on x86_64 and
+    /// arm64).
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        let magic = read_u16(data, 0)?;
+        if magic != BTF_MAGIC {
+            return Err(BtfError::Invalid(format!("magic {magic:#x}, expected {BTF_MAGIC:#x}")));
+        }
+        let header_len = read_u32(data, 4)? as usize;
+        let type_offset = read_u32(data, 8)? as usize;
+        let type_len = read_u32(data, 12)? as usize;
+        let string_offset = read_u32(data, 16)? as usize;
+        let string_len = read_u32(data, 20)? as usize;
+
+        let type_start = header_len + type_offset;
+        let type_section = data
+            .get(type_start..type_start + type_len)
+            .ok_or_else(|| BtfError::Invalid("type section out of bounds".into()))?;
+        let string_start = header_len + string_offset;
+        let strings = data
+            .get(string_start..string_start + string_len)
+            .ok_or_else(|| BtfError::Invalid("string section out of bounds".into()))?
+            .to_vec();
+
+        let mut types = vec![Type { kind: 0, name_offset: 0, referenced: 0, members: Vec::new() }];
+        let mut position = 0;
+        while position < type_section.len() {
+            let (parsed, length) = parse_type(type_section, position)?;
+            types.push(parsed);
+            position += length;
+        }
+        Ok(Self { types, strings })
+    }
+
+    /// Returns the byte offset of a member path inside struct `owner`, following named members
+    /// through nested structs and unions (`["ns", "inum"]` in `net` is `net.ns.inum`). Members of
+    /// anonymous structs and unions are found as if they were direct members.
+    pub fn member_offset(&self, owner: &str, path: &[&str]) -> Result<u32, BtfError> {
+        let mut type_id = self
+            .find_struct(owner)
+            .ok_or_else(|| BtfError::StructNotFound(owner.to_string()))?;
+        let mut owner_name = owner.to_string();
+        let mut bit_offset = 0u32;
+        for member in path {
+            let (offset, member_type) =
+                self.find_member(type_id, member).ok_or_else(|| BtfError::MemberNotFound {
+                    owner: owner_name.clone(),
+                    member: member.to_string(),
+                })?;
+            bit_offset += offset;
+            type_id = self.strip_modifiers(member_type);
+            owner_name = format!("{owner_name}.{member}");
+        }
+        if bit_offset % 8 != 0 {
+            return Err(BtfError::Bitfield(owner_name));
+        }
+        Ok(bit_offset / 8)
+    }
+
+    fn name(&self, offset: u32) -> &str {
+        let start = offset as usize;
+        let Some(rest) = self.strings.get(start..) else {
+            return "";
+        };
+        let end = rest.iter().position(|&byte| byte == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    fn find_struct(&self, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|ty| ty.kind == KIND_STRUCT && !ty.members.is_empty() && self.name(ty.name_offset) == name)
+            .map(|index| index as u32)
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn strip_modifiers(&self, mut type_id: u32) -> u32 {
+        // A bounded walk, so that a malformed cycle cannot hang start-up.
+        for _ in 0..32 {
+            match self.types.get(type_id as usize) {
+                Some(ty)
+                    if matches!(
+                        ty.kind,
+                        KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+                    ) =>
+                {
+                    type_id = ty.referenced;
+                }
+                _ => break,
+            }
+        }
+        type_id
+    }
+
+    /// Finds `name` among the members of struct or union `type_id`, descending into anonymous
+    /// members; returns its bit offset and type.
+    fn find_member(&self, type_id: u32, name: &str) -> Option<(u32, u32)> {
+        let ty = self.types.get(self.strip_modifiers(type_id) as usize)?;
+        if ty.kind != KIND_STRUCT && ty.kind != KIND_UNION {
+            return None;
+        }
+        for member in &ty.members {
+            let member_name = self.name(member.name_offset);
+            if member_name == name {
+                return Some((member.bit_offset, member.type_id));
+            }
+            if member_name.is_empty() {
+                if let Some((inner, inner_type)) = self.find_member(member.type_id, name) {
+                    return Some((member.bit_offset + inner, inner_type));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Parses the type record at `position`; returns it and its length in bytes.
+fn parse_type(section: &[u8], position: usize) -> Result<(Type, usize), BtfError> {
+    let name_offset = read_u32(section, position)?;
+    let info = read_u32(section, position + 4)?;
+    let size_or_type = read_u32(section, position + 8)?;
+    let vlen = (info & 0xffff) as usize;
+    let kind = (info >> 24) & 0x1f;
+    let kind_flag = info >> 31 == 1;
+    let header = 12;
+
+    let extra = match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+        other => return Err(BtfError::Invalid(format!("unknown type kind {other}"))),
+    };
+
+    let mut members = Vec::new();
+    if kind == KIND_STRUCT || kind == KIND_UNION {
+        members.reserve(vlen);
+        for index in 0..vlen {
+            let base = position + header + index * 12;
+            let offset = read_u32(section, base + 8)?;
+            members.push(Member {
+                name_offset: read_u32(section, base)?,
+                type_id: read_u32(section, base + 4)?,
+                // With kind_flag set, the top 8 bits hold a bitfield size.
+                bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
+            });
+        }
+    }
+    let parsed = Type { kind, name_offset, referenced: size_or_type, members };
+    Ok((parsed, header + extra))
+}
+
+fn read_u32(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    data.get(at..at + 4)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| BtfError::Invalid(format!("truncated at byte {at}")))
+}
+
+fn read_u16(data: &[u8], at: usize) -> Result<u16, BtfError> {
+    data.get(at..at + 2)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u16::from_le_bytes)
+        .ok_or_else(|| BtfError::Invalid(format!("truncated at byte {at}")))
+}
+
+/// Offsets the TCP program needs to read a socket's network namespace inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetnsOffsets {
+    /// Offset of the `struct net *` inside `struct sock_common` (`skc_net.net`).
+    pub skc_net: u32,
+    /// Offset of `ns.inum` inside `struct net`.
+    pub net_inum: u32,
+}
+
+/// Resolves [`NetnsOffsets`] from the BTF at `path`.
+pub fn netns_offsets(path: &Path) -> Result<NetnsOffsets, BtfError> {
+    let btf = Btf::from_file(path)?;
+    Ok(NetnsOffsets {
+        skc_net: btf.member_offset("sock_common", &["skc_net", "net"])?,
+        net_inum: btf.member_offset("net", &["ns", "inum"])?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a BTF blob with: 1 = int, 2 = struct inner { int pad; int inum; },
+    /// 3 = struct outer { int a; union { int b; }; struct inner ns; }, 4 = anonymous union { int b }.
+    fn sample_btf() -> Vec<u8> {
+        let strings = b"\0int\0inner\0pad\0inum\0outer\0a\0b\0ns\0".to_vec();
+        let name = |s: &str| -> u32 {
+            let needle = [s.as_bytes(), b"\0"].concat();
+            strings
+                .windows(needle.len())
+                .enumerate()
+                .find(|(i, w)| *w == needle.as_slice() && strings[i - 1] == 0)
+                .map(|(i, _)| i as u32)
+                .unwrap()
+        };
+        let mut types = Vec::new();
+        let mut push = |values: &[u32]| {
+            for value in values {
+                types.extend_from_slice(&value.to_le_bytes());
+            }
+        };
+        push(&[name("int"), KIND_INT << 24, 4, 32]);
+        push(&[name("inner"), KIND_STRUCT << 24 | 2, 8]);
+        push(&[name("pad"), 1, 0, name("inum"), 1, 32]);
+        push(&[name("outer"), KIND_STRUCT << 24 | 3, 16]);
+        push(&[name("a"), 1, 0, 0, 4, 32, name("ns"), 2, 64]);
+        push(&[0, KIND_UNION << 24 | 1, 4]);
+        push(&[name("b"), 1, 0]);
+
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        for value in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            blob.extend_from_slice(&value.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(&strings);
+        blob
+    }
+
+    #[test]
+    fn member_offset_follows_nested_structs() {
+        let btf = Btf::parse(&sample_btf()).unwrap();
+        assert_eq!(btf.member_offset("outer", &["ns", "inum"]).unwrap(), 12);
+    }
+
+    #[test]
+    fn member_offset_finds_members_of_anonymous_unions() {
+        let btf = Btf::parse(&sample_btf()).unwrap();
+        assert_eq!(btf.member_offset("outer", &["b"]).unwrap(), 4);
+    }
+
+    #[test]
+    fn member_offset_reports_missing_member() {
+        let btf = Btf::parse(&sample_btf()).unwrap();
+        let error = btf.member_offset("outer", &["missing"]).unwrap_err();
+        assert!(matches!(error, BtfError::MemberNotFound { .. }), "{error}");
+    }
+
+    #[test]
+    fn parse_rejects_wrong_magic() {
+        let mut blob = sample_btf();
+        blob[0] = 0;
+        assert!(matches!(Btf::parse(&blob), Err(BtfError::Invalid(_))));
+    }
+
+    #[test]
+    fn running_kernel_netns_offsets_resolve() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX_BTF} does not exist on this kernel");
+            return;
+        }
+        let offsets = netns_offsets(path).unwrap();
+        assert!(offsets.skc_net > 0, "{offsets:?}");
+        assert!(offsets.net_inum > 0, "{offsets:?}");
+    }
+}

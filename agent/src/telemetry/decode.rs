@@ -1,0 +1,271 @@
+//! Ring buffer record bytes to [`Event`]s.
+//!
+//! Records are `#[repr(C)]` structs from `agent_common`, header first. The header's `kind` is
+//! converted with `TryFrom`, and every record is length-checked before it is read, so a record
+//! from a mismatched kernel object is an error, never undefined behaviour.
+
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use agent_common::{
+    ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
+    ARGV_CAPTURE_BYTES, EXEC_FLAG_ARGV_TRUNCATED, FAMILY_INET, FAMILY_INET6, FILENAME_BYTES,
+};
+
+use super::event::{Event, ExecEvent, ExitEvent, ForkEvent, TcpEvent, TcpEventKind};
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than the {expected}-byte {what}")]
+    Short { what: &'static str, len: usize, expected: usize },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown TCP event {0}")]
+    UnknownTcpEvent(u32),
+    #[error("unknown address family {0} in a TCP record")]
+    UnknownFamily(u16),
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: RecordHeader = read_record(bytes, "record header")?;
+    let kind = RecordKind::try_from(header.kind).map_err(|unknown| DecodeError::UnknownKind(unknown.0))?;
+    match kind {
+        RecordKind::Exec => decode_exec(bytes),
+        RecordKind::Fork => decode_fork(bytes),
+        RecordKind::Exit => decode_exit(bytes),
+        RecordKind::Tcp => decode_tcp(bytes),
+    }
+}
+
+/// Copies a `T` out of the front of `bytes`.
+fn read_record<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
+    if bytes.len() < expected {
+        return Err(DecodeError::Short { what, len: bytes.len(), expected });
+    }
+    // SAFETY: `bytes` holds at least `size_of::<T>()` bytes, the read is unaligned, and every `T`
+    // used here is a `#[repr(C)]` record of integers and byte arrays, valid for any bit pattern.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Text up to the first NUL (or `limit` bytes), with invalid UTF-8 replaced.
+fn c_string(bytes: &[u8], limit: usize) -> String {
+    let bytes = &bytes[..limit.min(bytes.len())];
+    let end = bytes.iter().position(|&byte| byte == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn decode_exec(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: ExecRecord = read_record(bytes, "exec record")?;
+    let filename_len = (record.filename_len as usize).min(FILENAME_BYTES);
+    let argv_len = (record.argv_len as usize).min(ARGV_CAPTURE_BYTES);
+    let argv = split_argv(&record.argv[..argv_len]);
+
+    Ok(Event::Exec(ExecEvent {
+        ktime_ns: record.header.ktime_ns,
+        pid: record.header.pid,
+        tid: record.header.tid,
+        filename: c_string(&record.filename, filename_len),
+        argv,
+        argv_truncated: record.flags & EXEC_FLAG_ARGV_TRUNCATED != 0,
+        uid: record.uid,
+        gid: record.gid,
+        cgroup_id: record.header.cgroup_id,
+        comm: c_string(&record.comm, record.comm.len()),
+    }))
+}
+
+/// Splits NUL-terminated arguments. The last one has no NUL when argv was cut inside it.
+fn split_argv(bytes: &[u8]) -> Vec<String> {
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    let body = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    body.split(|&byte| byte == 0).map(|piece| String::from_utf8_lossy(piece).into_owned()).collect()
+}
+
+fn decode_fork(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: ForkRecord = read_record(bytes, "fork record")?;
+    Ok(Event::Fork(ForkEvent {
+        ktime_ns: record.header.ktime_ns,
+        parent_pid: record.header.pid,
+        child_pid: record.child_pid,
+        cgroup_id: record.header.cgroup_id,
+    }))
+}
+
+fn decode_exit(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: ExitRecord = read_record(bytes, "exit record")?;
+    Ok(Event::Exit(ExitEvent {
+        ktime_ns: record.header.ktime_ns,
+        pid: record.header.pid,
+        tid: record.header.tid,
+        exit_code: (record.has_exit_code != 0).then_some(record.exit_code),
+    }))
+}
+
+fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: TcpRecord = read_record(bytes, "TCP record")?;
+    let kind = match TcpKind::try_from(record.event)
+        .map_err(|unknown| DecodeError::UnknownTcpEvent(unknown.0))?
+    {
+        TcpKind::Connect => TcpEventKind::Connect,
+        TcpKind::Connected => TcpEventKind::Connected,
+        TcpKind::ConnectFailed => TcpEventKind::ConnectFailed,
+        TcpKind::Listen => TcpEventKind::Listen,
+        TcpKind::Accepted => TcpEventKind::Accepted,
+        TcpKind::Close => TcpEventKind::Close,
+    };
+    let (local, remote) = match record.family {
+        FAMILY_INET => (ipv4(&record.saddr), ipv4(&record.daddr)),
+        FAMILY_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(record.saddr)),
+            IpAddr::V6(Ipv6Addr::from(record.daddr)),
+        ),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    Ok(Event::Tcp(TcpEvent {
+        ktime_ns: record.header.ktime_ns,
+        kind,
+        pid: record.header.pid,
+        netns: record.netns,
+        local: SocketAddr::new(local, record.sport),
+        remote: SocketAddr::new(remote, record.dport),
+        sock: record.skaddr,
+    }))
+}
+
+fn ipv4(address: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(address[0], address[1], address[2], address[3]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::{RecordHeader, COMM_BYTES};
+
+    fn bytes_of<T>(record: &T) -> Vec<u8> {
+        // SAFETY: records are plain `#[repr(C)]` data without padding.
+        unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn header(kind: u32) -> RecordHeader {
+        RecordHeader { kind, pid: 42, tid: 43, _reserved: 0, ktime_ns: 7, cgroup_id: 99 }
+    }
+
+    fn exec_record(argv: &[u8], flags: u32) -> ExecRecord {
+        let mut record = ExecRecord {
+            header: header(RecordKind::Exec as u32),
+            uid: 1000,
+            gid: 1001,
+            flags,
+            filename_len: 9,
+            argv_len: argv.len() as u32,
+            _reserved: 0,
+            comm: [0; COMM_BYTES],
+            filename: [0; FILENAME_BYTES],
+            argv: [0; ARGV_CAPTURE_BYTES],
+        };
+        record.comm[..4].copy_from_slice(b"true");
+        record.filename[..9].copy_from_slice(b"/bin/true");
+        record.argv[..argv.len()].copy_from_slice(argv);
+        record
+    }
+
+    #[test]
+    fn exec_record_decodes_argv_and_identity() {
+        let record = exec_record(b"/bin/true\0--flag\0\0last\0", 0);
+        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not exec") };
+        assert_eq!(event.argv, ["/bin/true", "--flag", "", "last"]);
+        assert_eq!(event.filename, "/bin/true");
+        assert_eq!(event.comm, "true");
+        assert_eq!((event.pid, event.tid, event.uid, event.gid), (42, 43, 1000, 1001));
+        assert_eq!(event.cgroup_id, 99);
+        assert!(!event.argv_truncated);
+    }
+
+    #[test]
+    fn exec_record_keeps_cut_last_argument() {
+        let record = exec_record(b"cmd\0partial", EXEC_FLAG_ARGV_TRUNCATED);
+        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not exec") };
+        assert_eq!(event.argv, ["cmd", "partial"]);
+        assert!(event.argv_truncated);
+    }
+
+    #[test]
+    fn exec_record_with_empty_argv() {
+        let record = exec_record(b"", 0);
+        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not exec") };
+        assert!(event.argv.is_empty(), "{:?}", event.argv);
+    }
+
+    #[test]
+    fn tcp_record_decodes_ipv6_tuple() {
+        let mut saddr = [0u8; 16];
+        saddr[15] = 1;
+        let record = TcpRecord {
+            header: header(RecordKind::Tcp as u32),
+            event: TcpKind::Connected as u32,
+            netns: 4026531840,
+            skaddr: 0xffff_0000_1234,
+            family: FAMILY_INET6,
+            sport: 40000,
+            dport: 8080,
+            _reserved: 0,
+            saddr,
+            daddr: saddr,
+        };
+        let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not tcp") };
+        assert_eq!(event.kind, TcpEventKind::Connected);
+        assert_eq!(event.local, "[::1]:40000".parse().unwrap());
+        assert_eq!(event.remote, "[::1]:8080".parse().unwrap());
+        assert_eq!(event.netns, 4026531840);
+    }
+
+    #[test]
+    fn tcp_record_decodes_ipv4_tuple() {
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let record = TcpRecord {
+            header: header(RecordKind::Tcp as u32),
+            event: TcpKind::Connect as u32,
+            netns: 1,
+            skaddr: 1,
+            family: FAMILY_INET,
+            sport: 0,
+            dport: 443,
+            _reserved: 0,
+            saddr,
+            daddr,
+        };
+        let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not tcp") };
+        assert_eq!(event.local, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(event.remote, "10.1.2.3:443".parse().unwrap());
+    }
+
+    #[test]
+    fn short_record_is_rejected() {
+        let bytes = bytes_of(&exec_record(b"x\0", 0));
+        let error = decode(&bytes[..100]).unwrap_err();
+        assert_eq!(
+            error,
+            DecodeError::Short { what: "exec record", len: 100, expected: size_of::<ExecRecord>() }
+        );
+    }
+
+    #[test]
+    fn unknown_kind_is_rejected() {
+        let bytes = bytes_of(&ForkRecord { header: header(77), child_pid: 1, _reserved: 0 });
+        assert_eq!(decode(&bytes).unwrap_err(), DecodeError::UnknownKind(77));
+    }
+
+    #[test]
+    fn header_shorter_than_32_bytes_is_rejected() {
+        assert!(matches!(decode(&[1, 0, 0, 0]), Err(DecodeError::Short { .. })));
+    }
+}

@@ -1,0 +1,210 @@
+//! Loading the embedded eBPF object and attaching its programs.
+//!
+//! Before loading, the checks that give the operator an actionable error run first: root,
+//! tracefs mounted, an object embedded at build time. Globals (the agent's tgid, the cgroup scope,
+//! the struct offsets for the network namespace) are set before load. Each program is then loaded
+//! and attached on its own, so one refused hook is a [`HookStatus`] with its error, fatal only when
+//! the program is marked required.
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+
+use agent_common::{
+    ProgramSpec, GLOBAL_AGENT_TGID, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
+    GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL,
+    GLOBAL_SCOPE_ENABLED, MAP_EVENTS, PROGRAMS,
+};
+use aya::programs::{ProgramError, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+
+use super::btf::NetnsOffsets;
+use super::cgroup::CgroupScope;
+use super::TelemetryError;
+
+/// The eBPF object `cargo xtask build` produced, embedded by `build.rs`; empty when the agent was
+/// built without it.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/driftwatch.bpf.o"));
+
+/// Where aya looks for tracefs first.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Load and attach result of one hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookStatus {
+    /// Program name, also the tracepoint name.
+    pub name: String,
+    /// `category:name` of the tracepoint.
+    pub tracepoint: String,
+    pub required: bool,
+    pub attached: bool,
+    /// Why loading or attaching failed, with the verifier log when the verifier rejected it.
+    pub error: Option<String>,
+}
+
+/// Everything [`load`] sets in the programs before they are loaded.
+pub struct LoadParameters<'a> {
+    pub agent_tgid: u32,
+    pub scope: Option<&'a CgroupScope>,
+    pub netns_offsets: Option<NetnsOffsets>,
+    pub ring_buffer_bytes: u32,
+}
+
+/// Fails with [`TelemetryError::NotRoot`] unless the effective user is root.
+pub fn check_root() -> Result<(), TelemetryError> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(TelemetryError::NotRoot { euid });
+    }
+    Ok(())
+}
+
+/// Mounts tracefs at [`TRACEFS`] unless a tracefs is already reachable there or under debugfs.
+pub fn ensure_tracefs() -> Result<(), TelemetryError> {
+    if Path::new(TRACEFS).join("events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        return Ok(());
+    }
+    let target = CString::new(TRACEFS).expect("constant path has no NUL");
+    let fs_type = CString::new("tracefs").expect("constant has no NUL");
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; no data
+    // argument is passed.
+    let result = unsafe {
+        libc::mount(fs_type.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, std::ptr::null())
+    };
+    if result != 0 {
+        return Err(TelemetryError::Tracefs { source: io::Error::last_os_error() });
+    }
+    tracing::info!(path = TRACEFS, "mounted tracefs");
+    Ok(())
+}
+
+/// Lifts `RLIMIT_MEMLOCK`, which kernels before 5.11 charge BPF maps against.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: the pointer is to a valid rlimit for the duration of the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!(
+            error = %io::Error::last_os_error(),
+            "failed to lift the memlock limit; map creation may fail on kernels before 5.11"
+        );
+    }
+}
+
+/// Loads the embedded object with `parameters`, then loads and attaches every program.
+pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), TelemetryError> {
+    if BPF_OBJECT.is_empty() {
+        return Err(TelemetryError::ObjectMissing);
+    }
+    let (scope_enabled, scope_id, scope_level) = match parameters.scope {
+        Some(scope) => (1u32, scope.id, scope.level),
+        None => (0, 0, 0),
+    };
+    let (offsets_valid, skc_net, net_inum) = match parameters.netns_offsets {
+        Some(offsets) => (1u32, offsets.skc_net, offsets.net_inum),
+        None => (0, 0, 0),
+    };
+
+    let mut loader = EbpfLoader::new();
+    loader
+        .set_global(GLOBAL_AGENT_TGID, &parameters.agent_tgid, true)
+        .set_global(GLOBAL_SCOPE_ENABLED, &scope_enabled, true)
+        .set_global(GLOBAL_SCOPE_CGROUP_ID, &scope_id, true)
+        .set_global(GLOBAL_SCOPE_CGROUP_LEVEL, &scope_level, true)
+        .set_global(GLOBAL_NETNS_OFFSETS_VALID, &offsets_valid, true)
+        .set_global(GLOBAL_OFFSET_SKC_NET, &skc_net, true)
+        .set_global(GLOBAL_OFFSET_NET_INUM, &net_inum, true)
+        .set_max_entries(MAP_EVENTS, parameters.ring_buffer_bytes);
+    let mut ebpf = loader.load(BPF_OBJECT).map_err(classify_load_error)?;
+
+    let mut hooks = Vec::with_capacity(PROGRAMS.len());
+    for spec in PROGRAMS {
+        let status = match attach(&mut ebpf, spec) {
+            Ok(()) => {
+                tracing::info!(hook = spec.name, "attached");
+                HookStatus::new(spec, None)
+            }
+            Err(error) => {
+                if spec.required {
+                    tracing::error!(hook = spec.name, %error, "required hook failed");
+                } else {
+                    tracing::warn!(
+                        hook = spec.name,
+                        %error,
+                        "optional hook failed; its data is missing from the events"
+                    );
+                }
+                HookStatus::new(spec, Some(error))
+            }
+        };
+        hooks.push(status);
+    }
+    if let Some(failed) = hooks.iter().find(|hook| hook.required && !hook.attached) {
+        return Err(TelemetryError::RequiredHook {
+            name: failed.name.clone(),
+            error: failed.error.clone().unwrap_or_default(),
+        });
+    }
+    Ok((ebpf, hooks))
+}
+
+impl HookStatus {
+    fn new(spec: &ProgramSpec, error: Option<String>) -> Self {
+        Self {
+            name: spec.name.to_string(),
+            tracepoint: format!("{}:{}", spec.category, spec.tracepoint),
+            required: spec.required,
+            attached: error.is_none(),
+            error,
+        }
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<(), String> {
+    let program = ebpf
+        .program_mut(spec.name)
+        .ok_or_else(|| format!("program {} is missing from the eBPF object", spec.name))?;
+    let program: &mut TracePoint = program.try_into().map_err(|error: ProgramError| error.to_string())?;
+    program.load().map_err(|error| describe_program_error(&error))?;
+    program
+        .attach(spec.category, spec.tracepoint)
+        .map_err(|error| describe_program_error(&error))?;
+    Ok(())
+}
+
+/// Formats a program error with its cause and, for a verifier rejection, the end of the log.
+fn describe_program_error(error: &ProgramError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if let ProgramError::LoadError { verifier_log, .. } = error {
+        let log = verifier_log.to_string();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(20)..];
+        text.push_str("\nverifier log (last lines):\n");
+        text.push_str(&tail.join("\n"));
+    }
+    text
+}
+
+/// Maps an object load failure to an error that says what is missing.
+fn classify_load_error(error: aya::EbpfError) -> TelemetryError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(cause) = source {
+        if let Some(io_error) = cause.downcast_ref::<io::Error>() {
+            match io_error.raw_os_error() {
+                Some(libc::ENOSYS) => return TelemetryError::BpfUnsupported,
+                Some(libc::EPERM) => return TelemetryError::BpfPermission { source: error },
+                _ => {}
+            }
+        }
+        source = cause.source();
+    }
+    TelemetryError::Load(error)
+}

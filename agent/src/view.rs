@@ -1,0 +1,104 @@
+//! The agent's answer to the API's graph and status calls.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use driftwatch_model::EngineStats;
+use driftwatch_model::graph::GraphSnapshot;
+use driftwatch_model::Model;
+
+use crate::api::server::AgentView;
+use crate::api::status::{HookStatus, ModelInfo, StatusSnapshot};
+use crate::pipeline::Shared;
+use crate::telemetry::Telemetry;
+
+/// Builds [`ModelInfo`] for a model loaded from `path`.
+pub fn model_info(path: &Path, model: &Model, loaded_at: SystemTime) -> ModelInfo {
+    ModelInfo {
+        path: path.to_path_buf(),
+        loaded_at,
+        zones: model.zones.len(),
+        components: model.components.len(),
+        flows: model.flows.len(),
+    }
+}
+
+/// Reads the pipeline, the engine and telemetry for the API.
+pub struct AgentStatusView {
+    shared: Arc<Shared>,
+    telemetry: Arc<Telemetry>,
+    model: ModelInfo,
+    started_at: SystemTime,
+}
+
+impl AgentStatusView {
+    pub fn new(shared: Arc<Shared>, telemetry: Arc<Telemetry>, model: ModelInfo) -> Self {
+        AgentStatusView { shared, telemetry, model, started_at: SystemTime::now() }
+    }
+}
+
+impl AgentView for AgentStatusView {
+    fn graph(&self) -> GraphSnapshot {
+        self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).graph_snapshot()
+    }
+
+    fn status(&self) -> StatusSnapshot {
+        let hooks = self
+            .telemetry
+            .hooks()
+            .into_iter()
+            .map(|hook| HookStatus { name: hook.name.to_string(), attached: hook.attached, error: hook.error.clone() })
+            .collect();
+        let mut counters = telemetry_counters(&self.telemetry);
+        let stats = self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        counters.extend(stats.named());
+        let engine = self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).stats();
+        counters.extend(engine_counters(&engine));
+        StatusSnapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: self.started_at,
+            hooks,
+            counters,
+            model: Some(self.model.clone()),
+        }
+    }
+}
+
+fn telemetry_counters(telemetry: &Telemetry) -> Vec<(String, u64)> {
+    let counters = telemetry.counters();
+    let mut named: Vec<(String, u64)> = vec![
+        ("telemetry_records_read".to_string(), counters.records_read),
+        ("telemetry_events_sent".to_string(), counters.events_sent),
+        ("telemetry_channel_drops".to_string(), counters.channel_drops),
+        ("telemetry_short_records".to_string(), counters.short_records),
+        ("telemetry_unknown_records".to_string(), counters.unknown_records),
+    ];
+    for drops in &counters.kernel {
+        named.push((format!("kernel_drops_{}_{}", drops.program, drops.reason), drops.total));
+        for (cpu, value) in drops.per_cpu.iter().enumerate().filter(|(_, value)| **value > 0) {
+            named.push((format!("kernel_drops_{}_{}_cpu{cpu}", drops.program, drops.reason), *value));
+        }
+    }
+    named
+}
+
+fn engine_counters(stats: &EngineStats) -> Vec<(String, u64)> {
+    [
+        ("engine_exec_observations", stats.exec_observations),
+        ("engine_listen_observations", stats.listen_observations),
+        ("engine_flow_observations", stats.flow_observations),
+        ("engine_deviations_raised", stats.deviations_raised),
+        ("engine_deviations_repeated", stats.deviations_repeated),
+        ("engine_deviations_suppressed", stats.deviations_suppressed),
+        ("engine_deviation_evictions", stats.deviation_evictions),
+        ("engine_edge_evictions", stats.edge_evictions),
+        ("engine_deviations_tracked", stats.deviations_tracked),
+        ("engine_graph_nodes", stats.graph_nodes),
+        ("engine_graph_edges", stats.graph_edges),
+        ("engine_model_reloads", stats.model_reloads),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect()
+}

@@ -1,0 +1,153 @@
+//! Naming the two ends of a flow: which graph node each is and which zone it belongs to.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::graph::{NodeKind, NodeRef};
+use crate::model::{Attribution, Component, Model, Zone};
+use crate::observation::{ProcessInfo, Protocol};
+
+/// The resolution of one end of a flow or a listener.
+#[derive(Debug, Clone)]
+pub(crate) enum Resolved<'m> {
+    /// A process on this host, or a remote address, that belongs to a declared component.
+    Component {
+        component: &'m Component,
+        zone: &'m Zone,
+        attribution: Option<Attribution>,
+    },
+    /// A process on this host that matches no component.
+    UnknownProcess,
+    /// A remote address inside a declared zone.
+    Zone(&'m Zone),
+    /// A remote address in no declared zone.
+    External(IpAddr),
+}
+
+/// One end of a flow.
+#[derive(Debug, Clone)]
+pub(crate) struct Side<'m, 'o> {
+    pub node: String,
+    pub resolved: Resolved<'m>,
+    pub process: Option<&'o Arc<ProcessInfo>>,
+    pub addr: SocketAddr,
+}
+
+impl<'m> Side<'m, '_> {
+    pub fn zone(&self) -> Option<&'m Zone> {
+        match &self.resolved {
+            Resolved::Component { zone, .. } => Some(zone),
+            Resolved::Zone(zone) => Some(zone),
+            Resolved::UnknownProcess | Resolved::External(_) => None,
+        }
+    }
+
+    pub fn zone_id(&self) -> Option<&'m str> {
+        self.zone().map(|z| z.id.as_str())
+    }
+
+    pub fn component(&self) -> Option<&'m Component> {
+        match &self.resolved {
+            Resolved::Component { component, .. } => Some(component),
+            _ => None,
+        }
+    }
+
+    pub fn is_unknown_process(&self) -> bool {
+        matches!(self.resolved, Resolved::UnknownProcess)
+    }
+
+    pub fn node_ref(&self) -> NodeRef {
+        let kind = match &self.resolved {
+            Resolved::Component { .. } => NodeKind::Declared,
+            Resolved::UnknownProcess => NodeKind::Discovered,
+            Resolved::Zone(_) | Resolved::External(_) => NodeKind::External,
+        };
+        NodeRef {
+            id: self.node.clone(),
+            kind,
+            zone: self.zone_id().map(str::to_owned),
+        }
+    }
+}
+
+/// Names the graph node of a process that matches no component.
+pub(crate) fn unknown_node(process: &ProcessInfo) -> String {
+    format!("unknown:{}", process.exe)
+}
+
+pub(crate) fn external_node(ip: IpAddr) -> String {
+    format!("external:{}", ip.to_canonical())
+}
+
+/// Resolves a process on this host through the model's attribution rules.
+pub(crate) fn local<'m, 'o>(
+    model: &'m Model,
+    process: &'o Arc<ProcessInfo>,
+    addr: SocketAddr,
+) -> Side<'m, 'o> {
+    match model.attribute_process(process) {
+        Some((component, attribution)) => Side {
+            node: component.id.clone(),
+            resolved: Resolved::Component {
+                component,
+                zone: model.component_zone(component),
+                attribution: Some(attribution),
+            },
+            process: Some(process),
+            addr,
+        },
+        None => Side {
+            node: unknown_node(process),
+            resolved: Resolved::UnknownProcess,
+            process: Some(process),
+            addr,
+        },
+    }
+}
+
+/// Resolves a remote client address: to its zone, or to `external:<ip>`.
+pub(crate) fn remote_client<'m, 'o>(model: &'m Model, addr: SocketAddr) -> Side<'m, 'o> {
+    match model.resolve_endpoint(addr.ip()) {
+        Some(zone) => Side {
+            node: zone.id.clone(),
+            resolved: Resolved::Zone(zone),
+            process: None,
+            addr,
+        },
+        None => remote_external(addr),
+    }
+}
+
+/// Resolves a remote server address: to a component the model singles out for that address and
+/// port, else to its zone, else to `external:<ip>`.
+pub(crate) fn remote_server<'m, 'o>(
+    model: &'m Model,
+    addr: SocketAddr,
+    protocol: Protocol,
+) -> Side<'m, 'o> {
+    if let Some(component) = model.resolve_remote_service(addr.ip(), protocol, addr.port()) {
+        let resolved = Resolved::Component {
+            component,
+            zone: model.component_zone(component),
+            attribution: None,
+        };
+        return Side {
+            node: component.id.clone(),
+            resolved,
+            process: None,
+            addr,
+        };
+    }
+    remote_client(model, addr)
+}
+
+fn remote_external<'m, 'o>(addr: SocketAddr) -> Side<'m, 'o> {
+    let ip = addr.ip().to_canonical();
+    Side {
+        node: external_node(ip),
+        resolved: Resolved::External(ip),
+        process: None,
+        addr,
+    }
+}

@@ -1,0 +1,621 @@
+//! The comparison engine: folds observations into the observed graph and raises deviations from
+//! the declared model.
+//!
+//! Every deviation has a stable id, and the first occurrence of an id is returned. Later
+//! occurrences update its count and `last_seen` in the table. They are returned again only once
+//! [`EngineConfig::repeat_interval`] has passed since the id was last returned, so a stream shows
+//! that a deviation is still happening without repeating it per connection. A deviation whose id
+//! matches an exception in force at the observation time is not returned and not stored; it is
+//! counted as suppressed.
+//!
+//! The engine reads no clock: all times, exception expiry included, come from the observations.
+
+mod endpoint;
+mod explain;
+mod table;
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use self::endpoint::{Resolved, Side};
+use self::table::{DeviationTable, Offer};
+use crate::deviation::{Category, Deviation, Evidence};
+use crate::graph::{Connection, GraphSnapshot, ObservedGraph};
+use crate::model::Model;
+use crate::observation::{
+    ExecObservation, FlowObservation, ListenObservation, ProcessInfo, Protocol,
+};
+use crate::severity::{self, Impact, Likelihood};
+
+/// Bounds and timing of an [`Engine`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Minimum time between two returns of the same deviation id.
+    pub repeat_interval: Duration,
+    /// Deviation ids kept in the table; past it the least recently seen id is evicted.
+    pub max_deviations: usize,
+    /// Edges kept in the observed graph; past it the edge idle the longest is evicted.
+    pub max_edges: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            repeat_interval: Duration::from_secs(60),
+            max_deviations: 10_000,
+            max_edges: 100_000,
+        }
+    }
+}
+
+/// Counters since the engine was created; they survive model reloads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStats {
+    pub exec_observations: u64,
+    pub listen_observations: u64,
+    pub flow_observations: u64,
+    /// Deviations returned for the first time.
+    pub deviations_raised: u64,
+    /// Deviations returned again after the repeat interval.
+    pub deviations_repeated: u64,
+    /// Occurrences that an exception covered.
+    pub deviations_suppressed: u64,
+    /// Deviation ids evicted from the bounded table.
+    pub deviation_evictions: u64,
+    /// Graph edges evicted to respect the edge bound.
+    pub edge_evictions: u64,
+    /// Deviation ids in the table now.
+    pub deviations_tracked: u64,
+    pub graph_nodes: u64,
+    pub graph_edges: u64,
+    pub model_reloads: u64,
+}
+
+impl EngineStats {
+    /// Returns the counters as (name, value) pairs for a status report, each name prefixed `engine_`.
+    pub fn named(&self) -> Vec<(String, u64)> {
+        [
+            ("engine_exec_observations", self.exec_observations),
+            ("engine_listen_observations", self.listen_observations),
+            ("engine_flow_observations", self.flow_observations),
+            ("engine_deviations_raised", self.deviations_raised),
+            ("engine_deviations_repeated", self.deviations_repeated),
+            ("engine_deviations_suppressed", self.deviations_suppressed),
+            ("engine_deviation_evictions", self.deviation_evictions),
+            ("engine_edge_evictions", self.edge_evictions),
+            ("engine_deviations_tracked", self.deviations_tracked),
+            ("engine_graph_nodes", self.graph_nodes),
+            ("engine_graph_edges", self.graph_edges),
+            ("engine_model_reloads", self.model_reloads),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
+    }
+}
+
+/// A deviation before the table and the exceptions see it.
+struct Finding {
+    category: Category,
+    likelihood: Likelihood,
+    impact: Impact,
+    source: String,
+    destination: String,
+    protocol: Option<Protocol>,
+    port: Option<u16>,
+    summary: String,
+    resolution: String,
+    evidence: Evidence,
+}
+
+impl Finding {
+    fn id(&self) -> String {
+        let mut id = format!(
+            "{}@{}@{}",
+            self.category.as_str(),
+            self.source,
+            self.destination
+        );
+        if let (Some(protocol), Some(port)) = (self.protocol, self.port) {
+            id.push_str(&format!("@{}/{port}", protocol.as_str()));
+        }
+        id
+    }
+
+    fn into_deviation(self, time: SystemTime) -> Deviation {
+        Deviation {
+            id: self.id(),
+            category: self.category,
+            severity: severity::assess(self.likelihood, self.impact),
+            stride: self.category.stride(),
+            summary: self.summary,
+            source: self.source,
+            destination: self.destination,
+            protocol: self.protocol,
+            port: self.port,
+            evidence: self.evidence,
+            first_seen: time,
+            last_seen: time,
+            count: 1,
+            resolution: self.resolution,
+        }
+    }
+}
+
+/// Compares observations with a declared model.
+#[derive(Debug)]
+pub struct Engine {
+    model: Model,
+    config: EngineConfig,
+    table: DeviationTable,
+    graph: ObservedGraph,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// Creates an engine with the default [`EngineConfig`].
+    pub fn new(model: Model) -> Engine {
+        Engine::with_config(model, EngineConfig::default())
+    }
+
+    pub fn with_config(model: Model, config: EngineConfig) -> Engine {
+        let mut graph = ObservedGraph::new(config.max_edges);
+        graph.apply_model(&model);
+        Engine {
+            table: DeviationTable::new(config.max_deviations),
+            model,
+            config,
+            graph,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Puts a new model in force. The graph keeps its edges, re-marked against the new flows. The
+    /// deviation table is emptied because its entries were judged against the old model, so a
+    /// deviation that persists is raised again as new.
+    pub fn replace_model(&mut self, model: Model) {
+        self.model = model;
+        self.table.clear();
+        self.graph.apply_model(&self.model);
+        self.stats.model_reloads += 1;
+    }
+
+    /// Checks a new program against the executables of the component it runs in.
+    pub fn observe_exec(&mut self, observation: &ExecObservation) -> Vec<Deviation> {
+        self.stats.exec_observations += 1;
+        let findings = exec_findings(&self.model, observation);
+        self.emit_all(findings, observation.time)
+    }
+
+    /// Checks a listening socket against the `listens` of the process's component.
+    pub fn observe_listen(&mut self, observation: &ListenObservation) -> Vec<Deviation> {
+        self.stats.listen_observations += 1;
+        let findings = listen_findings(&self.model, observation);
+        self.emit_all(findings, observation.time)
+    }
+
+    /// Records a flow in the graph and checks it against the declared flows.
+    pub fn observe_flow(&mut self, observation: &FlowObservation) -> Vec<Deviation> {
+        self.stats.flow_observations += 1;
+        let model = &self.model;
+        let source = match &observation.client {
+            Some(process) => endpoint::local(model, process, observation.client_addr),
+            None => endpoint::remote_client(model, observation.client_addr),
+        };
+        let destination = match &observation.server {
+            Some(process) => endpoint::local(model, process, observation.server_addr),
+            None => endpoint::remote_server(model, observation.server_addr, observation.protocol),
+        };
+        let protocol = observation.protocol;
+        let port = observation.server_addr.port();
+        let declared = model.flow_declared(
+            (&source.node, source.zone_id()),
+            (&destination.node, destination.zone_id()),
+            protocol,
+            port,
+        );
+
+        let example = observation
+            .client
+            .as_ref()
+            .or(observation.server.as_ref())
+            .map(|p| (p.pid, p.exe.clone()));
+        let connection = Connection {
+            protocol,
+            port,
+            declared,
+            time: observation.time,
+            example,
+        };
+        self.graph
+            .record(source.node_ref(), destination.node_ref(), connection);
+
+        let findings = flow_findings(model, observation, &source, &destination, declared);
+        self.emit_all(findings, observation.time)
+    }
+
+    pub fn graph_snapshot(&self) -> GraphSnapshot {
+        self.graph.snapshot()
+    }
+
+    /// Returns the current deviation table, most severe first.
+    pub fn deviations(&self) -> Vec<Deviation> {
+        self.table.all()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            deviation_evictions: self.table.evictions(),
+            edge_evictions: self.graph.evictions(),
+            deviations_tracked: self.table.len() as u64,
+            graph_nodes: self.graph.node_count() as u64,
+            graph_edges: self.graph.edge_count() as u64,
+            ..self.stats.clone()
+        }
+    }
+
+    fn emit_all(&mut self, findings: Vec<Finding>, time: SystemTime) -> Vec<Deviation> {
+        let mut returned = Vec::new();
+        for finding in findings {
+            let deviation = finding.into_deviation(time);
+            if self.model.exception_for(&deviation.id, time).is_some() {
+                self.stats.deviations_suppressed += 1;
+                continue;
+            }
+            match self
+                .table
+                .offer(deviation, time, self.config.repeat_interval)
+            {
+                Offer::New(deviation) => {
+                    self.stats.deviations_raised += 1;
+                    returned.push(deviation);
+                }
+                Offer::Repeat(deviation) => {
+                    self.stats.deviations_repeated += 1;
+                    returned.push(deviation);
+                }
+                Offer::Quiet => {}
+            }
+        }
+        returned
+    }
+}
+
+fn exec_findings(model: &Model, observation: &ExecObservation) -> Vec<Finding> {
+    let process = observation.process.as_ref();
+    // Processes that match no component are reported when they use the network, not per exec.
+    let side = endpoint::local(
+        model,
+        &observation.process,
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+    );
+    let Resolved::Component {
+        component, zone, ..
+    } = &side.resolved
+    else {
+        return Vec::new();
+    };
+    if component.allows_executable(&process.exe) {
+        return Vec::new();
+    }
+
+    let likelihood = if component.exposed {
+        Likelihood::High
+    } else {
+        Likelihood::Moderate
+    };
+    let summary = format!(
+        "{} ran a program that component {} does not list among its executables ({})",
+        explain::describe_source(&side),
+        component.id,
+        component.executable_patterns().join(", "),
+    );
+    vec![Finding {
+        category: Category::UnexpectedExecutable,
+        likelihood,
+        impact: Impact::of_criticality(component.criticality),
+        source: component.id.clone(),
+        destination: process.exe.clone(),
+        protocol: None,
+        port: None,
+        summary,
+        resolution: explain::executables_resolution(component, &process.exe),
+        evidence: Evidence {
+            process: Some(process.clone()),
+            peer_process: None,
+            local_addr: None,
+            remote_addr: None,
+            source_zone: Some(zone.id.clone()),
+            destination_zone: None,
+            netns: 0,
+        },
+    }]
+}
+
+/// Rates the damage at stake when a flow reaches `side`.
+fn impact_of(side: &Side<'_, '_>) -> Impact {
+    match &side.resolved {
+        Resolved::Component { component, .. } => Impact::of_criticality(component.criticality),
+        Resolved::Zone(zone) => Impact::of_trust(zone.trust),
+        Resolved::UnknownProcess | Resolved::External(_) => Impact::Low,
+    }
+}
+
+/// Flow likelihood: raised once when the source is exposed, untrusted or unidentified, and once
+/// more when the flow goes toward a more trusted zone.
+fn flow_likelihood(source: &Side<'_, '_>, destination: &Side<'_, '_>) -> Likelihood {
+    let untrusted_source = match &source.resolved {
+        Resolved::Component {
+            component, zone, ..
+        } => component.exposed || severity::is_untrusted(zone),
+        Resolved::Zone(zone) => severity::is_untrusted(zone),
+        Resolved::UnknownProcess | Resolved::External(_) => true,
+    };
+    let mut likelihood = Likelihood::Low;
+    if untrusted_source {
+        likelihood = likelihood.raised();
+    }
+    if let (Some(from), Some(to)) = (source.zone(), destination.zone()) {
+        if to.trust > from.trust {
+            likelihood = likelihood.raised();
+        }
+    }
+    likelihood
+}
+
+fn flow_evidence(
+    observation: &FlowObservation,
+    source: &Side<'_, '_>,
+    destination: &Side<'_, '_>,
+) -> Evidence {
+    let acting = observation.client.as_ref().or(observation.server.as_ref());
+    let peer = if observation.client.is_some() {
+        observation.server.as_ref()
+    } else {
+        None
+    };
+    Evidence {
+        process: acting.map(|p| ProcessInfo::clone(p)),
+        peer_process: peer.map(|p| ProcessInfo::clone(p)),
+        local_addr: Some(observation.client_addr),
+        remote_addr: Some(observation.server_addr),
+        source_zone: source.zone_id().map(str::to_owned),
+        destination_zone: destination.zone_id().map(str::to_owned),
+        netns: observation.netns,
+    }
+}
+
+fn flow_findings(
+    model: &Model,
+    observation: &FlowObservation,
+    source: &Side<'_, '_>,
+    destination: &Side<'_, '_>,
+    declared: bool,
+) -> Vec<Finding> {
+    let protocol = observation.protocol;
+    let port = observation.server_addr.port();
+    let port_label = explain::port_label(protocol, port);
+    let evidence = flow_evidence(observation, source, destination);
+    let finding =
+        |category, likelihood, impact, from: &str, to: &str, summary, resolution| Finding {
+            category,
+            likelihood,
+            impact,
+            source: from.to_owned(),
+            destination: to.to_owned(),
+            protocol: Some(protocol),
+            port: Some(port),
+            summary,
+            resolution,
+            evidence: evidence.clone(),
+        };
+    let mut findings = Vec::new();
+
+    // A flow with an unidentified local process cannot be declared until the process has a
+    // component, so unknown-component replaces unexpected-flow for it.
+    if source.is_unknown_process() || destination.is_unknown_process() {
+        if let (Resolved::UnknownProcess, Some(process)) = (&source.resolved, source.process) {
+            let summary = format!(
+                "{} matches no component and connected to {} on {port_label}",
+                explain::process_label(process),
+                explain::describe_destination(destination),
+            );
+            let (id, stub) = explain::component_stub(model, process, None, "");
+            let resolution = format!(
+                "{stub}flows:\n  - {{ from: {id}, to: {}, port: {port} }}\n",
+                destination.node
+            );
+            findings.push(finding(
+                Category::UnknownComponent,
+                Likelihood::Moderate,
+                impact_of(destination),
+                &source.node,
+                &destination.node,
+                summary,
+                resolution,
+            ));
+        }
+        if let (Resolved::UnknownProcess, Some(process)) =
+            (&destination.resolved, destination.process)
+        {
+            let summary = format!(
+                "{} matches no component and accepted a connection from {} on {port_label}",
+                explain::process_label(process),
+                explain::describe_source(source),
+            );
+            let listens = explain::listens_line(protocol, observation.server_addr);
+            let (id, stub) = explain::component_stub(model, process, None, &listens);
+            let resolution = format!(
+                "{stub}flows:\n  - {{ from: {}, to: {id}, port: {port} }}\n",
+                source.node
+            );
+            findings.push(finding(
+                Category::UnknownComponent,
+                Likelihood::Moderate,
+                impact_of(source),
+                &destination.node,
+                &source.node,
+                summary,
+                resolution,
+            ));
+        }
+    } else if !declared {
+        let likelihood = flow_likelihood(source, destination);
+        let impact = impact_of(destination);
+        let resolution = explain::flow_resolution(source, destination, protocol, port);
+        let summary = format!(
+            "{} connected to {} on {port_label}; the model declares no {} -> {} flow",
+            explain::describe_source(source),
+            explain::describe_destination(destination),
+            source.node,
+            destination.node,
+        );
+        findings.push(finding(
+            Category::UnexpectedFlow,
+            likelihood,
+            impact,
+            &source.node,
+            &destination.node,
+            summary,
+            resolution.clone(),
+        ));
+
+        if let (Some(from), Some(to)) = (source.zone(), destination.zone()) {
+            if from.id != to.id {
+                let direction = match to.trust.cmp(&from.trust) {
+                    std::cmp::Ordering::Greater => "a more trusted",
+                    std::cmp::Ordering::Less => "a less trusted",
+                    std::cmp::Ordering::Equal => "an equally trusted",
+                };
+                let summary = format!(
+                    "{} in zone {} (trust {}) connected to {} in zone {} (trust {}) on {port_label}: an undeclared flow toward {direction} zone",
+                    explain::describe_source(source),
+                    from.id,
+                    from.trust,
+                    explain::describe_destination(destination),
+                    to.id,
+                    to.trust,
+                );
+                findings.push(finding(
+                    Category::TrustBoundaryCrossing,
+                    likelihood,
+                    impact,
+                    &source.node,
+                    &destination.node,
+                    summary,
+                    resolution,
+                ));
+            }
+        }
+    }
+
+    for (external, other) in [(source, destination), (destination, source)] {
+        let Resolved::External(ip) = external.resolved else {
+            continue;
+        };
+        let summary = format!(
+            "{} connected to {} on {port_label}, and {ip} is in no declared zone",
+            explain::describe_source(source),
+            explain::describe_destination(destination),
+        );
+        findings.push(finding(
+            Category::UnattributedEndpoint,
+            Likelihood::Moderate,
+            other
+                .component()
+                .map_or(Impact::Low, |c| Impact::of_criticality(c.criticality)),
+            &source.node,
+            &destination.node,
+            summary,
+            explain::flow_resolution(source, destination, protocol, port),
+        ));
+    }
+    findings
+}
+
+fn listen_findings(model: &Model, observation: &ListenObservation) -> Vec<Finding> {
+    let process = observation.process.as_ref();
+    let addr = observation.addr;
+    let port_label = explain::port_label(observation.protocol, addr.port());
+    let bound = addr.ip().to_canonical();
+    let mut evidence = Evidence {
+        process: Some(process.clone()),
+        peer_process: None,
+        local_addr: Some(addr),
+        remote_addr: None,
+        source_zone: None,
+        destination_zone: None,
+        netns: observation.netns,
+    };
+
+    let side = endpoint::local(model, &observation.process, addr);
+    match &side.resolved {
+        Resolved::Component {
+            component, zone, ..
+        } => {
+            if component.allows_listen(observation.protocol, addr.port(), bound) {
+                return Vec::new();
+            }
+            evidence.source_zone = Some(zone.id.clone());
+            let likelihood = if bound.is_loopback() {
+                Likelihood::Low
+            } else if component.exposed {
+                Likelihood::High
+            } else {
+                Likelihood::Moderate
+            };
+            let summary = format!(
+                "{} listens on {port_label} at {bound}; the model declares no such listener for {}",
+                explain::describe_source(&side),
+                component.id,
+            );
+            vec![Finding {
+                category: Category::NewListener,
+                likelihood,
+                impact: Impact::of_criticality(component.criticality),
+                source: component.id.clone(),
+                destination: bound.to_string(),
+                protocol: Some(observation.protocol),
+                port: Some(addr.port()),
+                summary,
+                resolution: explain::listens_resolution(component, observation.protocol, addr),
+                evidence,
+            }]
+        }
+        _ => {
+            let summary = format!(
+                "{} matches no component and listens on {port_label} at {bound}",
+                explain::process_label(process)
+            );
+            let listens = explain::listens_line(observation.protocol, addr);
+            let (_, resolution) = explain::component_stub(model, process, None, &listens);
+            let impact = if bound.is_loopback() {
+                Impact::Low
+            } else {
+                Impact::Medium
+            };
+            vec![Finding {
+                category: Category::UnknownComponent,
+                likelihood: Likelihood::Moderate,
+                impact,
+                source: side.node.clone(),
+                destination: bound.to_string(),
+                protocol: Some(observation.protocol),
+                port: Some(addr.port()),
+                summary,
+                resolution,
+                evidence,
+            }]
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The deviation table: deduplication by id, the repeat interval, exceptions and the bound.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{api, at, flow, listen, nginx, postgres, process};
+use driftwatch_model::observation::{FlowObservation, Protocol};
+use driftwatch_model::{Engine, EngineConfig};
+
+fn web_to_db(seconds: u64) -> FlowObservation {
+    flow(
+        at(seconds),
+        Some(nginx()),
+        "127.0.0.1:40001",
+        Some(postgres()),
+        "127.0.0.1:5432",
+    )
+}
+
+fn engine_with(config: EngineConfig) -> Engine {
+    Engine::with_config(common::model(common::THREE_TIER), config)
+}
+
+#[test]
+fn repeat_within_interval_is_counted_not_returned() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    assert_eq!(engine.observe_flow(&web_to_db(0)).len(), 2);
+    assert!(engine.observe_flow(&web_to_db(10)).is_empty());
+    assert!(engine.observe_flow(&web_to_db(59)).is_empty());
+
+    let table = engine.deviations();
+    let unexpected = table
+        .iter()
+        .find(|d| d.id == "unexpected-flow@web@db@tcp/5432")
+        .unwrap();
+    assert_eq!(unexpected.count, 3);
+    assert_eq!(unexpected.first_seen, at(0));
+    assert_eq!(unexpected.last_seen, at(59));
+
+    let stats = engine.stats();
+    assert_eq!(stats.deviations_raised, 2);
+    assert_eq!(stats.deviations_repeated, 0);
+    assert_eq!(stats.flow_observations, 3);
+}
+
+#[test]
+fn repeat_after_interval_is_returned_with_its_count() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    engine.observe_flow(&web_to_db(0));
+    engine.observe_flow(&web_to_db(30));
+    let again = engine.observe_flow(&web_to_db(60));
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[0].count, 3);
+    assert_eq!(again[0].first_seen, at(0));
+    assert_eq!(again[0].last_seen, at(60));
+
+    // The interval restarts from the last return, not from the first sighting.
+    assert!(engine.observe_flow(&web_to_db(100)).is_empty());
+    assert_eq!(engine.observe_flow(&web_to_db(120)).len(), 2);
+    assert_eq!(engine.stats().deviations_repeated, 4);
+}
+
+#[test]
+fn repeat_interval_is_configurable() {
+    let mut engine = engine_with(EngineConfig {
+        repeat_interval: Duration::from_secs(5),
+        ..EngineConfig::default()
+    });
+    engine.observe_flow(&web_to_db(0));
+    assert!(engine.observe_flow(&web_to_db(4)).is_empty());
+    assert_eq!(engine.observe_flow(&web_to_db(5)).len(), 2);
+}
+
+#[test]
+fn late_observation_keeps_last_seen() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    engine.observe_flow(&web_to_db(50));
+    assert!(engine.observe_flow(&web_to_db(10)).is_empty());
+    let table = engine.deviations();
+    assert_eq!(table[0].last_seen, at(50));
+    assert_eq!(table[0].count, 2);
+}
+
+#[test]
+fn exception_in_force_suppresses_and_counts() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    // api -> internet udp/53 is covered by the "pip mirror" exception until 2030; the crossing is not.
+    let dns = FlowObservation {
+        protocol: Protocol::Udp,
+        ..flow(at(0), Some(api()), "10.0.0.2:45000", None, "1.1.1.1:53")
+    };
+    let raised = engine.observe_flow(&dns);
+    let ids: Vec<&str> = raised.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["trust-boundary-crossing@api@internet@udp/53"]);
+    assert_eq!(engine.stats().deviations_suppressed, 1);
+    assert!(engine
+        .deviations()
+        .iter()
+        .all(|d| d.id != "unexpected-flow@api@internet@udp/53"));
+}
+
+#[test]
+fn expired_exception_no_longer_suppresses() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    let backup = process(400, "/usr/bin/restic", "/system.slice/backup.service");
+    // The backup waiver expired on 2020-01-01; observations are in 2025.
+    let raised = engine.observe_listen(&listen(at(0), backup, "0.0.0.0:9000"));
+    assert_eq!(raised.len(), 1);
+    assert_eq!(raised[0].id, "new-listener@backup@0.0.0.0@tcp/9000");
+    assert_eq!(engine.stats().deviations_suppressed, 0);
+}
+
+#[test]
+fn exception_expires_at_the_start_of_its_date() {
+    // The sketch's resolver exception expires on 2027-03-01 (1803859200 s after the epoch).
+    let without_catch_all =
+        common::SKETCH.replace(r#"match: { cidrs: ["0.0.0.0/0", "::/0"] } "#, "");
+    let mut engine = Engine::new(common::model(&without_catch_all));
+    let resolver = |time| FlowObservation {
+        protocol: Protocol::Udp,
+        ..flow(time, Some(nginx()), "10.0.0.2:45000", None, "9.9.9.9:53")
+    };
+    let before = std::time::UNIX_EPOCH + Duration::from_secs(1_803_859_199);
+    let after = std::time::UNIX_EPOCH + Duration::from_secs(1_803_859_200);
+
+    let raised = engine.observe_flow(&resolver(before));
+    assert!(
+        raised
+            .iter()
+            .all(|d| d.category.as_str() != "unexpected-flow"),
+        "{raised:?}"
+    );
+    assert_eq!(engine.stats().deviations_suppressed, 1);
+
+    let raised = engine.observe_flow(&resolver(after));
+    assert!(
+        raised
+            .iter()
+            .any(|d| d.id == "unexpected-flow@web@external:9.9.9.9@udp/53"),
+        "{raised:?}"
+    );
+}
+
+#[test]
+fn table_evicts_least_recently_seen_id() {
+    let mut engine = engine_with(EngineConfig {
+        max_deviations: 2,
+        ..EngineConfig::default()
+    });
+    let listener = |seconds, port: u16| listen(at(seconds), nginx(), &format!("0.0.0.0:{port}"));
+    engine.observe_listen(&listener(0, 8001));
+    engine.observe_listen(&listener(1, 8002));
+    // 8001 is seen again, so 8002 is now the least recently seen.
+    engine.observe_listen(&listener(2, 8001));
+    engine.observe_listen(&listener(3, 8003));
+
+    let ids: Vec<String> = engine.deviations().into_iter().map(|d| d.id).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(
+        ids.contains(&"new-listener@web@0.0.0.0@tcp/8001".to_owned()),
+        "{ids:?}"
+    );
+    assert!(
+        ids.contains(&"new-listener@web@0.0.0.0@tcp/8003".to_owned()),
+        "{ids:?}"
+    );
+    let stats = engine.stats();
+    assert_eq!(stats.deviation_evictions, 1);
+    assert_eq!(stats.deviations_tracked, 2);
+}
+
+#[test]
+fn evicted_id_is_raised_as_new_again() {
+    let mut engine = engine_with(EngineConfig {
+        max_deviations: 1,
+        ..EngineConfig::default()
+    });
+    engine.observe_listen(&listen(at(0), nginx(), "0.0.0.0:8001"));
+    engine.observe_listen(&listen(at(1), nginx(), "0.0.0.0:8002"));
+    let again = engine.observe_listen(&listen(at(2), nginx(), "0.0.0.0:8001"));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].count, 1);
+}
+
+#[test]
+fn model_reload_rejudges_edges() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    engine.observe_flow(&web_to_db(0));
+    assert!(!engine.graph_snapshot().edges[0].declared);
+
+    let widened = common::THREE_TIER.replace(
+        "  - { from: api, to: db, port: 5432 }\n",
+        "  - { from: api, to: db, port: 5432 }\n  - { from: web, to: db, port: 5432 }\n",
+    );
+    engine.replace_model(common::model(&widened));
+    assert!(engine.deviations().is_empty());
+    assert!(engine.graph_snapshot().edges[0].declared);
+    assert!(engine.observe_flow(&web_to_db(1)).is_empty());
+    assert_eq!(engine.stats().model_reloads, 1);
+}
+
+#[test]
+fn table_lists_most_severe_first() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    engine.observe_listen(&listen(at(0), api(), "127.0.0.1:9100"));
+    engine.observe_flow(&web_to_db(1));
+    let severities: Vec<_> = engine.deviations().iter().map(|d| d.severity).collect();
+    let mut sorted = severities.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(severities, sorted);
+    assert_eq!(severities.len(), 3);
+}
