@@ -2,8 +2,8 @@
 //!
 //! The object comes from `DRIFTWATCH_BPF_OBJECT` (set by `cargo xtask build`) or, when that is
 //! unset, from `target/bpf/driftwatch.bpf.o` in the workspace. Without either the agent still
-//! compiles, with an empty object, and telemetry fails at start-up with a message naming
-//! `cargo xtask build`; a plain `cargo build` or `cargo check` of the workspace keeps working.
+//! compiles with an empty object, so a plain `cargo build` or `cargo check` keeps working, and
+//! telemetry fails at start-up with a message naming `cargo xtask build`.
 
 use std::env;
 use std::fs;
@@ -11,7 +11,8 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DRIFTWATCH_BPF_OBJECT");
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let default_object = manifest_dir.join("../target/bpf/driftwatch.bpf.o");
     println!("cargo:rerun-if-changed={}", default_object.display());
 
@@ -19,7 +20,10 @@ fn main() {
         Some(path) => {
             let path = PathBuf::from(path);
             if !path.is_file() {
-                panic!("DRIFTWATCH_BPF_OBJECT={} does not exist; run `cargo xtask build`", path.display());
+                panic!(
+                    "DRIFTWATCH_BPF_OBJECT={} does not exist; run `cargo xtask build`",
+                    path.display()
+                );
             }
             println!("cargo:rerun-if-changed={}", path.display());
             Some(path)
@@ -28,16 +32,19 @@ fn main() {
     };
 
     let contents = match &source {
-        Some(path) => fs::read(path).unwrap_or_else(|error| panic!("failed to read {}: {error}", path.display())),
+        Some(path) => fs::read(path)
+            .unwrap_or_else(|error| panic!("failed to read {}: {error}", path.display())),
         None => {
             println!("cargo:warning=no eBPF object found; this agent cannot load its kernel programs (build with `cargo xtask build`)");
             Vec::new()
         }
     };
 
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("driftwatch.bpf.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("driftwatch.bpf.o");
     // Rewriting identical bytes would bump the mtime and recompile the crate for nothing.
     if fs::read(&out).ok().as_deref() != Some(contents.as_slice()) {
-        fs::write(&out, &contents).unwrap_or_else(|error| panic!("failed to write {}: {error}", out.display()));
+        fs::write(&out, &contents)
+            .unwrap_or_else(|error| panic!("failed to write {}: {error}", out.display()));
     }
 }

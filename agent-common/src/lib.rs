@@ -1,7 +1,7 @@
 //! Record types and names shared by the kernel programs (`agent-ebpf`) and the agent.
 //!
 //! Every record the kernel writes into the ring buffer starts with a [`RecordHeader`]; its `kind`
-//! field says which record follows and is converted with [`RecordKind::try_from`], so an unknown
+//! field names the record that follows and is converted with [`RecordKind::try_from`], so an unknown
 //! number is an error rather than undefined behaviour. Record numbers, counter indexes and field
 //! layouts are never reused for something else: add new ones at the end.
 //!
@@ -265,7 +265,7 @@ pub struct ExitRecord {
     pub _reserved: u32,
 }
 
-/// What happened to a TCP socket, [`TcpRecord::event`].
+/// TCP event type, stored in [`TcpRecord::event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum TcpKind {
@@ -412,10 +412,11 @@ impl Counter {
         Counter::TcpListenerMapFull,
     ];
 
-    /// Program that increments the counter.
+    /// Returns the program that increments the counter (`sys_enter_execve` also stands for
+    /// `sys_enter_execveat`).
     pub const fn program(self) -> &'static str {
         match self {
-            Counter::ExecArgsStashFull | Counter::ExecArgsScratchMissing => "sys_enter_execve(at)",
+            Counter::ExecArgsStashFull | Counter::ExecArgsScratchMissing => "sys_enter_execve",
             Counter::ExecRingBufferFull => "sched_process_exec",
             Counter::ForkRingBufferFull => "sched_process_fork",
             Counter::ExitCodeStashFull => "sys_enter_exit_group",
@@ -426,18 +427,18 @@ impl Counter {
         }
     }
 
-    /// Why the record or stash was lost.
+    /// Returns why the record or stash was lost, as a snake_case identifier for metric names.
     pub const fn reason(self) -> &'static str {
         match self {
-            Counter::ExecArgsStashFull => "argv stash map full",
-            Counter::ExecArgsScratchMissing => "argv scratch buffer missing",
+            Counter::ExecArgsStashFull => "argv_stash_map_full",
+            Counter::ExecArgsScratchMissing => "argv_scratch_buffer_missing",
             Counter::ExecRingBufferFull
             | Counter::ForkRingBufferFull
             | Counter::ExitRingBufferFull
-            | Counter::TcpRingBufferFull => "ring buffer full",
-            Counter::ExitCodeStashFull => "exit status map full",
-            Counter::TcpSocketMapFull => "socket owner map full",
-            Counter::TcpListenerMapFull => "listener map full",
+            | Counter::TcpRingBufferFull => "ring_buffer_full",
+            Counter::ExitCodeStashFull => "exit_status_map_full",
+            Counter::TcpSocketMapFull => "socket_owner_map_full",
+            Counter::TcpListenerMapFull => "listener_map_full",
         }
     }
 }
@@ -445,9 +446,8 @@ impl Counter {
 // The decoder and the kernel programs depend on these exact sizes; a field added without updating
 // both sides fails the build here.
 const _: () = assert!(size_of::<RecordHeader>() == 32);
-const _: () = assert!(
-    size_of::<ExecRecord>() == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES
-);
+const _: () =
+    assert!(size_of::<ExecRecord>() == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES);
 const _: () = assert!(size_of::<ForkRecord>() == 40);
 const _: () = assert!(size_of::<ExitRecord>() == 48);
 const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32);

@@ -1,26 +1,30 @@
-//! Exec: argv is stashed per thread at `execve`/`execveat` entry, because `sched_process_exec` no
-//! longer sees the caller's argv pointer; the exec record is written at `sched_process_exec`, once
-//! the exec can no longer fail, with the path the kernel resolved.
+//! Exec: argv is stashed per thread at `execve`/`execveat` entry, because the argv pointer is no
+//! longer readable at `sched_process_exec`. The exec record is written at `sched_process_exec`,
+//! once the exec can no longer fail, with the path the kernel resolved.
 
 use core::{ffi::c_void, ptr::addr_of_mut};
 
 use agent_common::{
     Counter, ExecRecord, RecordHeader, RecordKind, ARGV_CAPTURE_BYTES, ARGV_MAX_ARGS, COMM_BYTES,
-    EXEC_FLAG_ARGV_MISSING, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_FILENAME_TRUNCATED,
-    FILENAME_BYTES,
+    EXEC_FLAG_ARGV_MISSING, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_FILENAME_TRUNCATED, FILENAME_BYTES,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_uid_gid, bpf_probe_read_user,
-        r#gen::{bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_str,
-            bpf_probe_read_user_str},
+        r#gen::{
+            bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_str,
+            bpf_probe_read_user_str,
+        },
     },
     macros::tracepoint,
     programs::TracePointContext,
     EbpfContext,
 };
 
-use crate::{count, current_cgroup_id, current_ids, ktime_ns, current_in_scope, is_agent, ARGV_SCRATCH, EVENTS, EXEC_ARGS};
+use crate::{
+    count, current_cgroup_id, current_ids, current_in_scope, is_agent, ktime_ns, ARGV_SCRATCH,
+    EVENTS, EXEC_ARGS,
+};
 
 // Offsets in the tracepoint records, from events/<category>/<name>/format in tracefs.
 const EXECVE_ARGV_OFFSET: usize = 24;
@@ -88,12 +92,11 @@ fn try_stash_argv(ctx: &TracePointContext, argv_offset: usize) -> Result<(), i64
     let mut index: u32 = 0;
     while index < ARGV_MAX_ARGS {
         // SAFETY: reads one user pointer; a fault returns an error instead of crashing.
-        let arg: u64 = match unsafe {
-            bpf_probe_read_user((argv + u64::from(index) * 8) as *const u64)
-        } {
-            Ok(arg) => arg,
-            Err(_) => break,
-        };
+        let arg: u64 =
+            match unsafe { bpf_probe_read_user((argv + u64::from(index) * 8) as *const u64) } {
+                Ok(arg) => arg,
+                Err(_) => break,
+            };
         if arg == 0 {
             break;
         }
@@ -120,9 +123,8 @@ fn try_stash_argv(ctx: &TracePointContext, argv_offset: usize) -> Result<(), i64
     }
     if index == ARGV_MAX_ARGS {
         // SAFETY: as above; a non-null pointer after the last captured one means more arguments.
-        let next: u64 =
-            unsafe { bpf_probe_read_user((argv + u64::from(index) * 8) as *const u64) }
-                .unwrap_or(0);
+        let next: u64 = unsafe { bpf_probe_read_user((argv + u64::from(index) * 8) as *const u64) }
+            .unwrap_or(0);
         if next != 0 {
             stash.flags |= EXEC_FLAG_ARGV_TRUNCATED;
         }

@@ -54,8 +54,8 @@ static SOCKETS: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_MAX_
 static LISTENERS: HashMap<ListenerKey, ListenerOwner> =
     HashMap::with_max_entries(LISTENERS_MAX_ENTRIES, 0);
 
-// Globals live in `.rodata`; the loader rewrites them before loading, so they are read with
-// `read_volatile` to keep the compiler from folding in the zero initialisers.
+// Globals live in `.rodata` and the loader rewrites them before loading. They are read with
+// `read_volatile` so that the compiler cannot fold in the zero initialisers.
 
 #[no_mangle]
 static AGENT_TGID: u32 = 0;

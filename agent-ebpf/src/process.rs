@@ -2,12 +2,11 @@
 //! `sched_process_exit` does not carry it; a task killed by a signal therefore has no status.
 
 use agent_common::{Counter, ExitRecord, ForkRecord, RecordHeader, RecordKind};
-use aya_ebpf::{
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 
-use crate::{count, current_cgroup_id, current_ids, ktime_ns, current_in_scope, is_agent, EVENTS, EXIT_CODES};
+use crate::{
+    count, current_cgroup_id, current_ids, current_in_scope, is_agent, ktime_ns, EVENTS, EXIT_CODES,
+};
 
 // Offsets in the tracepoint records, from events/<category>/<name>/format in tracefs.
 const SCHED_FORK_CHILD_PID_OFFSET: usize = 20;

@@ -11,16 +11,12 @@ use agent_common::{
     Counter, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind, TcpRecord,
     FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, SOCKET_FLAG_AGENT,
 };
-use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
 use core::ptr::read_volatile;
 
 use crate::{
-    count, current_cgroup_id, current_ids, ktime_ns, current_in_scope, is_agent, scope_enabled, EVENTS, LISTENERS,
-    NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SOCKETS,
+    count, current_cgroup_id, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
+    EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SOCKETS,
 };
 
 // Offsets in the record, from events/sock/inet_sock_set_state/format in tracefs.
@@ -51,7 +47,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Who a record is reported for.
+/// Process a record is attributed to.
 struct Owner {
     pid: u32,
     tid: u32,
@@ -92,7 +88,11 @@ fn on_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         return Ok(());
     }
     track_socket(skaddr, tgid, 0);
-    let owner = Owner { pid: tgid, tid, cgroup_id: current_cgroup_id() };
+    let owner = Owner {
+        pid: tgid,
+        tid,
+        cgroup_id: current_cgroup_id(),
+    };
     emit(ctx, skaddr, TcpKind::Connect, &owner)
 }
 
@@ -117,7 +117,16 @@ fn on_handshake_end(
         None if scope_enabled() => return Ok(()),
         None => 0,
     };
-    emit(ctx, skaddr, kind, &Owner { pid: owner, tid: 0, cgroup_id: 0 })
+    emit(
+        ctx,
+        skaddr,
+        kind,
+        &Owner {
+            pid: owner,
+            tid: 0,
+            cgroup_id: 0,
+        },
+    )
 }
 
 fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
@@ -131,10 +140,17 @@ fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         return Ok(());
     }
     remember_listener(&key, tgid, 0);
-    let owner = Owner { pid: tgid, tid, cgroup_id: current_cgroup_id() };
+    let owner = Owner {
+        pid: tgid,
+        tid,
+        cgroup_id: current_cgroup_id(),
+    };
     emit(ctx, skaddr, TcpKind::Listen, &owner)
 }
 
+// NOTE: listeners are keyed by (netns, port) only, so when several sockets share a port
+// (SO_REUSEPORT) the first one to close removes the entry and, under a cgroup scope, accepts on
+// the remaining ones are no longer reported.
 fn on_listener_close(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
     let key = listener_key(ctx, skaddr)?;
     let _ = LISTENERS.remove(&key);
@@ -155,17 +171,32 @@ fn on_accepted(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         None => {}
     }
     track_socket(skaddr, 0, 0);
-    emit(ctx, skaddr, TcpKind::Accepted, &Owner { pid: 0, tid: 0, cgroup_id: 0 })
+    emit(
+        ctx,
+        skaddr,
+        TcpKind::Accepted,
+        &Owner {
+            pid: 0,
+            tid: 0,
+            cgroup_id: 0,
+        },
+    )
 }
 
 fn track_socket(skaddr: u64, pid: u32, flags: u32) {
-    if SOCKETS.insert(&skaddr, &SockOwner { pid, flags }, 0).is_err() {
+    if SOCKETS
+        .insert(&skaddr, &SockOwner { pid, flags }, 0)
+        .is_err()
+    {
         count(Counter::TcpSocketMapFull);
     }
 }
 
 fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
-    if LISTENERS.insert(key, &ListenerOwner { pid, flags }, 0).is_err() {
+    if LISTENERS
+        .insert(key, &ListenerOwner { pid, flags }, 0)
+        .is_err()
+    {
         count(Counter::TcpListenerMapFull);
     }
 }
@@ -173,7 +204,11 @@ fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
 fn listener_key(ctx: &TracePointContext, skaddr: u64) -> Result<ListenerKey, i64> {
     // SAFETY: offset of `sport` in this tracepoint's record.
     let port: u16 = unsafe { ctx.read_at(SPORT_OFFSET)? };
-    Ok(ListenerKey { netns: socket_netns(skaddr), port, _reserved: 0 })
+    Ok(ListenerKey {
+        netns: socket_netns(skaddr),
+        port,
+        _reserved: 0,
+    })
 }
 
 /// Inode number of the network namespace of the socket at `skaddr`, or 0 when the offsets are
@@ -192,12 +227,11 @@ fn socket_netns(skaddr: u64) -> u32 {
     }
     // SAFETY: both reads go through the kernel's fault-handling probe read; a wrong address gives
     // an error, not a crash.
-    let net: u64 = match unsafe {
-        bpf_probe_read_kernel((skaddr + u64::from(skc_net)) as *const u64)
-    } {
-        Ok(net) => net,
-        Err(_) => return 0,
-    };
+    let net: u64 =
+        match unsafe { bpf_probe_read_kernel((skaddr + u64::from(skc_net)) as *const u64) } {
+            Ok(net) => net,
+            Err(_) => return 0,
+        };
     if net == 0 {
         return 0;
     }
@@ -247,7 +281,7 @@ fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> R
     Ok(())
 }
 
-/// An IPv4 address in the first 4 bytes of a 16-byte field, the rest zero.
+/// Places an IPv4 address in the first 4 bytes of a zeroed 16-byte field.
 #[inline(always)]
 fn widen_ipv4(address: [u8; 4]) -> [u8; 16] {
     let [a, b, c, d] = address;

@@ -4,7 +4,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use driftwatch_model::EngineStats;
 use driftwatch_model::graph::GraphSnapshot;
 use driftwatch_model::Model;
 
@@ -54,7 +53,7 @@ impl AgentView for AgentStatusView {
         let stats = self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         counters.extend(stats.named());
         let engine = self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).stats();
-        counters.extend(engine_counters(&engine));
+        counters.extend(engine.named());
         StatusSnapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: self.started_at,
@@ -81,24 +80,4 @@ fn telemetry_counters(telemetry: &Telemetry) -> Vec<(String, u64)> {
         }
     }
     named
-}
-
-fn engine_counters(stats: &EngineStats) -> Vec<(String, u64)> {
-    [
-        ("engine_exec_observations", stats.exec_observations),
-        ("engine_listen_observations", stats.listen_observations),
-        ("engine_flow_observations", stats.flow_observations),
-        ("engine_deviations_raised", stats.deviations_raised),
-        ("engine_deviations_repeated", stats.deviations_repeated),
-        ("engine_deviations_suppressed", stats.deviations_suppressed),
-        ("engine_deviation_evictions", stats.deviation_evictions),
-        ("engine_edge_evictions", stats.edge_evictions),
-        ("engine_deviations_tracked", stats.deviations_tracked),
-        ("engine_graph_nodes", stats.graph_nodes),
-        ("engine_graph_edges", stats.graph_edges),
-        ("engine_model_reloads", stats.model_reloads),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value))
-    .collect()
 }

@@ -42,6 +42,8 @@ struct Shared {
 struct Received {
     deviations: Vec<Deviation>,
     losses: Vec<LossNotice>,
+    /// Highest sequence received, 0 before the first message.
+    last_sequence: u64,
     /// Why the stream ended, once it has.
     ended: Option<String>,
 }
@@ -84,6 +86,12 @@ impl DeviationWatcher {
     /// Loss notices received so far.
     pub fn losses(&self) -> Vec<LossNotice> {
         self.shared.state.lock().expect("watcher lock").losses.clone()
+    }
+
+    /// Returns the highest sequence received so far. Once it reaches the `last_sequence` of the
+    /// agent's status, the watcher has every deviation raised before that status was read.
+    pub fn last_sequence(&self) -> u64 {
+        self.shared.state.lock().expect("watcher lock").last_sequence
     }
 
     /// Waits until a received deviation satisfies `accept` and returns it.
@@ -155,6 +163,7 @@ async fn follow(
             Err(status) => break format!("gRPC error: {status}"),
         };
         let mut state = shared.state.lock().expect("watcher lock");
+        state.last_sequence = state.last_sequence.max(response.sequence);
         match response.payload {
             Some(Payload::Deviation(deviation)) => state.deviations.push(deviation),
             Some(Payload::Loss(loss)) => state.losses.push(loss),
@@ -329,6 +338,7 @@ mod tests {
         assert_eq!(found.id, "second");
         let ids: Vec<String> = watcher.deviations().into_iter().map(|d| d.id).collect();
         assert_eq!(ids, ["first", "second"]);
+        assert_eq!(watcher.last_sequence(), 2);
         let requests = served.requests.lock().unwrap();
         assert_eq!(requests.len(), 1);
         assert_eq!(requests[0].from_sequence, Some(0), "the watcher must replay the whole history");

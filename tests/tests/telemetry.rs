@@ -2,7 +2,7 @@
 //! `driftwatch::telemetry::Telemetry`, scoped to a cgroup each test creates.
 //!
 //! Needs root and an agent built with its eBPF object (`cargo xtask test` does both). Workloads
-//! are forked children that move themselves into the test cgroup before they act; they use only
+//! are forked children that move themselves into the test cgroup before they act. They use only
 //! raw system calls after `fork`, because the test process has other threads. Absence of events is
 //! checked against a sentinel exec started afterwards: the ring buffer hands out records in the
 //! order they were reserved, so once the sentinel arrives, earlier events would have too.
@@ -35,9 +35,15 @@ impl TestCgroup {
     fn create(name: &str) -> Self {
         let mount = cgroup2_mount().expect("a cgroup2 mount is required");
         let path = mount.join(format!("driftwatch-e2e-{name}-{}", std::process::id()));
-        fs::create_dir(&path).unwrap_or_else(|error| panic!("failed to create {}: {error}", path.display()));
+        fs::create_dir(&path)
+            .unwrap_or_else(|error| panic!("failed to create {}: {error}", path.display()));
         let id = fs::metadata(&path).unwrap().ino();
-        let procs = CString::new(path.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
+        let procs = CString::new(
+            path.join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
         Self { path, procs, id }
     }
 }
@@ -89,8 +95,13 @@ impl Recorder {
                 }
                 Ok(None) => panic!("event channel closed while waiting for {what}"),
                 Err(_) => {
-                    let recent: Vec<String> =
-                        self.seen.iter().rev().take(30).map(|event| format!("{event:?}")).collect();
+                    let recent: Vec<String> = self
+                        .seen
+                        .iter()
+                        .rev()
+                        .take(30)
+                        .map(|event| format!("{event:?}"))
+                        .collect();
                     panic!(
                         "timed out after {EVENT_TIMEOUT:?} waiting for {what}; last events:\n{}",
                         recent.join("\n")
@@ -101,7 +112,13 @@ impl Recorder {
     }
 
     async fn wait_for_tcp(&mut self, what: &str, matches: impl Fn(&TcpEvent) -> bool) -> TcpEvent {
-        match self.wait_for(what, |event| matches!(event, Event::Tcp(tcp) if matches(tcp))).await {
+        match self
+            .wait_for(
+                what,
+                |event| matches!(event, Event::Tcp(tcp) if matches(tcp)),
+            )
+            .await
+        {
             Event::Tcp(tcp) => tcp,
             other => unreachable!("matched a non-TCP event {other:?}"),
         }
@@ -110,16 +127,36 @@ impl Recorder {
 
 async fn start_scoped(cgroup: &TestCgroup) -> (Telemetry, Recorder) {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "telemetry tests need root; run them with `cargo xtask test`");
-    let config = TelemetryConfig { scope_cgroup: Some(cgroup.path.clone()), ..TelemetryConfig::default() };
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "telemetry tests need root; run them with `cargo xtask test`"
+    );
+    let config = TelemetryConfig {
+        scope_cgroup: Some(cgroup.path.clone()),
+        ..TelemetryConfig::default()
+    };
     let (telemetry, receiver) = Telemetry::start(config).unwrap_or_else(|error| {
-        let chain: Vec<String> = anyhow::Error::from(error).chain().map(ToString::to_string).collect();
+        let chain: Vec<String> = anyhow::Error::from(error)
+            .chain()
+            .map(ToString::to_string)
+            .collect();
         panic!("telemetry failed to start: {}", chain.join(": "))
     });
     for hook in telemetry.hooks() {
-        assert!(hook.attached, "hook {} not attached: {:?}", hook.name, hook.error);
+        assert!(
+            hook.attached,
+            "hook {} not attached: {:?}",
+            hook.name, hook.error
+        );
     }
-    (telemetry, Recorder { receiver, seen: Vec::new() })
+    (
+        telemetry,
+        Recorder {
+            receiver,
+            seen: Vec::new(),
+        },
+    )
 }
 
 /// Runs `program args` to completion, inside the cgroup when `cgroup` is given; returns its pid.
@@ -139,7 +176,9 @@ fn run_program(cgroup: Option<&TestCgroup>, program: &str, args: &[&str]) -> u32
             });
         }
     }
-    let mut child = command.spawn().unwrap_or_else(|error| panic!("failed to run {program}: {error}"));
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|error| panic!("failed to run {program}: {error}"));
     let pid = child.id();
     child.wait().unwrap();
     pid
@@ -160,7 +199,9 @@ fn raw_address(address: SocketAddr) -> RawAddress {
             let raw = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage.
@@ -178,20 +219,32 @@ fn raw_address(address: SocketAddr) -> RawAddress {
             (size_of::<libc::sockaddr_in6>(), libc::AF_INET6)
         }
     };
-    RawAddress { storage, len: len as libc::socklen_t, family }
+    RawAddress {
+        storage,
+        len: len as libc::socklen_t,
+        family,
+    }
 }
 
 /// Local port of socket `fd`, from `getsockname`; 0 on failure.
 fn local_port(fd: libc::c_int) -> u16 {
-    // SAFETY: the storage outlives the call and `len` holds its size.
+    // SAFETY: the storage outlives the call and `len` is its size.
     unsafe {
         let mut storage: libc::sockaddr_storage = zeroed();
         let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getsockname(fd, (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len) != 0 {
+        if libc::getsockname(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
             return 0;
         }
         // sin_port and sin6_port share the offset right after the family.
-        let port = *((&storage as *const libc::sockaddr_storage).cast::<u8>().add(2).cast::<u16>());
+        let port = *((&storage as *const libc::sockaddr_storage)
+            .cast::<u8>()
+            .add(2)
+            .cast::<u16>());
         u16::from_be(port)
     }
 }
@@ -208,7 +261,10 @@ impl Child {
     fn fork(procs: Option<&CString>, body: impl FnOnce(libc::c_int) -> i32) -> Self {
         let mut pipe = [0; 2];
         // SAFETY: `pipe` has room for the two descriptors.
-        assert_eq!(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        assert_eq!(
+            unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+            0
+        );
         // SAFETY: the child only makes raw system calls and leaves with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed: {}", std::io::Error::last_os_error());
@@ -222,7 +278,10 @@ impl Child {
         }
         // SAFETY: closes the parent's copy of the write end, so a dead child reads as EOF.
         unsafe { libc::close(pipe[1]) };
-        Self { pid, report: pipe[0] }
+        Self {
+            pid,
+            report: pipe[0],
+        }
     }
 
     /// Reads the port the child reported; panics when it exited without reporting.
@@ -230,7 +289,11 @@ impl Child {
         let mut bytes = [0u8; 2];
         // SAFETY: `bytes` has room for the 2 bytes read.
         let read = unsafe { libc::read(self.report, bytes.as_mut_ptr().cast(), 2) };
-        assert_eq!(read, 2, "child {} exited before reporting its port", self.pid);
+        assert_eq!(
+            read, 2,
+            "child {} exited before reporting its port",
+            self.pid
+        );
         u16::from_ne_bytes(bytes)
     }
 
@@ -260,7 +323,12 @@ fn serve_one_connection(address: &RawAddress, report: libc::c_int) -> i32 {
         if listener < 0 {
             return 10;
         }
-        if libc::bind(listener, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
+        if libc::bind(
+            listener,
+            (&address.storage as *const libc::sockaddr_storage).cast(),
+            address.len,
+        ) != 0
+        {
             return 11;
         }
         if libc::listen(listener, 8) != 0 {
@@ -287,7 +355,12 @@ fn connect_once(address: &RawAddress, report: libc::c_int) -> i32 {
         if socket < 0 {
             return 20;
         }
-        if libc::connect(socket, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
+        if libc::connect(
+            socket,
+            (&address.storage as *const libc::sockaddr_storage).cast(),
+            address.len,
+        ) != 0
+        {
             return 21;
         }
         report_port(report, local_port(socket));
@@ -305,15 +378,26 @@ async fn exec_in_scope_reports_path_argv_and_identity() {
     let cgroup = TestCgroup::create("exec");
     let (_telemetry, mut events) = start_scoped(&cgroup).await;
 
-    let pid = run_program(Some(&cgroup), "/bin/true", &["driftwatch-exec-probe", "two words", ""]);
+    let pid = run_program(
+        Some(&cgroup),
+        "/bin/true",
+        &["driftwatch-exec-probe", "two words", ""],
+    );
 
-    let Event::Exec(exec) =
-        events.wait_for("exec of /bin/true", |event| matches!(event, Event::Exec(exec) if exec.pid == pid)).await
+    let Event::Exec(exec) = events
+        .wait_for(
+            "exec of /bin/true",
+            |event| matches!(event, Event::Exec(exec) if exec.pid == pid),
+        )
+        .await
     else {
         unreachable!()
     };
     assert_eq!(exec.filename, "/bin/true");
-    assert_eq!(exec.argv, ["/bin/true", "driftwatch-exec-probe", "two words", ""]);
+    assert_eq!(
+        exec.argv,
+        ["/bin/true", "driftwatch-exec-probe", "two words", ""]
+    );
     assert!(!exec.argv_truncated);
     assert_eq!(exec.tid, pid);
     // SAFETY: getuid and getgid have no preconditions.
@@ -322,8 +406,12 @@ async fn exec_in_scope_reports_path_argv_and_identity() {
     assert_eq!(exec.cgroup_id, cgroup.id);
     assert_eq!(exec.comm, "true");
 
-    let Event::Exit(exit) =
-        events.wait_for("exit of /bin/true", |event| matches!(event, Event::Exit(exit) if exit.pid == pid)).await
+    let Event::Exit(exit) = events
+        .wait_for(
+            "exit of /bin/true",
+            |event| matches!(event, Event::Exit(exit) if exit.pid == pid),
+        )
+        .await
     else {
         unreachable!()
     };
@@ -335,12 +423,18 @@ async fn exec_with_long_argv_is_truncated_and_flagged() {
     let cgroup = TestCgroup::create("argv");
     let (_telemetry, mut events) = start_scoped(&cgroup).await;
 
-    let many: Vec<String> = (0..40).map(|index| format!("argument-{index:02}")).collect();
+    let many: Vec<String> = (0..40)
+        .map(|index| format!("argument-{index:02}"))
+        .collect();
     let args: Vec<&str> = many.iter().map(String::as_str).collect();
     let pid = run_program(Some(&cgroup), "/bin/true", &args);
 
-    let Event::Exec(exec) =
-        events.wait_for("exec with 40 arguments", |event| matches!(event, Event::Exec(exec) if exec.pid == pid)).await
+    let Event::Exec(exec) = events
+        .wait_for(
+            "exec with 40 arguments",
+            |event| matches!(event, Event::Exec(exec) if exec.pid == pid),
+        )
+        .await
     else {
         unreachable!()
     };
@@ -358,7 +452,10 @@ async fn fork_and_exit_status_reported() {
     let shell = run_program(Some(&cgroup), "/bin/sh", &["-c", "/bin/true; exit 3"]);
 
     let Event::Fork(fork) = events
-        .wait_for("fork by the shell", |event| matches!(event, Event::Fork(fork) if fork.parent_pid == shell))
+        .wait_for(
+            "fork by the shell",
+            |event| matches!(event, Event::Fork(fork) if fork.parent_pid == shell),
+        )
         .await
     else {
         unreachable!()
@@ -370,7 +467,10 @@ async fn fork_and_exit_status_reported() {
         })
         .await;
     let Event::Exit(exit) = events
-        .wait_for("exit of the shell", |event| matches!(event, Event::Exit(exit) if exit.pid == shell))
+        .wait_for(
+            "exit of the shell",
+            |event| matches!(event, Event::Exit(exit) if exit.pid == shell),
+        )
         .await
     else {
         unreachable!()
@@ -382,12 +482,16 @@ async fn fork_and_exit_status_reported() {
 /// connection.
 async fn check_loopback_connection(cgroup: &TestCgroup, events: &mut Recorder, loopback: IpAddr) {
     let listen_address = raw_address(SocketAddr::new(loopback, 0));
-    let server = Child::fork(Some(&cgroup.procs), |report| serve_one_connection(&listen_address, report));
+    let server = Child::fork(Some(&cgroup.procs), |report| {
+        serve_one_connection(&listen_address, report)
+    });
     let server_port = server.read_port();
     let server_address = SocketAddr::new(loopback, server_port);
 
     let connect_address = raw_address(server_address);
-    let client = Child::fork(Some(&cgroup.procs), |report| connect_once(&connect_address, report));
+    let client = Child::fork(Some(&cgroup.procs), |report| {
+        connect_once(&connect_address, report)
+    });
     let client_port = client.read_port();
     let client_address = SocketAddr::new(loopback, client_port);
     let (server_pid, client_pid) = (server.pid as u32, client.pid as u32);
@@ -396,19 +500,25 @@ async fn check_loopback_connection(cgroup: &TestCgroup, events: &mut Recorder, l
     let netns = own_netns();
 
     let listen = events
-        .wait_for_tcp("listen", |tcp| tcp.kind == TcpEventKind::Listen && tcp.local.port() == server_port)
+        .wait_for_tcp("listen", |tcp| {
+            tcp.kind == TcpEventKind::Listen && tcp.local.port() == server_port
+        })
         .await;
     assert_eq!(listen.pid, server_pid);
     assert_eq!(listen.local, server_address);
     assert_eq!(listen.netns, netns);
 
     let connect = events
-        .wait_for_tcp("connect", |tcp| tcp.kind == TcpEventKind::Connect && tcp.remote == server_address)
+        .wait_for_tcp("connect", |tcp| {
+            tcp.kind == TcpEventKind::Connect && tcp.remote == server_address
+        })
         .await;
     assert_eq!(connect.pid, client_pid);
 
     let connected = events
-        .wait_for_tcp("connected", |tcp| tcp.kind == TcpEventKind::Connected && tcp.sock == connect.sock)
+        .wait_for_tcp("connected", |tcp| {
+            tcp.kind == TcpEventKind::Connected && tcp.sock == connect.sock
+        })
         .await;
     assert_eq!(connected.pid, client_pid);
     assert_eq!(connected.local, client_address);
@@ -416,7 +526,9 @@ async fn check_loopback_connection(cgroup: &TestCgroup, events: &mut Recorder, l
     assert_eq!(connected.netns, netns);
 
     let accepted = events
-        .wait_for_tcp("accepted", |tcp| tcp.kind == TcpEventKind::Accepted && tcp.remote == client_address)
+        .wait_for_tcp("accepted", |tcp| {
+            tcp.kind == TcpEventKind::Accepted && tcp.remote == client_address
+        })
         .await;
     assert_eq!(accepted.local, server_address);
     assert_eq!(accepted.pid, 0);
@@ -461,7 +573,10 @@ async fn processes_outside_scope_not_reported() {
     let listen_address = raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
     let server = Child::fork(None, |report| serve_one_connection(&listen_address, report));
     let server_port = server.read_port();
-    let connect_address = raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server_port));
+    let connect_address = raw_address(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        server_port,
+    ));
     let client = Child::fork(None, |report| connect_once(&connect_address, report));
     client.read_port();
     let outside_pids = [outside_exec, server.pid as u32, client.pid as u32];
@@ -470,7 +585,10 @@ async fn processes_outside_scope_not_reported() {
 
     let sentinel = run_program(Some(&cgroup), "/bin/true", &["driftwatch-sentinel"]);
     events
-        .wait_for("sentinel exec", |event| matches!(event, Event::Exec(exec) if exec.pid == sentinel))
+        .wait_for(
+            "sentinel exec",
+            |event| matches!(event, Event::Exec(exec) if exec.pid == sentinel),
+        )
         .await;
 
     let leaked: Vec<&Event> = events
@@ -478,7 +596,9 @@ async fn processes_outside_scope_not_reported() {
         .iter()
         .filter(|event| match event {
             Event::Exec(exec) => outside_pids.contains(&exec.pid),
-            Event::Fork(fork) => outside_pids.contains(&fork.parent_pid) || outside_pids.contains(&fork.child_pid),
+            Event::Fork(fork) => {
+                outside_pids.contains(&fork.parent_pid) || outside_pids.contains(&fork.child_pid)
+            }
             Event::Exit(exit) => outside_pids.contains(&exit.pid),
             Event::Tcp(tcp) => {
                 outside_pids.contains(&tcp.pid)
@@ -487,7 +607,10 @@ async fn processes_outside_scope_not_reported() {
             }
         })
         .collect();
-    assert!(leaked.is_empty(), "events from outside the scope: {leaked:#?}");
+    assert!(
+        leaked.is_empty(),
+        "events from outside the scope: {leaked:#?}"
+    );
 
     let counters = telemetry.counters();
     assert_eq!(counters.kernel_drops(), 0, "{counters:?}");

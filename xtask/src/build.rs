@@ -22,7 +22,7 @@ pub struct BuildOptions {
 #[derive(clap::Args, Debug, Clone)]
 pub struct TestOptions {
     /// Extra arguments passed to `cargo test` (a filter, `--nocapture`).
-    #[arg(trailing_var_arg = true)]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub cargo_args: Vec<String>,
 }
 
@@ -42,9 +42,14 @@ pub fn build_all(options: &BuildOptions) -> anyhow::Result<Artifacts> {
     let object = ebpf::build_object(&root, &target_dir, &linker)?;
 
     let profile = if options.debug { "debug" } else { "release" };
-    println!("building the agent ({profile}) with {} embedded", object.display());
+    println!(
+        "building the agent ({profile}) with {} embedded",
+        object.display()
+    );
     let mut agent_build = Command::new(cargo());
-    agent_build.current_dir(&root).args(["build", "-p", "driftwatch"]);
+    agent_build
+        .current_dir(&root)
+        .args(["build", "-p", "driftwatch"]);
     if !options.debug {
         agent_build.arg("--release");
     }
@@ -53,9 +58,16 @@ pub fn build_all(options: &BuildOptions) -> anyhow::Result<Artifacts> {
 
     let agent = target_dir.join(profile).join("driftwatch");
     if !agent.is_file() {
-        bail!("the agent build succeeded but {} does not exist", agent.display());
+        bail!(
+            "the agent build succeeded but {} does not exist",
+            agent.display()
+        );
     }
-    println!("built {} in {:.1} s", agent.display(), started.elapsed().as_secs_f64());
+    println!(
+        "built {} in {:.1} s",
+        agent.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(Artifacts { agent })
 }
 
@@ -102,11 +114,15 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn cargo() -> PathBuf {
-    env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("cargo"))
+    env::var_os("CARGO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("cargo"))
 }
 
 fn rustc() -> PathBuf {
-    env::var_os("RUSTC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("rustc"))
+    env::var_os("RUSTC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("rustc"))
 }
 
 /// Target triple of the host, from `rustc --version --verbose`.

@@ -43,12 +43,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the demo; see the module documentation.
 pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
-    if let Err(error) = driftwatch_e2e::require_root() {
-        bail!(
-            "the demo creates network namespaces and cgroups and loads eBPF programs, so it needs \
-             root: run `sudo -E cargo xtask demo` ({error})"
-        );
-    }
+    build::require_root("the demo creates network namespaces and cgroups and loads eBPF programs")?;
     let agent_bin = build::build_all(&BuildOptions { debug: false })?.agent;
     let service_bin = build_demo_service()?;
     interrupt::install()?;
@@ -81,7 +76,7 @@ fn run_phases(stack: &DemoStack, service_bin: &Path, options: &DemoOptions) -> a
     let client = stack.client(service_bin, &["--requests", &options.requests.to_string()])?;
     let output = stack.run_client(client, CLIENT_TIMEOUT)?;
     println!("{}", output.join("\n"));
-    let graph = wait_for_declared_edges(stack)?;
+    let graph = wait_for_declared_edges(stack, u64::from(options.requests))?;
     let raised = watcher.deviations();
     let last_sequence = stream::status(stack.agent.api_addr())?.last_sequence;
     if !raised.is_empty() || last_sequence != 0 {
@@ -100,6 +95,7 @@ fn run_phases(stack: &DemoStack, service_bin: &Path, options: &DemoOptions) -> a
     let output = stack.run_client(client, CLIENT_TIMEOUT)?;
     println!("{}", output.join("\n"));
     wait_for_intrusion(&watcher)?;
+    wait_for_stream_to_catch_up(stack, &watcher)?;
 
     println!("\n=== what the agent reported ===");
     report::print_summary(&watcher.deviations());
@@ -122,22 +118,24 @@ fn intrusion_command(service_bin: &Path) -> String {
     )
 }
 
-fn wait_for_declared_edges(stack: &DemoStack) -> anyhow::Result<Graph> {
+/// Waits until each declared edge shows every request's connection, which also shows that the
+/// agent has processed all of phase 1 before the demo checks that nothing was raised.
+fn wait_for_declared_edges(stack: &DemoStack, requests: u64) -> anyhow::Result<Graph> {
     let expected = [("web", 8080), ("api", 8081), ("db", 5432)];
     let mut last = Graph::default();
     let found = interrupt::wait_until(OBSERVE_TIMEOUT, || {
         last = stream::graph(stack.agent.api_addr()).ok()?;
         let complete = expected.iter().all(|(destination, port)| {
             last.edges.iter().any(|edge| {
-                edge.destination == *destination && edge.port == *port && edge.connections > 0
+                edge.destination == *destination && edge.port == *port && edge.connections >= requests
             })
         });
         complete.then(|| last.clone())
     })?;
     found.with_context(|| {
         format!(
-            "the graph did not show the declared flows to web:8080, api:8081 and db:5432 within \
-             {OBSERVE_TIMEOUT:?}; it has:\n{}",
+            "the graph did not show {requests} connections on each declared flow (to web:8080, \
+             api:8081 and db:5432) within {OBSERVE_TIMEOUT:?}; it has:\n{}",
             report::graph_text(&last)
         )
     })
@@ -184,6 +182,19 @@ fn wait_for_intrusion(watcher: &DeviationWatcher) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until the watcher has every deviation the agent raised so far, so the summary is complete:
+/// one observation can raise several deviations, and the checks above wait for only one of them.
+fn wait_for_stream_to_catch_up(stack: &DemoStack, watcher: &DeviationWatcher) -> anyhow::Result<()> {
+    let raised = stream::status(stack.agent.api_addr())?.last_sequence;
+    let caught_up = interrupt::wait_until(OBSERVE_TIMEOUT, || (watcher.last_sequence() >= raised).then_some(()))?;
+    caught_up.with_context(|| {
+        format!(
+            "the deviation stream stopped at sequence {} while the agent has raised {raised}",
+            watcher.last_sequence()
+        )
+    })
+}
+
 fn is(deviation: &Deviation, category: Category) -> bool {
     deviation.category == category as i32
 }
@@ -206,7 +217,8 @@ fn build_demo_service() -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("`cargo build --release -p driftwatch-demo` failed with {status}");
     }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    // A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo ran.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir));
     let binary = target_dir.join("release/driftwatch-demo-service");
     if !binary.is_file() {
         bail!("cargo reported success but {} does not exist", binary.display());

@@ -88,7 +88,9 @@ impl Btf {
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         let magic = read_u16(data, 0)?;
         if magic != BTF_MAGIC {
-            return Err(BtfError::Invalid(format!("magic {magic:#x}, expected {BTF_MAGIC:#x}")));
+            return Err(BtfError::Invalid(format!(
+                "magic {magic:#x}, expected {BTF_MAGIC:#x}"
+            )));
         }
         let header_len = read_u32(data, 4)? as usize;
         let type_offset = read_u32(data, 8)? as usize;
@@ -106,7 +108,12 @@ impl Btf {
             .ok_or_else(|| BtfError::Invalid("string section out of bounds".into()))?
             .to_vec();
 
-        let mut types = vec![Type { kind: 0, name_offset: 0, referenced: 0, members: Vec::new() }];
+        let mut types = vec![Type {
+            kind: 0,
+            name_offset: 0,
+            referenced: 0,
+            members: Vec::new(),
+        }];
         let mut position = 0;
         while position < type_section.len() {
             let (parsed, length) = parse_type(type_section, position)?;
@@ -127,15 +134,16 @@ impl Btf {
         let mut bit_offset = 0u32;
         for member in path {
             let (offset, member_type) =
-                self.find_member(type_id, member).ok_or_else(|| BtfError::MemberNotFound {
-                    owner: owner_name.clone(),
-                    member: member.to_string(),
-                })?;
+                self.find_member(type_id, member)
+                    .ok_or_else(|| BtfError::MemberNotFound {
+                        owner: owner_name.clone(),
+                        member: member.to_string(),
+                    })?;
             bit_offset += offset;
             type_id = self.strip_modifiers(member_type);
             owner_name = format!("{owner_name}.{member}");
         }
-        if bit_offset % 8 != 0 {
+        if !bit_offset.is_multiple_of(8) {
             return Err(BtfError::Bitfield(owner_name));
         }
         Ok(bit_offset / 8)
@@ -146,14 +154,21 @@ impl Btf {
         let Some(rest) = self.strings.get(start..) else {
             return "";
         };
-        let end = rest.iter().position(|&byte| byte == 0).unwrap_or(rest.len());
+        let end = rest
+            .iter()
+            .position(|&byte| byte == 0)
+            .unwrap_or(rest.len());
         std::str::from_utf8(&rest[..end]).unwrap_or("")
     }
 
     fn find_struct(&self, name: &str) -> Option<u32> {
         self.types
             .iter()
-            .position(|ty| ty.kind == KIND_STRUCT && !ty.members.is_empty() && self.name(ty.name_offset) == name)
+            .position(|ty| {
+                ty.kind == KIND_STRUCT
+                    && !ty.members.is_empty()
+                    && self.name(ty.name_offset) == name
+            })
             .map(|index| index as u32)
     }
 
@@ -228,11 +243,20 @@ fn parse_type(section: &[u8], position: usize) -> Result<(Type, usize), BtfError
                 name_offset: read_u32(section, base)?,
                 type_id: read_u32(section, base + 4)?,
                 // With kind_flag set, the top 8 bits hold a bitfield size.
-                bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
+                bit_offset: if kind_flag {
+                    offset & 0x00ff_ffff
+                } else {
+                    offset
+                },
             });
         }
     }
-    let parsed = Type { kind, name_offset, referenced: size_or_type, members };
+    let parsed = Type {
+        kind,
+        name_offset,
+        referenced: size_or_type,
+        members,
+    };
     Ok((parsed, header + extra))
 }
 
@@ -302,7 +326,13 @@ mod tests {
         let mut blob = Vec::new();
         blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
-        for value in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for value in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             blob.extend_from_slice(&value.to_le_bytes());
         }
         blob.extend_from_slice(&types);

@@ -5,7 +5,7 @@
 //! read from `/proc/self/mountinfo` because it is not always at `/sys/fs/cgroup`: hosts with the
 //! hybrid layout mount it at `/sys/fs/cgroup/unified`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -43,7 +43,8 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
         let mut fields = mount_fields.split(' ');
         let root = fields.nth(3)?;
         let mount_point = fields.next()?;
-        (fs_type == "cgroup2" && root == "/").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+        (fs_type == "cgroup2" && root == "/")
+            .then(|| PathBuf::from(unescape_mountinfo(mount_point)))
     })
 }
 
@@ -55,8 +56,12 @@ fn unescape_mountinfo(field: &str) -> String {
     while index < bytes.len() {
         let escape = bytes.get(index + 1..index + 4);
         match escape {
-            Some(digits) if bytes[index] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)) => {
-                let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+            Some(digits)
+                if bytes[index] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)) =>
+            {
+                let value = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
                 out.push(value as u8);
                 index += 4;
             }
@@ -73,7 +78,10 @@ fn unescape_mountinfo(field: &str) -> String {
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
     fs::metadata(path)
         .map(|metadata| metadata.ino())
-        .map_err(|source| CgroupError::Io { path: path.to_path_buf(), source })
+        .map_err(|source| CgroupError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A cgroup directory checked to be inside the cgroup2 mount, with what the kernel programs need
@@ -89,12 +97,16 @@ pub struct CgroupScope {
 impl CgroupScope {
     /// Resolves `path`, which must be a directory inside the cgroup2 mount `mount`.
     pub fn resolve(mount: &Path, path: &Path) -> Result<Self, CgroupError> {
-        let canonical = fs::canonicalize(path)
-            .map_err(|source| CgroupError::Io { path: path.to_path_buf(), source })?;
-        let relative = canonical.strip_prefix(mount).map_err(|_| CgroupError::OutsideMount {
-            path: canonical.clone(),
-            mount: mount.to_path_buf(),
+        let canonical = fs::canonicalize(path).map_err(|source| CgroupError::Io {
+            path: path.to_path_buf(),
+            source,
         })?;
+        let relative = canonical
+            .strip_prefix(mount)
+            .map_err(|_| CgroupError::OutsideMount {
+                path: canonical.clone(),
+                mount: mount.to_path_buf(),
+            })?;
         if !canonical.join("cgroup.procs").exists() {
             return Err(CgroupError::NotCgroup { path: canonical });
         }
@@ -118,7 +130,12 @@ pub fn cgroup_path_by_id(mount: &Path, id: u64) -> Result<Option<PathBuf>, Cgrou
             Ok(entries) => entries,
             // A cgroup removed during the walk is not an error.
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(CgroupError::Io { path: directory, source }),
+            Err(source) => {
+                return Err(CgroupError::Io {
+                    path: directory,
+                    source,
+                })
+            }
         };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
@@ -130,17 +147,29 @@ pub fn cgroup_path_by_id(mount: &Path, id: u64) -> Result<Option<PathBuf>, Cgrou
 }
 
 /// Cached [`cgroup_path_by_id`] with a bounded number of entries.
+///
+/// Ids that were not found are remembered too (up to the same capacity), because a removed cgroup
+/// keeps appearing in records of processes that ran in it, and each miss would walk the whole
+/// hierarchy again. On 64-bit kernels a cgroup id is not reused before reboot (kernfs ids carry a
+/// generation number), so a miss stays a miss.
 pub struct CgroupPaths {
     mount: PathBuf,
     capacity: usize,
     cache: HashMap<u64, PathBuf>,
+    missing: HashSet<u64>,
     evictions: u64,
 }
 
 impl CgroupPaths {
-    /// A cache over the cgroup2 mount `mount` that keeps at most `capacity` paths.
+    /// Creates a cache over the cgroup2 mount `mount` that keeps at most `capacity` paths.
     pub fn new(mount: PathBuf, capacity: usize) -> Self {
-        Self { mount, capacity: capacity.max(1), cache: HashMap::new(), evictions: 0 }
+        Self {
+            mount,
+            capacity: capacity.max(1),
+            cache: HashMap::new(),
+            missing: HashSet::new(),
+            evictions: 0,
+        }
     }
 
     /// Returns the path of cgroup `id`, walking the mount on a miss or when a cached path no
@@ -152,7 +181,17 @@ impl CgroupPaths {
             }
             self.cache.remove(&id);
         }
+        if self.missing.contains(&id) {
+            return Ok(None);
+        }
         let found = cgroup_path_by_id(&self.mount, id)?;
+        if found.is_none() {
+            if self.missing.len() >= self.capacity {
+                self.evictions += self.missing.len() as u64;
+                self.missing.clear();
+            }
+            self.missing.insert(id);
+        }
         if let Some(path) = &found {
             if self.cache.len() >= self.capacity {
                 // Any entry will do: a miss only costs one more walk.
@@ -166,7 +205,7 @@ impl CgroupPaths {
         Ok(found)
     }
 
-    /// Number of paths dropped from the cache to stay within its capacity.
+    /// Number of entries dropped from the cache to stay within its capacity.
     pub fn evictions(&self) -> u64 {
         self.evictions
     }
@@ -197,7 +236,10 @@ mod tests {
 40 30 0:28 /docker/abc /mnt/sub rw - cgroup2 cgroup2 rw
 41 30 0:28 / /mnt/cgroup\\040v2 rw - cgroup2 cgroup2 rw
 ";
-        assert_eq!(parse_cgroup2_mount(mountinfo), Some(PathBuf::from("/mnt/cgroup v2")));
+        assert_eq!(
+            parse_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/mnt/cgroup v2"))
+        );
     }
 
     #[test]
@@ -213,12 +255,28 @@ mod tests {
             return;
         };
         let own = fs::read_to_string("/proc/self/cgroup").unwrap();
-        let relative = own.lines().find_map(|line| line.strip_prefix("0::")).unwrap();
+        let relative = own
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .unwrap();
         let path = mount.join(relative.trim_start_matches('/'));
         let id = cgroup_id(&path).unwrap();
 
         let mut paths = CgroupPaths::new(mount, 4);
         assert_eq!(paths.path_by_id(id).unwrap(), Some(path.clone()));
         assert_eq!(paths.path_by_id(id).unwrap(), Some(path));
+    }
+
+    #[test]
+    fn path_by_id_remembers_unknown_ids() {
+        let Ok(mount) = cgroup2_mount() else {
+            eprintln!("skipped: no cgroup2 mount on this host");
+            return;
+        };
+        let mut paths = CgroupPaths::new(mount, 1);
+        assert_eq!(paths.path_by_id(u64::MAX).unwrap(), None);
+        assert_eq!(paths.path_by_id(u64::MAX).unwrap(), None);
+        assert_eq!(paths.path_by_id(u64::MAX - 1).unwrap(), None);
+        assert_eq!(paths.evictions(), 1);
     }
 }

@@ -14,11 +14,15 @@ use agent_common::{
 
 use super::event::{Event, ExecEvent, ExitEvent, ForkEvent, TcpEvent, TcpEventKind};
 
-/// Why a record could not be decoded.
+/// Failure to decode a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than the {expected}-byte {what}")]
-    Short { what: &'static str, len: usize, expected: usize },
+    Short {
+        what: &'static str,
+        len: usize,
+        expected: usize,
+    },
     #[error("unknown record kind {0}")]
     UnknownKind(u32),
     #[error("unknown TCP event {0}")]
@@ -30,7 +34,8 @@ pub enum DecodeError {
 /// Decodes one ring buffer record.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: RecordHeader = read_record(bytes, "record header")?;
-    let kind = RecordKind::try_from(header.kind).map_err(|unknown| DecodeError::UnknownKind(unknown.0))?;
+    let kind =
+        RecordKind::try_from(header.kind).map_err(|unknown| DecodeError::UnknownKind(unknown.0))?;
     match kind {
         RecordKind::Exec => decode_exec(bytes),
         RecordKind::Fork => decode_fork(bytes),
@@ -43,9 +48,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 fn read_record<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
     let expected = size_of::<T>();
     if bytes.len() < expected {
-        return Err(DecodeError::Short { what, len: bytes.len(), expected });
+        return Err(DecodeError::Short {
+            what,
+            len: bytes.len(),
+            expected,
+        });
     }
-    // SAFETY: `bytes` holds at least `size_of::<T>()` bytes, the read is unaligned, and every `T`
+    // SAFETY: `bytes` contains at least `size_of::<T>()` bytes, the read is unaligned, and every `T`
     // used here is a `#[repr(C)]` record of integers and byte arrays, valid for any bit pattern.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
@@ -53,7 +62,10 @@ fn read_record<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeErr
 /// Text up to the first NUL (or `limit` bytes), with invalid UTF-8 replaced.
 fn c_string(bytes: &[u8], limit: usize) -> String {
     let bytes = &bytes[..limit.min(bytes.len())];
-    let end = bytes.iter().position(|&byte| byte == 0).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
@@ -83,7 +95,9 @@ fn split_argv(bytes: &[u8]) -> Vec<String> {
         return Vec::new();
     }
     let body = bytes.strip_suffix(&[0]).unwrap_or(bytes);
-    body.split(|&byte| byte == 0).map(|piece| String::from_utf8_lossy(piece).into_owned()).collect()
+    body.split(|&byte| byte == 0)
+        .map(|piece| String::from_utf8_lossy(piece).into_owned())
+        .collect()
 }
 
 fn decode_fork(bytes: &[u8]) -> Result<Event, DecodeError> {
@@ -138,7 +152,9 @@ fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
 }
 
 fn ipv4(address: &[u8; 16]) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(address[0], address[1], address[2], address[3]))
+    IpAddr::V4(Ipv4Addr::new(
+        address[0], address[1], address[2], address[3],
+    ))
 }
 
 #[cfg(test)]
@@ -153,7 +169,14 @@ mod tests {
     }
 
     fn header(kind: u32) -> RecordHeader {
-        RecordHeader { kind, pid: 42, tid: 43, _reserved: 0, ktime_ns: 7, cgroup_id: 99 }
+        RecordHeader {
+            kind,
+            pid: 42,
+            tid: 43,
+            _reserved: 0,
+            ktime_ns: 7,
+            cgroup_id: 99,
+        }
     }
 
     fn exec_record(argv: &[u8], flags: u32) -> ExecRecord {
@@ -178,11 +201,16 @@ mod tests {
     #[test]
     fn exec_record_decodes_argv_and_identity() {
         let record = exec_record(b"/bin/true\0--flag\0\0last\0", 0);
-        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not exec") };
+        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not exec")
+        };
         assert_eq!(event.argv, ["/bin/true", "--flag", "", "last"]);
         assert_eq!(event.filename, "/bin/true");
         assert_eq!(event.comm, "true");
-        assert_eq!((event.pid, event.tid, event.uid, event.gid), (42, 43, 1000, 1001));
+        assert_eq!(
+            (event.pid, event.tid, event.uid, event.gid),
+            (42, 43, 1000, 1001)
+        );
         assert_eq!(event.cgroup_id, 99);
         assert!(!event.argv_truncated);
     }
@@ -190,7 +218,9 @@ mod tests {
     #[test]
     fn exec_record_keeps_cut_last_argument() {
         let record = exec_record(b"cmd\0partial", EXEC_FLAG_ARGV_TRUNCATED);
-        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not exec") };
+        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not exec")
+        };
         assert_eq!(event.argv, ["cmd", "partial"]);
         assert!(event.argv_truncated);
     }
@@ -198,7 +228,9 @@ mod tests {
     #[test]
     fn exec_record_with_empty_argv() {
         let record = exec_record(b"", 0);
-        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not exec") };
+        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not exec")
+        };
         assert!(event.argv.is_empty(), "{:?}", event.argv);
     }
 
@@ -218,7 +250,9 @@ mod tests {
             saddr,
             daddr: saddr,
         };
-        let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not tcp") };
+        let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not tcp")
+        };
         assert_eq!(event.kind, TcpEventKind::Connected);
         assert_eq!(event.local, "[::1]:40000".parse().unwrap());
         assert_eq!(event.remote, "[::1]:8080".parse().unwrap());
@@ -243,7 +277,9 @@ mod tests {
             saddr,
             daddr,
         };
-        let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not tcp") };
+        let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not tcp")
+        };
         assert_eq!(event.local, "127.0.0.1:0".parse().unwrap());
         assert_eq!(event.remote, "10.1.2.3:443".parse().unwrap());
     }
@@ -254,18 +290,29 @@ mod tests {
         let error = decode(&bytes[..100]).unwrap_err();
         assert_eq!(
             error,
-            DecodeError::Short { what: "exec record", len: 100, expected: size_of::<ExecRecord>() }
+            DecodeError::Short {
+                what: "exec record",
+                len: 100,
+                expected: size_of::<ExecRecord>()
+            }
         );
     }
 
     #[test]
     fn unknown_kind_is_rejected() {
-        let bytes = bytes_of(&ForkRecord { header: header(77), child_pid: 1, _reserved: 0 });
+        let bytes = bytes_of(&ForkRecord {
+            header: header(77),
+            child_pid: 1,
+            _reserved: 0,
+        });
         assert_eq!(decode(&bytes).unwrap_err(), DecodeError::UnknownKind(77));
     }
 
     #[test]
     fn header_shorter_than_32_bytes_is_rejected() {
-        assert!(matches!(decode(&[1, 0, 0, 0]), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode(&[1, 0, 0, 0]),
+            Err(DecodeError::Short { .. })
+        ));
     }
 }

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use agent_common::{
     ProgramSpec, GLOBAL_AGENT_TGID, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
-    GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL,
-    GLOBAL_SCOPE_ENABLED, MAP_EVENTS, PROGRAMS,
+    GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL, GLOBAL_SCOPE_ENABLED,
+    MAP_EVENTS, PROGRAMS,
 };
 use aya::programs::{ProgramError, TracePoint};
 use aya::{Ebpf, EbpfLoader};
@@ -24,9 +24,10 @@ use super::TelemetryError;
 
 /// The eBPF object `cargo xtask build` produced, embedded by `build.rs`; empty when the agent was
 /// built without it.
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/driftwatch.bpf.o"));
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/driftwatch.bpf.o"));
 
-/// Where aya looks for tracefs first.
+/// Mount point of tracefs that aya tries first.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Load and attach result of one hook.
@@ -38,7 +39,7 @@ pub struct HookStatus {
     pub tracepoint: String,
     pub required: bool,
     pub attached: bool,
-    /// Why loading or attaching failed, with the verifier log when the verifier rejected it.
+    /// Load or attach error, with the verifier log when the verifier rejected the program.
     pub error: Option<String>,
 }
 
@@ -72,10 +73,18 @@ pub fn ensure_tracefs() -> Result<(), TelemetryError> {
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; no data
     // argument is passed.
     let result = unsafe {
-        libc::mount(fs_type.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fs_type.as_ptr(),
+            target.as_ptr(),
+            fs_type.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if result != 0 {
-        return Err(TelemetryError::Tracefs { source: io::Error::last_os_error() });
+        return Err(TelemetryError::Tracefs {
+            source: io::Error::last_os_error(),
+        });
     }
     tracing::info!(path = TRACEFS, "mounted tracefs");
     Ok(())
@@ -83,7 +92,10 @@ pub fn ensure_tracefs() -> Result<(), TelemetryError> {
 
 /// Lifts `RLIMIT_MEMLOCK`, which kernels before 5.11 charge BPF maps against.
 pub fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: the pointer is to a valid rlimit for the duration of the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::warn!(
@@ -166,8 +178,12 @@ fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<(), String> {
     let program = ebpf
         .program_mut(spec.name)
         .ok_or_else(|| format!("program {} is missing from the eBPF object", spec.name))?;
-    let program: &mut TracePoint = program.try_into().map_err(|error: ProgramError| error.to_string())?;
-    program.load().map_err(|error| describe_program_error(&error))?;
+    let program: &mut TracePoint = program
+        .try_into()
+        .map_err(|error: ProgramError| error.to_string())?;
+    program
+        .load()
+        .map_err(|error| describe_program_error(&error))?;
     program
         .attach(spec.category, spec.tracepoint)
         .map_err(|error| describe_program_error(&error))?;
@@ -193,7 +209,7 @@ fn describe_program_error(error: &ProgramError) -> String {
     text
 }
 
-/// Maps an object load failure to an error that says what is missing.
+/// Maps an object load failure to an error that names what is missing.
 fn classify_load_error(error: aya::EbpfError) -> TelemetryError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(cause) = source {

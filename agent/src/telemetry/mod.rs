@@ -1,5 +1,5 @@
 //! Kernel telemetry: loading and attaching the eBPF programs, reading the ring buffer and decoding
-//! records into [`event::Event`]s. Only this module knows aya.
+//! records into [`event::Event`]s. Only this module uses aya.
 //!
 //! [`Telemetry::start`] loads the programs and spawns one reader task that drains the ring buffer
 //! whenever it becomes readable and forwards decoded events into a bounded channel. The reader
@@ -26,7 +26,9 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use cgroup::{cgroup2_mount, cgroup_id, cgroup_path_by_id, CgroupError, CgroupPaths, CgroupScope};
+pub use cgroup::{
+    cgroup2_mount, cgroup_id, cgroup_path_by_id, CgroupError, CgroupPaths, CgroupScope,
+};
 pub use decode::DecodeError;
 pub use event::Event;
 pub use loader::HookStatus;
@@ -38,7 +40,7 @@ pub struct TelemetryConfig {
     pub scope_cgroup: Option<PathBuf>,
     /// Size of the kernel ring buffer in bytes: a power of two, at least one page.
     pub ring_buffer_bytes: u32,
-    /// Number of decoded events the channel to the pipeline holds before new ones are dropped.
+    /// Capacity of the channel to the pipeline, in decoded events; new events are dropped when full.
     pub channel_capacity: usize,
 }
 
@@ -52,7 +54,7 @@ impl Default for TelemetryConfig {
     }
 }
 
-/// Why telemetry could not start.
+/// Failure to start telemetry.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("loading eBPF programs needs root (effective uid is {euid}); run driftwatch as root")]
@@ -160,8 +162,11 @@ impl Telemetry {
     /// when tracefs is missing and cannot be mounted, when the binary has no embedded object, when
     /// the scope cgroup is not a cgroup v2 directory, or when a required hook does not attach.
     /// Optional hooks that fail are reported by [`Telemetry::hooks`].
-    pub fn start(config: TelemetryConfig) -> Result<(Telemetry, mpsc::Receiver<Event>), TelemetryError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
+    pub fn start(
+        config: TelemetryConfig,
+    ) -> Result<(Telemetry, mpsc::Receiver<Event>), TelemetryError> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
         if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < page_size() {
             return Err(TelemetryError::RingBufferSize(config.ring_buffer_bytes));
         }
@@ -196,10 +201,14 @@ impl Telemetry {
 
         let events = ebpf.take_map(MAP_EVENTS).ok_or(TelemetryError::Map {
             name: MAP_EVENTS,
-            source: aya::maps::MapError::InvalidName { name: MAP_EVENTS.to_string() },
+            source: aya::maps::MapError::InvalidName {
+                name: MAP_EVENTS.to_string(),
+            },
         })?;
-        let ring = RingBuf::try_from(events)
-            .map_err(|source| TelemetryError::Map { name: MAP_EVENTS, source })?;
+        let ring = RingBuf::try_from(events).map_err(|source| TelemetryError::Map {
+            name: MAP_EVENTS,
+            source,
+        })?;
         let ring = {
             // AsyncFd registers with the reactor of the current runtime.
             let _guard = runtime.enter();
@@ -212,13 +221,27 @@ impl Telemetry {
         let (sender, receiver) = mpsc::channel(config.channel_capacity);
         let stats = Arc::new(ReaderStats::default());
         let cancel = CancellationToken::new();
-        runtime.spawn(read_ring_buffer(ring, sender, stats.clone(), cancel.clone()));
+        runtime.spawn(read_ring_buffer(
+            ring,
+            sender,
+            stats.clone(),
+            cancel.clone(),
+        ));
         tracing::info!(
             scope = ?scope.as_ref().map(|scope| &scope.path),
             ring_buffer_bytes = config.ring_buffer_bytes,
             "kernel telemetry started"
         );
-        Ok((Telemetry { ebpf, hooks, stats, cancel, scope }, receiver))
+        Ok((
+            Telemetry {
+                ebpf,
+                hooks,
+                stats,
+                cancel,
+                scope,
+            },
+            receiver,
+        ))
     }
 
     /// Load and attach status of every hook.
@@ -226,7 +249,7 @@ impl Telemetry {
         self.hooks.clone()
     }
 
-    /// The scope cgroup the kernel programs filter on, if any.
+    /// Returns the scope cgroup the kernel programs filter on, if any.
     pub fn scope(&self) -> Option<&CgroupScope> {
         self.scope.as_ref()
     }
@@ -251,7 +274,9 @@ impl Telemetry {
         let counters = self
             .ebpf
             .map(MAP_COUNTERS)
-            .ok_or_else(|| aya::maps::MapError::InvalidName { name: MAP_COUNTERS.to_string() })
+            .ok_or_else(|| aya::maps::MapError::InvalidName {
+                name: MAP_COUNTERS.to_string(),
+            })
             .and_then(PerCpuArray::<&MapData, u64>::try_from);
         let counters = match counters {
             Ok(counters) => counters,
@@ -290,7 +315,10 @@ impl Drop for Telemetry {
 }
 
 fn resolve_scope(path: &Path) -> Result<CgroupScope, TelemetryError> {
-    let scope_error = |source| TelemetryError::Scope { path: path.to_path_buf(), source };
+    let scope_error = |source| TelemetryError::Scope {
+        path: path.to_path_buf(),
+        source,
+    };
     let mount = cgroup2_mount().map_err(scope_error)?;
     CgroupScope::resolve(&mount, path).map_err(scope_error)
 }

@@ -29,19 +29,38 @@ pub fn build_object(root: &Path, target_dir: &Path, linker: &Path) -> anyhow::Re
         .env_remove("RUSTC_WRAPPER");
     run(&mut compile).context("failed to compile the eBPF crate")?;
 
-    let archive = bitcode_dir.join(&host).join("release").join("libagent_ebpf.a");
+    let archive = bitcode_dir
+        .join(&host)
+        .join("release")
+        .join("libagent_ebpf.a");
     let out_dir = target_dir.join("bpf");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("failed to create {}", out_dir.display()))?;
     let object = out_dir.join("driftwatch.bpf.o");
+    let fresh = out_dir.join("driftwatch.bpf.o.new");
     let exports: Vec<&str> = agent_common::export_names().collect();
-    println!("linking {} with {} ({} exported symbols)", object.display(), linker.display(), exports.len());
+    println!(
+        "linking {} with {} ({} exported symbols)",
+        object.display(),
+        linker.display(),
+        exports.len()
+    );
     let mut link = Command::new(linker);
     link.args(["--target", "bpfel", "--btf", "--export"])
         .arg(exports.join(","))
         .arg("-o")
-        .arg(&object)
+        .arg(&fresh)
         .arg(&archive);
     run(&mut link).context("failed to link the eBPF object")?;
+
+    // The agent's build script watches the object, so an unchanged object keeps its mtime and the
+    // agent is not recompiled.
+    let unchanged = std::fs::read(&object).ok() == Some(std::fs::read(&fresh)?);
+    if unchanged {
+        std::fs::remove_file(&fresh)?;
+    } else {
+        std::fs::rename(&fresh, &object)
+            .with_context(|| format!("failed to move the object to {}", object.display()))?;
+    }
     Ok(object)
 }

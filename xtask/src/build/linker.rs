@@ -36,7 +36,10 @@ pub fn ensure_bpf_linker(target_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     install_bpf_linker(&tools)?;
     if !local.is_file() {
-        bail!("cargo install finished but {} does not exist", local.display());
+        bail!(
+            "cargo install finished but {} does not exist",
+            local.display()
+        );
     }
     Ok(local)
 }
@@ -68,7 +71,13 @@ fn install_bpf_linker(root: &Path) -> anyhow::Result<()> {
     );
     let mut install = Command::new(cargo());
     install
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+        ])
         .arg("--features")
         .arg(format!("llvm-{llvm_major},no-llvm-linking"))
         .arg("--root")
@@ -85,7 +94,10 @@ fn find_llvm_library(sysroot_lib: &Path) -> anyhow::Result<String> {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if let Some(stem) = name.strip_prefix("libLLVM-").and_then(|rest| rest.strip_suffix(".so")) {
+        if let Some(stem) = name
+            .strip_prefix("libLLVM-")
+            .and_then(|rest| rest.strip_suffix(".so"))
+        {
             return Ok(format!("LLVM-{stem}"));
         }
     }
