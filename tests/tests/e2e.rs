@@ -76,6 +76,11 @@ struct World {
 
 impl World {
     fn start() -> World {
+        World::start_with_agent_args(&[])
+    }
+
+    /// Like [`World::start`], with `agent_args` appended to the agent's command line.
+    fn start_with_agent_args(agent_args: &[&str]) -> World {
         let serial = AGENT_TESTS
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -103,7 +108,7 @@ impl World {
 
         let model = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
         fs::write(model.path(), MODEL.replace("{ROOT}", root.relative_path())).unwrap();
-        let agent = AgentUnderTest::start_with(&bin, model.path(), root.path(), &[]).unwrap();
+        let agent = AgentUnderTest::start_with(&bin, model.path(), root.path(), agent_args).unwrap();
         let watcher = DeviationWatcher::subscribe(agent.api_addr()).unwrap();
 
         let mut world = World {
@@ -386,6 +391,28 @@ components:
     zone: dmzz
 flows: []
 ";
+
+#[test]
+fn lost_records_raise_telemetry_gap() {
+    // One page of ring buffer holds a handful of exec records, so an exec storm overflows it.
+    let world = World::start_with_agent_args(&["--ring-buffer-kib", "4"]);
+
+    let mut storm = Command::new("/bin/bash");
+    storm.args(["-c", "for i in $(seq 2000); do /bin/true; done"]);
+    world.spawn("web", Some("web"), storm).wait_success(RUN_TIMEOUT * 3).unwrap();
+
+    let gap = world.wait_for("telemetry-gap after the exec storm", |d| is(d, Category::TelemetryGap));
+    assert_eq!(gap.id, "telemetry-gap@agent@kernel");
+    assert!(gap.count > 0, "a gap reports how many records were lost");
+    let status = stream::status(world.api()).unwrap();
+    let lost: u64 = status
+        .counters
+        .iter()
+        .filter(|counter| counter.name.starts_with("kernel_drops_") && !counter.name.contains("_cpu"))
+        .map(|counter| counter.value)
+        .sum();
+    assert!(lost > 0, "status shows the kernel drops: {:?}", status.counters);
+}
 
 #[test]
 fn malformed_model_is_rejected_with_location() {
