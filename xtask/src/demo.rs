@@ -44,6 +44,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs the demo; see the module documentation.
 pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     build::require_root("the demo creates network namespaces and cgroups and loads eBPF programs")?;
+    crate::prereq::ensure_tools()?;
     let agent_bin = build::build_all(&BuildOptions { debug: false })?.agent;
     let service_bin = build_demo_service()?;
     interrupt::install()?;
