@@ -3,6 +3,7 @@
 //! The kernel programs need a BPF linker and a build of their own (see `build.rs`), so every
 //! command that runs the agent builds through here first.
 
+mod bench;
 mod build;
 mod demo;
 mod prereq;
@@ -26,6 +27,9 @@ enum Command {
     Demo(demo::DemoOptions),
     /// Build everything, then run the whole test suite (needs root).
     Test(build::TestOptions),
+    /// Build everything, then measure overhead, fidelity, throughput, latency and memory against
+    /// auditd and bpftrace (needs root).
+    Bench(bench::BenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Command::Build(options) => build::build_all(&options).map(|_| ()),
         Command::Demo(options) => demo::run(&options),
         Command::Test(options) => build::test(&options),
+        Command::Bench(options) => bench::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,7 +46,7 @@ fn programs(tools: &[&Tool]) -> String {
     tools.iter().map(|tool| tool.program).collect::<Vec<_>>().join(", ")
 }
 
-fn find_in_path(program: &str) -> Option<std::path::PathBuf> {
+pub fn find_in_path(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain([Path::new("/usr/sbin").to_path_buf(), Path::new("/sbin").to_path_buf()])
