@@ -4,7 +4,7 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use driftwatch::commands::{agent, graph, model, status, watch};
+use driftwatch::commands::{agent, check, graph, model, status, watch};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -34,6 +34,8 @@ enum Command {
     Graph(graph::GraphArgs),
     /// Print a running agent's status: hooks, counters, model.
     Status(status::StatusArgs),
+    /// Run a command under observation and check what it did against the model (CI mode).
+    Check(check::CheckArgs),
     /// Work with model files.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Model(command) => model::run(command),
         Command::Agent(args) => block_on(agent::run(args)),
+        Command::Check(args) => block_on(check::run(args)),
         Command::Watch(args) => block_on(async { watch::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Graph(args) => block_on(async { graph::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Status(args) => block_on(async { status::run(args).await.map(|()| ExitCode::SUCCESS) }),

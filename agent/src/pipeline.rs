@@ -205,6 +205,25 @@ impl Pipeline {
         self.publish_stats();
     }
 
+    /// Returns when the oldest connection end that waits for its partner stops waiting, if any.
+    pub fn next_join_deadline(&self) -> Option<Instant> {
+        self.sockets.next_deadline()
+    }
+
+    /// Hands connections whose join window has passed by `now` to the engine, each with the one end
+    /// that was seen.
+    pub fn flush_joins(&mut self, now: Instant) {
+        let flows = self.sockets.flush_expired(now);
+        self.observe_flows(flows);
+    }
+
+    /// Hands every connection end still waiting for its partner to the engine and publishes the
+    /// counters, for a caller that drives [`Pipeline::handle`] itself and has no more events.
+    pub fn finish(&mut self) {
+        self.flush_joins(Instant::now() + self.config.join_window * 2);
+        self.publish_stats();
+    }
+
     /// Applies one event to the state and the engine.
     pub fn handle(&mut self, event: Event) {
         self.stats.events += 1;
