@@ -4,9 +4,9 @@
 //! The run has five phases. The kernel programs load scoped to a fresh cgroup, so nothing else on
 //! the host is reported. The command starts inside that cgroup (it joins between fork and exec).
 //! When it ends, whatever it left running in the cgroup is killed. Then a sentinel process enters
-//! the cgroup and exits at once: the BPF ring buffer hands records out in the order they were
-//! reserved, so once the sentinel's exit record arrives, every record of the command's tree has
-//! arrived before it. Last, the deviations are reported and the cgroup is removed.
+//! the cgroup and exits at once. The BPF ring buffer hands records out in the order they were
+//! reserved, so every record of the command's tree arrives before the sentinel's exit record.
+//! Last, the deviations are reported and the cgroup is removed.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -138,7 +138,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(exit_status(&report)))
 }
 
-/// Maps a report onto the exit status; a failed command takes precedence over findings.
+/// Maps a report onto the exit status. A failed command takes precedence over findings.
 pub fn exit_status(report: &CheckReport) -> u8 {
     match report.verdict() {
         crate::report::Verdict::Pass => EXIT_CLEAN,
@@ -168,7 +168,7 @@ fn write_outputs(args: &CheckArgs, report: &CheckReport, graph_json: &str) -> an
     Ok(())
 }
 
-/// What one observed run produced.
+/// The outcome, the deviations and the graph of one observed run.
 struct Observed {
     outcome: CommandOutcome,
     deviations: Vec<Deviation>,
@@ -192,7 +192,7 @@ async fn observe(args: &CheckArgs, model: Model) -> anyhow::Result<Observed> {
     let (telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
 
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
-    // Nobody subscribes to the hub in CI mode; the deviations are read from the engine's table.
+    // No client subscribes to the hub in CI mode, because the report reads the engine's table.
     let hub = Arc::new(DeviationHub::new(HubConfig::default()));
     let pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, cgroup.resolver()?);
     let (sentinel_sender, sentinel_receiver) = oneshot::channel();

@@ -1,9 +1,9 @@
 //! `driftwatch model diff OLD NEW`: what a change added to or removed from the flows, listeners
 //! and executables, between two recorded graphs (`driftwatch check --record`) or two models.
 //!
-//! From a recorded graph, a flow is an edge (source, destination, protocol, port), a listener is
-//! the destination of an edge whose destination is a process on the host (a declared or discovered
-//! component) with that port, and an executable is one the edge examples name. A graph keeps a few
+//! From a recorded graph, a flow is an edge (source, destination, protocol, port). A listener is
+//! the destination and port of an edge whose destination is a process on the host (a declared or
+//! discovered component). An executable is one that the edge examples name. A graph keeps a few
 //! example processes per edge, so executables seen only on busy edges can be missing. From a model,
 //! they are the declared flows, each component's `listens` and each component's `executables`.
 
@@ -79,7 +79,7 @@ impl Surface {
     }
 }
 
-/// What NEW has that OLD has not, and the reverse.
+/// The entries NEW has and OLD lacks (added), and the reverse (removed).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SurfaceDiff {
     pub added: Surface,

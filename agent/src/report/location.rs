@@ -1,8 +1,8 @@
 //! Places in the model file that a deviation concerns, for SARIF results.
 //!
 //! The model crate records the line of each component and flow but no column, so the column is
-//! found in the file text: the `id` key of a component on that line, or the first character of
-//! the entry after its `- ` marker.
+//! found in the file text. It is the `id` key of a component on that line, or else the first
+//! character of the entry after its `- ` marker.
 
 use std::collections::HashMap;
 
@@ -16,7 +16,7 @@ pub struct Region {
     pub column: usize,
 }
 
-/// Where each component and flow of a model is declared.
+/// The declaration places of a model's components and flows.
 #[derive(Debug, Clone, Default)]
 pub struct ModelLocations {
     components: HashMap<String, Region>,

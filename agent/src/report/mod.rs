@@ -24,14 +24,14 @@ pub enum ReportFormat {
     Junit,
 }
 
-/// How the observed command ended.
+/// The end of the observed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandOutcome {
     /// It exited with this status code.
     Exited(i32),
     /// A signal ended it.
     Signaled(i32),
-    /// It could not be started; the message says why.
+    /// It could not be started, for the reason in the message.
     NotStarted(String),
 }
 
@@ -51,8 +51,8 @@ impl fmt::Display for CommandOutcome {
     }
 }
 
-/// What the run concluded, in order of precedence: a failed command wins over findings, because
-/// a run that broke off early observed only part of what the command would have done.
+/// The conclusion of a run. A failed command wins over findings, because a run that broke off
+/// early observed only part of what the command would have done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Pass,

@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 
 use super::{CheckReport, CommandOutcome};
 
-const SCHEMA: &str = "https://json.schemastore.org/sarif-2.1.0.json";
+/// The published location of the SARIF 2.1.0 schema (OASIS, errata 01).
+const SCHEMA: &str = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json";
 
 pub(super) fn render(report: &CheckReport) -> String {
     let rules: Vec<Value> = Category::ALL.iter().map(|&category| rule(category)).collect();

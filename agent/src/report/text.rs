@@ -1,9 +1,7 @@
-//! The text report: deviations grouped by category, then by component, most severe first, each
-//! with its evidence and the YAML that would declare it; the one-line summary last.
+//! The text report: deviations grouped by category, then by component, most severe first. Each
+//! comes with its evidence and the YAML that would declare it, and the one-line summary is last.
 
 use std::fmt::Write as _;
-use std::time::UNIX_EPOCH;
-
 use driftwatch_model::deviation::{Deviation, Severity};
 use driftwatch_model::observation::ProcessInfo;
 
@@ -91,8 +89,7 @@ fn write_deviation(out: &mut String, report: &CheckReport, deviation: &Deviation
         }
         _ => {}
     }
-    let first_seen = deviation.first_seen.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let _ = writeln!(out, "      first seen: {} (Unix seconds)", first_seen);
+    let _ = writeln!(out, "      first seen: {}", humantime::format_rfc3339_seconds(deviation.first_seen));
     if !deviation.resolution.trim().is_empty() {
         let _ = writeln!(out, "      {}", paint.dim("declare it in the model if it is intended:"));
         for line in deviation.resolution.trim_end().lines() {
