@@ -329,7 +329,7 @@ impl Pipeline {
         tracing::error!(lost, total, "kernel records were lost; verdicts for this window are degraded");
         let now = SystemTime::now();
         let deviation = Deviation {
-            id: format!("{}@agent@kernel@-/0", Category::TelemetryGap.as_str()),
+            id: format!("{}@agent@kernel", Category::TelemetryGap.as_str()),
             category: Category::TelemetryGap,
             severity: Severity::Elevated,
             stride: Stride::Repudiation,
@@ -352,7 +352,7 @@ impl Pipeline {
             first_seen: now,
             last_seen: now,
             count: lost,
-            resolution: "Raise the ring buffer size (--ring-buffer-mib) or reduce the event rate; see the status counters for the program that lost records.".to_string(),
+            resolution: "Raise the ring buffer size (--ring-buffer-kib) or reduce the event rate; see the status counters for the program that lost records.".to_string(),
         };
         self.publish(vec![deviation]);
     }
