@@ -43,7 +43,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The daemon reports its lifecycle at info; the clients and `check` stay quiet unless
+    // something goes wrong, so their output is the report.
+    let default_level = if matches!(cli.command, Command::Agent(_)) { "info" } else { "warn" };
+    init_logging(cli.log_format, default_level);
     let result = match cli.command {
         Command::Model(command) => model::run(command),
         Command::Agent(args) => block_on(agent::run(args)),
@@ -66,8 +69,8 @@ fn block_on(command: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::
     runtime.block_on(command)
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

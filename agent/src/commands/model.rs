@@ -10,6 +10,9 @@ use driftwatch_model::Model;
 pub enum ModelCommand {
     /// Check a model file and print every error with its file, line and column.
     Validate(ValidateArgs),
+    /// Compare two recorded graphs (`driftwatch check --record`) or two models: added and removed
+    /// flows, listeners and executables.
+    Diff(super::diff::DiffArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -21,6 +24,7 @@ pub struct ValidateArgs {
 pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
     match command {
         ModelCommand::Validate(args) => validate(&args),
+        ModelCommand::Diff(args) => super::diff::run(args),
     }
 }
 
