@@ -15,9 +15,13 @@ pub mod observation;
 pub mod pattern;
 mod recency;
 pub mod severity;
+mod validate;
 mod yaml;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::{Location, ModelError, ModelErrorKind, ModelErrors};
 pub use load::MODEL_VERSION;
-pub use model::{Attribution, Component, Criticality, Exception, Flow, Listen, Model, Zone};
+pub use model::{
+    Attribution, Component, Criticality, Direction, Exception, Flow, Listen, Model, Zone,
+};
+pub use validate::ModelWarning;

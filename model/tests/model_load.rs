@@ -50,7 +50,7 @@ fn sketch_model_parses() {
         (
             model.flows[1].from.as_str(),
             model.flows[1].to.as_str(),
-            model.flows[1].port
+            model.flows[1].ports[0]
         ),
         ("web", "db", 5432)
     );
