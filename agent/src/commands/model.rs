@@ -27,6 +27,11 @@ pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
 fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     match Model::load(&args.file) {
         Ok(model) => {
+            // Warnings do not make the model invalid: the agent would load it as it is.
+            for warning in model.warnings(std::time::SystemTime::now()) {
+                eprintln!("{warning}");
+                eprintln!("  hint: {}", warning.hint);
+            }
             println!(
                 "{}: valid (version {}, {} zones, {} components, {} flows, {} exceptions)",
                 args.file.display(),
@@ -39,7 +44,12 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
-            eprintln!("{errors}");
+            for error in &errors {
+                eprintln!("{error}");
+                if let Some(hint) = error.kind.hint() {
+                    eprintln!("  hint: {hint}");
+                }
+            }
             eprintln!("{}: invalid model ({} errors)", args.file.display(), errors.len());
             Ok(ExitCode::from(2))
         }
