@@ -9,6 +9,7 @@ pub mod deviation;
 pub mod engine;
 pub mod error;
 pub mod graph;
+pub mod import;
 mod load;
 pub mod model;
 pub mod observation;
