@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod graph;
 pub mod import;
+pub mod learn;
 mod load;
 pub mod model;
 pub mod observation;
