@@ -204,7 +204,11 @@ impl Deviation {
         other
             .severity
             .cmp(&self.severity)
-            .then(self.category.priority_rank().cmp(&other.category.priority_rank()))
+            .then(
+                self.category
+                    .priority_rank()
+                    .cmp(&other.category.priority_rank()),
+            )
             .then(self.first_seen.cmp(&other.first_seen))
             .then(self.id.cmp(&other.id))
     }

@@ -63,9 +63,9 @@ pub enum ImportError {
 ///
 /// Files written by other tools sometimes continue a quoted scalar on a line indented less than
 /// YAML requires (the public OTM example does), which libyaml-based parsers accept and saphyr
-/// rejects. When the strict parse fails, such lines are re-indented and the parse is retried;
-/// leading spaces of continuation lines are folded away in a quoted scalar, so its value is
-/// unchanged.
+/// rejects. When the strict parse fails, such lines are re-indented and the parse is retried.
+/// A quoted scalar folds away the leading spaces of its continuation lines, so its value does not
+/// change.
 ///
 /// # Errors
 /// The parser's message for the text as given when neither parse succeeds.
@@ -87,19 +87,16 @@ fn indent_quoted_continuations(text: &str) -> String {
     for line in text.lines() {
         let indent = line.len() - line.trim_start().len();
         let mut rest = line;
-        match open {
-            Some((quote, needed)) => {
-                if indent < needed && !line.trim().is_empty() {
-                    out.push_str(&" ".repeat(needed - indent));
-                }
-                if let Some(end) = closing_quote(rest, quote) {
-                    rest = &rest[end + 1..];
-                    open = None;
-                } else {
-                    rest = "";
-                }
+        if let Some((quote, needed)) = open {
+            if indent < needed && !line.trim().is_empty() {
+                out.push_str(&" ".repeat(needed - indent));
             }
-            None => {}
+            if let Some(end) = closing_quote(rest, quote) {
+                rest = &rest[end + 1..];
+                open = None;
+            } else {
+                rest = "";
+            }
         }
         if open.is_none() {
             open = unclosed_quote(rest).map(|quote| (quote, indent));
@@ -117,11 +114,17 @@ fn unclosed_quote(text: &str) -> Option<char> {
     let start = if trimmed.starts_with(['\'', '"']) {
         text.len() - trimmed.len()
     } else {
-        let colon = text.find(": ").map(|i| i + 2).or_else(|| text.find("- ").map(|i| i + 2))?;
+        let colon = text
+            .find(": ")
+            .map(|i| i + 2)
+            .or_else(|| text.find("- ").map(|i| i + 2))?;
         let after = &text[colon..];
         colon + (after.len() - after.trim_start().len())
     };
-    let quote = text[start..].chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let quote = text[start..]
+        .chars()
+        .next()
+        .filter(|c| *c == '\'' || *c == '"')?;
     let body = &text[start + 1..];
     closing_quote(body, quote).is_none().then_some(quote)
 }
@@ -239,7 +242,10 @@ const INTERNET_ZONE: &str = "internet";
 const DEFAULT_ZONE: &str = "unzoned";
 
 fn text<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
-    value.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 fn strings(value: &Value, key: &str) -> Vec<String> {
@@ -373,9 +379,9 @@ fn threagile(document: &Value, source_name: &str) -> Result<Draft, ImportError> 
         // flows start from the internet zone.
         if on_internet(asset) && text(asset, "type") == Some("external-entity") {
             internet_assets.push(id.to_owned());
-            draft
-                .notes
-                .push(format!("{id}: an internet client, its links start from zone {INTERNET_ZONE}"));
+            draft.notes.push(format!(
+                "{id}: an internet client, its links start from zone {INTERNET_ZONE}"
+            ));
             continue;
         }
         let level = ["confidentiality", "integrity", "availability"]
@@ -486,7 +492,12 @@ fn otm(document: &Value, source_name: &str) -> Result<Draft, ImportError> {
         });
     }
     // A zone nested in another zone names it as `parent.trustZone`.
-    for zone in document.get("trustZones").and_then(Value::as_array).into_iter().flatten() {
+    for zone in document
+        .get("trustZones")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let (Some(source_id), Some(parent)) = (
             text(zone, "id"),
             zone.pointer("/parent/trustZone").and_then(Value::as_str),
@@ -500,13 +511,22 @@ fn otm(document: &Value, source_name: &str) -> Result<Draft, ImportError> {
     }
 
     let mut asset_level: BTreeMap<String, u64> = BTreeMap::new();
-    for asset in document.get("assets").and_then(Value::as_array).into_iter().flatten() {
+    for asset in document
+        .get("assets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let Some(id) = text(asset, "id") else {
             continue;
         };
         let level = ["confidentiality", "integrity"]
             .iter()
-            .filter_map(|key| asset.pointer(&format!("/risk/{key}")).and_then(Value::as_u64))
+            .filter_map(|key| {
+                asset
+                    .pointer(&format!("/risk/{key}"))
+                    .and_then(Value::as_u64)
+            })
             .max()
             .unwrap_or(50);
         asset_level.insert(id.to_owned(), level);
@@ -527,8 +547,12 @@ fn otm(document: &Value, source_name: &str) -> Result<Draft, ImportError> {
                 continue;
             };
             let zone = match (
-                component.pointer("/parent/trustZone").and_then(Value::as_str),
-                component.pointer("/parent/component").and_then(Value::as_str),
+                component
+                    .pointer("/parent/trustZone")
+                    .and_then(Value::as_str),
+                component
+                    .pointer("/parent/component")
+                    .and_then(Value::as_str),
             ) {
                 (Some(zone), _) => zone_ids.get(zone).cloned(),
                 (None, Some(parent)) => zone_of.get(parent).cloned(),
@@ -563,7 +587,10 @@ fn otm(document: &Value, source_name: &str) -> Result<Draft, ImportError> {
         };
         draft.components.push(DraftComponent {
             id: id.to_owned(),
-            zone: zone_of.get(id).cloned().unwrap_or_else(|| DEFAULT_ZONE.to_owned()),
+            zone: zone_of
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_ZONE.to_owned()),
             exposed: false,
             criticality,
             data,
@@ -571,10 +598,17 @@ fn otm(document: &Value, source_name: &str) -> Result<Draft, ImportError> {
         });
     }
 
-    for flow in document.get("dataflows").and_then(Value::as_array).into_iter().flatten() {
-        let (Some(id), Some(source), Some(destination)) =
-            (text(flow, "id"), text(flow, "source"), text(flow, "destination"))
-        else {
+    for flow in document
+        .get("dataflows")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(source), Some(destination)) = (
+            text(flow, "id"),
+            text(flow, "source"),
+            text(flow, "destination"),
+        ) else {
             continue;
         };
         draft.flows.push(DraftFlow {
@@ -614,12 +648,17 @@ impl Draft {
             if flow.both {
                 reached.push(&flow.from);
             }
-            let starts_outside = outside.contains(&flow.from) || (flow.both && outside.contains(&flow.to));
+            let starts_outside =
+                outside.contains(&flow.from) || (flow.both && outside.contains(&flow.to));
             if !starts_outside {
                 continue;
             }
             for id in reached {
-                if let Some(component) = self.components.iter_mut().find(|c| &c.id == id && !untrusted.contains(&c.zone)) {
+                if let Some(component) = self
+                    .components
+                    .iter_mut()
+                    .find(|c| &c.id == id && !untrusted.contains(&c.zone))
+                {
                     component.exposed = true;
                 }
             }
@@ -638,14 +677,19 @@ impl Draft {
                     || draft.flows.iter().any(|f| f.from == zone || f.to == zone))
         };
         if needs(INTERNET_ZONE, &self) {
-            self.zones.insert(0, DraftZone {
-                source_id: INTERNET_ZONE.to_owned(),
-                id: INTERNET_ZONE.to_owned(),
-                trust: 0,
-                parent: None,
-                cidrs: vec!["0.0.0.0/0".to_owned(), "::/0".to_owned()],
-                description: Some("Added for the assets the source marks as on the internet".to_owned()),
-            });
+            self.zones.insert(
+                0,
+                DraftZone {
+                    source_id: INTERNET_ZONE.to_owned(),
+                    id: INTERNET_ZONE.to_owned(),
+                    trust: 0,
+                    parent: None,
+                    cidrs: vec!["0.0.0.0/0".to_owned(), "::/0".to_owned()],
+                    description: Some(
+                        "Added for the assets the source marks as on the internet".to_owned(),
+                    ),
+                },
+            );
         }
         if needs(DEFAULT_ZONE, &self) {
             self.zones.push(DraftZone {
@@ -673,9 +717,10 @@ impl Draft {
             if let Some(parent) = &zone.parent {
                 let _ = writeln!(out, "    parent: {}", quote(parent));
             }
-            let cidrs = extra.and_then(|e| e.get("cidrs")).cloned().unwrap_or_else(|| {
-                Value::from(zone.cidrs.clone())
-            });
+            let cidrs = extra
+                .and_then(|e| e.get("cidrs"))
+                .cloned()
+                .unwrap_or_else(|| Value::from(zone.cidrs.clone()));
             if cidrs.as_array().is_some_and(|c| !c.is_empty()) {
                 let _ = writeln!(out, "    match: {{ cidrs: {cidrs} }}");
             }
@@ -686,14 +731,19 @@ impl Draft {
 
         out.push_str("components:\n");
         for component in &self.components {
-            let extra = component_overlay.get(&component.id).and_then(Value::as_object);
+            let extra = component_overlay
+                .get(&component.id)
+                .and_then(Value::as_object);
             let mut fields: Vec<(String, String)> = vec![
                 ("zone".to_owned(), quote(&component.zone)),
                 ("exposed".to_owned(), component.exposed.to_string()),
                 ("criticality".to_owned(), component.criticality.to_owned()),
             ];
             if !component.data.is_empty() {
-                fields.push(("data".to_owned(), Value::from(component.data.clone()).to_string()));
+                fields.push((
+                    "data".to_owned(),
+                    Value::from(component.data.clone()).to_string(),
+                ));
             }
             if let Some(description) = &component.description {
                 fields.push(("description".to_owned(), quote(description.trim())));
@@ -706,7 +756,10 @@ impl Draft {
                 }
             }
             if extra.is_none_or(|e| !e.contains_key("match")) {
-                self.notes.push(format!("{}: no selectors in the overlay, so it matches no process", component.id));
+                self.notes.push(format!(
+                    "{}: no selectors in the overlay, so it matches no process",
+                    component.id
+                ));
             }
             let _ = writeln!(out, "  - id: {}", quote(&component.id));
             for (key, value) in fields {
@@ -719,14 +772,21 @@ impl Draft {
             let extra = flow_overlay.get(&flow.key);
             let mut ports: Vec<u16> = flow.ports.clone();
             if let Some(list) = extra.and_then(|e| e.get("ports")).and_then(Value::as_array) {
-                ports = list.iter().filter_map(Value::as_u64).filter_map(|p| u16::try_from(p).ok()).collect();
+                ports = list
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .filter_map(|p| u16::try_from(p).ok())
+                    .collect();
             }
             if let Some(port) = extra.and_then(|e| e.get("port")).and_then(Value::as_u64) {
                 ports = u16::try_from(port).into_iter().collect();
             }
             ports.retain(|&p| p != 0);
             if ports.is_empty() {
-                self.notes.push(format!("flow \"{}\" ({} -> {}): no port known, left out; give it ports in the overlay", flow.key, flow.from, flow.to));
+                self.notes.push(format!(
+                    "flow \"{}\" ({} -> {}): no port known, left out; give it ports in the overlay",
+                    flow.key, flow.from, flow.to
+                ));
                 continue;
             }
             let mut line = format!(

@@ -45,8 +45,10 @@ pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
         if base.is_some() && edge.declared {
             continue;
         }
-        let (Some(from), Some(to)) = (names.name_of(&edge.source), names.name_of(&edge.destination))
-        else {
+        let (Some(from), Some(to)) = (
+            names.name_of(&edge.source),
+            names.name_of(&edge.destination),
+        ) else {
             continue;
         };
         if from == to && names.is_component(&from) {
@@ -76,18 +78,31 @@ pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
 
     out.push_str("components:\n");
     for component in &names.new_components {
-        let _ = writeln!(out, "  - id: {}\n    zone: {}", quote(&component.id), quote(&component.zone));
+        let _ = writeln!(
+            out,
+            "  - id: {}\n    zone: {}",
+            quote(&component.id),
+            quote(&component.zone)
+        );
         if let Some(exe) = &component.exe {
             let _ = writeln!(out, "    match: {{ exe: [{}] }}", quote(exe));
         } else {
-            out.push_str("    # declared in the recording's model; copy its match selectors here\n");
+            out.push_str(
+                "    # declared in the recording's model; copy its match selectors here\n",
+            );
         }
     }
 
     out.push_str("flows:\n");
     for ((from, to, protocol), ports) in &flows {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-        let _ = write!(out, "  - {{ from: {}, to: {}, ports: [{}]", quote(from), quote(to), ports.join(", "));
+        let _ = write!(
+            out,
+            "  - {{ from: {}, to: {}, ports: [{}]",
+            quote(from),
+            quote(to),
+            ports.join(", ")
+        );
         if *protocol == Protocol::Udp {
             out.push_str(", proto: udp");
         }
@@ -191,7 +206,10 @@ impl<'m> Names<'m> {
                 self.by_node.insert(node.to_owned(), id);
             }
             NodeKind::External => {
-                if let Some(ip) = node.strip_prefix("external:").and_then(|t| t.parse::<IpAddr>().ok()) {
+                if let Some(ip) = node
+                    .strip_prefix("external:")
+                    .and_then(|t| t.parse::<IpAddr>().ok())
+                {
                     let id = self.unique(&zone_name(ip));
                     let cidr = ipnet::IpNet::from(ip).to_string();
                     self.ensure_zone(&id, 0, Some(cidr));

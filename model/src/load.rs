@@ -542,7 +542,12 @@ fn read_flow_ports(reader: &mut Reader, fields: &Fields<'_, '_>) -> Option<Vec<u
     let list_path = fields.field_path("ports");
     if let Some(single) = fields.get("port") {
         let reason = "a flow takes port or ports, not both";
-        reader.invalid(&single.span, &fields.field_path("port"), "a second port list".to_owned(), reason);
+        reader.invalid(
+            &single.span,
+            &fields.field_path("port"),
+            "a second port list".to_owned(),
+            reason,
+        );
         return None;
     }
     let items = reader.sequence(list, &list_path)?;
@@ -619,7 +624,12 @@ fn read_flow(reader: &mut Reader, node: &Node<'_>, path: &str, draft: &mut Draft
             "both" => Some(Direction::Both),
             _ => {
                 let reason = "expected forward (from connects to to) or both";
-                reader.invalid(&span, &fields.field_path("direction"), format!("\"{name}\""), reason);
+                reader.invalid(
+                    &span,
+                    &fields.field_path("direction"),
+                    format!("\"{name}\""),
+                    reason,
+                );
                 None
             }
         };

@@ -96,9 +96,7 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 
 /// Formats the UTC day that contains `time` as `YYYY-MM-DD`, the inverse of [`parse_date`].
 pub fn format_date(time: SystemTime) -> String {
-    let seconds = time
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let seconds = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
     format!("{year:04}-{month:02}-{day:02}")
 }

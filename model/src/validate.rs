@@ -146,7 +146,9 @@ impl ModelErrorKind {
             },
             ModelErrorKind::MissingField { field, .. } => format!("add \"{field}:\""),
             ModelErrorKind::InvalidValue { .. } => return None,
-            ModelErrorKind::UnknownReference { id, known, target, .. } => {
+            ModelErrorKind::UnknownReference {
+                id, known, target, ..
+            } => {
                 let known: Vec<&str> = known.iter().map(String::as_str).collect();
                 match closest(id, &known) {
                     Some(near) => format!("did you mean \"{near}\"?"),

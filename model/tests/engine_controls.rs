@@ -75,8 +75,14 @@ fn denied_flow_that_connects_is_control_failed() {
     assert_eq!(failed.len(), 1, "{raised:#?}");
     assert_eq!(failed[0].id, "control-failed@web@db@tcp/5432");
     assert_eq!(failed[0].severity, Severity::Critical);
-    assert!(failed[0].summary.contains("deny flow web -> db at line 27"), "{}", failed[0].summary);
-    assert!(failed[0].resolution.contains("delete the deny flow at line 27"));
+    assert!(
+        failed[0].summary.contains("deny flow web -> db at line 27"),
+        "{}",
+        failed[0].summary
+    );
+    assert!(failed[0]
+        .resolution
+        .contains("delete the deny flow at line 27"));
     assert!(failed[0]
         .resolution
         .contains("  - { from: web, to: db, port: 5432 }"));
@@ -97,7 +103,13 @@ fn refused_attempt_records_control_held() {
         "10.20.0.5:5432",
     );
     engine.observe_failed_connect(&attempt);
-    let other = flow(at(6), Some(nginx()), "127.0.0.1:40001", None, "10.20.0.5:22");
+    let other = flow(
+        at(6),
+        Some(nginx()),
+        "127.0.0.1:40001",
+        None,
+        "10.20.0.5:22",
+    );
     engine.observe_failed_connect(&other);
 
     assert!(engine.deviations().is_empty());
@@ -172,12 +184,12 @@ fn undeclared_hop_opens_attack_path_to_critical_component() {
     // The nearest entry is the exposed web component, one hop before the new edge.
     assert_eq!(path.id, "new-attack-path@web@db@tcp/6379");
     assert_eq!(path.severity, Severity::Critical);
-    assert!(path.summary.contains(
-        "1. web -> cache on tcp/6379 (undeclared, by /usr/sbin/nginx (pid 100))"
-    ));
-    assert!(path.summary.contains(
-        "2. cache -> db on tcp/5432 (undeclared, by /usr/bin/redis-server (pid 500))"
-    ));
+    assert!(path
+        .summary
+        .contains("1. web -> cache on tcp/6379 (undeclared, by /usr/sbin/nginx (pid 100))"));
+    assert!(path
+        .summary
+        .contains("2. cache -> db on tcp/5432 (undeclared, by /usr/bin/redis-server (pid 500))"));
     assert!(path
         .resolution
         .contains("  - { from: web, to: cache, port: 6379 }"));
@@ -188,7 +200,10 @@ fn undeclared_hop_opens_attack_path_to_critical_component() {
     let structured = engine.attack_path(&path.id).expect("path is kept");
     assert_eq!(structured.hops.len(), 2);
     assert!(!structured.hops[0].declared);
-    assert_eq!(structured.hops[1].examples, vec![(500, "/usr/bin/redis-server".to_owned())]);
+    assert_eq!(
+        structured.hops[1].examples,
+        vec![(500, "/usr/bin/redis-server".to_owned())]
+    );
 }
 
 #[test]
@@ -300,7 +315,9 @@ fn recently_used_flow_is_not_unused() {
     ));
     let raised = engine.tick(at(3600));
     assert_eq!(raised.len(), 3);
-    assert!(raised.iter().all(|d| d.id != "declared-flow-unused@web@api@tcp/8080"));
+    assert!(raised
+        .iter()
+        .all(|d| d.id != "declared-flow-unused@web@api@tcp/8080"));
 }
 
 #[test]

@@ -16,7 +16,12 @@ fn shared_model(name: &str) -> PathBuf {
         .ancestors()
         .map(|dir| dir.join("shared/data/models").join(name))
         .find(|path| path.is_file())
-        .unwrap_or_else(|| panic!("{name} not found in shared/data/models above {}", manifest.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found in shared/data/models above {}",
+                manifest.display()
+            )
+        })
 }
 
 fn read(name: &str) -> String {
@@ -49,16 +54,28 @@ fn threagile_example_converts_to_loadable_model() {
     assert!(model.component("customer-client").is_none());
     assert_eq!(model.zone("internet").unwrap().trust, 0);
     assert_eq!(model.zone("web-dmz").unwrap().trust, 40);
-    assert_eq!(model.zone("web-dmz").unwrap().parent.as_deref(), Some("application-network"));
+    assert_eq!(
+        model.zone("web-dmz").unwrap().parent.as_deref(),
+        Some("application-network")
+    );
 
-    let web = model.component("apache-webserver").expect("apache-webserver");
+    let web = model
+        .component("apache-webserver")
+        .expect("apache-webserver");
     assert_eq!(web.zone, "web-dmz");
     assert_eq!(web.listens.len(), 1);
     assert!(web.selectors.as_ref().unwrap().unit.is_some());
     let lb = model.component("load-balancer").expect("load-balancer");
     assert!(lb.exposed, "the internet reaches the load balancer");
-    assert_eq!(model.component("erp-system").unwrap().criticality.as_str(), "critical");
-    assert!(model.component("sql-database").unwrap().data.contains(&"customer-accounts".to_owned()));
+    assert_eq!(
+        model.component("erp-system").unwrap().criticality.as_str(),
+        "critical"
+    );
+    assert!(model
+        .component("sql-database")
+        .unwrap()
+        .data
+        .contains(&"customer-accounts".to_owned()));
 
     let has_flow = |from: &str, to: &str, port: u16| {
         model
@@ -69,7 +86,10 @@ fn threagile_example_converts_to_loadable_model() {
     assert!(has_flow("internet", "load-balancer", 443));
     assert!(has_flow("load-balancer", "apache-webserver", 80));
     assert!(has_flow("backend-admin-client", "sql-database", 22));
-    assert!(has_flow("erp-system", "sql-database", 5432), "overlay gives the jdbc link its port");
+    assert!(
+        has_flow("erp-system", "sql-database", 5432),
+        "overlay gives the jdbc link its port"
+    );
     assert!(imported
         .notes
         .iter()
@@ -102,7 +122,11 @@ flows:
     assert!(service.exposed);
     assert_eq!(service.criticality.as_str(), "critical");
     assert_eq!(service.data, vec!["cc-data", "public-info"]);
-    assert!(model.component("customer-database").unwrap().selectors.is_some());
+    assert!(model
+        .component("customer-database")
+        .unwrap()
+        .selectors
+        .is_some());
 
     assert_eq!(model.flows.len(), 2);
     assert_eq!(model.flows[0].from, "web-client");
@@ -115,8 +139,13 @@ flows:
 
 #[test]
 fn otm_flows_without_ports_are_left_out_and_noted() {
-    let imported = import(ImportFormat::Otm, &read("otm-example.yaml"), "otm-example.yaml", None)
-        .expect("conversion succeeds");
+    let imported = import(
+        ImportFormat::Otm,
+        &read("otm-example.yaml"),
+        "otm-example.yaml",
+        None,
+    )
+    .expect("conversion succeeds");
     let model = Model::parse(&imported.yaml, "converted.yaml").unwrap();
     assert!(model.flows.is_empty());
     assert!(imported
@@ -127,21 +156,31 @@ fn otm_flows_without_ports_are_left_out_and_noted() {
 
 #[test]
 fn wrong_format_is_rejected() {
-    let error = import(ImportFormat::Otm, &read("threagile-example.yaml"), "t.yaml", None)
-        .expect_err("a Threagile file is not OTM");
+    let error = import(
+        ImportFormat::Otm,
+        &read("threagile-example.yaml"),
+        "t.yaml",
+        None,
+    )
+    .expect_err("a Threagile file is not OTM");
     assert!(error.to_string().contains("has no otmVersion"));
 }
 
 fn schema() -> jsonschema::Validator {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schema/driftwatch-model.schema.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schema/driftwatch-model.schema.json");
     let schema: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("schema file")).expect("schema is JSON");
+        serde_json::from_str(&std::fs::read_to_string(path).expect("schema file"))
+            .expect("schema is JSON");
     jsonschema::draft202012::new(&schema).expect("schema compiles")
 }
 
 fn schema_errors(text: &str) -> Vec<String> {
     let instance = yaml_to_json(text).expect("YAML");
-    schema().iter_errors(&instance).map(|e| format!("{e} at {}", e.instance_path())).collect()
+    schema()
+        .iter_errors(&instance)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect()
 }
 
 #[test]
@@ -156,7 +195,11 @@ fn schema_accepts_sketch_demo_and_imports() {
     )
     .unwrap()
     .yaml;
-    for (name, text) in [("sketch", common::SKETCH), ("demo", demo.as_str()), ("threagile", threagile.as_str())] {
+    for (name, text) in [
+        ("sketch", common::SKETCH),
+        ("demo", demo.as_str()),
+        ("threagile", threagile.as_str()),
+    ] {
         assert_eq!(schema_errors(text), Vec::<String>::new(), "{name}");
         Model::parse(text, name).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
@@ -173,6 +216,9 @@ fn schema_rejects_what_loader_rejects() {
     ];
     for text in cases {
         assert!(!schema_errors(text).is_empty(), "schema accepted {text:?}");
-        assert!(Model::parse(text, "t.yaml").is_err(), "loader accepted {text:?}");
+        assert!(
+            Model::parse(text, "t.yaml").is_err(),
+            "loader accepted {text:?}"
+        );
     }
 }

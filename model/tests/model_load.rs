@@ -386,7 +386,10 @@ fn extended_schema_loads() {
     assert_eq!(model.zones[1].parent.as_deref(), Some("corp"));
     assert_eq!(model.components[0].data, vec!["pii", "sessions"]);
     let selectors = model.components[0].selectors.as_ref().unwrap();
-    assert_eq!(selectors.unit.as_ref().unwrap().patterns, vec!["nginx.service"]);
+    assert_eq!(
+        selectors.unit.as_ref().unwrap().patterns,
+        vec!["nginx.service"]
+    );
     assert_eq!(selectors.container.as_ref().unwrap()["app"], "web");
     assert_eq!(model.flows[0].ports, vec![80, 443]);
     assert_eq!(model.flows[0].direction, driftwatch_model::Direction::Both);
@@ -429,7 +432,9 @@ fn port_and_ports_together_are_rejected() {
     let text = "version: 1\nzones: [{ id: z, trust: 1 }]\nflows:\n  - { from: z, to: z, port: 1, ports: [2] }\n";
     let errors = errors(text);
     assert_eq!(errors.len(), 1);
-    assert!(errors.to_string().contains("a flow takes port or ports, not both"));
+    assert!(errors
+        .to_string()
+        .contains("a flow takes port or ports, not both"));
 }
 
 #[test]
@@ -443,7 +448,9 @@ fn warnings_list_overlaps_and_expired_exceptions() {
     assert_eq!(text.len(), 4, "{text:#?}");
     assert!(text[0].starts_with("nested.yaml:10:5: warning: the selectors of component worker overlap those of component web (line 6)"));
     assert!(text[2].starts_with("nested.yaml:13:5: warning: the selectors of component curl overlap those of component worker (line 10)"));
-    assert!(text[3].starts_with("nested.yaml:20:5: warning: exception \"unexpected-flow@*\" expired on 2024-01-01"));
+    assert!(text[3].starts_with(
+        "nested.yaml:20:5: warning: exception \"unexpected-flow@*\" expired on 2024-01-01"
+    ));
     assert!(warnings[3].hint.contains("renew"));
 }
 
@@ -464,5 +471,8 @@ components:
 #[test]
 fn error_hint_suggests_near_key() {
     let errors = errors("version: 1\nzones: [{ id: z, trust: 1, parnet: q }]\n");
-    assert_eq!(errors.errors[0].kind.hint().as_deref(), Some("did you mean \"parent\"?"));
+    assert_eq!(
+        errors.errors[0].kind.hint().as_deref(),
+        Some("did you mean \"parent\"?")
+    );
 }

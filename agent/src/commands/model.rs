@@ -122,7 +122,11 @@ fn learn_model(args: &LearnArgs) -> anyhow::Result<ExitCode> {
             Ok(model) => Some(model),
             Err(errors) => {
                 eprintln!("{errors}");
-                eprintln!("{}: invalid base model ({} errors)", path.display(), errors.len());
+                eprintln!(
+                    "{}: invalid base model ({} errors)",
+                    path.display(),
+                    errors.len()
+                );
                 return Ok(ExitCode::from(2));
             }
         },
@@ -163,7 +167,11 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("  hint: {hint}");
                 }
             }
-            eprintln!("{}: invalid model ({} errors)", args.file.display(), errors.len());
+            eprintln!(
+                "{}: invalid model ({} errors)",
+                args.file.display(),
+                errors.len()
+            );
             Ok(ExitCode::from(2))
         }
     }

@@ -85,7 +85,11 @@ pub(super) fn attack_path(model: &Model, path: &AttackPath, evidence: Evidence) 
         criticality.as_str()
     );
     for (i, hop) in path.hops.iter().enumerate() {
-        let status = if hop.declared { "declared" } else { "undeclared" };
+        let status = if hop.declared {
+            "declared"
+        } else {
+            "undeclared"
+        };
         let processes: Vec<String> = hop
             .examples
             .iter()
@@ -138,11 +142,7 @@ pub(super) fn attack_path(model: &Model, path: &AttackPath, evidence: Evidence) 
 
 /// An allowed flow that no connection covered within the window: informational, because the
 /// model may only be stale, but an unused allowance is attack surface nobody needs.
-pub(super) fn flow_unused(
-    flow: &Flow,
-    last_seen: Option<SystemTime>,
-    window: Duration,
-) -> Finding {
+pub(super) fn flow_unused(flow: &Flow, last_seen: Option<SystemTime>, window: Duration) -> Finding {
     let ports: Vec<String> = flow.ports.iter().map(u16::to_string).collect();
     let seen = match last_seen {
         Some(time) => format!("last seen on {}", format_date(time)),

@@ -347,7 +347,11 @@ impl Engine {
                 self.config.max_path_hops,
             );
             for path in paths {
-                let finding = extra::attack_path(model, &path, flow_evidence(observation, &source, &destination));
+                let finding = extra::attack_path(
+                    model,
+                    &path,
+                    flow_evidence(observation, &source, &destination),
+                );
                 if self.attack_paths.len() < self.config.max_deviations {
                     self.attack_paths.insert(finding.id(), path);
                 }
@@ -399,7 +403,8 @@ impl Engine {
             .zip(&self.flow_last_seen)
             .filter(|(flow, last_seen)| {
                 !flow.deny
-                    && last_seen.is_none_or(|seen| now.duration_since(seen).unwrap_or_default() >= window)
+                    && last_seen
+                        .is_none_or(|seen| now.duration_since(seen).unwrap_or_default() >= window)
             })
             .map(|(flow, last_seen)| extra::flow_unused(flow, *last_seen, window))
             .collect();
@@ -458,7 +463,10 @@ impl Engine {
                     " (the exception \"{}\" at line {} covered this until it expired on {})",
                     expired.id.text,
                     expired.line,
-                    expired.expires.map(crate::pattern::format_date).unwrap_or_default(),
+                    expired
+                        .expires
+                        .map(crate::pattern::format_date)
+                        .unwrap_or_default(),
                 ));
             }
             match self
