@@ -8,11 +8,7 @@ use driftwatch::commands::{agent, graph, model, status, watch};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "driftwatch",
-    version,
-    about = "Check a declared threat model against what the kernel sees"
-)]
+#[command(name = "driftwatch", version, about = "Check a declared threat model against what the kernel sees")]
 struct Cli {
     /// Log format of the agent's own messages on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -49,15 +45,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Model(command) => model::run(command),
         Command::Agent(args) => block_on(agent::run(args)),
-        Command::Watch(args) => {
-            block_on(async { watch::run(args).await.map(|()| ExitCode::SUCCESS) })
-        }
-        Command::Graph(args) => {
-            block_on(async { graph::run(args).await.map(|()| ExitCode::SUCCESS) })
-        }
-        Command::Status(args) => {
-            block_on(async { status::run(args).await.map(|()| ExitCode::SUCCESS) })
-        }
+        Command::Watch(args) => block_on(async { watch::run(args).await.map(|()| ExitCode::SUCCESS) }),
+        Command::Graph(args) => block_on(async { graph::run(args).await.map(|()| ExitCode::SUCCESS) }),
+        Command::Status(args) => block_on(async { status::run(args).await.map(|()| ExitCode::SUCCESS) }),
     };
     match result {
         Ok(code) => code,
@@ -69,18 +59,13 @@ fn main() -> ExitCode {
 }
 
 fn block_on(command: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(command)
 }
 
 fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

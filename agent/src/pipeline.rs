@@ -8,10 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use driftwatch_model::deviation::{Category, Deviation, Evidence, Severity, Stride};
-use driftwatch_model::observation::{
-    ExecObservation, FlowObservation, ListenObservation, Protocol,
-};
 use driftwatch_model::Engine;
+use driftwatch_model::observation::{ExecObservation, FlowObservation, ListenObservation, Protocol};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -79,10 +77,7 @@ impl PipelineStats {
             ("pipeline_connect_failures", self.connect_failures),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
-            (
-                "pipeline_listens_without_process",
-                self.listens_without_process,
-            ),
+            ("pipeline_listens_without_process", self.listens_without_process),
             ("pipeline_deviations_published", self.deviations_published),
             ("pipeline_lost_records", self.lost_records),
             ("processes_live", process.live),
@@ -95,10 +90,7 @@ impl PipelineStats {
             ("sockets_joined", sockets.joined),
             ("sockets_unjoined", sockets.unjoined),
             ("sockets_pending_overflow", sockets.pending_overflow),
-            (
-                "sockets_accepted_without_listener",
-                sockets.accepted_without_listener,
-            ),
+            ("sockets_accepted_without_listener", sockets.accepted_without_listener),
             ("sockets_listeners_dropped", sockets.listeners_dropped),
         ]
         .into_iter()
@@ -122,16 +114,11 @@ pub struct KernelClock {
 impl KernelClock {
     /// Measures the offset between CLOCK_MONOTONIC and the wall clock now.
     pub fn new() -> Self {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: clock_gettime writes one timespec into the pointer it is given.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
         let monotonic = Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
-        KernelClock {
-            boot_wall: SystemTime::now() - monotonic,
-        }
+        KernelClock { boot_wall: SystemTime::now() - monotonic }
     }
 
     pub fn to_system(self, ktime_ns: u64) -> SystemTime {
@@ -164,17 +151,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(
-        config: PipelineConfig,
-        shared: Arc<Shared>,
-        hub: Arc<DeviationHub>,
-        resolve_cgroup: CgroupResolver,
-    ) -> Self {
-        let sockets = SocketState::new(
-            config.join_window,
-            config.max_pending_connections,
-            config.max_listeners,
-        );
+    pub fn new(config: PipelineConfig, shared: Arc<Shared>, hub: Arc<DeviationHub>, resolve_cgroup: CgroupResolver) -> Self {
+        let sockets = SocketState::new(config.join_window, config.max_pending_connections, config.max_listeners);
         Pipeline {
             processes: ProcessTable::new(config.processes.clone()),
             sockets,
@@ -193,12 +171,7 @@ impl Pipeline {
     }
 
     /// Handles events until `cancel` fires or the event channel closes.
-    pub async fn run(
-        mut self,
-        mut events: mpsc::Receiver<Event>,
-        lost_records: LossCounter,
-        cancel: CancellationToken,
-    ) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>, lost_records: LossCounter, cancel: CancellationToken) {
         let mut loss_check = tokio::time::interval(self.config.loss_check_interval);
         loss_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported_losses = lost_records();
@@ -227,9 +200,7 @@ impl Pipeline {
             }
         }
         // Whatever still waits for a partner goes to the engine before the pipeline stops.
-        let flows = self
-            .sockets
-            .flush_expired(Instant::now() + self.config.join_window * 2);
+        let flows = self.sockets.flush_expired(Instant::now() + self.config.join_window * 2);
         self.observe_flows(flows);
         self.publish_stats();
     }
@@ -243,10 +214,7 @@ impl Pipeline {
                 let cgroup = (self.resolve_cgroup)(exec.cgroup_id);
                 let process = self.processes.on_exec(&exec, cgroup);
                 tracing::trace!(pid = process.pid, exe = %process.exe, "exec");
-                let observation = ExecObservation {
-                    time: self.clock.to_system(exec.ktime_ns),
-                    process,
-                };
+                let observation = ExecObservation { time: self.clock.to_system(exec.ktime_ns), process };
                 let deviations = self.engine().observe_exec(&observation);
                 self.publish(deviations);
             }
@@ -271,26 +239,15 @@ impl Pipeline {
             TcpEventKind::Connect => {}
             TcpEventKind::ConnectFailed => self.stats.connect_failures += 1,
             TcpEventKind::Connected => {
-                let flows = self
-                    .sockets
-                    .on_connected(tcp.pid, tcp.netns, tcp.local, tcp.remote, now);
+                let flows = self.sockets.on_connected(tcp.pid, tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Accepted => {
-                let flows = self
-                    .sockets
-                    .on_accepted(tcp.netns, tcp.local, tcp.remote, now);
+                let flows = self.sockets.on_accepted(tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Listen => {
-                self.sockets.on_listen(
-                    tcp.sock,
-                    Listener {
-                        pid: tcp.pid,
-                        addr: tcp.local,
-                        netns: tcp.netns,
-                    },
-                );
+                self.sockets.on_listen(tcp.sock, Listener { pid: tcp.pid, addr: tcp.local, netns: tcp.netns });
                 let Some(process) = self.processes.get(tcp.pid) else {
                     self.stats.listens_without_process += 1;
                     return;
@@ -317,25 +274,13 @@ impl Pipeline {
 
     fn observe_flow(&mut self, flow: JoinedFlow) {
         self.stats.flows += 1;
-        let client = flow
-            .client
-            .as_ref()
-            .filter(|end| end.pid != 0)
-            .and_then(|end| self.processes.get(end.pid));
-        let server = flow
-            .server
-            .as_ref()
-            .filter(|end| end.pid != 0)
-            .and_then(|end| self.processes.get(end.pid));
+        let client = flow.client.as_ref().filter(|end| end.pid != 0).and_then(|end| self.processes.get(end.pid));
+        let server = flow.server.as_ref().filter(|end| end.pid != 0).and_then(|end| self.processes.get(end.pid));
         if client.is_none() && server.is_none() {
             self.stats.flows_without_process += 1;
             return;
         }
-        let netns = flow
-            .client
-            .as_ref()
-            .or(flow.server.as_ref())
-            .map_or(0, |end| end.netns);
+        let netns = flow.client.as_ref().or(flow.server.as_ref()).map_or(0, |end| end.netns);
         let observation = FlowObservation {
             time: SystemTime::now(),
             protocol: Protocol::Tcp,
@@ -350,10 +295,7 @@ impl Pipeline {
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
-        self.shared
-            .engine
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn publish(&mut self, deviations: Vec<Deviation>) {
@@ -365,14 +307,10 @@ impl Pipeline {
     }
 
     fn publish_telemetry_gap(&mut self, lost: u64, total: u64) {
-        tracing::error!(
-            lost,
-            total,
-            "kernel records were lost; verdicts for this window are degraded"
-        );
+        tracing::error!(lost, total, "kernel records were lost; verdicts for this window are degraded");
         let now = SystemTime::now();
         let deviation = Deviation {
-            id: format!("{}@agent@kernel@-/0", Category::TelemetryGap.as_str()),
+            id: format!("{}@agent@kernel", Category::TelemetryGap.as_str()),
             category: Category::TelemetryGap,
             severity: Severity::Elevated,
             stride: Stride::Repudiation,
@@ -395,7 +333,7 @@ impl Pipeline {
             first_seen: now,
             last_seen: now,
             count: lost,
-            resolution: "Raise the ring buffer size (--ring-buffer-mib) or reduce the event rate; see the status counters for the program that lost records.".to_string(),
+            resolution: "Raise the ring buffer size (--ring-buffer-kib) or reduce the event rate; see the status counters for the program that lost records.".to_string(),
         };
         self.publish(vec![deviation]);
     }
@@ -403,11 +341,7 @@ impl Pipeline {
     fn publish_stats(&mut self) {
         self.stats.processes = self.processes.stats();
         self.stats.sockets = self.sockets.stats();
-        *self
-            .shared
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
+        *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
     }
 }
 

@@ -33,22 +33,13 @@ pub struct AgentStatusView {
 
 impl AgentStatusView {
     pub fn new(shared: Arc<Shared>, telemetry: Arc<Telemetry>, model: ModelInfo) -> Self {
-        AgentStatusView {
-            shared,
-            telemetry,
-            model,
-            started_at: SystemTime::now(),
-        }
+        AgentStatusView { shared, telemetry, model, started_at: SystemTime::now() }
     }
 }
 
 impl AgentView for AgentStatusView {
     fn graph(&self) -> GraphSnapshot {
-        self.shared
-            .engine
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .graph_snapshot()
+        self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).graph_snapshot()
     }
 
     fn status(&self) -> StatusSnapshot {
@@ -56,26 +47,12 @@ impl AgentView for AgentStatusView {
             .telemetry
             .hooks()
             .into_iter()
-            .map(|hook| HookStatus {
-                name: hook.name.to_string(),
-                attached: hook.attached,
-                error: hook.error.clone(),
-            })
+            .map(|hook| HookStatus { name: hook.name.to_string(), attached: hook.attached, error: hook.error.clone() })
             .collect();
         let mut counters = telemetry_counters(&self.telemetry);
-        let stats = self
-            .shared
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
+        let stats = self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         counters.extend(stats.named());
-        let engine = self
-            .shared
-            .engine
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .stats();
+        let engine = self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).stats();
         counters.extend(engine.named());
         StatusSnapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -92,34 +69,14 @@ fn telemetry_counters(telemetry: &Telemetry) -> Vec<(String, u64)> {
     let mut named: Vec<(String, u64)> = vec![
         ("telemetry_records_read".to_string(), counters.records_read),
         ("telemetry_events_sent".to_string(), counters.events_sent),
-        (
-            "telemetry_channel_drops".to_string(),
-            counters.channel_drops,
-        ),
-        (
-            "telemetry_short_records".to_string(),
-            counters.short_records,
-        ),
-        (
-            "telemetry_unknown_records".to_string(),
-            counters.unknown_records,
-        ),
+        ("telemetry_channel_drops".to_string(), counters.channel_drops),
+        ("telemetry_short_records".to_string(), counters.short_records),
+        ("telemetry_unknown_records".to_string(), counters.unknown_records),
     ];
     for drops in &counters.kernel {
-        named.push((
-            format!("kernel_drops_{}_{}", drops.program, drops.reason),
-            drops.total,
-        ));
-        for (cpu, value) in drops
-            .per_cpu
-            .iter()
-            .enumerate()
-            .filter(|(_, value)| **value > 0)
-        {
-            named.push((
-                format!("kernel_drops_{}_{}_cpu{cpu}", drops.program, drops.reason),
-                *value,
-            ));
+        named.push((format!("kernel_drops_{}_{}", drops.program, drops.reason), drops.total));
+        for (cpu, value) in drops.per_cpu.iter().enumerate().filter(|(_, value)| **value > 0) {
+            named.push((format!("kernel_drops_{}_{}_cpu{cpu}", drops.program, drops.reason), *value));
         }
     }
     named

@@ -74,6 +74,7 @@ pub fn build_all(options: &BuildOptions) -> anyhow::Result<Artifacts> {
 /// Builds everything, then runs `cargo test --workspace --release` with `DRIFTWATCH_BIN` set.
 pub fn test(options: &TestOptions) -> anyhow::Result<()> {
     require_root("the tests load eBPF programs and create cgroups and network namespaces")?;
+    crate::prereq::ensure_tools()?;
     let artifacts = build_all(&BuildOptions { debug: false })?;
     let root = workspace_root();
     let object = target_dir(&root).join("bpf").join("driftwatch.bpf.o");

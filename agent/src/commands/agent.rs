@@ -40,9 +40,9 @@ pub struct AgentArgs {
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
 
-    /// Size of the kernel ring buffer in MiB (a power of two).
-    #[arg(long, default_value_t = 8)]
-    pub ring_buffer_mib: u32,
+    /// Size of the kernel ring buffer in KiB: a power of two, at least one page.
+    #[arg(long, default_value_t = 8192)]
+    pub ring_buffer_kib: u32,
 
     /// Deviations kept for replay to new subscribers.
     #[arg(long, default_value_t = 4096)]
@@ -54,10 +54,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         Ok(model) => model,
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!(
-                "error: the model {} is invalid; the agent did not start",
-                args.model.display()
-            );
+            eprintln!("error: the model {} is invalid; the agent did not start", args.model.display());
             return Ok(ExitCode::from(2));
         }
     };
@@ -70,41 +67,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             "driftwatch agent must run as root: loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (try: sudo driftwatch agent ...)"
         );
     }
-    let scope_cgroup = args
-        .scope_cgroup
-        .as_deref()
-        .map(resolve_scope)
-        .transpose()?;
+    let scope_cgroup = args.scope_cgroup.as_deref().map(resolve_scope).transpose()?;
 
     // Kernel side first: nothing else is worth starting if the programs do not load.
     let config = TelemetryConfig {
         scope_cgroup: scope_cgroup.clone(),
-        ring_buffer_bytes: args
-            .ring_buffer_mib
-            .checked_mul(1024 * 1024)
-            .context("--ring-buffer-mib is too large")?,
+        ring_buffer_bytes: args.ring_buffer_kib.checked_mul(1024).context("--ring-buffer-kib is too large")?,
         channel_capacity: 65_536,
     };
-    let (telemetry, events) =
-        Telemetry::start(config).context("failed to start kernel telemetry")?;
+    let (telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
     let telemetry = Arc::new(telemetry);
 
-    let shared = Arc::new(Shared {
-        engine: Mutex::new(Engine::new(model)),
-        stats: Mutex::new(Default::default()),
-    });
-    let hub = Arc::new(DeviationHub::new(HubConfig {
-        history_capacity: args.history,
-        ..HubConfig::default()
-    }));
+    let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
+    let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
     let cancel = CancellationToken::new();
 
-    let mut pipeline = Pipeline::new(
-        PipelineConfig::default(),
-        shared.clone(),
-        hub.clone(),
-        cgroup_resolver(),
-    );
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub.clone(), cgroup_resolver());
     let seeded = pipeline.seed_processes();
     tracing::info!(processes = seeded, "process table seeded from /proc");
     let lost = {
@@ -117,18 +95,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
     let view = Arc::new(AgentStatusView::new(shared, telemetry.clone(), model_info));
-    let listener = ApiListener::bind(&args.api)
-        .await
-        .with_context(|| format!("failed to listen on {}", args.api))?;
-    let address = listener
-        .local_addr()
-        .context("failed to read the API address")?;
-    let server_task = tokio::spawn(server::serve_on(
-        listener,
-        hub.clone(),
-        view,
-        cancel.clone(),
-    ));
+    let listener = ApiListener::bind(&args.api).await.with_context(|| format!("failed to listen on {}", args.api))?;
+    let address = listener.local_addr().context("failed to read the API address")?;
+    let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view, cancel.clone()));
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
         write_ready_file(path, &address.to_string())?;
@@ -153,19 +122,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 /// Accepts a directory under the cgroup2 mount or a path relative to the mount.
 fn resolve_scope(path: &Path) -> anyhow::Result<PathBuf> {
-    let mount = telemetry::cgroup2_mount()
-        .context("failed to find the cgroup v2 mount for --scope-cgroup")?;
+    let mount = telemetry::cgroup2_mount().context("failed to find the cgroup v2 mount for --scope-cgroup")?;
     let full = if path.starts_with(&mount) {
         path.to_path_buf()
     } else {
         mount.join(path.strip_prefix("/").unwrap_or(path))
     };
     if !full.is_dir() {
-        anyhow::bail!(
-            "--scope-cgroup {}: {} is not a cgroup v2 directory",
-            path.display(),
-            full.display()
-        );
+        anyhow::bail!("--scope-cgroup {}: {} is not a cgroup v2 directory", path.display(), full.display());
     }
     Ok(full)
 }
@@ -173,17 +137,14 @@ fn resolve_scope(path: &Path) -> anyhow::Result<PathBuf> {
 fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
     // Written whole under another name, then renamed, so a reader never sees half of it.
     let partial = path.with_extension("partial");
-    std::fs::write(&partial, format!("{address}\n"))
-        .with_context(|| format!("failed to write {}", partial.display()))?;
+    std::fs::write(&partial, format!("{address}\n")).with_context(|| format!("failed to write {}", partial.display()))?;
     std::fs::rename(&partial, path).with_context(|| format!("failed to write {}", path.display()))
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate =
-        signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}

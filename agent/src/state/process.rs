@@ -30,10 +30,7 @@ pub struct ProcessTableConfig {
 
 impl Default for ProcessTableConfig {
     fn default() -> Self {
-        ProcessTableConfig {
-            capacity: 65_536,
-            exited_retention: Duration::from_secs(30),
-        }
+        ProcessTableConfig { capacity: 65_536, exited_retention: Duration::from_secs(30) }
     }
 }
 
@@ -89,11 +86,7 @@ impl ProcessTable {
         };
         let mut seeded = 0;
         for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<u32>().ok())
-            else {
+            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
                 continue;
             };
             if let Some(info) = read_proc_process(proc_root, pid, &self.users) {
@@ -188,27 +181,15 @@ impl ProcessTable {
                 break;
             }
             self.exited.pop_front();
-            if self
-                .entries
-                .get(&pid)
-                .is_some_and(|entry| entry.generation == generation)
-            {
+            if self.entries.get(&pid).is_some_and(|entry| entry.generation == generation) {
                 self.entries.remove(&pid);
             }
         }
     }
 
     pub fn stats(&self) -> ProcessTableStats {
-        let exited = self
-            .entries
-            .values()
-            .filter(|entry| entry.exited_at.is_some())
-            .count() as u64;
-        ProcessTableStats {
-            live: self.entries.len() as u64 - exited,
-            exited,
-            ..self.stats.clone()
-        }
+        let exited = self.entries.values().filter(|entry| entry.exited_at.is_some()).count() as u64;
+        ProcessTableStats { live: self.entries.len() as u64 - exited, exited, ..self.stats.clone() }
     }
 
     fn insert(&mut self, info: ProcessInfo) -> Arc<ProcessInfo> {
@@ -217,11 +198,7 @@ impl ProcessTable {
         }
         let info = Arc::new(info);
         self.next_generation += 1;
-        let entry = Entry {
-            info: info.clone(),
-            exited_at: None,
-            generation: self.next_generation,
-        };
+        let entry = Entry { info: info.clone(), exited_at: None, generation: self.next_generation };
         self.entries.insert(info.pid, entry);
         info
     }
@@ -229,21 +206,13 @@ impl ProcessTable {
     fn evict_one(&mut self) {
         // Exited entries first, oldest exit first.
         while let Some((_, pid, generation)) = self.exited.pop_front() {
-            if self
-                .entries
-                .get(&pid)
-                .is_some_and(|entry| entry.generation == generation)
-            {
+            if self.entries.get(&pid).is_some_and(|entry| entry.generation == generation) {
                 self.entries.remove(&pid);
                 self.stats.evicted += 1;
                 return;
             }
         }
-        let oldest = self
-            .entries
-            .iter()
-            .min_by_key(|(_, entry)| entry.generation)
-            .map(|(pid, _)| *pid);
+        let oldest = self.entries.iter().min_by_key(|(_, entry)| entry.generation).map(|(pid, _)| *pid);
         if let Some(pid) = oldest {
             self.entries.remove(&pid);
             self.stats.evicted += 1;
@@ -253,9 +222,7 @@ impl ProcessTable {
     fn ancestry_of(&self, mut pid: u32) -> Vec<(u32, String)> {
         let mut ancestry = Vec::new();
         while pid != 0 && ancestry.len() < MAX_ANCESTRY {
-            let Some(entry) = self.entries.get(&pid) else {
-                break;
-            };
+            let Some(entry) = self.entries.get(&pid) else { break };
             ancestry.push((pid, entry.info.exe.clone()));
             if entry.info.ppid == pid {
                 break;
@@ -270,50 +237,26 @@ impl ProcessTable {
 fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<ProcessInfo> {
     let dir = proc_root.join(pid.to_string());
     // Kernel threads have no executable.
-    let exe = fs::read_link(dir.join("exe"))
-        .ok()?
-        .to_string_lossy()
-        .into_owned();
+    let exe = fs::read_link(dir.join("exe")).ok()?.to_string_lossy().into_owned();
     let status = fs::read_to_string(dir.join("status")).ok()?;
     let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(|rest| rest.trim().to_string())
+        status.lines().find_map(|line| line.strip_prefix(name)).map(|rest| rest.trim().to_string())
     };
-    let ppid = field("PPid:")
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0);
+    let ppid = field("PPid:").and_then(|value| value.parse().ok()).unwrap_or(0);
     // "Uid:" and "Gid:" list real, effective, saved and filesystem ids; the kernel programs report
     // the real ones (bpf_get_current_uid_gid), so take the first.
     let first_id = |value: Option<String>| {
-        value
-            .and_then(|value| {
-                value
-                    .split_whitespace()
-                    .next()
-                    .and_then(|id| id.parse().ok())
-            })
-            .unwrap_or(0)
+        value.and_then(|value| value.split_whitespace().next().and_then(|id| id.parse().ok())).unwrap_or(0)
     };
     let uid = first_id(field("Uid:"));
     let gid = first_id(field("Gid:"));
     let argv = fs::read(dir.join("cmdline"))
         .map(|bytes| {
-            bytes
-                .split(|byte| *byte == 0)
-                .filter(|arg| !arg.is_empty())
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect()
+            bytes.split(|byte| *byte == 0).filter(|arg| !arg.is_empty()).map(|arg| String::from_utf8_lossy(arg).into_owned()).collect()
         })
         .unwrap_or_default();
-    let comm = fs::read_to_string(dir.join("comm"))
-        .map(|comm| comm.trim_end().to_string())
-        .unwrap_or_default();
-    let cgroup = fs::read_to_string(dir.join("cgroup"))
-        .ok()
-        .and_then(|text| cgroup_v2_path(&text))
-        .unwrap_or_default();
+    let comm = fs::read_to_string(dir.join("comm")).map(|comm| comm.trim_end().to_string()).unwrap_or_default();
+    let cgroup = fs::read_to_string(dir.join("cgroup")).ok().and_then(|text| cgroup_v2_path(&text)).unwrap_or_default();
     Some(ProcessInfo {
         pid,
         ppid,
@@ -331,17 +274,12 @@ fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<Pr
 
 fn read_ppid(proc_root: &Path, pid: u32) -> Option<u32> {
     let status = fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("PPid:"))
-        .and_then(|value| value.trim().parse().ok())
+    status.lines().find_map(|line| line.strip_prefix("PPid:")).and_then(|value| value.trim().parse().ok())
 }
 
 /// Extracts the cgroup v2 path from the text of `/proc/<pid>/cgroup` (the `0::` line).
 pub fn cgroup_v2_path(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(str::to_string)
+    text.lines().find_map(|line| line.strip_prefix("0::")).map(str::to_string)
 }
 
 /// The kernel appends " (deleted)" to the link of an unlinked executable.
@@ -360,9 +298,7 @@ struct UserNames {
 impl UserNames {
     fn load() -> Self {
         let text = fs::read_to_string("/etc/passwd").unwrap_or_default();
-        UserNames {
-            names: parse_passwd(&text),
-        }
+        UserNames { names: parse_passwd(&text) }
     }
 
     fn name(&self, uid: u32) -> Option<String> {
@@ -401,22 +337,14 @@ mod tests {
     }
 
     fn table(capacity: usize) -> ProcessTable {
-        ProcessTable::new(ProcessTableConfig {
-            capacity,
-            exited_retention: Duration::from_secs(5),
-        })
+        ProcessTable::new(ProcessTableConfig { capacity, exited_retention: Duration::from_secs(5) })
     }
 
     #[test]
     fn fork_then_exec_keeps_parent_and_ancestry() {
         let mut table = table(16);
         table.on_exec(&exec(100, "/usr/bin/parent"), "/a".into());
-        table.on_fork(&ForkEvent {
-            ktime_ns: 2,
-            parent_pid: 100,
-            child_pid: 101,
-            cgroup_id: 1,
-        });
+        table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 100, child_pid: 101, cgroup_id: 1 });
         let child = table.on_exec(&exec(101, "/bin/child"), "/a".into());
         assert_eq!(child.ppid, 100);
         assert_eq!(child.exe, "/bin/child");
@@ -429,15 +357,7 @@ mod tests {
         let mut table = table(16);
         table.on_exec(&exec(7, "/bin/true"), "/".into());
         let start = Instant::now();
-        table.on_exit(
-            &ExitEvent {
-                ktime_ns: 3,
-                pid: 7,
-                tid: 7,
-                exit_code: Some(0),
-            },
-            start,
-        );
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 7, tid: 7, exit_code: Some(0) }, start);
         assert!(table.get(7).is_some());
         table.expire(start + Duration::from_secs(6));
         assert!(table.get(7).is_none());
@@ -447,21 +367,8 @@ mod tests {
     fn thread_exit_removes_only_the_thread() {
         let mut table = table(16);
         table.on_exec(&exec(10, "/bin/server"), "/".into());
-        table.on_fork(&ForkEvent {
-            ktime_ns: 2,
-            parent_pid: 10,
-            child_pid: 11,
-            cgroup_id: 1,
-        });
-        table.on_exit(
-            &ExitEvent {
-                ktime_ns: 3,
-                pid: 10,
-                tid: 11,
-                exit_code: None,
-            },
-            Instant::now(),
-        );
+        table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 10, child_pid: 11, cgroup_id: 1 });
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 10, tid: 11, exit_code: None }, Instant::now());
         assert!(table.get(11).is_none());
         assert!(table.get(10).is_some());
     }
@@ -471,15 +378,7 @@ mod tests {
         let mut table = table(2);
         table.on_exec(&exec(1, "/a"), "/".into());
         table.on_exec(&exec(2, "/b"), "/".into());
-        table.on_exit(
-            &ExitEvent {
-                ktime_ns: 3,
-                pid: 2,
-                tid: 2,
-                exit_code: None,
-            },
-            Instant::now(),
-        );
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 2, tid: 2, exit_code: None }, Instant::now());
         table.on_exec(&exec(3, "/c"), "/".into());
         assert!(table.get(1).is_some());
         assert!(table.get(2).is_none());
@@ -492,42 +391,24 @@ mod tests {
         let mut table = table(16);
         let start = Instant::now();
         table.on_exec(&exec(5, "/old"), "/".into());
-        table.on_exit(
-            &ExitEvent {
-                ktime_ns: 3,
-                pid: 5,
-                tid: 5,
-                exit_code: None,
-            },
-            start,
-        );
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 5, tid: 5, exit_code: None }, start);
         table.on_exec(&exec(5, "/new"), "/".into());
         table.expire(start + Duration::from_secs(60));
-        assert_eq!(
-            table.get(5).map(|info| info.exe.clone()),
-            Some("/new".to_string())
-        );
+        assert_eq!(table.get(5).map(|info| info.exe.clone()), Some("/new".to_string()));
     }
 
     #[test]
     fn passwd_and_cgroup_parsing() {
-        let users = parse_passwd(
-            "root:x:0:0:root:/root:/bin/bash\nwww-data:x:33:33::/var/www:/usr/sbin/nologin\n",
-        );
+        let users = parse_passwd("root:x:0:0:root:/root:/bin/bash\nwww-data:x:33:33::/var/www:/usr/sbin/nologin\n");
         assert_eq!(users.get(&33).map(String::as_str), Some("www-data"));
-        assert_eq!(
-            cgroup_v2_path("12:cpu:/x\n0::/system.slice/nginx.service\n").as_deref(),
-            Some("/system.slice/nginx.service")
-        );
+        assert_eq!(cgroup_v2_path("12:cpu:/x\n0::/system.slice/nginx.service\n").as_deref(), Some("/system.slice/nginx.service"));
     }
 
     #[test]
     fn seed_reads_this_test_process() {
         let mut table = table(100_000);
         assert!(table.seed_from_proc(Path::new("/proc")) > 0);
-        let me = table
-            .get(std::process::id())
-            .expect("the test process is seeded");
+        let me = table.get(std::process::id()).expect("the test process is seeded");
         assert!(!me.exe.is_empty());
         assert_eq!(me.pid, std::process::id());
     }

@@ -65,11 +65,7 @@ struct FlowKey {
 impl FlowKey {
     fn new(client: SocketAddr, server: SocketAddr, netns: u32) -> Self {
         let loopback = client.ip().is_loopback() && server.ip().is_loopback();
-        FlowKey {
-            client,
-            server,
-            loopback_netns: if loopback { netns } else { 0 },
-        }
+        FlowKey { client, server, loopback_netns: if loopback { netns } else { 0 } }
     }
 }
 
@@ -129,27 +125,14 @@ impl SocketState {
     }
 
     /// Records the connecting end. Returns the joined flow when the accepting end was waiting.
-    pub fn on_connected(
-        &mut self,
-        pid: u32,
-        netns: u32,
-        local: SocketAddr,
-        remote: SocketAddr,
-        now: Instant,
-    ) -> Vec<JoinedFlow> {
+    pub fn on_connected(&mut self, pid: u32, netns: u32, local: SocketAddr, remote: SocketAddr, now: Instant) -> Vec<JoinedFlow> {
         let key = FlowKey::new(local, remote, netns);
         let end = PendingEnd { pid, netns };
         self.add_end(key, now, |flow| flow.client = Some(end))
     }
 
     /// Records the accepting end, attributed to the listener's owner.
-    pub fn on_accepted(
-        &mut self,
-        netns: u32,
-        local: SocketAddr,
-        remote: SocketAddr,
-        now: Instant,
-    ) -> Vec<JoinedFlow> {
+    pub fn on_accepted(&mut self, netns: u32, local: SocketAddr, remote: SocketAddr, now: Instant) -> Vec<JoinedFlow> {
         let pid = match self.listener(netns, local) {
             Some(listener) => listener.pid,
             None => {
@@ -187,19 +170,10 @@ impl SocketState {
     }
 
     pub fn stats(&self) -> SocketStats {
-        SocketStats {
-            listeners: self.listeners.len() as u64,
-            pending: self.pending.len() as u64,
-            ..self.stats.clone()
-        }
+        SocketStats { listeners: self.listeners.len() as u64, pending: self.pending.len() as u64, ..self.stats.clone() }
     }
 
-    fn add_end(
-        &mut self,
-        key: FlowKey,
-        now: Instant,
-        set_end: impl FnOnce(&mut JoinedFlow),
-    ) -> Vec<JoinedFlow> {
+    fn add_end(&mut self, key: FlowKey, now: Instant, set_end: impl FnOnce(&mut JoinedFlow)) -> Vec<JoinedFlow> {
         if let Some(mut pending) = self.pending.remove(&key) {
             set_end(&mut pending.flow);
             if pending.flow.client.is_some() && pending.flow.server.is_some() {
@@ -222,12 +196,7 @@ impl SocketState {
                 }
             }
         }
-        let mut flow = JoinedFlow {
-            client_addr: key.client,
-            server_addr: key.server,
-            client: None,
-            server: None,
-        };
+        let mut flow = JoinedFlow { client_addr: key.client, server_addr: key.server, client: None, server: None };
         set_end(&mut flow);
         let deadline = now + self.join_window;
         self.pending.insert(key, Pending { deadline, flow });
@@ -252,23 +221,8 @@ mod tests {
     fn both_ends_join_into_one_flow() {
         let mut state = state();
         let now = Instant::now();
-        assert!(state.on_listen(
-            1,
-            Listener {
-                pid: 20,
-                addr: addr("0.0.0.0:5432"),
-                netns: 2
-            }
-        ));
-        assert!(state
-            .on_connected(
-                10,
-                1,
-                addr("198.18.0.2:40000"),
-                addr("198.18.0.3:5432"),
-                now
-            )
-            .is_empty());
+        assert!(state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:5432"), netns: 2 }));
+        assert!(state.on_connected(10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:5432"), now).is_empty());
         let joined = state.on_accepted(2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
         assert_eq!(joined.len(), 1);
         assert_eq!(joined[0].client, Some(PendingEnd { pid: 10, netns: 1 }));
@@ -281,17 +235,8 @@ mod tests {
     fn accepted_first_still_joins() {
         let mut state = state();
         let now = Instant::now();
-        state.on_listen(
-            1,
-            Listener {
-                pid: 20,
-                addr: addr("[::]:443"),
-                netns: 2,
-            },
-        );
-        assert!(state
-            .on_accepted(2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now)
-            .is_empty());
+        state.on_listen(1, Listener { pid: 20, addr: addr("[::]:443"), netns: 2 });
+        assert!(state.on_accepted(2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now).is_empty());
         let joined = state.on_connected(10, 1, addr("[fd00::2]:5000"), addr("[fd00::3]:443"), now);
         assert_eq!(joined.len(), 1);
     }
@@ -301,9 +246,7 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         state.on_connected(10, 1, addr("198.18.0.2:40000"), addr("198.18.9.9:443"), now);
-        assert!(state
-            .flush_expired(now + Duration::from_millis(50))
-            .is_empty());
+        assert!(state.flush_expired(now + Duration::from_millis(50)).is_empty());
         let flushed = state.flush_expired(now + Duration::from_millis(150));
         assert_eq!(flushed.len(), 1);
         assert_eq!(flushed[0].server, None);
@@ -315,21 +258,14 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         state.on_connected(10, 1, addr("127.0.0.1:40000"), addr("127.0.0.1:80"), now);
-        assert!(state
-            .on_accepted(2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now)
-            .is_empty());
+        assert!(state.on_accepted(2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now).is_empty());
         assert_eq!(state.flush_expired(now + Duration::from_secs(1)).len(), 2);
     }
 
     #[test]
     fn accepted_without_listener_is_counted() {
         let mut state = state();
-        state.on_accepted(
-            2,
-            addr("198.18.0.3:22"),
-            addr("198.18.0.2:1"),
-            Instant::now(),
-        );
+        state.on_accepted(2, addr("198.18.0.3:22"), addr("198.18.0.2:1"), Instant::now());
         assert_eq!(state.stats().accepted_without_listener, 1);
     }
 
@@ -338,13 +274,7 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         for port in 0..4 {
-            state.on_connected(
-                10,
-                1,
-                addr(&format!("198.18.0.2:{}", 4000 + port)),
-                addr("198.18.9.9:443"),
-                now,
-            );
+            state.on_connected(10, 1, addr(&format!("198.18.0.2:{}", 4000 + port)), addr("198.18.9.9:443"), now);
         }
         let out = state.on_connected(10, 1, addr("198.18.0.2:5000"), addr("198.18.9.9:443"), now);
         assert_eq!(out.len(), 1);
@@ -355,14 +285,7 @@ mod tests {
     #[test]
     fn closed_listener_is_forgotten() {
         let mut state = state();
-        state.on_listen(
-            9,
-            Listener {
-                pid: 20,
-                addr: addr("0.0.0.0:80"),
-                netns: 2,
-            },
-        );
+        state.on_listen(9, Listener { pid: 20, addr: addr("0.0.0.0:80"), netns: 2 });
         state.on_close(9);
         assert!(state.listener(2, addr("198.18.0.3:80")).is_none());
     }
