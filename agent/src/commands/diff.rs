@@ -64,7 +64,9 @@ impl Surface {
     pub fn from_model(model: &Model) -> Surface {
         let mut surface = Surface::default();
         for flow in &model.flows {
-            surface.flows.insert(format!("{} -> {} {}/{}", flow.from, flow.to, flow.protocol.as_str(), flow.port));
+            for port in &flow.ports {
+                surface.flows.insert(format!("{} -> {} {}/{port}", flow.from, flow.to, flow.protocol.as_str()));
+            }
         }
         for component in &model.components {
             for listen in &component.listens {

@@ -39,7 +39,9 @@ impl ModelLocations {
             .flows
             .iter()
             .filter(|flow| flow.line > 0)
-            .map(|flow| ((flow.from.clone(), flow.to.clone(), flow.port), region(flow.line, None)))
+            .flat_map(|flow| {
+                flow.ports.iter().map(move |port| ((flow.from.clone(), flow.to.clone(), *port), region(flow.line, None)))
+            })
             .collect();
         ModelLocations { components, flows }
     }
