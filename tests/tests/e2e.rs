@@ -393,6 +393,24 @@ flows: []
 ";
 
 #[test]
+fn connect_then_exec_names_the_connecting_program() {
+    let world = World::start();
+
+    // The shell connects, then replaces itself with another program within the join window.
+    let mut shell = Command::new("/bin/bash");
+    shell.args(["-c", &format!("exec 3<>/dev/tcp/{EXT_V4}/9999; exec /bin/sleep 0.3")]);
+    let mut process = world.spawn("web", Some("web"), shell);
+    process.wait_success(RUN_TIMEOUT).unwrap();
+    let pid = process.pid();
+
+    let found = world.wait_for("unexpected-flow from the shell", |d| {
+        is(d, Category::UnexpectedFlow) && process_of(d).is_some_and(|(p, _)| p == pid)
+    });
+    let (_, exe) = process_of(&found).unwrap();
+    assert!(exe.ends_with("/bash"), "the flow is credited to {exe}, not to the shell that connected");
+}
+
+#[test]
 fn lost_records_raise_telemetry_gap() {
     // One page of ring buffer holds a handful of exec records, so an exec storm overflows it.
     let world = World::start_with_agent_args(&["--ring-buffer-kib", "4"]);
