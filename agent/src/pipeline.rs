@@ -195,6 +195,9 @@ impl Pipeline {
                     }
                     self.stats.lost_records = total;
                     self.processes.expire(Instant::now());
+                    // Declared flows not seen within the engine's window come out of its tick.
+                    let unused = self.engine().tick(SystemTime::now());
+                    self.publish(unused);
                     self.publish_stats();
                 }
             }
@@ -202,6 +205,25 @@ impl Pipeline {
         // Whatever still waits for a partner goes to the engine before the pipeline stops.
         let flows = self.sockets.flush_expired(Instant::now() + self.config.join_window * 2);
         self.observe_flows(flows);
+        self.publish_stats();
+    }
+
+    /// Returns when the oldest connection end that waits for its partner stops waiting, if any.
+    pub fn next_join_deadline(&self) -> Option<Instant> {
+        self.sockets.next_deadline()
+    }
+
+    /// Hands connections whose join window has passed by `now` to the engine, each with the one end
+    /// that was seen.
+    pub fn flush_joins(&mut self, now: Instant) {
+        let flows = self.sockets.flush_expired(now);
+        self.observe_flows(flows);
+    }
+
+    /// Hands every connection end still waiting for its partner to the engine and publishes the
+    /// counters, for a caller that drives [`Pipeline::handle`] itself and has no more events.
+    pub fn finish(&mut self) {
+        self.flush_joins(Instant::now() + self.config.join_window * 2);
         self.publish_stats();
     }
 
@@ -237,13 +259,29 @@ impl Pipeline {
         let now = Instant::now();
         match tcp.kind {
             TcpEventKind::Connect => {}
-            TcpEventKind::ConnectFailed => self.stats.connect_failures += 1,
+            TcpEventKind::ConnectFailed => {
+                self.stats.connect_failures += 1;
+                let Some(process) = self.processes.get(tcp.pid) else { return };
+                // A refused or dropped attempt raises nothing by itself, but it proves a `deny` flow held.
+                let observation = FlowObservation {
+                    time: self.clock.to_system(tcp.ktime_ns),
+                    protocol: Protocol::Tcp,
+                    client: Some(process),
+                    server: None,
+                    client_addr: tcp.local,
+                    server_addr: tcp.remote,
+                    netns: tcp.netns,
+                };
+                self.engine().observe_failed_connect(&observation);
+            }
             TcpEventKind::Connected => {
-                let flows = self.sockets.on_connected(tcp.pid, tcp.netns, tcp.local, tcp.remote, now);
+                let process = self.processes.get(tcp.pid);
+                let flows = self.sockets.on_connected(process, tcp.pid, tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Accepted => {
-                let flows = self.sockets.on_accepted(tcp.netns, tcp.local, tcp.remote, now);
+                let processes = &self.processes;
+                let flows = self.sockets.on_accepted(|pid| processes.get(pid), tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Listen => {
@@ -274,8 +312,8 @@ impl Pipeline {
 
     fn observe_flow(&mut self, flow: JoinedFlow) {
         self.stats.flows += 1;
-        let client = flow.client.as_ref().filter(|end| end.pid != 0).and_then(|end| self.processes.get(end.pid));
-        let server = flow.server.as_ref().filter(|end| end.pid != 0).and_then(|end| self.processes.get(end.pid));
+        let client = flow.client.as_ref().and_then(|end| end.process.clone());
+        let server = flow.server.as_ref().and_then(|end| end.process.clone());
         if client.is_none() && server.is_none() {
             self.stats.flows_without_process += 1;
             return;

@@ -87,7 +87,9 @@ fn undeclared_flow_raises_unexpected_flow_and_crossing() {
         ids(&raised),
         [
             "unexpected-flow@web@db@tcp/5432",
-            "trust-boundary-crossing@web@db@tcp/5432"
+            "trust-boundary-crossing@web@db@tcp/5432",
+            // web is an entry point and db is critical, so the one edge is an attack path.
+            "new-attack-path@web@db@tcp/5432"
         ]
     );
     let unexpected = &raised[0];
@@ -95,7 +97,7 @@ fn undeclared_flow_raises_unexpected_flow_and_crossing() {
     assert_eq!(unexpected.stride, Stride::InformationDisclosure);
     assert_eq!(
         unexpected.summary,
-        "/bin/bash (pid 4242) in component web (by its cgroup /system.slice/nginx.service) connected to db on tcp/5432; the model declares no web -> db flow"
+        "/bin/bash (pid 4242) in component web (by its cgroup /system.slice/nginx.service) connected to db on tcp/5432; no declared web -> db flow allows tcp/5432"
     );
     assert_eq!(
         unexpected.resolution,
@@ -163,7 +165,9 @@ fn inbound_flow_source_is_zone() {
         ids(&raised),
         [
             "unexpected-flow@internet@db@tcp/5432",
-            "trust-boundary-crossing@internet@db@tcp/5432"
+            "trust-boundary-crossing@internet@db@tcp/5432",
+            // internet is an entry point and db is critical, so the one edge is an attack path.
+            "new-attack-path@internet@db@tcp/5432"
         ]
     );
     assert!(
@@ -210,7 +214,8 @@ fn crossing_toward_more_trusted_zone_is_more_severe() {
         down.severity
     );
     assert_eq!(up.severity, Severity::High);
-    assert_eq!(down.severity, Severity::Low);
+    // Toward less trust the source's criticality counts: the db holds what would leak.
+    assert_eq!(down.severity, Severity::Elevated);
     assert!(
         down.summary.ends_with("toward a less trusted zone"),
         "{}",

@@ -224,7 +224,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// Builds `driftwatch-demo-service` in release mode and returns its path.
-fn build_demo_service() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_demo_service() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     println!("building driftwatch-demo-service");
