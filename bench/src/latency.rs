@@ -1,8 +1,8 @@
 //! Latency from a kernel event to its deviation on the agent's gRPC stream.
 //!
-//! The probe runs in one cgroup of the agent's scope and `accept-server` in another, so the two
-//! ends belong to different components and a connection between them is a flow the model can
-//! leave undeclared (a flow inside one component is always allowed). For each sample the probe
+//! The probe runs in one cgroup of the agent's scope and `accept-server` in another. The two ends
+//! then belong to different components, so the model can leave their flow undeclared, which it
+//! cannot do for a flow inside one component. For each sample the probe
 //! takes a timestamp, connects to the next of the server's ports and closes, and waits until the
 //! stream delivers the deviation for that port. A fresh port per sample gives a fresh deviation
 //! id, so the agent never folds a sample into an earlier deviation's count.

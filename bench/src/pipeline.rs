@@ -1,9 +1,9 @@
 //! The agent's userspace pipeline alone, fed synthetic events: sustained throughput, the rate
 //! where loss starts, and memory after a flood and with a full observed graph.
 //!
-//! The events go through a bounded channel of the same capacity as the one between the ring
-//! buffer reader and the pipeline in the agent, and a full channel drops the event just as the
-//! reader does, so "loss" here is the loss the agent would count as `telemetry_channel_drops`.
+//! The events go through a bounded channel of the capacity the agent uses between its ring buffer
+//! reader and the pipeline. A full channel drops the event just as the reader does, so "loss"
+//! here is what the agent would count as `telemetry_channel_drops`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

@@ -64,8 +64,8 @@ pub fn exec_storm(args: &ExecStormArgs) -> anyhow::Result<String> {
 /// Runs `count` connect/accept/close cycles on 127.0.0.1 and returns the elapsed time as JSON.
 ///
 /// The server closes first and the client waits for that end of file, so every connection is
-/// fully opened and closed before the next starts, and the TIME_WAIT sockets sit on the server
-/// side where they do not hold the client's ephemeral ports.
+/// fully opened and closed before the next starts. The TIME_WAIT sockets then sit on the server
+/// side, where they do not hold the client's ephemeral ports.
 pub fn connect_storm(args: &ConnectStormArgs) -> anyhow::Result<String> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("failed to listen on 127.0.0.1")?;
     let address = listener.local_addr()?;

@@ -4,7 +4,7 @@
 //! host, with auditd auditing execve and connect/accept, and with a bpftrace script that only
 //! counts on the tracepoints driftwatch uses. Every round runs each configuration once, in an
 //! order that rotates from round to round, so load from other work on the machine hits them
-//! alike; the ratios are taken per round against that round's run without an observer.
+//! alike. Each ratio compares a run with the same round's run without an observer.
 //!
 //! The rest measures the agent alone: the userspace pipeline's throughput and loss point,
 //! latency from a connect to its deviation on the gRPC stream, and memory with many live
@@ -17,6 +17,7 @@ mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context};
 
@@ -25,7 +26,8 @@ use crate::build::{self, BuildOptions};
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchOptions {
-    /// Small storms and two rounds, for checking that the benchmark works (about 5 minutes).
+    /// Small storms and two rounds, for checking that the benchmark works (about a minute once
+    /// everything is built).
     #[arg(long)]
     pub quick: bool,
     /// Rounds of the overhead comparison (default 5, quick 2).
@@ -96,6 +98,7 @@ pub struct Setup {
 /// Runs the benchmark; see the module documentation.
 pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
     build::require_root("the benchmark loads eBPF programs, starts auditd and creates cgroups")?;
+    install_interrupt_handler()?;
     crate::prereq::ensure_tools()?;
     let plan = Plan::from_options(options);
     let agent = build::build_all(&BuildOptions { debug: false })?.agent;
@@ -130,6 +133,36 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    // Only an atomic store: anything more is not async-signal-safe.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes Ctrl-C and SIGTERM set a flag that the benchmark checks between steps, so it fails
+/// like on any other error and its guards stop the observers and remove the audit rules.
+/// The observers run in process groups of their own, so the terminal's Ctrl-C reaches only this
+/// process and the storm it runs.
+fn install_interrupt_handler() -> anyhow::Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let previous = unsafe { libc::signal(signal, on_signal as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t) };
+        if previous == libc::SIG_ERR {
+            bail!("failed to install a handler for signal {signal}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Fails with "interrupted" once Ctrl-C or SIGTERM arrived.
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 /// Builds `driftwatch-bench` in release mode and returns its path.
 fn build_bench_binary() -> anyhow::Result<PathBuf> {
     let root = build::workspace_root();
@@ -154,6 +187,7 @@ fn build_bench_binary() -> anyhow::Result<PathBuf> {
 
 /// Runs `bench` with `args`, waits for it, and parses the JSON object it prints last.
 pub fn run_bench_binary(bench: &Path, args: &[String]) -> anyhow::Result<serde_json::Value> {
+    check_interrupted()?;
     let output = Command::new(bench)
         .args(args)
         .stderr(std::process::Stdio::inherit())

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use driftwatch_e2e::stream;
 
-use super::Setup;
+use super::{check_interrupted, Setup};
 
 /// One configuration of the overhead comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +256,7 @@ impl Running {
     fn start_driftwatch(&mut self, setup: &Setup) -> anyhow::Result<()> {
         let ready = self.dir.join("ready");
         let log = File::create(self.dir.join("agent.log"))?;
-        // Not scoped: like a real deployment, the agent sees every process on the host.
+        // Not scoped: like a real deployment, the agent observes every process on the host.
         let child = Command::new(&setup.agent)
             .arg("agent")
             .arg("--model")
@@ -265,6 +266,7 @@ impl Running {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            .process_group(0)
             .spawn()
             .with_context(|| format!("failed to start {}", setup.agent.display()))?;
         self.child = Some(child);
@@ -294,6 +296,7 @@ impl Running {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            .process_group(0)
             .spawn()
             .context("failed to start auditd")?;
         let pid = child.id().to_string();
@@ -316,6 +319,7 @@ impl Running {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            .process_group(0)
             .spawn()
             .context("failed to start bpftrace")?;
         self.child = Some(child);
@@ -329,6 +333,7 @@ impl Running {
     fn wait_for_start(&mut self, mut ready: impl FnMut() -> Option<String>) -> anyhow::Result<String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
+            check_interrupted()?;
             if let Some(value) = ready() {
                 return Ok(value);
             }
@@ -384,6 +389,7 @@ impl Running {
         let deadline = Instant::now() + CATCH_UP_TIMEOUT;
         loop {
             std::thread::sleep(Duration::from_millis(1_100));
+            check_interrupted()?;
             let handled = value(&stream::status(api)?, "pipeline_events");
             if handled >= sent {
                 return Ok(());
@@ -402,6 +408,7 @@ impl Running {
         let mut empty_readings = 0;
         while empty_readings < 2 {
             std::thread::sleep(Duration::from_millis(250));
+            check_interrupted()?;
             let backlog: u64 = audit_status()?.get("backlog").and_then(|value| value.parse().ok()).unwrap_or(0);
             empty_readings = if backlog == 0 { empty_readings + 1 } else { 0 };
             if Instant::now() >= deadline {
@@ -549,7 +556,7 @@ pub fn ticks_to_ms(ticks: u64) -> f64 {
     ticks as f64 * 1000.0 / per_second
 }
 
-/// A `kB` field such as VmRSS or VmHWM from /proc/PID/status.
+/// Reads a `kB` field such as VmRSS or VmHWM from /proc/PID/status.
 pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|line| line.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())

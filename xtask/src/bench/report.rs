@@ -93,7 +93,7 @@ impl Results {
         })
     }
 
-    /// The whole table as Markdown, which reads as well in a terminal as on the docs page.
+    /// Formats the whole table as Markdown, which reads as well in a terminal as on the docs page.
     pub fn table(&self) -> String {
         self.markdown()
     }
@@ -101,7 +101,7 @@ impl Results {
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         let plan = &self.plan;
-        let _ = writeln!(out, "Run: {}{}", self.machine.describe(), if plan.quick { " (--quick)" } else { "" });
+        let _ = writeln!(out, "Run: {}{}\n", self.machine.describe(), if plan.quick { " (--quick)" } else { "" });
         let _ = writeln!(
             out,
             "Storms: {} fork+exec of /bin/true, {} loopback connect/accept/close; {} rounds, configurations interleaved.\n",
