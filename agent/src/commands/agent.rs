@@ -95,12 +95,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
     let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info));
-    let listener = ApiListener::bind(&args.api).await.with_context(|| format!("failed to listen on {}", args.api))?;
+    // The listener's own error names the address.
+    let listener = ApiListener::bind(&args.api).await?;
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
-        write_ready_file(path, &address.to_string())?;
+        if let Err(error) = write_ready_file(path, &address.to_string()) {
+            // Stop the server first so that it removes its socket file.
+            cancel.cancel();
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, server_task).await;
+            return Err(error);
+        }
     }
 
     wait_for_stop_signal(|| reload_model(&args.model, &shared, &view)).await?;
