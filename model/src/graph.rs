@@ -387,21 +387,25 @@ impl ObservedGraph {
         if max_hops == 0 {
             return Vec::new();
         }
-        let upstream = self.walk(start, Direction::Incoming, max_hops - 1);
+        // Downstream first: most new edges reach no critical component, and then the walk
+        // upstream, which can cover most of the graph, is not needed at all.
         let downstream = self.walk(end, Direction::Outgoing, max_hops - 1);
-
+        let mut targets: Vec<(&str, usize, NodeIndex)> = downstream
+            .iter()
+            .filter(|(node, _)| is_target(&self.graph[**node].id))
+            .map(|(node, (depth, _))| (self.graph[*node].id.as_str(), *depth, *node))
+            .collect();
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        targets.sort();
+        let upstream = self.walk(start, Direction::Incoming, max_hops - 1);
         let mut entries: Vec<(usize, &str, NodeIndex)> = upstream
             .iter()
             .filter(|(node, _)| is_entry(&self.graph[**node].id))
             .map(|(node, (depth, _))| (*depth, self.graph[*node].id.as_str(), *node))
             .collect();
         entries.sort();
-        let mut targets: Vec<(&str, usize, NodeIndex)> = downstream
-            .iter()
-            .filter(|(node, _)| is_target(&self.graph[**node].id))
-            .map(|(node, (depth, _))| (self.graph[*node].id.as_str(), *depth, *node))
-            .collect();
-        targets.sort();
 
         let mut paths = Vec::new();
         for (target_id, target_depth, target) in targets {
