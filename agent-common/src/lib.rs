@@ -54,6 +54,8 @@ pub const GLOBAL_OFFSET_SKC_NET: &str = "OFFSET_SKC_NET";
 pub const GLOBAL_OFFSET_NET_INUM: &str = "OFFSET_NET_INUM";
 /// `u32`: 1 when the two offsets above are valid; the network namespace is reported as 0 otherwise.
 pub const GLOBAL_NETNS_OFFSETS_VALID: &str = "NETNS_OFFSETS_VALID";
+/// [`KernelOffsets`]: task, file and TCP socket member offsets from the running kernel's BTF.
+pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 
 /// Every global variable the loader sets before the programs load.
 pub const GLOBALS: &[&str] = &[
@@ -64,6 +66,7 @@ pub const GLOBALS: &[&str] = &[
     GLOBAL_OFFSET_SKC_NET,
     GLOBAL_OFFSET_NET_INUM,
     GLOBAL_NETNS_OFFSETS_VALID,
+    GLOBAL_KERNEL_OFFSETS,
 ];
 
 /// One tracepoint program: its function name in the eBPF object and where it attaches.
@@ -222,6 +225,35 @@ pub const EXEC_FLAG_ARGV_MISSING: u32 = 2;
 /// [`ExecRecord::flags`] bit: the filename was longer than [`FILENAME_BYTES`] and was cut.
 pub const EXEC_FLAG_FILENAME_TRUNCATED: u32 = 4;
 
+/// [`ExecRecord::flags`] bit: the executable file had no name left in any directory when the
+/// record was written (a memfd, or a file unlinked before or during the exec).
+pub const EXEC_FLAG_EXE_UNLINKED: u32 = 8;
+/// [`ExecRecord::flags`] bit: the executable file could not be read through the task
+/// ([`KernelOffsets`] missing or a read failed), so `exe_name` is empty and
+/// [`EXEC_FLAG_EXE_UNLINKED`] means nothing.
+pub const EXEC_FLAG_EXE_UNKNOWN: u32 = 16;
+/// [`ExecRecord::flags`] bit: `parent_tgid` and the start times could not be read.
+pub const EXEC_FLAG_LINEAGE_UNKNOWN: u32 = 32;
+
+/// Bytes of the executable's own file name (the last path component) captured.
+pub const EXE_NAME_BYTES: usize = 64;
+
+/// Where a process comes from, read from its task in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Lineage {
+    /// tgid of the task's current parent (`real_parent`), which the kernel updates when the
+    /// parent exits and the task is reparented; 0 when not known.
+    pub parent_tgid: u32,
+    pub _reserved: u32,
+    /// Start of the process (its thread group leader), nanoseconds since boot including suspend,
+    /// as `/proc/<pid>/stat` reports it in clock ticks; with the tgid it names one process even
+    /// after the pid is reused.
+    pub start_boottime_ns: u64,
+    /// The same for the parent process.
+    pub parent_start_boottime_ns: u64,
+}
+
 /// A successful exec (`sched:sched_process_exec`).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -240,6 +272,14 @@ pub struct ExecRecord {
     pub comm: [u8; COMM_BYTES],
     pub filename: [u8; FILENAME_BYTES],
     pub argv: [u8; ARGV_CAPTURE_BYTES],
+    pub lineage: Lineage,
+    /// Number of bytes of `exe_name`, without the trailing NUL.
+    pub exe_name_len: u32,
+    pub _reserved2: u32,
+    /// Directory entry name of the file the process now runs (`memfd:<name>` for a memfd, the
+    /// interpreter's name for a script): the file the kernel mapped, which `filename` does not
+    /// name after `fexecve` or for a script.
+    pub exe_name: [u8; EXE_NAME_BYTES],
 }
 
 /// A new task (`sched:sched_process_fork`); `header.pid` is the parent's tgid.
@@ -263,6 +303,7 @@ pub struct ExitRecord {
     /// 1 when this was the last thread of the process.
     pub group_dead: u32,
     pub _reserved: u32,
+    pub lineage: Lineage,
 }
 
 /// TCP event type, stored in [`TcpRecord::event`].
@@ -321,6 +362,57 @@ pub struct TcpRecord {
     pub saddr: [u8; 16],
     /// Remote address, same layout as `saddr`.
     pub daddr: [u8; 16],
+    /// Payload bytes sent, each once (`tcp_sock.bytes_sent - bytes_retrans`), counted by the
+    /// kernel's TCP stack; final in a [`TcpKind::Close`] record. 0 when the offsets are unknown.
+    pub bytes_sent: u64,
+    /// Payload bytes received (`tcp_sock.bytes_received`, less the sequence number a received
+    /// FIN takes), the same way.
+    pub bytes_received: u64,
+    /// The socket's pending error (`sock.sk_err`): `ECONNREFUSED` after a reset answered the SYN,
+    /// `ETIMEDOUT` after the SYN retries ran out; 0 when none or unknown.
+    pub sk_err: i32,
+    /// `TCP_FLAG_*` bits.
+    pub flags: u32,
+    /// The owning process's lineage, for records written in its context (Connect, Listen).
+    pub lineage: Lineage,
+}
+
+/// [`TcpRecord::flags`] bit: the calling process runs an executable that has no name left in any
+/// directory (deleted after it started, or a memfd). Only set in Connect and Listen records.
+pub const TCP_FLAG_EXE_UNLINKED: u32 = 1;
+/// [`TcpRecord::flags`] bit: `bytes_sent`, `bytes_received` and `sk_err` were read.
+pub const TCP_FLAG_SOCKET_READ: u32 = 2;
+
+/// Member offsets in kernel structs, resolved from the running kernel's BTF at start-up and
+/// passed to the programs as [`GLOBAL_KERNEL_OFFSETS`]. A group whose `*_valid` field is 0 is
+/// not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct KernelOffsets {
+    /// 1 when the `task_*` offsets are valid.
+    pub task_valid: u32,
+    pub task_real_parent: u32,
+    pub task_group_leader: u32,
+    pub task_tgid: u32,
+    pub task_start_boottime: u32,
+    /// 1 when the executable file offsets (`task_mm` to `inode_nlink`) are valid.
+    pub exe_valid: u32,
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    /// `file.f_path.dentry`.
+    pub file_dentry: u32,
+    /// `dentry.d_name.name`.
+    pub dentry_name: u32,
+    pub dentry_inode: u32,
+    pub inode_nlink: u32,
+    /// 1 when the TCP socket offsets are valid.
+    pub tcp_valid: u32,
+    pub tcp_bytes_sent: u32,
+    pub tcp_bytes_retrans: u32,
+    pub tcp_bytes_received: u32,
+    pub sock_err: u32,
+    /// `sock.sk_shutdown`, a byte on the kernels that have the counters above.
+    pub sock_shutdown: u32,
 }
 
 /// Argv captured at `execve` entry, the value type of [`MAP_EXEC_ARGS`].
@@ -446,11 +538,15 @@ impl Counter {
 // The decoder and the kernel programs depend on these exact sizes; a field added without updating
 // both sides fails the build here.
 const _: () = assert!(size_of::<RecordHeader>() == 32);
-const _: () =
-    assert!(size_of::<ExecRecord>() == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES);
+const _: () = assert!(
+    size_of::<ExecRecord>()
+        == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES + 24 + 8 + EXE_NAME_BYTES
+);
 const _: () = assert!(size_of::<ForkRecord>() == 40);
-const _: () = assert!(size_of::<ExitRecord>() == 48);
-const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32);
+const _: () = assert!(size_of::<ExitRecord>() == 48 + 24);
+const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32 + 24 + 24);
+const _: () = assert!(size_of::<Lineage>() == 24);
+const _: () = assert!(size_of::<KernelOffsets>() == 18 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<SockOwner>() == 8);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
@@ -473,4 +569,6 @@ mod user {
     unsafe impl aya::Pod for SockOwner {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerOwner {}
+    unsafe impl aya::Pod for Lineage {}
+    unsafe impl aya::Pod for KernelOffsets {}
 }

@@ -224,6 +224,9 @@ impl Pipeline {
             }
             Event::Exit(exit) => {
                 self.stats.exits += 1;
+                if let (Some(lineage), true) = (exit.lineage, exit.pid == exit.tid) {
+                    self.processes.observe_lineage(exit.pid, lineage);
+                }
                 self.processes.on_exit(&exit, Instant::now());
             }
             Event::Tcp(tcp) => {
@@ -235,6 +238,14 @@ impl Pipeline {
 
     fn handle_tcp(&mut self, tcp: TcpEvent) {
         let now = Instant::now();
+        // Connect and Listen run in the owner's context, which the kernel program read: its
+        // current parent and whether its executable is still on disk.
+        if let Some(lineage) = tcp.lineage {
+            self.processes.observe_lineage(tcp.pid, lineage);
+        }
+        if tcp.exe_unlinked {
+            self.processes.mark_exe_deleted(tcp.pid);
+        }
         match tcp.kind {
             TcpEventKind::Connect => {}
             TcpEventKind::ConnectFailed => self.stats.connect_failures += 1,

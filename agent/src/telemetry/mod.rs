@@ -181,20 +181,12 @@ impl Telemetry {
             Some(path) => Some(resolve_scope(path)?),
             None => None,
         };
-        let netns_offsets = match btf::netns_offsets(Path::new(btf::VMLINUX_BTF)) {
-            Ok(offsets) => Some(offsets),
-            Err(error) => {
-                tracing::warn!(
-                    error = %error,
-                    "cannot resolve socket struct offsets from kernel BTF; TCP events carry netns 0"
-                );
-                None
-            }
-        };
+        let (netns_offsets, kernel_offsets) = resolve_offsets(Path::new(btf::VMLINUX_BTF));
         let parameters = loader::LoadParameters {
             agent_tgid: std::process::id(),
             scope: scope.as_ref(),
             netns_offsets,
+            kernel_offsets,
             ring_buffer_bytes: config.ring_buffer_bytes,
         };
         let (mut ebpf, hooks) = loader::load(&parameters)?;
@@ -312,6 +304,39 @@ impl Drop for Telemetry {
         // and ends on the cancellation.
         self.cancel.cancel();
     }
+}
+
+/// Reads the struct offsets the programs need from the kernel's BTF. Whatever cannot be resolved
+/// is left out with a warning naming what the events then lack.
+fn resolve_offsets(path: &Path) -> (Option<btf::NetnsOffsets>, agent_common::KernelOffsets) {
+    let parsed = match btf::Btf::from_file(path) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "cannot read kernel BTF; events carry no netns, parent, executable file or byte counts"
+            );
+            return (None, agent_common::KernelOffsets::default());
+        }
+    };
+    let netns = match btf::netns_offsets_in(&parsed) {
+        Ok(offsets) => Some(offsets),
+        Err(error) => {
+            tracing::warn!(
+                error = %error,
+                "cannot resolve socket struct offsets from kernel BTF; TCP events carry netns 0"
+            );
+            None
+        }
+    };
+    let (offsets, errors) = btf::kernel_offsets(&parsed);
+    for error in errors {
+        tracing::warn!(
+            %error,
+            "cannot resolve a kernel struct offset; the matching fields of events stay empty"
+        );
+    }
+    (netns, offsets)
 }
 
 fn resolve_scope(path: &Path) -> Result<CgroupScope, TelemetryError> {
