@@ -165,9 +165,15 @@ impl Pipeline {
         }
     }
 
-    /// Seeds the process table from /proc; call before the first event.
+    /// Seeds the process table, and the listeners that were open before the agent started, from
+    /// /proc; call before the first event. Returns the number of processes.
     pub fn seed_processes(&mut self) -> usize {
-        self.processes.seed_from_proc(std::path::Path::new("/proc"))
+        let proc_root = std::path::Path::new("/proc");
+        let processes = self.processes.seed_from_proc(proc_root);
+        let sockets = crate::state::seed::scan_tcp_sockets(proc_root);
+        let listeners = self.sockets.seed_listeners(&sockets);
+        tracing::info!(listeners, sockets = sockets.len(), "seeded listeners opened before the agent");
+        processes
     }
 
     /// Handles events until `cancel` fires or the event channel closes.
