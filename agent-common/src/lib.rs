@@ -13,7 +13,8 @@
 
 use core::mem::size_of;
 
-/// Ring buffer holding every record ([`ExecRecord`], [`ForkRecord`], [`ExitRecord`], [`TcpRecord`]).
+/// Ring buffer holding every record ([`ExecRecord`], [`ForkRecord`], [`ExitRecord`], [`TcpRecord`],
+/// [`CredRecord`]).
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Per-CPU array of `u64` loss counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -138,6 +139,48 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         tracepoint: "inet_sock_set_state",
         required: true,
     },
+    ProgramSpec {
+        name: "sys_exit_setuid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setuid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setgid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setgid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setreuid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setreuid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setregid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setregid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setresuid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setresuid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setresgid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setresgid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_capset",
+        category: "syscalls",
+        tracepoint: "sys_exit_capset",
+        required: false,
+    },
 ];
 
 /// Every symbol the BPF link step must keep: programs, then maps, then globals.
@@ -180,6 +223,7 @@ pub enum RecordKind {
     Fork = 2,
     Exit = 3,
     Tcp = 4,
+    Credentials = 5,
 }
 
 /// A `kind` number that no [`RecordKind`] has.
@@ -195,6 +239,7 @@ impl TryFrom<u32> for RecordKind {
             2 => Ok(Self::Fork),
             3 => Ok(Self::Exit),
             4 => Ok(Self::Tcp),
+            5 => Ok(Self::Credentials),
             other => Err(UnknownValue(other)),
         }
     }
@@ -280,6 +325,10 @@ pub struct ExecRecord {
     /// interpreter's name for a script): the file the kernel mapped, which `filename` does not
     /// name after `fexecve` or for a script.
     pub exe_name: [u8; EXE_NAME_BYTES],
+    /// Process id inside the task's own pid namespace; 0 when unknown.
+    pub ns_pid: u32,
+    /// Depth of that pid namespace, 0 for the host's.
+    pub ns_level: u32,
 }
 
 /// A new task (`sched:sched_process_fork`); `header.pid` is the parent's tgid.
@@ -413,6 +462,73 @@ pub struct KernelOffsets {
     pub sock_err: u32,
     /// `sock.sk_shutdown`, a byte on the kernels that have the counters above.
     pub sock_shutdown: u32,
+    /// 1 when the pid namespace offsets are valid.
+    pub pid_valid: u32,
+    pub task_thread_pid: u32,
+    /// `pid.level`: depth of the task's pid namespace (0 for the initial one).
+    pub pid_level: u32,
+    /// `pid.numbers`, an array of `struct upid`, one per level.
+    pub pid_numbers: u32,
+    pub upid_nr: u32,
+    pub upid_size: u32,
+    /// 1 when the credential offsets are valid.
+    pub cred_valid: u32,
+    /// `task_struct.cred`, the credentials the task acts with.
+    pub task_cred: u32,
+    pub cred_uid: u32,
+    pub cred_euid: u32,
+    pub cred_gid: u32,
+    pub cred_egid: u32,
+    pub cred_cap_effective: u32,
+    pub _reserved: u32,
+}
+
+/// System call that changed credentials, stored in [`CredRecord::syscall`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CredSyscall {
+    Setuid = 1,
+    Setgid = 2,
+    Setreuid = 3,
+    Setregid = 4,
+    Setresuid = 5,
+    Setresgid = 6,
+    Capset = 7,
+}
+
+impl TryFrom<u32> for CredSyscall {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Setuid),
+            2 => Ok(Self::Setgid),
+            3 => Ok(Self::Setreuid),
+            4 => Ok(Self::Setregid),
+            5 => Ok(Self::Setresuid),
+            6 => Ok(Self::Setresgid),
+            7 => Ok(Self::Capset),
+            other => Err(UnknownValue(other)),
+        }
+    }
+}
+
+/// A successful credential change, written at the system call's exit with the credentials the
+/// task has afterwards.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct CredRecord {
+    pub header: RecordHeader,
+    /// A [`CredSyscall`] number.
+    pub syscall: u32,
+    /// 1 when the fields below were read; 0 when the credential offsets are unknown.
+    pub read: u32,
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub egid: u32,
+    /// Effective capability bits.
+    pub cap_effective: u64,
 }
 
 /// Argv captured at `execve` entry, the value type of [`MAP_EXEC_ARGS`].
@@ -485,10 +601,12 @@ pub enum Counter {
     /// `inet_sock_set_state`: the listener map was full, so accepts on that port are not reported
     /// under a cgroup scope.
     TcpListenerMapFull = 8,
+    /// `sys_exit_set*id`, `sys_exit_capset`: the ring buffer was full.
+    CredRingBufferFull = 9,
 }
 
 /// Number of [`Counter`] values, the size of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
 
 impl Counter {
     /// Every counter, in index order.
@@ -502,6 +620,7 @@ impl Counter {
         Counter::TcpRingBufferFull,
         Counter::TcpSocketMapFull,
         Counter::TcpListenerMapFull,
+        Counter::CredRingBufferFull,
     ];
 
     /// Returns the program that increments the counter (`sys_enter_execve` also stands for
@@ -516,6 +635,7 @@ impl Counter {
             Counter::TcpRingBufferFull
             | Counter::TcpSocketMapFull
             | Counter::TcpListenerMapFull => "inet_sock_set_state",
+            Counter::CredRingBufferFull => "sys_exit_setuid",
         }
     }
 
@@ -527,7 +647,8 @@ impl Counter {
             Counter::ExecRingBufferFull
             | Counter::ForkRingBufferFull
             | Counter::ExitRingBufferFull
-            | Counter::TcpRingBufferFull => "ring_buffer_full",
+            | Counter::TcpRingBufferFull
+            | Counter::CredRingBufferFull => "ring_buffer_full",
             Counter::ExitCodeStashFull => "exit_status_map_full",
             Counter::TcpSocketMapFull => "socket_owner_map_full",
             Counter::TcpListenerMapFull => "listener_map_full",
@@ -540,13 +661,14 @@ impl Counter {
 const _: () = assert!(size_of::<RecordHeader>() == 32);
 const _: () = assert!(
     size_of::<ExecRecord>()
-        == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES + 24 + 8 + EXE_NAME_BYTES
+        == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES + 24 + 8 + EXE_NAME_BYTES + 8
 );
 const _: () = assert!(size_of::<ForkRecord>() == 40);
 const _: () = assert!(size_of::<ExitRecord>() == 48 + 24);
 const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32 + 24 + 24);
 const _: () = assert!(size_of::<Lineage>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 18 * 4);
+const _: () = assert!(size_of::<CredRecord>() == 32 + 32);
+const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<SockOwner>() == 8);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
@@ -570,5 +692,6 @@ mod user {
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerOwner {}
     unsafe impl aya::Pod for Lineage {}
+    unsafe impl aya::Pod for CredRecord {}
     unsafe impl aya::Pod for KernelOffsets {}
 }

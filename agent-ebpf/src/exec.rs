@@ -241,6 +241,9 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
             }
             None => flags |= EXEC_FLAG_EXE_UNKNOWN,
         }
+        let (ns_pid, ns_level) = kernel::namespace_pid(task).unwrap_or((0, 0));
+        (*record).ns_pid = ns_pid;
+        (*record).ns_level = ns_level;
         (*record).flags = flags;
     }
     entry.submit(0);

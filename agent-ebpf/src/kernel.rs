@@ -139,3 +139,41 @@ pub fn tcp_socket_counters(sock: u64) -> Option<(u64, u64, i32)> {
     }
     Some((sent.saturating_sub(retransmitted), received, error as i32))
 }
+
+/// Process id of `task` inside its own pid namespace, and that namespace's depth.
+#[inline(always)]
+pub fn namespace_pid(task: u64) -> Option<(u32, u32)> {
+    let offsets = offsets();
+    if offsets.pid_valid == 0 || task == 0 {
+        return None;
+    }
+    let pid = read_u64(task + u64::from(offsets.task_thread_pid))?;
+    let level = read_u32(pid + u64::from(offsets.pid_level))?;
+    // pid namespaces nest at most 32 deep (MAX_PID_NS_LEVEL).
+    if level > 32 {
+        return None;
+    }
+    let entry = pid
+        + u64::from(offsets.pid_numbers)
+        + u64::from(level) * u64::from(offsets.upid_size)
+        + u64::from(offsets.upid_nr);
+    let nr = read_u32(entry)?;
+    Some((nr, level))
+}
+
+/// Real and effective user and group ids and effective capabilities of `task`.
+#[inline(always)]
+pub fn credentials(task: u64) -> Option<(u32, u32, u32, u32, u64)> {
+    let offsets = offsets();
+    if offsets.cred_valid == 0 || task == 0 {
+        return None;
+    }
+    let cred = read_u64(task + u64::from(offsets.task_cred))?;
+    Some((
+        read_u32(cred + u64::from(offsets.cred_uid))?,
+        read_u32(cred + u64::from(offsets.cred_euid))?,
+        read_u32(cred + u64::from(offsets.cred_gid))?,
+        read_u32(cred + u64::from(offsets.cred_egid))?,
+        read_u64(cred + u64::from(offsets.cred_cap_effective))?,
+    ))
+}

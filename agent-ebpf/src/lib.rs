@@ -13,6 +13,7 @@
 
 #![no_std]
 
+mod cred;
 mod exec;
 mod kernel;
 mod process;
@@ -100,6 +101,20 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     tcp_bytes_received: 0,
     sock_err: 0,
     sock_shutdown: 0,
+    pid_valid: 0,
+    task_thread_pid: 0,
+    pid_level: 0,
+    pid_numbers: 0,
+    upid_nr: 0,
+    upid_size: 0,
+    cred_valid: 0,
+    task_cred: 0,
+    cred_uid: 0,
+    cred_euid: 0,
+    cred_gid: 0,
+    cred_egid: 0,
+    cred_cap_effective: 0,
+    _reserved: 0,
 };
 
 /// Adds one to a loss counter on this CPU.

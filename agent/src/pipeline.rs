@@ -239,6 +239,12 @@ impl Pipeline {
                 self.stats.tcp_events += 1;
                 self.handle_tcp(tcp);
             }
+            Event::Credentials(change) => {
+                tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
+                if let (Some(after), true) = (change.after, change.pid == change.tid) {
+                    self.processes.on_credentials(change.pid, after.uid, after.gid);
+                }
+            }
         }
     }
 

@@ -249,6 +249,7 @@ async fn processes_outside_scope_not_reported() {
                     || tcp.local.port() == server_port
                     || tcp.remote.port() == server_port
             }
+            Event::Credentials(change) => outside_pids.contains(&change.pid),
         })
         .collect();
     assert!(

@@ -12,9 +12,13 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use driftwatch::state::container::Runtime;
 use driftwatch::state::process::{ProcessTable, ProcessTableConfig};
 use driftwatch::telemetry::event::{Event, ExecEvent};
-use telemetry_common::{python, run_program, start_scoped, Child, Recorder, TestCgroup, TestDir};
+use driftwatch::telemetry::{cgroup2_mount, cgroup_path_by_id};
+use telemetry_common::{
+    python, run_program, start_scoped, Child, NestedCgroups, Recorder, TestCgroup, TestDir,
+};
 
 /// Waits for the exec whose argv contains `marker`.
 async fn exec_with_marker(events: &mut Recorder, marker: &str) -> ExecEvent {
@@ -36,10 +40,21 @@ fn table_from(events: &Recorder) -> ProcessTable {
         exited_retention: Duration::from_secs(60),
     });
     let now = std::time::Instant::now();
+    let mount = cgroup2_mount().unwrap();
     for event in &events.seen {
         match event {
             Event::Exec(exec) => {
-                table.on_exec(exec, String::new());
+                // The path relative to the cgroup2 mount, as the pipeline's resolver gives it.
+                let cgroup = cgroup_path_by_id(&mount, exec.cgroup_id)
+                    .ok()
+                    .flatten()
+                    .and_then(|path| {
+                        path.strip_prefix(&mount)
+                            .ok()
+                            .map(|relative| format!("/{}", relative.display()))
+                    })
+                    .unwrap_or_default();
+                table.on_exec(exec, cgroup);
             }
             Event::Fork(fork) => table.on_fork(fork),
             Event::Exit(exit) => {
@@ -47,6 +62,11 @@ fn table_from(events: &Recorder) -> ProcessTable {
                     table.observe_lineage(exit.pid, lineage);
                 }
                 table.on_exit(exit, now);
+            }
+            Event::Credentials(change) => {
+                if let (Some(after), true) = (change.after, change.pid == change.tid) {
+                    table.on_credentials(change.pid, after.uid, after.gid);
+                }
             }
             Event::Tcp(tcp) => {
                 if let Some(lineage) = tcp.lineage {
@@ -257,4 +277,124 @@ async fn exec_with_empty_argv_reports_no_arguments() {
     assert!(exec.argv.is_empty(), "{:?}", exec.argv);
     assert!(!exec.argv_truncated);
     assert_eq!(exec.exe_name, "true");
+}
+
+const CONTAINER_ID: &str = "4f1c3b2a9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a";
+const POD_UID: &str = "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d";
+
+/// Depth of this test's own pid namespace: the number of ids on the `NSpid:` line, less one.
+fn own_pid_namespace_level() -> u32 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .unwrap();
+    line.split_whitespace().count() as u32 - 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_in_a_pid_namespace_reports_both_pids_and_its_ids() {
+    let cgroup = TestCgroup::create("container");
+    let pod_slice = format!("kubepods-besteffort-pod{}.slice", POD_UID.replace('-', "_"));
+    let scope = format!("cri-containerd-{CONTAINER_ID}.scope");
+    let nested = NestedCgroups::create(
+        &cgroup,
+        &["kubepods.slice", "kubepods-besteffort.slice", &pod_slice, &scope],
+    );
+    let (_telemetry, mut events) = start_scoped(&cgroup).await;
+
+    run_program(
+        Some(nested.innermost()),
+        "/usr/bin/unshare",
+        &[
+            "--pid",
+            "--fork",
+            "/bin/sh",
+            "-c",
+            "exec /bin/true driftwatch-pidns-probe",
+        ],
+    );
+    let exec = exec_with_marker(&mut events, "driftwatch-pidns-probe").await;
+
+    assert_ne!(exec.pid, 1);
+    assert_eq!(
+        exec.namespace_pid,
+        Some((1, own_pid_namespace_level() + 1)),
+        "the first process of a new pid namespace is its pid 1"
+    );
+    assert_eq!(exec.cgroup_id, nested.innermost().id);
+
+    let table = table_from(&events);
+    let details = table.exec_details(exec.pid).unwrap();
+    assert_eq!(
+        details.origin.container,
+        Some((Runtime::Containerd, CONTAINER_ID.to_string()))
+    );
+    assert_eq!(details.origin.pod_uid.as_deref(), Some(POD_UID));
+    assert_eq!(details.origin.systemd_unit.as_deref(), Some(scope.as_str()));
+    assert_eq!(details.namespace_pid.map(|(pid, _)| pid), Some(1));
+    drop(nested);
+}
+
+const DROP_PRIVILEGES: &str = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+os.setgid(65534)
+header = Header(0x20080522, 0)
+data = (Data * 2)()
+assert libc.capget(ctypes.byref(header), data) == 0
+data[0].effective = (1 << 10) | (1 << 7)
+data[1].effective = 0
+assert libc.capset(ctypes.byref(header), data) == 0
+os.setuid(65534)
+try:
+    os.setuid(0)
+except PermissionError:
+    pass
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_changes_report_the_ids_and_capabilities_after() {
+    use driftwatch::telemetry::event::{CredChange, CredEvent};
+
+    let cgroup = TestCgroup::create("creds");
+    let python = python();
+    let (_telemetry, mut events) = start_scoped(&cgroup).await;
+
+    let pid = run_program(Some(&cgroup), &python, &["-c", DROP_PRIVILEGES]);
+    // The exit comes after every credential record of the process in the ring buffer.
+    events
+        .wait_for(
+            "exit of the script",
+            |event| matches!(event, Event::Exit(exit) if exit.pid == pid),
+        )
+        .await;
+    let changes: Vec<&CredEvent> = events
+        .seen
+        .iter()
+        .filter_map(|event| match event {
+            Event::Credentials(change) if change.pid == pid => Some(change),
+            _ => None,
+        })
+        .collect();
+    let kinds: Vec<CredChange> = changes.iter().map(|change| change.change).collect();
+    // The failed setuid(0) is not among them.
+    assert_eq!(
+        kinds,
+        [CredChange::Setgid, CredChange::Capset, CredChange::Setuid],
+        "{changes:#?}"
+    );
+    let after: Vec<_> = changes.iter().map(|change| change.after.unwrap()).collect();
+    assert_eq!((after[0].gid, after[0].egid, after[0].uid), (65534, 65534, 0));
+    assert_eq!(after[1].cap_effective, (1 << 10) | (1 << 7));
+    assert_eq!((after[2].uid, after[2].euid), (65534, 65534));
+    assert_eq!(after[2].cap_effective, 0);
+
+    let table = table_from(&events);
+    let info = table.get(pid).unwrap();
+    assert_eq!((info.uid, info.gid), (65534, 65534));
 }

@@ -3,3 +3,4 @@
 pub mod process;
 pub mod sockets;
 pub mod seed;
+pub mod container;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use driftwatch_model::observation::ProcessInfo;
 
+use crate::state::container::{classify_cgroup, CgroupOrigin};
 use crate::telemetry::event::{ExecEvent, ExitEvent, ForkEvent, Lineage};
 
 /// How many ancestors an entry's ancestry lists.
@@ -67,6 +68,10 @@ pub struct ExecDetails {
     pub exe_deleted: bool,
     /// For a script: the interpreter named on its `#!` line; `ProcessInfo::exe` is the script.
     pub interpreter: Option<String>,
+    /// Process id inside its own pid namespace and the namespace's depth (0 for the host's).
+    pub namespace_pid: Option<(u32, u32)>,
+    /// Systemd unit, container and pod that the cgroup path names.
+    pub origin: CgroupOrigin,
 }
 
 struct Entry {
@@ -188,7 +193,8 @@ impl ProcessTable {
             self.check_parent(lineage);
         }
         let start_ticks = event.lineage.map(|lineage| lineage.start_boottime_ns / self.tick_ns);
-        let details = exec_details(event);
+        let mut details = exec_details(event);
+        details.origin = classify_cgroup(&cgroup);
         let info = ProcessInfo {
             pid: event.pid,
             ppid,
@@ -227,6 +233,20 @@ impl ProcessTable {
             entry.info = info.clone();
         }
         Some(info)
+    }
+
+    /// Applies a credential change of the process's main thread: its user and group ids become
+    /// the real ids the kernel reports afterwards.
+    pub fn on_credentials(&mut self, pid: u32, uid: u32, gid: u32) {
+        let Some(entry) = self.entries.get_mut(&pid) else { return };
+        if entry.info.uid == uid && entry.info.gid == gid {
+            return;
+        }
+        let mut info = ProcessInfo::clone(&entry.info);
+        info.uid = uid;
+        info.gid = gid;
+        info.user = self.users.name(uid);
+        entry.info = Arc::new(info);
     }
 
     /// Marks the process's executable as deleted (seen by the kernel at a later event).
@@ -360,6 +380,8 @@ fn exec_details(event: &ExecEvent) -> ExecDetails {
         fileless: event.fileless(),
         exe_deleted: event.exe_unlinked == Some(true),
         interpreter,
+        namespace_pid: event.namespace_pid,
+        origin: CgroupOrigin::default(),
     }
 }
 
@@ -390,6 +412,12 @@ fn read_proc_details(proc_root: &Path, pid: u32) -> ExecDetails {
         fileless: exe.starts_with("/memfd:"),
         exe_deleted: exe.ends_with(" (deleted)"),
         interpreter: None,
+        namespace_pid: None,
+        origin: fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+            .ok()
+            .and_then(|text| cgroup_v2_path(&text))
+            .map(|path| classify_cgroup(&path))
+            .unwrap_or_default(),
     }
 }
 
@@ -506,6 +534,7 @@ mod tests {
             lineage: None,
             exe_name: String::new(),
             exe_unlinked: Some(false),
+            namespace_pid: None,
         }
     }
 

@@ -151,6 +151,14 @@ impl Btf {
         Ok(bit_offset / 8)
     }
 
+    /// Returns the size in bytes of struct `name`.
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        let id = self
+            .find_struct(name)
+            .ok_or_else(|| BtfError::StructNotFound(name.to_string()))?;
+        Ok(self.types[id as usize].referenced)
+    }
+
     fn name(&self, offset: u32) -> &str {
         let start = offset as usize;
         let Some(rest) = self.strings.get(start..) else {
@@ -364,6 +372,48 @@ pub fn kernel_offsets(btf: &Btf) -> (KernelOffsets, Vec<BtfError>) {
         }
         Err(error) => errors.push(error),
     }
+    let pid = (|| {
+        Ok::<_, BtfError>((
+            btf.member_offset("task_struct", &["thread_pid"])?,
+            btf.member_offset("pid", &["level"])?,
+            btf.member_offset("pid", &["numbers"])?,
+            btf.member_offset("upid", &["nr"])?,
+            btf.struct_size("upid")?,
+        ))
+    })();
+    match pid {
+        Ok((thread_pid, level, numbers, nr, size)) => {
+            offsets.pid_valid = 1;
+            offsets.task_thread_pid = thread_pid;
+            offsets.pid_level = level;
+            offsets.pid_numbers = numbers;
+            offsets.upid_nr = nr;
+            offsets.upid_size = size;
+        }
+        Err(error) => errors.push(error),
+    }
+    let cred = (|| {
+        Ok::<_, BtfError>((
+            btf.member_offset("task_struct", &["cred"])?,
+            btf.member_offset("cred", &["uid"])?,
+            btf.member_offset("cred", &["euid"])?,
+            btf.member_offset("cred", &["gid"])?,
+            btf.member_offset("cred", &["egid"])?,
+            btf.member_offset("cred", &["cap_effective"])?,
+        ))
+    })();
+    match cred {
+        Ok((task_cred, uid, euid, gid, egid, caps)) => {
+            offsets.cred_valid = 1;
+            offsets.task_cred = task_cred;
+            offsets.cred_uid = uid;
+            offsets.cred_euid = euid;
+            offsets.cred_gid = gid;
+            offsets.cred_egid = egid;
+            offsets.cred_cap_effective = caps;
+        }
+        Err(error) => errors.push(error),
+    }
     (offsets, errors)
 }
 
@@ -463,9 +513,17 @@ mod tests {
         let (offsets, errors) = kernel_offsets(&Btf::from_file(path).unwrap());
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(
-            (offsets.task_valid, offsets.exe_valid, offsets.tcp_valid),
-            (1, 1, 1)
+            (
+                offsets.task_valid,
+                offsets.exe_valid,
+                offsets.tcp_valid,
+                offsets.pid_valid,
+                offsets.cred_valid
+            ),
+            (1, 1, 1, 1, 1)
         );
+        // struct upid is an int and a pointer.
+        assert_eq!(offsets.upid_size, 16, "{offsets:?}");
         // tgid follows pid in task_struct on every kernel since 2.6.
         assert_eq!(offsets.task_tgid % 4, 0, "{offsets:?}");
         assert!(offsets.tcp_bytes_received > offsets.sock_err, "{offsets:?}");

@@ -8,13 +8,16 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
+    CredRecord, CredSyscall, ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
     ARGV_CAPTURE_BYTES, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_EXE_UNKNOWN, EXEC_FLAG_EXE_UNLINKED,
     EXEC_FLAG_LINEAGE_UNKNOWN, EXE_NAME_BYTES, FAMILY_INET, FAMILY_INET6, FILENAME_BYTES,
     TCP_FLAG_EXE_UNLINKED,
 };
 
-use super::event::{Event, ExecEvent, ExitEvent, ForkEvent, Lineage, TcpEvent, TcpEventKind};
+use super::event::{
+    CredChange, CredEvent, Credentials, Event, ExecEvent, ExitEvent, ForkEvent, Lineage, TcpEvent,
+    TcpEventKind,
+};
 
 /// Failure to decode a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +30,8 @@ pub enum DecodeError {
     },
     #[error("unknown record kind {0}")]
     UnknownKind(u32),
+    #[error("unknown credential system call {0}")]
+    UnknownCredSyscall(u32),
     #[error("unknown TCP event {0}")]
     UnknownTcpEvent(u32),
     #[error("unknown address family {0} in a TCP record")]
@@ -43,7 +48,36 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         RecordKind::Fork => decode_fork(bytes),
         RecordKind::Exit => decode_exit(bytes),
         RecordKind::Tcp => decode_tcp(bytes),
+        RecordKind::Credentials => decode_cred(bytes),
     }
+}
+
+fn decode_cred(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: CredRecord = read_record(bytes, "credential record")?;
+    let change = match CredSyscall::try_from(record.syscall)
+        .map_err(|unknown| DecodeError::UnknownCredSyscall(unknown.0))?
+    {
+        CredSyscall::Setuid => CredChange::Setuid,
+        CredSyscall::Setgid => CredChange::Setgid,
+        CredSyscall::Setreuid => CredChange::Setreuid,
+        CredSyscall::Setregid => CredChange::Setregid,
+        CredSyscall::Setresuid => CredChange::Setresuid,
+        CredSyscall::Setresgid => CredChange::Setresgid,
+        CredSyscall::Capset => CredChange::Capset,
+    };
+    Ok(Event::Credentials(CredEvent {
+        ktime_ns: record.header.ktime_ns,
+        pid: record.header.pid,
+        tid: record.header.tid,
+        change,
+        after: (record.read != 0).then_some(Credentials {
+            uid: record.uid,
+            euid: record.euid,
+            gid: record.gid,
+            egid: record.egid,
+            cap_effective: record.cap_effective,
+        }),
+    }))
 }
 
 /// Copies a `T` out of the front of `bytes`.
@@ -99,6 +133,7 @@ fn decode_exec(bytes: &[u8]) -> Result<Event, DecodeError> {
         ),
         exe_unlinked: (record.flags & EXEC_FLAG_EXE_UNKNOWN == 0)
             .then_some(record.flags & EXEC_FLAG_EXE_UNLINKED != 0),
+        namespace_pid: (record.ns_pid != 0).then_some((record.ns_pid, record.ns_level)),
     }))
 }
 
@@ -255,6 +290,8 @@ mod tests {
             exe_name_len: 0,
             _reserved2: 0,
             exe_name: [0; EXE_NAME_BYTES],
+            ns_pid: 0,
+            ns_level: 0,
         };
         record.comm[..4].copy_from_slice(b"true");
         record.filename[..9].copy_from_slice(b"/bin/true");

@@ -9,6 +9,41 @@ pub enum Event {
     Fork(ForkEvent),
     Exit(ExitEvent),
     Tcp(TcpEvent),
+    Credentials(CredEvent),
+}
+
+/// Which system call changed a process's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredChange {
+    Setuid,
+    Setgid,
+    Setreuid,
+    Setregid,
+    Setresuid,
+    Setresgid,
+    Capset,
+}
+
+/// A successful credential change, with the credentials the thread holds afterwards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredEvent {
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub change: CredChange,
+    /// `None` when the kernel program could not read the credentials.
+    pub after: Option<Credentials>,
+}
+
+/// User and group ids and effective capabilities of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub egid: u32,
+    /// Effective capability bits (`CAP_*` numbers as bit positions).
+    pub cap_effective: u64,
 }
 
 /// A successful exec: the new program of `pid`.
@@ -38,6 +73,9 @@ pub struct ExecEvent {
     /// Whether that file had no directory entry left (a memfd or an unlinked file); `None` when
     /// the kernel program could not tell.
     pub exe_unlinked: Option<bool>,
+    /// Process id inside the process's own pid namespace and that namespace's depth (0 for the
+    /// host's), when known. In a container the first is the pid the container sees.
+    pub namespace_pid: Option<(u32, u32)>,
 }
 
 /// Parent and start times of a process, read from its task in the kernel.

@@ -44,6 +44,53 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// Creates cgroup `name` below this one; drop it before its parent.
+    pub fn child(&self, name: &str) -> Self {
+        let path = self.path.join(name);
+        fs::create_dir(&path)
+            .unwrap_or_else(|error| panic!("failed to create {}: {error}", path.display()));
+        let id = fs::metadata(&path).unwrap().ino();
+        let procs = CString::new(
+            path.join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        Self { path, procs, id }
+    }
+}
+
+/// Nested cgroups, removed innermost first on drop.
+pub struct NestedCgroups(pub Vec<TestCgroup>);
+
+impl NestedCgroups {
+    /// Creates the chain of `names` below `base`, each inside the previous one.
+    pub fn create(base: &TestCgroup, names: &[&str]) -> Self {
+        let mut levels: Vec<TestCgroup> = Vec::new();
+        for name in names {
+            let level = match levels.last() {
+                Some(parent) => parent.child(name),
+                None => base.child(name),
+            };
+            levels.push(level);
+        }
+        Self(levels)
+    }
+
+    pub fn innermost(&self) -> &TestCgroup {
+        self.0.last().expect("at least one level")
+    }
+}
+
+impl Drop for NestedCgroups {
+    fn drop(&mut self) {
+        while let Some(level) = self.0.pop() {
+            drop(level);
+        }
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Every child was reaped before this point, so the cgroup is empty.
