@@ -262,3 +262,27 @@ async fn processes_outside_scope_not_reported() {
     assert_eq!(counters.decode_errors, 0, "{counters:?}");
     assert!(counters.records_read >= 1, "{counters:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_kinds_the_kernel_allows_are_listed_with_the_hooks() {
+    let cgroup = TestCgroup::create("kinds");
+    let (telemetry, _events) = start_scoped(&cgroup).await;
+
+    let hooks = telemetry.hooks();
+    let kind = |name: &str| {
+        hooks
+            .iter()
+            .find(|hook| hook.name == format!("kind:{name}"))
+            .unwrap_or_else(|| panic!("no kind:{name} among {hooks:#?}"))
+    };
+    // The agent's own programs are tracepoints, so that kind must load wherever they attached.
+    assert!(kind("tracepoint").attached, "{hooks:#?}");
+    // A kprobe is usable exactly when the kernel offers the kprobe event source.
+    let kprobe_source = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    assert_eq!(kind("kprobe").attached, kprobe_source, "{hooks:#?}");
+    for name in ["raw_tracepoint", "tp_btf", "cgroup_sock_addr", "sock_ops", "fentry", "lsm"] {
+        let hook = kind(name);
+        assert_eq!(hook.attached, hook.error.is_none(), "{hook:?}");
+    }
+    assert_eq!(telemetry.hook_support().len(), 8);
+}

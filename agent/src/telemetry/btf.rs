@@ -171,6 +171,24 @@ impl Btf {
         std::str::from_utf8(&rest[..end]).unwrap_or("")
     }
 
+    /// Returns the type id of the function `name`, which programs attached to it (fentry, LSM)
+    /// name when they load.
+    pub fn function_id(&self, name: &str) -> Option<u32> {
+        self.find_kind(KIND_FUNC, name)
+    }
+
+    /// Returns the type id of the typedef `name` (`btf_trace_<tracepoint>` for a `tp_btf` program).
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
+        self.find_kind(KIND_TYPEDEF, name)
+    }
+
+    fn find_kind(&self, kind: u32, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|ty| ty.kind == kind && self.name(ty.name_offset) == name)
+            .map(|index| index as u32)
+    }
+
     fn find_struct(&self, name: &str) -> Option<u32> {
         self.types
             .iter()
