@@ -4,7 +4,7 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use driftwatch::commands::{agent, graph, model, status, watch};
+use driftwatch::commands::{agent, check, graph, model, status, watch};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -34,6 +34,8 @@ enum Command {
     Graph(graph::GraphArgs),
     /// Print a running agent's status: hooks, counters, model.
     Status(status::StatusArgs),
+    /// Run a command under observation and check what it did against the model (CI mode).
+    Check(check::CheckArgs),
     /// Work with model files.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -41,10 +43,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The daemon reports its lifecycle at info; the clients and `check` stay quiet unless
+    // something goes wrong, so their output is the report.
+    let default_level = if matches!(cli.command, Command::Agent(_)) { "info" } else { "warn" };
+    init_logging(cli.log_format, default_level);
     let result = match cli.command {
         Command::Model(command) => model::run(command),
         Command::Agent(args) => block_on(agent::run(args)),
+        Command::Check(args) => block_on(check::run(args)),
         Command::Watch(args) => block_on(async { watch::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Graph(args) => block_on(async { graph::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Status(args) => block_on(async { status::run(args).await.map(|()| ExitCode::SUCCESS) }),
@@ -63,8 +69,8 @@ fn block_on(command: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::
     runtime.block_on(command)
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_env("DRIFTWATCH_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -211,6 +211,25 @@ impl Pipeline {
         self.publish_stats();
     }
 
+    /// Returns when the oldest connection end that waits for its partner stops waiting, if any.
+    pub fn next_join_deadline(&self) -> Option<Instant> {
+        self.sockets.next_deadline()
+    }
+
+    /// Hands connections whose join window has passed by `now` to the engine, each with the one end
+    /// that was seen.
+    pub fn flush_joins(&mut self, now: Instant) {
+        let flows = self.sockets.flush_expired(now);
+        self.observe_flows(flows);
+    }
+
+    /// Hands every connection end still waiting for its partner to the engine and publishes the
+    /// counters, for a caller that drives [`Pipeline::handle`] itself and has no more events.
+    pub fn finish(&mut self) {
+        self.flush_joins(Instant::now() + self.config.join_window * 2);
+        self.publish_stats();
+    }
+
     /// Applies one event to the state and the engine.
     pub fn handle(&mut self, event: Event) {
         self.stats.events += 1;
@@ -333,7 +352,7 @@ impl Pipeline {
         tracing::error!(lost, total, "kernel records were lost; verdicts for this window are degraded");
         let now = SystemTime::now();
         let deviation = Deviation {
-            id: format!("{}@agent@kernel@-/0", Category::TelemetryGap.as_str()),
+            id: format!("{}@agent@kernel", Category::TelemetryGap.as_str()),
             category: Category::TelemetryGap,
             severity: Severity::Elevated,
             stride: Stride::Repudiation,
@@ -356,7 +375,7 @@ impl Pipeline {
             first_seen: now,
             last_seen: now,
             count: lost,
-            resolution: "Raise the ring buffer size (--ring-buffer-mib) or reduce the event rate; see the status counters for the program that lost records.".to_string(),
+            resolution: "Raise the ring buffer size (--ring-buffer-kib) or reduce the event rate; see the status counters for the program that lost records.".to_string(),
         };
         self.publish(vec![deviation]);
     }

@@ -61,7 +61,9 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             match (&options.exec, options.requests) {
                 (Some(command), None) => send_exec(target, command),
                 (None, Some(requests)) => send_requests(target, requests),
-                _ => Err(format!("client needs exactly one of --requests and --exec\n{USAGE}")),
+                _ => Err(format!(
+                    "client needs exactly one of --requests and --exec\n{USAGE}"
+                )),
             }
         }
         "connect-once" => {
@@ -90,7 +92,10 @@ impl Options {
         let mut options = Options::default();
         let mut iter = args.iter();
         while let Some(flag) = iter.next() {
-            let value = iter.next().ok_or_else(|| format!("{flag} needs a value"))?.clone();
+            let value = iter
+                .next()
+                .ok_or_else(|| format!("{flag} needs a value"))?
+                .clone();
             match flag.as_str() {
                 "--listen" => options.listen = Some(value),
                 "--upstream" => options.upstream = Some(value),
@@ -118,7 +123,9 @@ impl Options {
 }
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
-    value.parse().map_err(|_| format!("{flag} expects a number, got {value:?}"))
+    value
+        .parse()
+        .map_err(|_| format!("{flag} expects a number, got {value:?}"))
 }
 
 fn resolve(flag: &str, value: Option<&str>) -> Result<SocketAddr, String> {
@@ -139,8 +146,8 @@ enum Tier {
 }
 
 fn serve(listen: &SocketAddr, tier: Tier) -> Result<ExitCode, String> {
-    let listener =
-        TcpListener::bind(listen).map_err(|error| format!("failed to listen on {listen}: {error}"))?;
+    let listener = TcpListener::bind(listen)
+        .map_err(|error| format!("failed to listen on {listen}: {error}"))?;
     let local = listener.local_addr().map_err(|error| error.to_string())?;
     println!("listening {local}");
     io::stdout().flush().map_err(|error| error.to_string())?;
@@ -203,7 +210,12 @@ fn request_line(mut stream: TcpStream, request: &str) -> io::Result<String> {
 fn run_shell(command: &str) -> String {
     // Output is collected until bash and every child still holding its stdout exit, so a command
     // that starts a background job must redirect that job's output.
-    match Command::new("/bin/bash").arg("-c").arg(command).stdin(Stdio::null()).output() {
+    match Command::new("/bin/bash")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+    {
         Ok(output) => {
             let mut reply = String::from_utf8_lossy(&output.stdout).into_owned();
             reply.push_str(&String::from_utf8_lossy(&output.stderr));
@@ -225,7 +237,9 @@ fn send_requests(target: SocketAddr, requests: u32) -> Result<ExitCode, String> 
         let expected = format!("VALUE {key} {}", reverse(&key));
         let stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)
             .map_err(|error| format!("failed to connect to {target}: {error}"))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|error| error.to_string())?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|error| error.to_string())?;
         let answer = request_line(stream, &format!("GET {key}"))
             .map_err(|error| format!("request {index} to {target} failed: {error}"))?;
         if answer == expected {
@@ -235,20 +249,30 @@ fn send_requests(target: SocketAddr, requests: u32) -> Result<ExitCode, String> 
         }
     }
     println!("client: {correct}/{requests} answers correct");
-    Ok(if correct == requests { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if correct == requests {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn send_exec(target: SocketAddr, command: &str) -> Result<ExitCode, String> {
     let mut stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)
         .map_err(|error| format!("failed to connect to {target}: {error}"))?;
     // The command may wait on its own connections, so allow it more than one socket timeout.
-    stream.set_read_timeout(Some(IO_TIMEOUT * 4)).map_err(|error| error.to_string())?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT * 4))
+        .map_err(|error| error.to_string())?;
     writeln!(stream, "EXEC {command}").map_err(|error| error.to_string())?;
 
     for line in BufReader::new(stream).lines() {
         let line = line.map_err(|error| format!("reading the EXEC output failed: {error}"))?;
         if let Some(code) = line.strip_prefix("EXIT ") {
-            return Ok(if code == "0" { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            return Ok(if code == "0" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         println!("{line}");
     }

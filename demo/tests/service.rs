@@ -23,8 +23,14 @@ impl Service {
             .expect("the service starts");
         let mut line = String::new();
         // read_line returns once the service has bound and printed, or at EOF if it died.
-        BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line).expect("stdout is readable");
-        let addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        BufReader::new(child.stdout.take().expect("stdout is piped"))
+            .read_line(&mut line)
+            .expect("stdout is readable");
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
         Service { child, addr }
     }
 }
@@ -37,7 +43,11 @@ impl Drop for Service {
 }
 
 fn client(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(SERVICE).arg("client").args(args).output().expect("the client runs");
+    let output = Command::new(SERVICE)
+        .arg("client")
+        .args(args)
+        .output()
+        .expect("the client runs");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -58,7 +68,10 @@ fn requests_travel_through_all_three_tiers() {
 
     let (success, stdout, stderr) = client(&["--target", &web.addr, "--requests", "5"]);
 
-    assert!(success, "client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        success,
+        "client failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert_eq!(stdout.trim(), "client: 5/5 answers correct");
 }
 
@@ -66,9 +79,13 @@ fn requests_travel_through_all_three_tiers() {
 fn web_exec_runs_bash_and_returns_its_output() {
     let (_db, _api, web) = three_tiers();
 
-    let (success, stdout, stderr) = client(&["--target", &web.addr, "--exec", "echo one; echo two >&2"]);
+    let (success, stdout, stderr) =
+        client(&["--target", &web.addr, "--exec", "echo one; echo two >&2"]);
 
-    assert!(success, "client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        success,
+        "client failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert_eq!(stdout, "one\ntwo\n");
 }
 
@@ -84,22 +101,35 @@ fn web_exec_reports_a_failing_command() {
 #[test]
 fn client_fails_when_the_chain_is_broken() {
     // The api tier's upstream is a port nobody listens on, so every request gets no VALUE back.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").to_string();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .to_string();
     let api = Service::start(&["api", "--upstream", &closed]);
     let web = Service::start(&["web", "--upstream", &api.addr]);
 
     let (success, stdout, _) = client(&["--target", &web.addr, "--requests", "2"]);
 
-    assert!(!success, "the client must fail when answers are wrong; stdout:\n{stdout}");
+    assert!(
+        !success,
+        "the client must fail when answers are wrong; stdout:\n{stdout}"
+    );
     assert_eq!(stdout.trim(), "client: 0/2 answers correct");
 }
 
 #[test]
 fn unknown_role_is_rejected_with_usage() {
-    let output = Command::new(SERVICE).arg("proxy").output().expect("the service runs");
+    let output = Command::new(SERVICE)
+        .arg("proxy")
+        .output()
+        .expect("the service runs");
 
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("unknown role \"proxy\""), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("unknown role \"proxy\""),
+        "stderr:\n{stderr}"
+    );
     assert!(stderr.contains("usage:"), "stderr:\n{stderr}");
 }

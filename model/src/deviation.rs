@@ -67,6 +67,24 @@ impl Category {
         Category::ALL.into_iter().find(|c| c.as_str() == name)
     }
 
+    /// Ranks categories of equal severity for the stream, 0 first. Evidence that a control or the
+    /// model's boundaries are already broken comes before drift that may be benign, and
+    /// informational categories come last.
+    pub fn priority_rank(self) -> u8 {
+        match self {
+            Category::ControlFailed => 0,
+            Category::NewAttackPath => 1,
+            Category::TrustBoundaryCrossing => 2,
+            Category::UnexpectedExecutable => 3,
+            Category::TelemetryGap => 4,
+            Category::UnknownComponent => 5,
+            Category::NewListener => 6,
+            Category::UnexpectedFlow => 7,
+            Category::UnattributedEndpoint => 8,
+            Category::DeclaredFlowUnused => 9,
+        }
+    }
+
     /// Returns the STRIDE class a deviation of this category points at.
     pub fn stride(self) -> Stride {
         match self {
@@ -177,4 +195,26 @@ pub struct Deviation {
     pub count: u64,
     /// Model YAML that would declare what was observed, if it is intended.
     pub resolution: String,
+}
+
+impl Deviation {
+    /// Orders deviations for an operator, most urgent first: higher severity, then the category
+    /// rank of [`Category::priority_rank`], then the earlier first sighting, then the id.
+    pub fn priority_cmp(&self, other: &Deviation) -> std::cmp::Ordering {
+        other
+            .severity
+            .cmp(&self.severity)
+            .then(
+                self.category
+                    .priority_rank()
+                    .cmp(&other.category.priority_rank()),
+            )
+            .then(self.first_seen.cmp(&other.first_seen))
+            .then(self.id.cmp(&other.id))
+    }
+}
+
+/// Sorts deviations into the priority order of [`Deviation::priority_cmp`].
+pub fn sort_by_priority(deviations: &mut [Deviation]) {
+    deviations.sort_by(Deviation::priority_cmp);
 }

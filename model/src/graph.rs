@@ -1,11 +1,13 @@
 //! The observed-communication graph: who talked to whom, on which port, how often, and whether
 //! the model allows it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use petgraph::stable_graph::{EdgeIndex, NodeIndex, StableDiGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Model;
@@ -338,6 +340,181 @@ impl ObservedGraph {
             })
             .collect();
         GraphSnapshot { nodes, edges }
+    }
+}
+
+/// One hop of an attack path: an observed edge with the processes that used it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathHop {
+    pub source: String,
+    pub destination: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// True when a declared flow allows this hop.
+    pub declared: bool,
+    /// Processes that used the hop, as (pid, executable).
+    pub examples: Vec<(u32, String)>,
+}
+
+/// A chain of observed edges from an entry point to a critical component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttackPath {
+    pub entry: String,
+    pub target: String,
+    pub hops: Vec<PathHop>,
+}
+
+impl ObservedGraph {
+    /// Finds the observed paths that run through the edge `key` from an entry node to a target
+    /// node and use at least one undeclared edge, at most `max_hops` edges long.
+    ///
+    /// Returns one path per target: the one from the nearest entry (fewest hops, then the smaller
+    /// id), so one new edge yields one finding per critical component it exposes. The search is
+    /// two breadth-first walks from the ends of the edge, each bounded by `max_hops`.
+    pub fn attack_paths_through(
+        &self,
+        key: &EdgeKey,
+        is_entry: impl Fn(&str) -> bool,
+        is_target: impl Fn(&str) -> bool,
+        max_hops: usize,
+    ) -> Vec<AttackPath> {
+        let Some(&edge) = self.edges.get(key) else {
+            return Vec::new();
+        };
+        let Some((start, end)) = self.graph.edge_endpoints(edge) else {
+            return Vec::new();
+        };
+        if max_hops == 0 {
+            return Vec::new();
+        }
+        let upstream = self.walk(start, Direction::Incoming, max_hops - 1);
+        let downstream = self.walk(end, Direction::Outgoing, max_hops - 1);
+
+        let mut entries: Vec<(usize, &str, NodeIndex)> = upstream
+            .iter()
+            .filter(|(node, _)| is_entry(&self.graph[**node].id))
+            .map(|(node, (depth, _))| (*depth, self.graph[*node].id.as_str(), *node))
+            .collect();
+        entries.sort();
+        let mut targets: Vec<(&str, usize, NodeIndex)> = downstream
+            .iter()
+            .filter(|(node, _)| is_target(&self.graph[**node].id))
+            .map(|(node, (depth, _))| (self.graph[*node].id.as_str(), *depth, *node))
+            .collect();
+        targets.sort();
+
+        let mut paths = Vec::new();
+        for (target_id, target_depth, target) in targets {
+            for &(entry_depth, entry_id, entry) in &entries {
+                if entry == target || entry_depth + target_depth + 1 > max_hops {
+                    continue;
+                }
+                // Both traces come back in path order, entry first.
+                let mut edges = self.trace(&upstream, entry, Direction::Incoming);
+                edges.push(edge);
+                edges.extend(self.trace(&downstream, target, Direction::Outgoing));
+                if !self.is_simple(&edges) {
+                    continue;
+                }
+                let hops: Vec<PathHop> = edges.iter().map(|&e| self.hop(e)).collect();
+                if hops.iter().all(|h| h.declared) {
+                    continue;
+                }
+                paths.push(AttackPath {
+                    entry: entry_id.to_owned(),
+                    target: target_id.to_owned(),
+                    hops,
+                });
+                break;
+            }
+        }
+        paths
+    }
+
+    /// Breadth-first walk from `from` along edges in `direction`, up to `max_depth` edges. Returns
+    /// each reached node with its depth and the edge it was first reached by.
+    fn walk(
+        &self,
+        from: NodeIndex,
+        direction: Direction,
+        max_depth: usize,
+    ) -> HashMap<NodeIndex, (usize, Option<EdgeIndex>)> {
+        let mut reached = HashMap::from([(from, (0, None))]);
+        let mut queue = VecDeque::from([(from, 0)]);
+        while let Some((node, depth)) = queue.pop_front() {
+            if depth == max_depth {
+                continue;
+            }
+            let mut next: Vec<_> = self.graph.edges_directed(node, direction).collect();
+            // Declared edges first, so a path runs through allowed hops where the graph offers a
+            // choice and points at the undeclared ones that matter.
+            next.sort_by_key(|e| (!e.weight().declared, e.weight().key.clone()));
+            for e in next {
+                let other = match direction {
+                    Direction::Incoming => e.source(),
+                    Direction::Outgoing => e.target(),
+                };
+                if let std::collections::hash_map::Entry::Vacant(slot) = reached.entry(other) {
+                    slot.insert((depth + 1, Some(e.id())));
+                    queue.push_back((other, depth + 1));
+                }
+            }
+        }
+        reached
+    }
+
+    /// Follows the first-reached edges from `node` back to the walk's start.
+    fn trace(
+        &self,
+        walk: &HashMap<NodeIndex, (usize, Option<EdgeIndex>)>,
+        mut node: NodeIndex,
+        direction: Direction,
+    ) -> Vec<EdgeIndex> {
+        let mut edges = Vec::new();
+        while let Some(&(_, Some(edge))) = walk.get(&node) {
+            edges.push(edge);
+            let Some((source, target)) = self.graph.edge_endpoints(edge) else {
+                break;
+            };
+            node = match direction {
+                Direction::Incoming => target,
+                Direction::Outgoing => source,
+            };
+        }
+        if direction == Direction::Outgoing {
+            edges.reverse();
+        }
+        edges
+    }
+
+    /// True when the chain of edges visits no node twice.
+    fn is_simple(&self, edges: &[EdgeIndex]) -> bool {
+        let mut seen = Vec::with_capacity(edges.len() + 1);
+        for (i, &edge) in edges.iter().enumerate() {
+            let Some((source, target)) = self.graph.edge_endpoints(edge) else {
+                return false;
+            };
+            if i == 0 {
+                seen.push(source);
+            }
+            if seen.contains(&target) {
+                return false;
+            }
+            seen.push(target);
+        }
+        true
+    }
+
+    fn hop(&self, edge: EdgeIndex) -> PathHop {
+        let data = &self.graph[edge];
+        PathHop {
+            source: data.key.source.clone(),
+            destination: data.key.destination.clone(),
+            protocol: data.key.protocol,
+            port: data.key.port,
+            declared: data.declared,
+            examples: data.examples.clone(),
+        }
     }
 }
 

@@ -9,15 +9,21 @@ pub mod deviation;
 pub mod engine;
 pub mod error;
 pub mod graph;
+pub mod import;
+pub mod learn;
 mod load;
 pub mod model;
 pub mod observation;
 pub mod pattern;
 mod recency;
 pub mod severity;
+mod validate;
 mod yaml;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::{Location, ModelError, ModelErrorKind, ModelErrors};
 pub use load::MODEL_VERSION;
-pub use model::{Attribution, Component, Criticality, Exception, Flow, Listen, Model, Zone};
+pub use model::{
+    Attribution, Component, Criticality, Direction, Exception, Flow, Listen, Model, Zone,
+};
+pub use validate::ModelWarning;

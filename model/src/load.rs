@@ -5,7 +5,7 @@
 //! references between zones, components and flows). Both passes run even when the first found
 //! errors, so one run lists everything a reader has to fix.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::SystemTime;
@@ -17,8 +17,8 @@ use saphyr_parser::Span;
 use crate::deviation::Category;
 use crate::error::{ModelErrorKind, ModelErrors};
 use crate::model::{
-    compile_glob, Component, Criticality, Exception, Flow, GlobList, Listen, Model, Selectors,
-    UserSelector, Zone,
+    compile_glob, Component, Criticality, Direction, Exception, Flow, GlobList, Listen, Model,
+    Selectors, UserSelector, Zone,
 };
 use crate::observation::Protocol;
 use crate::pattern::{parse_date, IdPattern};
@@ -28,7 +28,7 @@ use crate::yaml::{position, Fields, Node, Reader};
 pub const MODEL_VERSION: u32 = 1;
 
 const TOP_KEYS: &[&str] = &["version", "zones", "components", "flows", "exceptions"];
-const ZONE_KEYS: &[&str] = &["id", "trust", "match", "description"];
+const ZONE_KEYS: &[&str] = &["id", "trust", "parent", "match", "description"];
 const ZONE_MATCH_KEYS: &[&str] = &["cidrs"];
 const COMPONENT_KEYS: &[&str] = &[
     "id",
@@ -38,11 +38,21 @@ const COMPONENT_KEYS: &[&str] = &[
     "match",
     "listens",
     "executables",
+    "data",
     "description",
 ];
-const COMPONENT_MATCH_KEYS: &[&str] = &["exe", "cgroup", "user"];
+const COMPONENT_MATCH_KEYS: &[&str] = &["exe", "cgroup", "user", "unit", "container", "pod"];
 const LISTEN_KEYS: &[&str] = &["port", "proto", "address"];
-const FLOW_KEYS: &[&str] = &["from", "to", "port", "proto", "description"];
+const FLOW_KEYS: &[&str] = &[
+    "from",
+    "to",
+    "port",
+    "ports",
+    "proto",
+    "direction",
+    "deny",
+    "description",
+];
 const EXCEPTION_KEYS: &[&str] = &["id", "reason", "expires"];
 
 /// An id as written, with where it was written.
@@ -65,6 +75,7 @@ struct Draft {
     component_zones: Vec<Located>,
     flows: Vec<Flow>,
     flow_ends: Vec<Located>,
+    zone_parents: Vec<Located>,
     exceptions: Vec<Exception>,
 }
 
@@ -219,6 +230,12 @@ fn read_zone(reader: &mut Reader, node: &Node<'_>, path: &str, draft: &mut Draft
     let description = reader
         .optional_string(&fields, "description")
         .map(|(s, _)| s);
+    let parent = located(
+        reader.optional_string(&fields, "parent"),
+        fields.field_path("parent"),
+    );
+    let parent_text = parent.as_ref().map(|p| p.text.clone());
+    draft.zone_parents.extend(parent);
 
     let mut cidrs = Some(Vec::new());
     if let Some(match_node) = fields.get("match") {
@@ -236,6 +253,7 @@ fn read_zone(reader: &mut Reader, node: &Node<'_>, path: &str, draft: &mut Draft
         id,
         trust: u8::try_from(trust).expect("trust is range-checked"),
         cidrs,
+        parent: parent_text,
         description,
         line: position(&fields.span).0,
     };
@@ -373,6 +391,13 @@ fn read_component(
         executables = read_globs(reader, list, &fields.field_path("executables"));
     }
 
+    let mut data = Some(Vec::new());
+    if let Some(list) = fields.get("data") {
+        data = reader
+            .string_list(list, &fields.field_path("data"))
+            .map(|tags| tags.into_iter().map(|(tag, _)| tag).collect());
+    }
+
     let component = Component {
         id: id_text?,
         zone: zone_text?,
@@ -381,8 +406,10 @@ fn read_component(
         selectors: selectors?,
         listens: listens?,
         executables: executables?,
+        data: data?,
         description,
         line: position(&fields.span).0,
+        column: position(&fields.span).1,
     };
     draft.components.push(component);
     Some(())
@@ -405,7 +432,46 @@ fn read_selectors(reader: &mut Reader, node: &Node<'_>, path: &str) -> Option<Se
         selectors.user = read_users(reader, list, &fields.field_path("user"));
         ok &= selectors.user.is_some();
     }
+    if let Some(list) = fields.get("unit") {
+        selectors.unit = read_globs(reader, list, &fields.field_path("unit"));
+        ok &= selectors.unit.is_some();
+    }
+    if let Some(map) = fields.get("container") {
+        selectors.container = read_labels(reader, map, &fields.field_path("container"));
+        ok &= selectors.container.is_some();
+    }
+    if let Some(map) = fields.get("pod") {
+        selectors.pod = read_labels(reader, map, &fields.field_path("pod"));
+        ok &= selectors.pod.is_some();
+    }
     ok.then_some(selectors)
+}
+
+/// Reads a label map (`{ app: web, tier: front }`); values are strings.
+fn read_labels(
+    reader: &mut Reader,
+    node: &Node<'_>,
+    path: &str,
+) -> Option<BTreeMap<String, String>> {
+    let saphyr::YamlData::Mapping(entries) = &node.data else {
+        reader.type_error(node, path, "a mapping of label names to values");
+        return None;
+    };
+    let mut labels = BTreeMap::new();
+    let mut ok = true;
+    for (key, value) in entries {
+        let Some(name) = reader.string(key, path) else {
+            ok = false;
+            continue;
+        };
+        match reader.string(value, &format!("{path}.{name}")) {
+            Some(value) => {
+                labels.insert(name, value);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(labels)
 }
 
 fn read_users(reader: &mut Reader, node: &Node<'_>, path: &str) -> Option<Vec<UserSelector>> {
@@ -468,6 +534,41 @@ fn read_protocol(reader: &mut Reader, fields: &Fields<'_, '_>) -> Option<Protoco
     }
 }
 
+/// Reads `port` or `ports` (exactly one of them) into a sorted list without duplicates.
+fn read_flow_ports(reader: &mut Reader, fields: &Fields<'_, '_>) -> Option<Vec<u16>> {
+    let Some(list) = fields.get("ports") else {
+        return read_port(reader, fields).map(|port| vec![port]);
+    };
+    let list_path = fields.field_path("ports");
+    if let Some(single) = fields.get("port") {
+        let reason = "a flow takes port or ports, not both";
+        reader.invalid(
+            &single.span,
+            &fields.field_path("port"),
+            "a second port list".to_owned(),
+            reason,
+        );
+        return None;
+    }
+    let items = reader.sequence(list, &list_path)?;
+    if items.is_empty() {
+        let reason = "list at least one port";
+        reader.invalid(&list.span, &list_path, "[]".to_owned(), reason);
+        return None;
+    }
+    let mut ports = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        match reader.integer_in(item, &format!("{list_path}[{i}]"), 1..=65535) {
+            Some(port) => ports.push(port as u16),
+            None => ok = false,
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ok.then_some(ports)
+}
+
 fn read_listen(reader: &mut Reader, node: &Node<'_>, path: &str) -> Option<Listen> {
     let fields = reader.mapping(node, path, LISTEN_KEYS)?;
     let port = read_port(reader, &fields);
@@ -510,17 +611,42 @@ fn read_flow(reader: &mut Reader, node: &Node<'_>, path: &str, draft: &mut Draft
     let to_text = to.as_ref().map(|to| to.text.clone());
     draft.flow_ends.extend(from);
     draft.flow_ends.extend(to);
-    let port = read_port(reader, &fields);
+    let ports = read_flow_ports(reader, &fields);
     let protocol = read_protocol(reader, &fields);
     let description = reader
         .optional_string(&fields, "description")
         .map(|(s, _)| s);
+    let deny = reader.optional_bool(&fields, "deny");
+    let mut direction = Some(Direction::Forward);
+    if let Some((name, span)) = reader.optional_string(&fields, "direction") {
+        direction = match name.as_str() {
+            "forward" => Some(Direction::Forward),
+            "both" => Some(Direction::Both),
+            _ => {
+                let reason = "expected forward (from connects to to) or both";
+                reader.invalid(
+                    &span,
+                    &fields.field_path("direction"),
+                    format!("\"{name}\""),
+                    reason,
+                );
+                None
+            }
+        };
+    } else if fields.get("direction").is_some() {
+        direction = None;
+    }
+    if fields.get("deny").is_some() && deny.is_none() {
+        return None;
+    }
 
     let flow = Flow {
         from: from_text?,
         to: to_text?,
-        port: port?,
+        ports: ports?,
         protocol: protocol?,
+        direction: direction?,
+        deny: deny.unwrap_or(false),
         description,
         line: position(&fields.span).0,
     };
@@ -570,6 +696,7 @@ fn read_exception(reader: &mut Reader, node: &Node<'_>, path: &str) -> Option<Ex
         reason: reason?.0,
         expires: expires?,
         line: position(&fields.span).0,
+        column: position(&fields.span).1,
     })
 }
 
@@ -603,6 +730,19 @@ fn check_references(reader: &mut Reader, draft: Draft, source_name: &str) -> Mod
         }
     }
 
+    for parent in &draft.zone_parents {
+        if !zone_ids.contains(&parent.text) {
+            let kind = ModelErrorKind::UnknownReference {
+                path: parent.path.clone(),
+                target: "zone",
+                id: parent.text.clone(),
+                known: zone_ids.clone(),
+            };
+            reader.error(&parent.span, kind);
+        }
+    }
+    check_zone_cycles(reader, &draft);
+
     let mut known = unique_texts(&draft.component_ids);
     known.extend(zone_ids.iter().cloned());
     for end in &draft.flow_ends {
@@ -625,6 +765,38 @@ fn check_references(reader: &mut Reader, draft: Draft, source_name: &str) -> Mod
         draft.flows,
         draft.exceptions,
     )
+}
+
+/// Reports each zone whose `parent` chain leads back to itself, at its `parent` field.
+fn check_zone_cycles(reader: &mut Reader, draft: &Draft) {
+    let parent_of: HashMap<&str, &str> = draft
+        .zones
+        .iter()
+        .filter_map(|z| z.parent.as_deref().map(|p| (z.id.as_str(), p)))
+        .collect();
+    for parent in &draft.zone_parents {
+        // `zones[3].parent` belongs to the zone whose id was read at `zones[3].id`.
+        let id_path = format!("{}id", parent.path.trim_end_matches("parent"));
+        let Some(zone) = draft.zone_ids.iter().find(|z| z.path == id_path) else {
+            continue;
+        };
+        let mut current = parent.text.as_str();
+        for _ in 0..=parent_of.len() {
+            if current == zone.text {
+                let kind = ModelErrorKind::InvalidValue {
+                    path: parent.path.clone(),
+                    value: format!("\"{}\"", parent.text),
+                    reason: format!("zone {} would be nested in itself", zone.text),
+                };
+                reader.error(&parent.span, kind);
+                break;
+            }
+            match parent_of.get(current) {
+                Some(next) => current = next,
+                None => break,
+            }
+        }
+    }
 }
 
 /// Returns the ids in file order, each once.

@@ -5,7 +5,7 @@
 //! ids are unique across zones and components, every reference points at a declared id, and every
 //! glob and CIDR compiled.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -39,6 +39,8 @@ pub struct Zone {
     pub trust: u8,
     /// Remote addresses in these networks belong to the zone.
     pub cidrs: Vec<IpNet>,
+    /// The enclosing zone. A flow that names a zone also covers the zones nested in it.
+    pub parent: Option<String>,
     pub description: Option<String>,
     /// Line in the model file, for messages.
     pub line: usize,
@@ -88,8 +90,11 @@ pub struct Component {
     pub listens: Vec<Listen>,
     /// Programs the component may run; empty means the `match.exe` globs.
     pub executables: GlobList,
+    /// Data classification tags (`pii`, `credentials`, ...), carried into reports and imports.
+    pub data: Vec<String>,
     pub description: Option<String>,
     pub line: usize,
+    pub column: usize,
 }
 
 /// The `match` selectors of a component. A process matches when every selector present matches;
@@ -101,6 +106,13 @@ pub struct Selectors {
     /// Globs on the cgroup v2 path.
     pub cgroup: Option<GlobList>,
     pub user: Option<Vec<UserSelector>>,
+    /// Globs on the systemd unit, derived from the last `.service` or `.scope` segment of the
+    /// cgroup path.
+    pub unit: Option<GlobList>,
+    /// Container labels that must all be present with these values.
+    pub container: Option<BTreeMap<String, String>>,
+    /// Kubernetes pod labels that must all be present with these values.
+    pub pod: Option<BTreeMap<String, String>>,
 }
 
 /// One entry of `match.user`.
@@ -139,16 +151,47 @@ impl Listen {
     }
 }
 
-/// A declared, intended flow. `from` and `to` are component or zone ids; a zone id stands for every
-/// component and address in that zone.
+/// A declared flow. `from` and `to` are component or zone ids; a zone id stands for every
+/// component and address in that zone and in the zones nested in it. `from` is the client side.
+///
+/// An allowed flow (`deny: false`) is intended traffic. A denied flow is a control the model
+/// expects to hold, such as a firewall rule: a connection that matches it is `control-failed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow {
     pub from: String,
     pub to: String,
-    pub port: u16,
+    /// Server ports, sorted and without duplicates; never empty.
+    pub ports: Vec<u16>,
     pub protocol: Protocol,
+    pub direction: Direction,
+    pub deny: bool,
     pub description: Option<String>,
     pub line: usize,
+}
+
+/// Which side of a declared flow may open the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// Only `from` connects to `to`.
+    #[default]
+    Forward,
+    /// Either side may connect to the other on the flow's ports.
+    Both,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Both => "both",
+        }
+    }
+}
+
+impl Flow {
+    pub fn allows_port(&self, port: u16) -> bool {
+        self.ports.binary_search(&port).is_ok()
+    }
 }
 
 /// An accepted deviation: deviations whose id matches are not reported until `expires`.
@@ -160,11 +203,16 @@ pub struct Exception {
     /// never expires.
     pub expires: Option<SystemTime>,
     pub line: usize,
+    pub column: usize,
 }
 
 impl Exception {
     pub fn applies(&self, deviation_id: &str, time: SystemTime) -> bool {
-        self.expires.is_none_or(|expires| time < expires) && self.id.matches(deviation_id)
+        !self.is_expired(time) && self.id.matches(deviation_id)
+    }
+
+    pub fn is_expired(&self, time: SystemTime) -> bool {
+        self.expires.is_some_and(|expires| time >= expires)
     }
 }
 
@@ -229,12 +277,31 @@ impl Selectors {
             .user
             .as_ref()
             .is_none_or(|users| users.iter().any(|u| u.matches(process)));
-        exe && cgroup && user
+        let unit = self.unit.as_ref().is_none_or(|globs| {
+            systemd_unit(&process.cgroup).is_some_and(|unit| globs.matches(unit))
+        });
+        // NOTE: processes carry no container or pod labels yet, so a component that requires
+        // labels matches no process rather than every process.
+        let labels = self.container.is_none() && self.pod.is_none();
+        exe && cgroup && user && unit && labels
     }
 
-    fn is_empty(&self) -> bool {
-        self.exe.is_none() && self.cgroup.is_none() && self.user.is_none()
+    pub(crate) fn is_empty(&self) -> bool {
+        self.exe.is_none()
+            && self.cgroup.is_none()
+            && self.user.is_none()
+            && self.unit.is_none()
+            && self.container.is_none()
+            && self.pod.is_none()
     }
+}
+
+/// Returns the systemd unit a cgroup path belongs to: its last segment that ends in `.service` or
+/// `.scope`, so `/system.slice/nginx.service/worker` gives `nginx.service`.
+pub fn systemd_unit(cgroup: &str) -> Option<&str> {
+    cgroup
+        .rsplit('/')
+        .find(|segment| segment.ends_with(".service") || segment.ends_with(".scope"))
 }
 
 impl Component {
@@ -406,11 +473,27 @@ impl Model {
         candidates.next().is_none().then_some(first)
     }
 
-    /// Returns true when a declared flow allows traffic from `source` to `destination`.
+    /// Returns true when zone `inner` is `outer` or nested in it, at any depth.
+    pub fn zone_within(&self, inner: &str, outer: &str) -> bool {
+        let mut current = Some(inner);
+        // The loader rejects parent cycles; the bound only guards a model built by hand.
+        for _ in 0..=self.zones.len() {
+            let Some(id) = current else {
+                return false;
+            };
+            if id == outer {
+                return true;
+            }
+            current = self.zone(id).and_then(|z| z.parent.as_deref());
+        }
+        false
+    }
+
+    /// Returns true when an allowed flow covers traffic from `source` to `destination`.
     ///
     /// Each side is a node id (component, zone or discovered name) with the zone it belongs to. A
-    /// flow naming a zone matches any node in that zone. Traffic between a component and itself
-    /// is always allowed.
+    /// flow naming a zone matches any node in that zone or a zone nested in it. Traffic between a
+    /// component and itself is always allowed.
     pub fn flow_declared(
         &self,
         source: (&str, Option<&str>),
@@ -423,15 +506,43 @@ impl Model {
         if source.0 == destination.0 && self.component_index.contains_key(source.0) {
             return true;
         }
-        let side_matches = |declared: &str, (node, zone): (&str, Option<&str>)| {
-            declared == node || (self.zone_index.contains_key(declared) && zone == Some(declared))
-        };
-        self.flows.iter().any(|f| {
-            f.protocol == protocol
-                && f.port == port
-                && side_matches(&f.from, source)
-                && side_matches(&f.to, destination)
+        self.matching_flow(source, destination, protocol, port, false)
+            .is_some()
+    }
+
+    /// Returns the index of the first flow with the given `deny` flag that covers the traffic.
+    pub fn matching_flow(
+        &self,
+        source: (&str, Option<&str>),
+        destination: (&str, Option<&str>),
+        protocol: Protocol,
+        port: u16,
+        deny: bool,
+    ) -> Option<usize> {
+        self.flows.iter().position(|f| {
+            f.deny == deny && self.flow_covers(f, source, destination, protocol, port)
         })
+    }
+
+    /// True when `flow` covers traffic from `source` to `destination`, whatever its `deny` flag.
+    pub fn flow_covers(
+        &self,
+        flow: &Flow,
+        source: (&str, Option<&str>),
+        destination: (&str, Option<&str>),
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
+        let side_matches = |declared: &str, (node, zone): (&str, Option<&str>)| {
+            declared == node
+                || (self.zone_index.contains_key(declared)
+                    && zone.is_some_and(|zone| self.zone_within(zone, declared)))
+        };
+        let forward = side_matches(&flow.from, source) && side_matches(&flow.to, destination);
+        let reverse = flow.direction == Direction::Both
+            && side_matches(&flow.from, destination)
+            && side_matches(&flow.to, source);
+        flow.protocol == protocol && flow.allows_port(port) && (forward || reverse)
     }
 
     /// Returns the first exception in force at `time` that covers `deviation_id`.
@@ -439,5 +550,16 @@ impl Model {
         self.exceptions
             .iter()
             .find(|e| e.applies(deviation_id, time))
+    }
+
+    /// Returns the first exception that covers `deviation_id` but expired before `time`.
+    pub fn expired_exception_for(
+        &self,
+        deviation_id: &str,
+        time: SystemTime,
+    ) -> Option<&Exception> {
+        self.exceptions
+            .iter()
+            .find(|e| e.is_expired(time) && e.id.matches(deviation_id))
     }
 }

@@ -87,7 +87,9 @@ fn undeclared_flow_raises_unexpected_flow_and_crossing() {
         ids(&raised),
         [
             "unexpected-flow@web@db@tcp/5432",
-            "trust-boundary-crossing@web@db@tcp/5432"
+            "trust-boundary-crossing@web@db@tcp/5432",
+            // web is an entry point and db is critical, so the one edge is an attack path.
+            "new-attack-path@web@db@tcp/5432"
         ]
     );
     let unexpected = &raised[0];
@@ -163,7 +165,9 @@ fn inbound_flow_source_is_zone() {
         ids(&raised),
         [
             "unexpected-flow@internet@db@tcp/5432",
-            "trust-boundary-crossing@internet@db@tcp/5432"
+            "trust-boundary-crossing@internet@db@tcp/5432",
+            // internet is an entry point and db is critical, so the one edge is an attack path.
+            "new-attack-path@internet@db@tcp/5432"
         ]
     );
     assert!(

@@ -50,7 +50,7 @@ fn sketch_model_parses() {
         (
             model.flows[1].from.as_str(),
             model.flows[1].to.as_str(),
-            model.flows[1].port
+            model.flows[1].ports[0]
         ),
         ("web", "db", 5432)
     );
@@ -356,4 +356,123 @@ fn two_documents_are_rejected() {
     assert_eq!(errors.len(), 1);
     // The second document's content starts on the line after the `---` marker.
     assert_eq!(positions(&errors), [(3, 1)]);
+}
+
+const NESTED: &str = r#"version: 1
+zones:
+  - { id: corp, trust: 60, match: { cidrs: ["10.0.0.0/8"] } }
+  - { id: lab, trust: 50, parent: corp, match: { cidrs: ["10.9.0.0/16"] } }
+components:
+  - id: web
+    zone: corp
+    data: [pii, sessions]
+    match: { unit: ["nginx.service"], container: { app: web } }
+  - id: worker
+    zone: corp
+    match: { exe: ["/usr/bin/*"] }
+  - id: curl
+    zone: lab
+    match: { exe: ["/usr/bin/curl"] }
+flows:
+  - { from: corp, to: web, ports: [443, 80, 443], proto: tcp, direction: both }
+  - { from: lab, to: web, port: 22, deny: true }
+exceptions:
+  - { id: "unexpected-flow@*", reason: "migration", expires: 2024-01-01 }
+"#;
+
+#[test]
+fn extended_schema_loads() {
+    let model = Model::parse(NESTED, "nested.yaml").expect("valid model");
+    assert_eq!(model.zones[1].parent.as_deref(), Some("corp"));
+    assert_eq!(model.components[0].data, vec!["pii", "sessions"]);
+    let selectors = model.components[0].selectors.as_ref().unwrap();
+    assert_eq!(
+        selectors.unit.as_ref().unwrap().patterns,
+        vec!["nginx.service"]
+    );
+    assert_eq!(selectors.container.as_ref().unwrap()["app"], "web");
+    assert_eq!(model.flows[0].ports, vec![80, 443]);
+    assert_eq!(model.flows[0].direction, driftwatch_model::Direction::Both);
+    assert!(model.flows[1].deny);
+    assert!(model.zone_within("lab", "corp"));
+    assert!(!model.zone_within("corp", "lab"));
+}
+
+#[test]
+fn flow_naming_parent_zone_covers_nested_zone() {
+    let model = Model::parse(NESTED, "nested.yaml").unwrap();
+    let tcp = driftwatch_model::observation::Protocol::Tcp;
+    assert!(model.flow_declared(("curl", Some("lab")), ("web", Some("corp")), tcp, 80));
+    assert!(model.flow_declared(("web", Some("corp")), ("curl", Some("lab")), tcp, 443));
+    assert!(!model.flow_declared(("curl", Some("lab")), ("web", Some("corp")), tcp, 22));
+    assert_eq!(
+        model.matching_flow(("curl", Some("lab")), ("web", Some("corp")), tcp, 22, true),
+        Some(1)
+    );
+}
+
+#[test]
+fn zone_parent_cycle_is_rejected() {
+    let text = r#"version: 1
+zones:
+  - { id: a, trust: 10, parent: b }
+  - { id: b, trust: 10, parent: a }
+  - { id: c, trust: 10, parent: nowhere }
+"#;
+    let errors = errors(text);
+    let messages: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(messages.len(), 3, "{messages:#?}");
+    assert!(messages[0].contains("zone a would be nested in itself"));
+    assert!(messages[1].contains("zone b would be nested in itself"));
+    assert!(messages[2].contains("unknown zone \"nowhere\" in zones[2].parent"));
+}
+
+#[test]
+fn port_and_ports_together_are_rejected() {
+    let text = "version: 1\nzones: [{ id: z, trust: 1 }]\nflows:\n  - { from: z, to: z, port: 1, ports: [2] }\n";
+    let errors = errors(text);
+    assert_eq!(errors.len(), 1);
+    assert!(errors
+        .to_string()
+        .contains("a flow takes port or ports, not both"));
+}
+
+#[test]
+fn warnings_list_overlaps_and_expired_exceptions() {
+    let model = Model::parse(NESTED, "nested.yaml").unwrap();
+    let now = driftwatch_model::pattern::parse_date("2025-01-01").unwrap();
+    let warnings = model.warnings(now);
+    let text: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+    // web selects by unit and labels, worker and curl by executable: a process could satisfy
+    // both kinds at once, so each pair overlaps.
+    assert_eq!(text.len(), 4, "{text:#?}");
+    assert!(text[0].starts_with("nested.yaml:10:5: warning: the selectors of component worker overlap those of component web (line 6)"));
+    assert!(text[2].starts_with("nested.yaml:13:5: warning: the selectors of component curl overlap those of component worker (line 10)"));
+    assert!(text[3].starts_with(
+        "nested.yaml:20:5: warning: exception \"unexpected-flow@*\" expired on 2024-01-01"
+    ));
+    assert!(warnings[3].hint.contains("renew"));
+}
+
+#[test]
+fn disjoint_selectors_raise_no_overlap_warning() {
+    let text = r#"version: 1
+zones: [{ id: z, trust: 1 }]
+components:
+  - { id: a, zone: z, match: { exe: ["/usr/bin/a"], user: [alice] } }
+  - { id: b, zone: z, match: { exe: ["/usr/bin/*"], user: [bob] } }
+  - { id: c, zone: z, match: { exe: ["/opt/c"], unit: ["c.service"] } }
+  - { id: d, zone: z, match: { exe: ["/opt/d"], unit: ["c.service"] } }
+"#;
+    let model = Model::parse(text, "t.yaml").unwrap();
+    assert!(model.warnings(std::time::SystemTime::UNIX_EPOCH).is_empty());
+}
+
+#[test]
+fn error_hint_suggests_near_key() {
+    let errors = errors("version: 1\nzones: [{ id: z, trust: 1, parnet: q }]\n");
+    assert_eq!(
+        errors.errors[0].kind.hint().as_deref(),
+        Some("did you mean \"parent\"?")
+    );
 }

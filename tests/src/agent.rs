@@ -2,8 +2,8 @@
 
 use std::fs::{self, File};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -39,8 +39,15 @@ impl AgentUnderTest {
     /// Starts `bin agent` with `extra_args` appended and waits until it writes its ready file.
     ///
     /// Fails when the agent exits first or is not ready within a minute, with its log in the error.
-    pub fn start_with(bin: &Path, model: &Path, scope_cgroup: &Path, extra_args: &[&str]) -> Result<AgentUnderTest> {
-        let workdir = tempfile::Builder::new().prefix("driftwatch-agent-").tempdir()?;
+    pub fn start_with(
+        bin: &Path,
+        model: &Path,
+        scope_cgroup: &Path,
+        extra_args: &[&str],
+    ) -> Result<AgentUnderTest> {
+        let workdir = tempfile::Builder::new()
+            .prefix("driftwatch-agent-")
+            .tempdir()?;
         let ready_file = workdir.path().join("ready");
         let log_path = workdir.path().join("agent.log");
         let log = File::create(&log_path)?;
@@ -61,7 +68,9 @@ impl AgentUnderTest {
             .stderr(log)
             // A terminal's Ctrl-C then reaches only the caller, which stops the agent in order.
             .process_group(0);
-        let child = command.spawn().with_context(|| format!("failed to start {}", bin.display()))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("failed to start {}", bin.display()))?;
         let mut agent = AgentUnderTest {
             child,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -77,7 +86,9 @@ impl AgentUnderTest {
             }
             // The agent writes the whole line at once; a line without its newline is not done yet.
             let contents = fs::read_to_string(&ready_file).ok()?;
-            contents.ends_with('\n').then(|| Some(contents.trim().to_string()))
+            contents
+                .ends_with('\n')
+                .then(|| Some(contents.trim().to_string()))
         });
         let address = match (ready, exited) {
             (Some(Some(address)), _) => address,
@@ -113,7 +124,8 @@ impl AgentUnderTest {
 
     /// Returns the agent's stdout and stderr so far.
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_else(|error| format!("(log unreadable: {error})"))
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|error| format!("(log unreadable: {error})"))
     }
 
     pub fn log_path(&self) -> &Path {

@@ -14,10 +14,13 @@ use crate::{wait_until, Result};
 /// Hybrid hosts mount it at /sys/fs/cgroup/unified next to the v1 controllers, unified ones at
 /// /sys/fs/cgroup, so the path is never assumed.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("failed to read /proc/self/mountinfo")?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .context("failed to read /proc/self/mountinfo")?;
     for line in mountinfo.lines() {
         // Fields: id parent major:minor root mount-point options [optional...] - fstype source ...
-        let Some((before, after)) = line.split_once(" - ") else { continue };
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
         if after.split_whitespace().next() == Some("cgroup2") {
             if let Some(mount_point) = before.split_whitespace().nth(4) {
                 return Ok(PathBuf::from(mount_point));
@@ -46,7 +49,8 @@ impl Cgroup {
     pub fn create(relative: &str) -> Result<Cgroup> {
         let relative = format!("/{}", relative.trim_matches('/'));
         let path = cgroup2_mount()?.join(relative.trim_start_matches('/'));
-        fs::create_dir(&path).with_context(|| format!("failed to create cgroup {}", path.display()))?;
+        fs::create_dir(&path)
+            .with_context(|| format!("failed to create cgroup {}", path.display()))?;
         Ok(Cgroup { path, relative })
     }
 
@@ -116,7 +120,10 @@ impl Cgroup {
             Err(_) => None,
         });
         emptied.with_context(|| {
-            format!("cgroup {} still holds pids {last:?} after {timeout:?}", self.path.display())
+            format!(
+                "cgroup {} still holds pids {last:?} after {timeout:?}",
+                self.path.display()
+            )
         })
     }
 }
@@ -131,7 +138,10 @@ impl Drop for Cgroup {
             return;
         }
         if let Err(error) = remove_tree(&self.path) {
-            eprintln!("warning: failed to remove cgroup {}: {error:#}", self.path.display());
+            eprintln!(
+                "warning: failed to remove cgroup {}: {error:#}",
+                self.path.display()
+            );
         }
     }
 }
@@ -141,9 +151,16 @@ fn collect_pids(dir: &Path, pids: &mut Vec<u32>) -> Result<()> {
         Ok(procs) => procs,
         // A child cgroup removed while we walk is simply gone.
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(error).with_context(|| format!("failed to read {}/cgroup.procs", dir.display())),
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("failed to read {}/cgroup.procs", dir.display()))
+        }
     };
-    pids.extend(procs.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
+    pids.extend(
+        procs
+            .lines()
+            .filter_map(|line| line.trim().parse::<u32>().ok()),
+    );
     for child in child_cgroups(dir)? {
         collect_pids(&child, pids)?;
     }
@@ -154,7 +171,9 @@ fn child_cgroups(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(error) => return Err(error).with_context(|| format!("failed to list {}", dir.display())),
+        Err(error) => {
+            return Err(error).with_context(|| format!("failed to list {}", dir.display()))
+        }
     };
     let mut children = Vec::new();
     for entry in entries {

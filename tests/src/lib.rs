@@ -41,13 +41,19 @@ pub fn require_root() -> Result<()> {
 /// Returns the `driftwatch` binary named by `DRIFTWATCH_BIN`, which `cargo xtask test` sets after
 /// building the agent with its eBPF object.
 pub fn driftwatch_bin() -> Result<PathBuf> {
-    let path = std::env::var_os("DRIFTWATCH_BIN").map(PathBuf::from).ok_or_else(|| {
-        anyhow::anyhow!(
+    let path = std::env::var_os("DRIFTWATCH_BIN")
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
             "DRIFTWATCH_BIN is not set: run the end-to-end tests with `cargo xtask test`, which \
              builds the agent with its eBPF object and sets it"
         )
-    })?;
-    anyhow::ensure!(path.is_file(), "DRIFTWATCH_BIN={} does not exist", path.display());
+        })?;
+    anyhow::ensure!(
+        path.is_file(),
+        "DRIFTWATCH_BIN={} does not exist",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -78,7 +84,10 @@ pub fn demo_service_bin() -> Result<PathBuf> {
 pub fn unique_suffix() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let mixed = std::process::id().wrapping_mul(2_654_435_761) ^ nanos ^ count.wrapping_mul(40_503);
     // Five hex digits keep names such as "dw1a2b3-client" within the 15 bytes of an interface name.
     format!("{:05x}", mixed & 0xf_ffff)

@@ -27,7 +27,9 @@ impl NetNs {
     /// Creates the namespace and brings its loopback interface up.
     pub fn create(name: &str) -> Result<NetNs> {
         run_ip(&["netns", "add", name])?;
-        let netns = NetNs { name: name.to_string() };
+        let netns = NetNs {
+            name: name.to_string(),
+        };
         netns.ip(&["link", "set", "lo", "up"])?;
         Ok(netns)
     }
@@ -50,14 +52,19 @@ impl NetNs {
 
     /// Sets a sysctl inside this namespace only, such as `net.ipv4.ip_forward=1`.
     pub fn sysctl(&self, assignment: &str) -> Result<()> {
-        run(Command::new("ip").args(["netns", "exec", &self.name, "sysctl", "-q", "-w", assignment]))
+        run(Command::new("ip").args([
+            "netns", "exec", &self.name, "sysctl", "-q", "-w", assignment,
+        ]))
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(error) = run_ip(&["netns", "delete", &self.name]) {
-            eprintln!("warning: failed to delete network namespace {}: {error:#}", self.name);
+            eprintln!(
+                "warning: failed to delete network namespace {}: {error:#}",
+                self.name
+            );
         }
     }
 }
@@ -100,7 +107,12 @@ impl Topology {
         // Hosts in different subnets share the bridge, so the router would otherwise tell them
         // to talk directly; the tests want every hop through it.
         router.sysctl("net.ipv4.conf.all.send_redirects=0")?;
-        Ok(Topology { prefix, hosts: Vec::new(), router, gateways: BTreeSet::new() })
+        Ok(Topology {
+            prefix,
+            hosts: Vec::new(),
+            router,
+            gateways: BTreeSet::new(),
+        })
     }
 
     /// The name prefix shared by every namespace of this topology.
@@ -115,8 +127,12 @@ impl Topology {
     /// Adds a host with the given addresses in CIDR form, such as `198.18.2.10/24` and
     /// `fd00:d5:2::10/64`, and a default route through its subnet's gateway on the router.
     pub fn add_host(&mut self, name: &str, ipv4: &str, ipv6: &str) -> Result<&Host> {
-        let v4: Ipv4Net = ipv4.parse().with_context(|| format!("invalid IPv4 CIDR {ipv4:?}"))?;
-        let v6: Ipv6Net = ipv6.parse().with_context(|| format!("invalid IPv6 CIDR {ipv6:?}"))?;
+        let v4: Ipv4Net = ipv4
+            .parse()
+            .with_context(|| format!("invalid IPv4 CIDR {ipv4:?}"))?;
+        let v6: Ipv6Net = ipv6
+            .parse()
+            .with_context(|| format!("invalid IPv6 CIDR {ipv6:?}"))?;
         if self.hosts.iter().any(|host| host.name == name) {
             bail!("host {name:?} already exists in topology {}", self.prefix);
         }
@@ -132,9 +148,19 @@ impl Topology {
         // Both ends are created in the router namespace, then one moves into the host, so the
         // root namespace never contains either.
         self.router.ip(&[
-            "link", "add", &router_end, "type", "veth", "peer", "name", "eth0", "netns", &netns_name,
+            "link",
+            "add",
+            &router_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns_name,
         ])?;
-        self.router.ip(&["link", "set", &router_end, "master", BRIDGE, "up"])?;
+        self.router
+            .ip(&["link", "set", &router_end, "master", BRIDGE, "up"])?;
 
         let v4_cidr = v4.to_string();
         let v6_cidr = v6.to_string();
@@ -143,9 +169,21 @@ impl Topology {
         netns.ip(&["-6", "addr", "add", &v6_cidr, "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", "default", "via", &gateway4.to_string()])?;
-        netns.ip(&["-6", "route", "add", "default", "via", &gateway6.to_string()])?;
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway6.to_string(),
+        ])?;
 
-        self.hosts.push(Host { name: name.to_string(), ipv4: v4.addr(), ipv6: v6.addr(), netns });
+        self.hosts.push(Host {
+            name: name.to_string(),
+            ipv4: v4.addr(),
+            ipv6: v6.addr(),
+            netns,
+        });
         Ok(self.hosts.last().expect("a host was just pushed"))
     }
 
@@ -162,12 +200,17 @@ impl Topology {
     }
 
     fn ensure_gateway(&mut self, subnet: IpNet) -> Result<IpAddr> {
-        let gateway = subnet.hosts().next().with_context(|| format!("subnet {subnet} has no hosts"))?;
+        let gateway = subnet
+            .hosts()
+            .next()
+            .with_context(|| format!("subnet {subnet} has no hosts"))?;
         if self.gateways.insert(subnet) {
             let cidr = format!("{gateway}/{}", subnet.prefix_len());
             match subnet {
                 IpNet::V4(_) => self.router.ip(&["addr", "add", &cidr, "dev", BRIDGE])?,
-                IpNet::V6(_) => self.router.ip(&["-6", "addr", "add", &cidr, "dev", BRIDGE, "nodad"])?,
+                IpNet::V6(_) => self
+                    .router
+                    .ip(&["-6", "addr", "add", &cidr, "dev", BRIDGE, "nodad"])?,
             }
         }
         Ok(gateway)
@@ -183,7 +226,9 @@ fn run_ip(args: &[&str]) -> Result<()> {
 }
 
 fn run(command: &mut Command) -> Result<()> {
-    let output = command.output().with_context(|| format!("failed to run {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("failed to run {command:?}"))?;
     if !output.status.success() {
         bail!(
             "{command:?} failed ({}): {}",

@@ -22,20 +22,34 @@ const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// directly. Going through `ip netns exec` instead would add an exec of `ip` inside the cgroup,
 /// which the agent would report as a program of the component. The child also gets a process
 /// group of its own, so a Ctrl-C in the terminal reaches only the caller, which then cleans up.
-pub fn spawn_in(netns: Option<&NetNs>, cgroup: Option<&Cgroup>, mut command: Command) -> Result<ProcessGuard> {
+pub fn spawn_in(
+    netns: Option<&NetNs>,
+    cgroup: Option<&Cgroup>,
+    mut command: Command,
+) -> Result<ProcessGuard> {
     // Opened before fork because the child may only make async-signal-safe calls; std opens
     // both with O_CLOEXEC, so the program never inherits them.
     let netns_file = netns
-        .map(|netns| File::open(netns.path()).with_context(|| format!("failed to open {}", netns.path().display())))
+        .map(|netns| {
+            File::open(netns.path())
+                .with_context(|| format!("failed to open {}", netns.path().display()))
+        })
         .transpose()?;
     let procs_file = cgroup
         .map(|cgroup| {
             let procs = cgroup.path().join("cgroup.procs");
-            OpenOptions::new().write(true).open(&procs).with_context(|| format!("failed to open {}", procs.display()))
+            OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .with_context(|| format!("failed to open {}", procs.display()))
         })
         .transpose()?;
 
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     // SAFETY: the closure runs in the forked child, where only async-signal-safe calls are allowed.
     // It calls write(2) and setns(2) on descriptors opened before the fork and allocates nothing.
     unsafe {
@@ -56,7 +70,9 @@ pub fn spawn_in(netns: Option<&NetNs>, cgroup: Option<&Cgroup>, mut command: Com
     }
 
     let description = format!("{command:?}");
-    let mut child = command.spawn().with_context(|| format!("failed to start {description}"))?;
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("failed to start {description}"))?;
     let output = Arc::new(Captured::default());
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -96,18 +112,32 @@ impl ProcessGuard {
 
     /// Stdout lines so far.
     pub fn stdout_lines(&self) -> Vec<String> {
-        self.output.state.lock().expect("capture lock").stdout.clone()
+        self.output
+            .state
+            .lock()
+            .expect("capture lock")
+            .stdout
+            .clone()
     }
 
     /// Stderr so far.
     pub fn stderr(&self) -> String {
-        self.output.state.lock().expect("capture lock").stderr.clone()
+        self.output
+            .state
+            .lock()
+            .expect("capture lock")
+            .stderr
+            .clone()
     }
 
     /// Waits for a stdout line that satisfies `accept`, such as a server's `listening ...` line.
     ///
     /// Fails when `timeout` passes or the process closes stdout first, with everything it printed.
-    pub fn wait_for_line(&self, timeout: Duration, accept: impl Fn(&str) -> bool) -> Result<String> {
+    pub fn wait_for_line(
+        &self,
+        timeout: Duration,
+        accept: impl Fn(&str) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         let mut state = self.output.state.lock().expect("capture lock");
         loop {
@@ -116,7 +146,11 @@ impl ProcessGuard {
             }
             let now = Instant::now();
             if state.stdout_closed || now >= deadline {
-                let reason = if state.stdout_closed { "closed stdout" } else { "timed out" };
+                let reason = if state.stdout_closed {
+                    "closed stdout"
+                } else {
+                    "timed out"
+                };
                 anyhow::bail!(
                     "{} (pid {}) {reason} before printing the expected line\nstdout:\n{}\nstderr:\n{}",
                     self.description,
@@ -125,7 +159,12 @@ impl ProcessGuard {
                     state.stderr
                 );
             }
-            state = self.output.changed.wait_timeout(state, deadline - now).expect("capture lock").0;
+            state = self
+                .output
+                .changed
+                .wait_timeout(state, deadline - now)
+                .expect("capture lock")
+                .0;
         }
     }
 
@@ -157,7 +196,12 @@ impl ProcessGuard {
         self.status = Some(status);
         // The pipes close at exit unless a child of the process still has them open, as a
         // background job does, so wait for the rest of the output, but not forever.
-        crate::wait_until(OUTPUT_DRAIN_TIMEOUT, || self.readers.iter().all(|reader| reader.is_finished()).then_some(()));
+        crate::wait_until(OUTPUT_DRAIN_TIMEOUT, || {
+            self.readers
+                .iter()
+                .all(|reader| reader.is_finished())
+                .then_some(())
+        });
         for reader in std::mem::take(&mut self.readers) {
             if reader.is_finished() {
                 let _ = reader.join();

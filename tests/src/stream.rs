@@ -12,8 +12,8 @@ use anyhow::Context;
 use driftwatch_proto::v1::agent_service_client::AgentServiceClient;
 use driftwatch_proto::v1::stream_deviations_response::Payload;
 use driftwatch_proto::v1::{
-    Category, Deviation, GetGraphRequest, GetStatusRequest, Graph, AgentStatus, LossNotice, Severity,
-    StreamDeviationsRequest,
+    AgentStatus, Category, Deviation, GetGraphRequest, GetStatusRequest, Graph, LossNotice,
+    Severity, StreamDeviationsRequest,
 };
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -58,47 +58,77 @@ impl DeviationWatcher {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let thread = {
             let shared = Arc::clone(&shared);
-            thread::Builder::new().name("deviation-watcher".into()).spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        let _ = started_tx.send(Err(anyhow::Error::from(error)));
-                        return;
-                    }
-                };
-                runtime.block_on(follow(api, shared, started_tx, stopped));
-            })?
+            thread::Builder::new()
+                .name("deviation-watcher".into())
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            let _ = started_tx.send(Err(anyhow::Error::from(error)));
+                            return;
+                        }
+                    };
+                    runtime.block_on(follow(api, shared, started_tx, stopped));
+                })?
         };
-        let watcher = DeviationWatcher { shared, stop: Some(stop), thread: Some(thread) };
+        let watcher = DeviationWatcher {
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        };
         match started_rx.recv_timeout(CONNECT_TIMEOUT) {
             Ok(Ok(())) => Ok(watcher),
             Ok(Err(error)) => Err(error),
-            Err(_) => anyhow::bail!("subscribing to deviations at {api} timed out after {CONNECT_TIMEOUT:?}"),
+            Err(_) => anyhow::bail!(
+                "subscribing to deviations at {api} timed out after {CONNECT_TIMEOUT:?}"
+            ),
         }
     }
 
     /// Deviations received so far, in stream order; one id appears again each time the agent
     /// re-sends it with a higher count.
     pub fn deviations(&self) -> Vec<Deviation> {
-        self.shared.state.lock().expect("watcher lock").deviations.clone()
+        self.shared
+            .state
+            .lock()
+            .expect("watcher lock")
+            .deviations
+            .clone()
     }
 
     /// Loss notices received so far.
     pub fn losses(&self) -> Vec<LossNotice> {
-        self.shared.state.lock().expect("watcher lock").losses.clone()
+        self.shared
+            .state
+            .lock()
+            .expect("watcher lock")
+            .losses
+            .clone()
     }
 
     /// Returns the highest sequence received so far. Once it reaches the `last_sequence` of the
     /// agent's status, the watcher has every deviation raised before that status was read.
     pub fn last_sequence(&self) -> u64 {
-        self.shared.state.lock().expect("watcher lock").last_sequence
+        self.shared
+            .state
+            .lock()
+            .expect("watcher lock")
+            .last_sequence
     }
 
     /// Waits until a received deviation satisfies `accept` and returns it.
     ///
     /// Fails after `timeout` or when the stream ends, listing every deviation received, so a
     /// failing test shows what the agent raised instead.
-    pub fn wait_for(&self, expected: &str, timeout: Duration, accept: impl Fn(&Deviation) -> bool) -> Result<Deviation> {
+    pub fn wait_for(
+        &self,
+        expected: &str,
+        timeout: Duration,
+        accept: impl Fn(&Deviation) -> bool,
+    ) -> Result<Deviation> {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.state.lock().expect("watcher lock");
         loop {
@@ -111,9 +141,17 @@ impl DeviationWatcher {
                     Some(reason) => format!("the stream ended ({reason})"),
                     None => format!("timed out after {timeout:?}"),
                 };
-                anyhow::bail!("no deviation matched {expected}: {reason}; received:\n{}", describe_all(&state.deviations));
+                anyhow::bail!(
+                    "no deviation matched {expected}: {reason}; received:\n{}",
+                    describe_all(&state.deviations)
+                );
             }
-            state = self.shared.changed.wait_timeout(state, deadline - now).expect("watcher lock").0;
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .expect("watcher lock")
+                .0;
         }
     }
 }
@@ -135,10 +173,16 @@ async fn follow(
     started: std::sync::mpsc::Sender<Result<()>>,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let request = StreamDeviationsRequest { from_sequence: Some(0), ..Default::default() };
+    let request = StreamDeviationsRequest {
+        from_sequence: Some(0),
+        ..Default::default()
+    };
     let subscribed = async {
         let mut client = connect(api).await?;
-        let stream = client.stream_deviations(request).await.context("StreamDeviations failed")?;
+        let stream = client
+            .stream_deviations(request)
+            .await
+            .context("StreamDeviations failed")?;
         Ok::<_, anyhow::Error>(stream.into_inner())
     };
     let mut stream = match subscribed.await {
@@ -177,18 +221,28 @@ async fn follow(
 
 async fn connect(api: SocketAddr) -> Result<AgentServiceClient<Channel>> {
     let endpoint = Channel::from_shared(format!("http://{api}"))?.connect_timeout(CONNECT_TIMEOUT);
-    let channel = endpoint.connect().await.with_context(|| format!("failed to connect to the agent API at {api}"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("failed to connect to the agent API at {api}"))?;
     Ok(AgentServiceClient::new(channel))
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(future)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
 }
 
 /// Reads the agent's observed graph.
 pub fn graph(api: SocketAddr) -> Result<Graph> {
     block_on(async {
-        let response = connect(api).await?.get_graph(GetGraphRequest {}).await.context("GetGraph failed")?;
+        let response = connect(api)
+            .await?
+            .get_graph(GetGraphRequest {})
+            .await
+            .context("GetGraph failed")?;
         Ok(response.into_inner())
     })
 }
@@ -196,7 +250,11 @@ pub fn graph(api: SocketAddr) -> Result<Graph> {
 /// Reads the agent's status: hooks, counters, the model in force.
 pub fn status(api: SocketAddr) -> Result<AgentStatus> {
     block_on(async {
-        let response = connect(api).await?.get_status(GetStatusRequest {}).await.context("GetStatus failed")?;
+        let response = connect(api)
+            .await?
+            .get_status(GetStatusRequest {})
+            .await
+            .context("GetStatus failed")?;
         Ok(response.into_inner())
     })
 }
@@ -232,7 +290,11 @@ pub fn describe_all(deviations: &[Deviation]) -> String {
     if deviations.is_empty() {
         return "  (none)".to_string();
     }
-    deviations.iter().map(|deviation| format!("  {}", describe(deviation))).collect::<Vec<_>>().join("\n")
+    deviations
+        .iter()
+        .map(|deviation| format!("  {}", describe(deviation)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Formats a deviation on one line: severity, id, process and endpoints.
@@ -282,17 +344,37 @@ mod tests {
             request: Request<StreamDeviationsRequest>,
         ) -> Result<Response<Self::StreamDeviationsStream>, Status> {
             self.requests.lock().unwrap().push(request.into_inner());
-            let receiver = self.stream.lock().unwrap().take().ok_or_else(|| Status::unavailable("one stream only"))?;
+            let receiver = self
+                .stream
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| Status::unavailable("one stream only"))?;
             Ok(Response::new(ReceiverStream::new(receiver)))
         }
 
         async fn get_graph(&self, _: Request<GetGraphRequest>) -> Result<Response<Graph>, Status> {
-            let edge = Edge { source: "web".into(), destination: "db".into(), port: 5432, connections: 3, ..Default::default() };
-            Ok(Response::new(Graph { edges: vec![edge], ..Default::default() }))
+            let edge = Edge {
+                source: "web".into(),
+                destination: "db".into(),
+                port: 5432,
+                connections: 3,
+                ..Default::default()
+            };
+            Ok(Response::new(Graph {
+                edges: vec![edge],
+                ..Default::default()
+            }))
         }
 
-        async fn get_status(&self, _: Request<GetStatusRequest>) -> Result<Response<AgentStatus>, Status> {
-            Ok(Response::new(AgentStatus { last_sequence: 7, ..Default::default() }))
+        async fn get_status(
+            &self,
+            _: Request<GetStatusRequest>,
+        ) -> Result<Response<AgentStatus>, Status> {
+            Ok(Response::new(AgentStatus {
+                last_sequence: 7,
+                ..Default::default()
+            }))
         }
     }
 
@@ -304,23 +386,44 @@ mod tests {
     }
 
     fn serve_fake() -> Served {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let (sender, receiver) = mpsc::channel(16);
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let fake = FakeAgent { stream: Mutex::new(Some(receiver)), requests: Arc::clone(&requests) };
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let fake = FakeAgent {
+            stream: Mutex::new(Some(receiver)),
+            requests: Arc::clone(&requests),
+        };
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
         let api = listener.local_addr().unwrap();
         runtime.spawn(
             tonic::transport::Server::builder()
                 .add_service(AgentServiceServer::new(fake))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-        Served { api, sender: Some(sender), requests, _runtime: runtime }
+        Served {
+            api,
+            sender: Some(sender),
+            requests,
+            _runtime: runtime,
+        }
     }
 
     fn deviation(sequence: u64, id: &str) -> Message {
-        let deviation = Deviation { id: id.into(), count: 1, ..Default::default() };
-        Ok(StreamDeviationsResponse { payload: Some(Payload::Deviation(deviation)), sequence })
+        let deviation = Deviation {
+            id: id.into(),
+            count: 1,
+            ..Default::default()
+        };
+        Ok(StreamDeviationsResponse {
+            payload: Some(Payload::Deviation(deviation)),
+            sequence,
+        })
     }
 
     #[test]
@@ -332,7 +435,9 @@ mod tests {
         let watcher = DeviationWatcher::subscribe(served.api).unwrap();
         let later = sender.clone();
         let sending = thread::spawn(move || later.blocking_send(deviation(2, "second")).unwrap());
-        let found = watcher.wait_for("second", Duration::from_secs(10), |d| d.id == "second").unwrap();
+        let found = watcher
+            .wait_for("second", Duration::from_secs(10), |d| d.id == "second")
+            .unwrap();
         sending.join().unwrap();
 
         assert_eq!(found.id, "second");
@@ -341,7 +446,11 @@ mod tests {
         assert_eq!(watcher.last_sequence(), 2);
         let requests = served.requests.lock().unwrap();
         assert_eq!(requests.len(), 1);
-        assert_eq!(requests[0].from_sequence, Some(0), "the watcher must replay the whole history");
+        assert_eq!(
+            requests[0].from_sequence,
+            Some(0),
+            "the watcher must replay the whole history"
+        );
     }
 
     #[test]
@@ -353,11 +462,21 @@ mod tests {
 
         let watcher = DeviationWatcher::subscribe(served.api).unwrap();
         let started = Instant::now();
-        let error = watcher.wait_for("never", Duration::from_secs(30), |_| false).unwrap_err().to_string();
+        let error = watcher
+            .wait_for("never", Duration::from_secs(30), |_| false)
+            .unwrap_err()
+            .to_string();
 
-        assert!(started.elapsed() < Duration::from_secs(10), "waited {:?} after the stream ended", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited {:?} after the stream ended",
+            started.elapsed()
+        );
         assert!(error.contains("the stream ended"), "{error}");
-        assert!(error.contains("only"), "the error must list what was received: {error}");
+        assert!(
+            error.contains("only"),
+            "the error must list what was received: {error}"
+        );
     }
 
     #[test]
@@ -374,10 +493,18 @@ mod tests {
 
     #[test]
     fn subscribe_fails_without_agent() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
 
-        let error = DeviationWatcher::subscribe(closed).err().expect("subscribing to a closed port must fail");
+        let error = DeviationWatcher::subscribe(closed)
+            .err()
+            .expect("subscribing to a closed port must fail");
 
-        assert!(format!("{error:#}").contains(&closed.to_string()), "{error:#}");
+        assert!(
+            format!("{error:#}").contains(&closed.to_string()),
+            "{error:#}"
+        );
     }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use driftwatch_e2e::stream::{self, describe_all, process_of};
 use driftwatch_e2e::{
-    demo_service_bin, driftwatch_bin, require_root, spawn_in, unique_suffix, wait_until, AgentUnderTest, Cgroup,
-    DeviationWatcher, ProcessGuard, Topology,
+    demo_service_bin, driftwatch_bin, require_root, spawn_in, unique_suffix, wait_until,
+    AgentUnderTest, Cgroup, DeviationWatcher, ProcessGuard, Topology,
 };
 use driftwatch_proto::v1::{Category, Deviation};
 
@@ -76,16 +76,31 @@ struct World {
 
 impl World {
     fn start() -> World {
-        let serial = AGENT_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        World::start_with_agent_args(&[])
+    }
+
+    /// Like [`World::start`], with `agent_args` appended to the agent's command line.
+    fn start_with_agent_args(agent_args: &[&str]) -> World {
+        let serial = AGENT_TESTS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         require_root().unwrap();
         let bin = driftwatch_bin().unwrap();
         let service = demo_service_bin().unwrap();
 
         let mut topology = Topology::new().unwrap();
-        topology.add_host("client", "198.18.1.10/24", "fd00:d5:1::10/64").unwrap();
-        topology.add_host("web", &format!("{WEB_V4}/24"), "fd00:d5:2::10/64").unwrap();
-        topology.add_host("db", &format!("{DB_V4}/24"), "fd00:d5:4::10/64").unwrap();
-        topology.add_host("ext", &format!("{EXT_V4}/24"), &format!("{EXT_V6}/64")).unwrap();
+        topology
+            .add_host("client", "198.18.1.10/24", "fd00:d5:1::10/64")
+            .unwrap();
+        topology
+            .add_host("web", &format!("{WEB_V4}/24"), "fd00:d5:2::10/64")
+            .unwrap();
+        topology
+            .add_host("db", &format!("{DB_V4}/24"), "fd00:d5:4::10/64")
+            .unwrap();
+        topology
+            .add_host("ext", &format!("{EXT_V4}/24"), &format!("{EXT_V6}/64"))
+            .unwrap();
 
         let root = Cgroup::create(&format!("dw-e2e-{}", unique_suffix())).unwrap();
         let web = root.child("web").unwrap();
@@ -93,7 +108,7 @@ impl World {
 
         let model = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
         fs::write(model.path(), MODEL.replace("{ROOT}", root.relative_path())).unwrap();
-        let agent = AgentUnderTest::start_with(&bin, model.path(), root.path(), &[]).unwrap();
+        let agent = AgentUnderTest::start_with(&bin, model.path(), root.path(), agent_args).unwrap();
         let watcher = DeviationWatcher::subscribe(agent.api_addr()).unwrap();
 
         let mut world = World {
@@ -109,7 +124,17 @@ impl World {
             _serial: serial,
         };
         world.serve("db", Some("db"), &["db", "--listen", "0.0.0.0:5432"]);
-        world.serve("web", Some("web"), &["web", "--listen", "0.0.0.0:8080", "--upstream", &format!("{DB_V4}:5432")]);
+        world.serve(
+            "web",
+            Some("web"),
+            &[
+                "web",
+                "--listen",
+                "0.0.0.0:8080",
+                "--upstream",
+                &format!("{DB_V4}:5432"),
+            ],
+        );
         // The undeclared host replies like a db on both address families ([::] takes IPv4 too).
         world.serve("ext", None, &["db", "--listen", "[::]:9999"]);
         world
@@ -133,14 +158,21 @@ impl World {
     /// Starts a listening service on `host`, in cgroup `cgroup`, and waits until it listens.
     fn serve(&mut self, host: &str, cgroup: Option<&str>, args: &[&str]) -> u32 {
         let process = self.spawn(host, cgroup, self.service_command(args));
-        process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+        process
+            .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening"))
+            .unwrap();
         let pid = process.pid();
         self.processes.push(process);
         pid
     }
 
     fn spawn(&self, host: &str, cgroup: Option<&str>, command: Command) -> ProcessGuard {
-        spawn_in(Some(&self.topology.host(host).netns), self.cgroup(cgroup), command).unwrap()
+        spawn_in(
+            Some(&self.topology.host(host).netns),
+            self.cgroup(cgroup),
+            command,
+        )
+        .unwrap()
     }
 
     /// Runs the demo service with `args` on `host` in `cgroup` until it succeeds; returns its pid.
@@ -174,44 +206,87 @@ fn is(deviation: &Deviation, category: Category) -> bool {
 }
 
 fn remote_addr(deviation: &Deviation) -> &str {
-    deviation.evidence.as_ref().map_or("", |evidence| evidence.remote_addr.as_str())
+    deviation
+        .evidence
+        .as_ref()
+        .map_or("", |evidence| evidence.remote_addr.as_str())
 }
 
 fn local_addr(deviation: &Deviation) -> &str {
-    deviation.evidence.as_ref().map_or("", |evidence| evidence.local_addr.as_str())
+    deviation
+        .evidence
+        .as_ref()
+        .map_or("", |evidence| evidence.local_addr.as_str())
 }
 
 #[test]
 fn declared_flows_raise_no_deviation() {
     let world = World::start();
 
-    world.run("client", None, &["client", "--target", &format!("{WEB_V4}:8080"), "--requests", "5"]);
+    world.run(
+        "client",
+        None,
+        &[
+            "client",
+            "--target",
+            &format!("{WEB_V4}:8080"),
+            "--requests",
+            "5",
+        ],
+    );
 
     // The edges appearing in the graph show the agent has processed the traffic.
     let mut graph = Default::default();
     let seen = wait_until(OBSERVE_TIMEOUT, || {
         graph = stream::graph(world.api()).ok()?;
-        let web = graph.edges.iter().find(|edge| edge.destination == "web" && edge.port == 8080)?;
-        let db = graph.edges.iter().find(|edge| edge.destination == "db" && edge.port == 5432)?;
+        let web = graph
+            .edges
+            .iter()
+            .find(|edge| edge.destination == "web" && edge.port == 8080)?;
+        let db = graph
+            .edges
+            .iter()
+            .find(|edge| edge.destination == "db" && edge.port == 5432)?;
         (web.connections >= 5 && db.connections >= 5).then(|| (web.clone(), db.clone()))
     });
-    let (web_edge, db_edge) = seen.unwrap_or_else(|| panic!("graph never showed 5 connections to web and db: {graph:#?}"));
+    let (web_edge, db_edge) = seen
+        .unwrap_or_else(|| panic!("graph never showed 5 connections to web and db: {graph:#?}"));
     assert_eq!(web_edge.source, "internet");
-    assert!(web_edge.declared, "internet -> web is declared: {web_edge:?}");
+    assert!(
+        web_edge.declared,
+        "internet -> web is declared: {web_edge:?}"
+    );
     assert_eq!(db_edge.source, "web");
     assert!(db_edge.declared, "web -> db is declared: {db_edge:?}");
 
     let raised = world.watcher.deviations();
-    assert!(raised.is_empty(), "declared traffic raised deviations:\n{}", describe_all(&raised));
+    assert!(
+        raised.is_empty(),
+        "declared traffic raised deviations:\n{}",
+        describe_all(&raised)
+    );
     let status = stream::status(world.api()).unwrap();
-    assert_eq!(status.last_sequence, 0, "the agent raised deviations nobody streamed");
+    assert_eq!(
+        status.last_sequence, 0,
+        "the agent raised deviations nobody streamed"
+    );
 }
 
 #[test]
 fn undeclared_connect_raises_unexpected_flow() {
     let world = World::start();
 
-    let pid = world.run("web", Some("web"), &["client", "--target", &format!("{EXT_V4}:9999"), "--requests", "1"]);
+    let pid = world.run(
+        "web",
+        Some("web"),
+        &[
+            "client",
+            "--target",
+            &format!("{EXT_V4}:9999"),
+            "--requests",
+            "1",
+        ],
+    );
 
     let found = world.wait_for("unexpected-flow from the client's pid", |d| {
         is(d, Category::UnexpectedFlow) && process_of(d).is_some_and(|(p, _)| p == pid)
@@ -221,7 +296,9 @@ fn undeclared_connect_raises_unexpected_flow() {
     assert_eq!(found.source, "web");
     assert_eq!(found.port, Some(9999));
     assert_eq!(remote_addr(&found), format!("{EXT_V4}:9999"));
-    let local: SocketAddr = local_addr(&found).parse().unwrap_or_else(|_| panic!("local addr {:?}", local_addr(&found)));
+    let local: SocketAddr = local_addr(&found)
+        .parse()
+        .unwrap_or_else(|_| panic!("local addr {:?}", local_addr(&found)));
     assert_eq!(local.ip().to_string(), WEB_V4);
     assert_ne!(local.port(), 0);
 }
@@ -247,7 +324,9 @@ fn undeclared_listener_raises_new_listener() {
 
     let pid = world.serve("web", Some("web"), &["sink", "--listen", "0.0.0.0:4444"]);
 
-    let found = world.wait_for("new-listener on 4444", |d| is(d, Category::NewListener) && d.port == Some(4444));
+    let found = world.wait_for("new-listener on 4444", |d| {
+        is(d, Category::NewListener) && d.port == Some(4444)
+    });
     assert_eq!(found.source, "web");
     assert_eq!(process_of(&found).map(|(p, _)| p), Some(pid));
     assert_eq!(local_addr(&found), "0.0.0.0:4444");
@@ -258,7 +337,11 @@ fn short_lived_process_is_attributed() {
     let world = World::start();
 
     // connect-once exits right after the handshake, long before the agent could read /proc.
-    let pid = world.run("web", Some("web"), &["connect-once", "--target", &format!("{EXT_V4}:9999")]);
+    let pid = world.run(
+        "web",
+        Some("web"),
+        &["connect-once", "--target", &format!("{EXT_V4}:9999")],
+    );
 
     let found = world.wait_for("unexpected-flow from the connect-once pid", |d| {
         is(d, Category::UnexpectedFlow) && process_of(d).is_some_and(|(p, _)| p == pid)
@@ -273,7 +356,17 @@ fn short_lived_process_is_attributed() {
 fn ipv6_flow_is_attributed() {
     let world = World::start();
 
-    let pid = world.run("web", Some("web"), &["client", "--target", &format!("[{EXT_V6}]:9999"), "--requests", "1"]);
+    let pid = world.run(
+        "web",
+        Some("web"),
+        &[
+            "client",
+            "--target",
+            &format!("[{EXT_V6}]:9999"),
+            "--requests",
+            "1",
+        ],
+    );
 
     let found = world.wait_for("unexpected-flow over IPv6 from the client's pid", |d| {
         is(d, Category::UnexpectedFlow) && process_of(d).is_some_and(|(p, _)| p == pid)
@@ -281,7 +374,11 @@ fn ipv6_flow_is_attributed() {
     assert_eq!(found.source, "web");
     assert_eq!(found.port, Some(9999));
     assert_eq!(remote_addr(&found), format!("[{EXT_V6}]:9999"));
-    assert!(local_addr(&found).starts_with("[fd00:d5:2::10]:"), "local {}", local_addr(&found));
+    assert!(
+        local_addr(&found).starts_with("[fd00:d5:2::10]:"),
+        "local {}",
+        local_addr(&found)
+    );
 }
 
 /// A model whose component names a zone that does not exist: line 7, column 11 is `dmzz`.
@@ -296,17 +393,52 @@ flows: []
 ";
 
 #[test]
+fn lost_records_raise_telemetry_gap() {
+    // One page of ring buffer holds a handful of exec records, so an exec storm overflows it.
+    let world = World::start_with_agent_args(&["--ring-buffer-kib", "4"]);
+
+    let mut storm = Command::new("/bin/bash");
+    storm.args(["-c", "for i in $(seq 2000); do /bin/true; done"]);
+    world.spawn("web", Some("web"), storm).wait_success(RUN_TIMEOUT * 3).unwrap();
+
+    let gap = world.wait_for("telemetry-gap after the exec storm", |d| is(d, Category::TelemetryGap));
+    assert_eq!(gap.id, "telemetry-gap@agent@kernel");
+    assert!(gap.count > 0, "a gap reports how many records were lost");
+    let status = stream::status(world.api()).unwrap();
+    let lost: u64 = status
+        .counters
+        .iter()
+        .filter(|counter| counter.name.starts_with("kernel_drops_") && !counter.name.contains("_cpu"))
+        .map(|counter| counter.value)
+        .sum();
+    assert!(lost > 0, "status shows the kernel drops: {:?}", status.counters);
+}
+
+#[test]
 fn malformed_model_is_rejected_with_location() {
     let bin = driftwatch_bin().unwrap();
     let model = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
     fs::write(model.path(), BAD_MODEL).unwrap();
     let location = format!("{}:7:11", model.path().display());
 
-    let validate = Command::new(&bin).args(["model", "validate"]).arg(model.path()).output().unwrap();
+    let validate = Command::new(&bin)
+        .args(["model", "validate"])
+        .arg(model.path())
+        .output()
+        .unwrap();
     let validate_stderr = String::from_utf8_lossy(&validate.stderr);
-    assert!(!validate.status.success(), "validate accepted a bad model; stderr:\n{validate_stderr}");
-    assert!(validate_stderr.contains(&location), "validate did not name {location}; stderr:\n{validate_stderr}");
-    assert!(validate_stderr.contains("dmzz"), "validate did not name the bad zone; stderr:\n{validate_stderr}");
+    assert!(
+        !validate.status.success(),
+        "validate accepted a bad model; stderr:\n{validate_stderr}"
+    );
+    assert!(
+        validate_stderr.contains(&location),
+        "validate did not name {location}; stderr:\n{validate_stderr}"
+    );
+    assert!(
+        validate_stderr.contains("dmzz"),
+        "validate did not name the bad zone; stderr:\n{validate_stderr}"
+    );
 
     let ready = tempfile::tempdir().unwrap();
     let agent = Command::new(&bin)
@@ -318,9 +450,18 @@ fn malformed_model_is_rejected_with_location() {
         .output()
         .unwrap();
     let agent_stderr = String::from_utf8_lossy(&agent.stderr);
-    assert!(!agent.status.success(), "the agent started on a bad model; stderr:\n{agent_stderr}");
-    assert!(agent_stderr.contains(&location), "the agent did not name {location}; stderr:\n{agent_stderr}");
-    assert!(!ready.path().join("ready").exists(), "the agent wrote its ready file on a bad model");
+    assert!(
+        !agent.status.success(),
+        "the agent started on a bad model; stderr:\n{agent_stderr}"
+    );
+    assert!(
+        agent_stderr.contains(&location),
+        "the agent did not name {location}; stderr:\n{agent_stderr}"
+    );
+    assert!(
+        !ready.path().join("ready").exists(),
+        "the agent wrote its ready file on a bad model"
+    );
 }
 
 // The harness itself: namespaces, routing, cgroups and cleanup. These need root but no agent.
@@ -330,13 +471,18 @@ fn topology_routes_ipv4_and_ipv6_between_subnets() {
     require_root().unwrap();
     let service = demo_service_bin().unwrap();
     let mut topology = Topology::new().unwrap();
-    topology.add_host("a", "198.18.1.10/24", "fd00:d5:1::10/64").unwrap();
-    topology.add_host("b", "198.18.4.10/24", "fd00:d5:4::10/64").unwrap();
+    topology
+        .add_host("a", "198.18.1.10/24", "fd00:d5:1::10/64")
+        .unwrap();
+    topology
+        .add_host("b", "198.18.4.10/24", "fd00:d5:4::10/64")
+        .unwrap();
 
     let mut db = Command::new(&service);
     db.args(["db", "--listen", "[::]:5432"]);
     let db = spawn_in(Some(&topology.host("b").netns), None, db).unwrap();
-    db.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+    db.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening"))
+        .unwrap();
 
     for target in ["198.18.4.10:5432", "[fd00:d5:4::10]:5432"] {
         let mut client = Command::new(&service);
@@ -351,7 +497,9 @@ fn topology_routes_ipv4_and_ipv6_between_subnets() {
 fn spawn_in_enters_cgroup_and_namespace_before_exec() {
     require_root().unwrap();
     let mut topology = Topology::new().unwrap();
-    topology.add_host("a", "198.18.1.10/24", "fd00:d5:1::10/64").unwrap();
+    topology
+        .add_host("a", "198.18.1.10/24", "fd00:d5:1::10/64")
+        .unwrap();
     let cgroup = Cgroup::create(&format!("dw-e2e-{}", unique_suffix())).unwrap();
     let netns = &topology.host("a").netns;
 
@@ -378,7 +526,9 @@ fn spawn_in_enters_cgroup_and_namespace_before_exec() {
 fn harness_removes_namespaces_and_cgroups_on_drop() {
     require_root().unwrap();
     let mut topology = Topology::new().unwrap();
-    topology.add_host("a", "198.18.1.10/24", "fd00:d5:1::10/64").unwrap();
+    topology
+        .add_host("a", "198.18.1.10/24", "fd00:d5:1::10/64")
+        .unwrap();
     let cgroup = Cgroup::create(&format!("dw-e2e-{}", unique_suffix())).unwrap();
     let child = cgroup.child("web").unwrap();
     let router = topology.router().path();
@@ -395,7 +545,11 @@ fn harness_removes_namespaces_and_cgroups_on_drop() {
     drop(cgroup);
     drop(topology);
 
-    assert!(!cgroup_dir.exists(), "{} is still there", cgroup_dir.display());
+    assert!(
+        !cgroup_dir.exists(),
+        "{} is still there",
+        cgroup_dir.display()
+    );
     assert!(!router.exists(), "{} is still there", router.display());
     assert!(!host.exists(), "{} is still there", host.display());
 }

@@ -74,7 +74,10 @@ pub fn build_all(options: &BuildOptions) -> anyhow::Result<Artifacts> {
 /// Builds everything, then runs `cargo test --workspace --release` with `DRIFTWATCH_BIN` set.
 pub fn test(options: &TestOptions) -> anyhow::Result<()> {
     require_root("the tests load eBPF programs and create cgroups and network namespaces")?;
+    crate::prereq::ensure_tools()?;
     let artifacts = build_all(&BuildOptions { debug: false })?;
+    // Built here too so that `cargo xtask test --test NAME`, which builds one target only, finds it.
+    let demo_service = crate::demo::build_demo_service()?;
     let root = workspace_root();
     let object = target_dir(&root).join("bpf").join("driftwatch.bpf.o");
 
@@ -84,6 +87,7 @@ pub fn test(options: &TestOptions) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--release"])
         .args(&options.cargo_args)
         .env("DRIFTWATCH_BIN", &artifacts.agent)
+        .env("DRIFTWATCH_DEMO_BIN", &demo_service)
         // The same value as the agent build, so the test build reuses it instead of recompiling.
         .env("DRIFTWATCH_BPF_OBJECT", &object);
     run(&mut cargo_test).context("tests failed")

@@ -44,6 +44,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs the demo; see the module documentation.
 pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     build::require_root("the demo creates network namespaces and cgroups and loads eBPF programs")?;
+    crate::prereq::ensure_tools()?;
     let agent_bin = build::build_all(&BuildOptions { debug: false })?.agent;
     let service_bin = build_demo_service()?;
     interrupt::install()?;
@@ -72,7 +73,10 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
 fn run_phases(stack: &DemoStack, service_bin: &Path, options: &DemoOptions) -> anyhow::Result<()> {
     let watcher = DeviationWatcher::subscribe(stack.agent.api_addr())?;
 
-    println!("\n=== phase 1: normal traffic ({} requests from the internet client) ===", options.requests);
+    println!(
+        "\n=== phase 1: normal traffic ({} requests from the internet client) ===",
+        options.requests
+    );
     let client = stack.client(service_bin, &["--requests", &options.requests.to_string()])?;
     let output = stack.run_client(client, CLIENT_TIMEOUT)?;
     println!("{}", output.join("\n"));
@@ -127,7 +131,9 @@ fn wait_for_declared_edges(stack: &DemoStack, requests: u64) -> anyhow::Result<G
         last = stream::graph(stack.agent.api_addr()).ok()?;
         let complete = expected.iter().all(|(destination, port)| {
             last.edges.iter().any(|edge| {
-                edge.destination == *destination && edge.port == *port && edge.connections >= requests
+                edge.destination == *destination
+                    && edge.port == *port
+                    && edge.connections >= requests
             })
         });
         complete.then(|| last.clone())
@@ -155,7 +161,10 @@ fn wait_for_intrusion(watcher: &DeviationWatcher) -> anyhow::Result<()> {
         (
             "unexpected-flow from web to db on tcp/5432",
             Box::new(|d: &Deviation| {
-                is(d, Category::UnexpectedFlow) && d.source == "web" && d.destination == "db" && d.port == Some(5432)
+                is(d, Category::UnexpectedFlow)
+                    && d.source == "web"
+                    && d.destination == "db"
+                    && d.port == Some(5432)
             }),
         ),
         (
@@ -167,7 +176,9 @@ fn wait_for_intrusion(watcher: &DeviationWatcher) -> anyhow::Result<()> {
         (
             "a deviation for the connection to the undeclared host",
             Box::new(move |d: &Deviation| {
-                d.evidence.as_ref().is_some_and(|evidence| evidence.remote_addr.starts_with(&ext_prefix))
+                d.evidence
+                    .as_ref()
+                    .is_some_and(|evidence| evidence.remote_addr.starts_with(&ext_prefix))
             }),
         ),
         (
@@ -184,9 +195,14 @@ fn wait_for_intrusion(watcher: &DeviationWatcher) -> anyhow::Result<()> {
 
 /// Waits until the watcher has every deviation the agent raised so far, so the summary is complete:
 /// one observation can raise several deviations, and the checks above wait for only one of them.
-fn wait_for_stream_to_catch_up(stack: &DemoStack, watcher: &DeviationWatcher) -> anyhow::Result<()> {
+fn wait_for_stream_to_catch_up(
+    stack: &DemoStack,
+    watcher: &DeviationWatcher,
+) -> anyhow::Result<()> {
     let raised = stream::status(stack.agent.api_addr())?.last_sequence;
-    let caught_up = interrupt::wait_until(OBSERVE_TIMEOUT, || (watcher.last_sequence() >= raised).then_some(()))?;
+    let caught_up = interrupt::wait_until(OBSERVE_TIMEOUT, || {
+        (watcher.last_sequence() >= raised).then_some(())
+    })?;
     caught_up.with_context(|| {
         format!(
             "the deviation stream stopped at sequence {} while the agent has raised {raised}",
@@ -201,11 +217,14 @@ fn is(deviation: &Deviation, category: Category) -> bool {
 
 fn workspace_root() -> PathBuf {
     let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    xtask_dir.parent().expect("xtask lives inside the workspace").to_path_buf()
+    xtask_dir
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
 }
 
 /// Builds `driftwatch-demo-service` in release mode and returns its path.
-fn build_demo_service() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_demo_service() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     println!("building driftwatch-demo-service");
@@ -218,10 +237,14 @@ fn build_demo_service() -> anyhow::Result<PathBuf> {
         bail!("`cargo build --release -p driftwatch-demo` failed with {status}");
     }
     // A relative CARGO_TARGET_DIR is relative to the workspace root, where cargo ran.
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), |dir| root.join(dir));
     let binary = target_dir.join("release/driftwatch-demo-service");
     if !binary.is_file() {
-        bail!("cargo reported success but {} does not exist", binary.display());
+        bail!(
+            "cargo reported success but {} does not exist",
+            binary.display()
+        );
     }
     Ok(binary)
 }

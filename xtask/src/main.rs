@@ -5,6 +5,7 @@
 
 mod build;
 mod demo;
+mod prereq;
 
 use std::process::ExitCode;
 

@@ -40,9 +40,9 @@ pub struct AgentArgs {
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
 
-    /// Size of the kernel ring buffer in MiB (a power of two).
-    #[arg(long, default_value_t = 8)]
-    pub ring_buffer_mib: u32,
+    /// Size of the kernel ring buffer in KiB: a power of two, at least one page.
+    #[arg(long, default_value_t = 8192)]
+    pub ring_buffer_kib: u32,
 
     /// Deviations kept for replay to new subscribers.
     #[arg(long, default_value_t = 4096)]
@@ -72,7 +72,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     // Kernel side first: nothing else is worth starting if the programs do not load.
     let config = TelemetryConfig {
         scope_cgroup: scope_cgroup.clone(),
-        ring_buffer_bytes: args.ring_buffer_mib.checked_mul(1024 * 1024).context("--ring-buffer-mib is too large")?,
+        ring_buffer_bytes: args.ring_buffer_kib.checked_mul(1024).context("--ring-buffer-kib is too large")?,
         channel_capacity: 65_536,
     };
     let (telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;

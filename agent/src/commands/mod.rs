@@ -1,6 +1,8 @@
 //! The `driftwatch` subcommands, one module each; `main.rs` only parses and dispatches.
 
 pub mod agent;
+pub mod check;
+pub mod diff;
 pub mod graph;
 pub mod model;
 pub mod status;

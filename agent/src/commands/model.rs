@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+use driftwatch_model::graph::GraphSnapshot;
+use driftwatch_model::import::{import, ImportFormat};
+use driftwatch_model::learn::learn;
 use driftwatch_model::Model;
 
 /// Subcommands of `driftwatch model`.
@@ -10,6 +14,47 @@ use driftwatch_model::Model;
 pub enum ModelCommand {
     /// Check a model file and print every error with its file, line and column.
     Validate(ValidateArgs),
+    /// Compare two recorded graphs (`driftwatch check --record`) or two models: added and removed
+    /// flows, listeners and executables.
+    Diff(super::diff::DiffArgs),
+    /// Convert a Threagile or Open Threat Model file into a driftwatch model.
+    Import(ImportArgs),
+    /// Write a model, or a patch to one, that declares a recorded graph.
+    Learn(LearnArgs),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum SourceFormat {
+    Threagile,
+    Otm,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// Format of the input file.
+    #[arg(long)]
+    pub format: SourceFormat,
+    /// The Threagile YAML or OTM (JSON or YAML) file.
+    pub file: PathBuf,
+    /// YAML keyed by the input's ids that adds selectors, listens, ports and zone CIDRs.
+    #[arg(long)]
+    pub overlay: Option<PathBuf>,
+    /// Where to write the model; standard output when left out.
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LearnArgs {
+    /// A graph as `driftwatch graph --format json` prints it.
+    #[arg(long)]
+    pub from_graph: PathBuf,
+    /// An existing model: only what it does not declare is written, as entries to append.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Where to write the model or patch; standard output when left out.
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -21,12 +66,93 @@ pub struct ValidateArgs {
 pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
     match command {
         ModelCommand::Validate(args) => validate(&args),
+        ModelCommand::Diff(args) => super::diff::run(args),
+        ModelCommand::Import(args) => import_model(&args),
+        ModelCommand::Learn(args) => learn_model(&args),
     }
+}
+
+fn write_output(output: Option<&PathBuf>, text: &str) -> anyhow::Result<()> {
+    match output {
+        Some(path) => std::fs::write(path, text)
+            .with_context(|| format!("failed to write {}", path.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn import_model(args: &ImportArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("failed to read {}", args.file.display()))?;
+    let overlay = match &args.overlay {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read the overlay {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let format = match args.format {
+        SourceFormat::Threagile => ImportFormat::Threagile,
+        SourceFormat::Otm => ImportFormat::Otm,
+    };
+    let name = args.file.display().to_string();
+    let imported = match import(format, &text, &name, overlay.as_deref()) {
+        Ok(imported) => imported,
+        Err(error) => {
+            eprintln!("{error}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    write_output(args.output.as_ref(), &imported.yaml)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn learn_model(args: &LearnArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.from_graph)
+        .with_context(|| format!("failed to read {}", args.from_graph.display()))?;
+    let snapshot: GraphSnapshot = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a graph as `driftwatch graph --format json` prints it",
+            args.from_graph.display()
+        )
+    })?;
+    let base = match &args.base {
+        Some(path) => match Model::load(path) {
+            Ok(model) => Some(model),
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!(
+                    "{}: invalid base model ({} errors)",
+                    path.display(),
+                    errors.len()
+                );
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => None,
+    };
+    let learned = learn(&snapshot, base.as_ref());
+    eprintln!(
+        "learned {} zones, {} components and {} flows",
+        learned.zones, learned.components, learned.flows
+    );
+    write_output(args.output.as_ref(), &learned.yaml)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     match Model::load(&args.file) {
         Ok(model) => {
+            // Warnings do not make the model invalid: the agent would load it as it is.
+            for warning in model.warnings(std::time::SystemTime::now()) {
+                eprintln!("{warning}");
+                eprintln!("  hint: {}", warning.hint);
+            }
             println!(
                 "{}: valid (version {}, {} zones, {} components, {} flows, {} exceptions)",
                 args.file.display(),
@@ -39,8 +165,17 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!("{}: invalid model ({} errors)", args.file.display(), errors.len());
+            for error in &errors {
+                eprintln!("{error}");
+                if let Some(hint) = error.kind.hint() {
+                    eprintln!("  hint: {hint}");
+                }
+            }
+            eprintln!(
+                "{}: invalid model ({} errors)",
+                args.file.display(),
+                errors.len()
+            );
             Ok(ExitCode::from(2))
         }
     }

@@ -234,14 +234,12 @@ impl Printer {
                 .unwrap_or_default();
             writeln!(out, "    endpoints  {endpoints}{protocol}")?;
         }
-        if evidence.source_zone.is_some() || evidence.destination_zone.is_some() {
-            let zone = |zone: &Option<String>| zone.clone().unwrap_or_else(|| "?".into());
-            writeln!(
-                out,
-                "    zones      {} -> {}",
-                zone(&evidence.source_zone),
-                zone(&evidence.destination_zone)
-            )?;
+        match (&evidence.source_zone, &evidence.destination_zone) {
+            (Some(source), Some(destination)) => {
+                writeln!(out, "    zones      {source} -> {destination}")?
+            }
+            (Some(zone), None) | (None, Some(zone)) => writeln!(out, "    zone       {zone}")?,
+            (None, None) => {}
         }
         writeln!(
             out,

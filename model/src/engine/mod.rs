@@ -12,8 +12,10 @@
 
 mod endpoint;
 mod explain;
+mod extra;
 mod table;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use self::endpoint::{Resolved, Side};
 use self::table::{DeviationTable, Offer};
 use crate::deviation::{Category, Deviation, Evidence};
-use crate::graph::{Connection, GraphSnapshot, ObservedGraph};
+use crate::graph::{AttackPath, Connection, EdgeKey, GraphSnapshot, ObservedGraph};
 use crate::model::Model;
 use crate::observation::{
     ExecObservation, FlowObservation, ListenObservation, ProcessInfo, Protocol,
@@ -38,6 +40,12 @@ pub struct EngineConfig {
     pub max_deviations: usize,
     /// Edges kept in the observed graph; past it the edge idle the longest is evicted.
     pub max_edges: usize,
+    /// Longest attack path searched, in edges. Each search walks at most this far from both ends
+    /// of a new edge.
+    pub max_path_hops: usize,
+    /// An allowed flow not observed for this long is reported by [`Engine::tick`] as
+    /// declared-flow-unused.
+    pub unused_flow_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +54,8 @@ impl Default for EngineConfig {
             repeat_interval: Duration::from_secs(60),
             max_deviations: 10_000,
             max_edges: 100_000,
+            max_path_hops: 6,
+            unused_flow_window: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -71,6 +81,14 @@ pub struct EngineStats {
     pub graph_nodes: u64,
     pub graph_edges: u64,
     pub model_reloads: u64,
+    /// Connection attempts that the network refused or dropped.
+    pub failed_connect_observations: u64,
+    /// Refused attempts that a `deny` flow covers: the control held.
+    pub controls_held: u64,
+    /// Connections that a `deny` flow covers: the control failed.
+    pub controls_failed: u64,
+    /// Deviations that an expired exception would have covered; they are reported as usual.
+    pub expired_exception_matches: u64,
 }
 
 impl EngineStats {
@@ -89,6 +107,16 @@ impl EngineStats {
             ("engine_graph_nodes", self.graph_nodes),
             ("engine_graph_edges", self.graph_edges),
             ("engine_model_reloads", self.model_reloads),
+            (
+                "engine_failed_connect_observations",
+                self.failed_connect_observations,
+            ),
+            ("engine_controls_held", self.controls_held),
+            ("engine_controls_failed", self.controls_failed),
+            (
+                "engine_expired_exception_matches",
+                self.expired_exception_matches,
+            ),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_owned(), value))
@@ -97,7 +125,7 @@ impl EngineStats {
 }
 
 /// A deviation before the table and the exceptions see it.
-struct Finding {
+pub(crate) struct Finding {
     category: Category,
     likelihood: Likelihood,
     impact: Impact,
@@ -111,7 +139,7 @@ struct Finding {
 }
 
 impl Finding {
-    fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         let mut id = format!(
             "{}@{}@{}",
             self.category.as_str(),
@@ -144,6 +172,19 @@ impl Finding {
     }
 }
 
+/// How one `deny` flow of the model has fared since the model was put in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlCheck {
+    /// Index of the flow in [`Model::flows`].
+    pub flow: usize,
+    /// Refused or dropped attempts the flow covers.
+    pub held: u64,
+    /// Connections the flow covers.
+    pub failed: u64,
+    pub last_held: Option<SystemTime>,
+    pub last_failed: Option<SystemTime>,
+}
+
 /// Compares observations with a declared model.
 #[derive(Debug)]
 pub struct Engine {
@@ -152,6 +193,14 @@ pub struct Engine {
     table: DeviationTable,
     graph: ObservedGraph,
     stats: EngineStats,
+    /// One entry per `deny` flow, in model order.
+    controls: Vec<ControlCheck>,
+    /// When each flow of the model was last covered by an observed connection.
+    flow_last_seen: Vec<Option<SystemTime>>,
+    /// The earliest time seen since the model was put in force; the unused-flow window starts here.
+    watch_since: Option<SystemTime>,
+    /// Attack paths by deviation id, bounded by [`EngineConfig::max_deviations`].
+    attack_paths: HashMap<String, AttackPath>,
 }
 
 impl Engine {
@@ -163,13 +212,36 @@ impl Engine {
     pub fn with_config(model: Model, config: EngineConfig) -> Engine {
         let mut graph = ObservedGraph::new(config.max_edges);
         graph.apply_model(&model);
-        Engine {
+        let mut engine = Engine {
             table: DeviationTable::new(config.max_deviations),
             model,
             config,
             graph,
             stats: EngineStats::default(),
-        }
+            controls: Vec::new(),
+            flow_last_seen: Vec::new(),
+            watch_since: None,
+            attack_paths: HashMap::new(),
+        };
+        engine.reset_model_state();
+        engine
+    }
+
+    fn reset_model_state(&mut self) {
+        self.controls = self
+            .model
+            .flows
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.deny)
+            .map(|(flow, _)| ControlCheck {
+                flow,
+                ..ControlCheck::default()
+            })
+            .collect();
+        self.flow_last_seen = vec![None; self.model.flows.len()];
+        self.watch_since = None;
+        self.attack_paths.clear();
     }
 
     pub fn model(&self) -> &Model {
@@ -187,6 +259,7 @@ impl Engine {
         self.model = model;
         self.table.clear();
         self.graph.apply_model(&self.model);
+        self.reset_model_state();
         self.stats.model_reloads += 1;
     }
 
@@ -205,25 +278,26 @@ impl Engine {
     }
 
     /// Records a flow in the graph and checks it against the declared flows.
+    ///
+    /// A connection that a `deny` flow covers is `control-failed` instead of `unexpected-flow`,
+    /// even where an allowed flow covers it too. A new edge is also searched for attack paths.
     pub fn observe_flow(&mut self, observation: &FlowObservation) -> Vec<Deviation> {
         self.stats.flow_observations += 1;
+        self.note_time(observation.time);
         let model = &self.model;
-        let source = match &observation.client {
-            Some(process) => endpoint::local(model, process, observation.client_addr),
-            None => endpoint::remote_client(model, observation.client_addr),
-        };
-        let destination = match &observation.server {
-            Some(process) => endpoint::local(model, process, observation.server_addr),
-            None => endpoint::remote_server(model, observation.server_addr, observation.protocol),
-        };
+        let (source, destination) = resolve_flow(model, observation);
         let protocol = observation.protocol;
         let port = observation.server_addr.port();
-        let declared = model.flow_declared(
-            (&source.node, source.zone_id()),
-            (&destination.node, destination.zone_id()),
-            protocol,
-            port,
-        );
+        let source_key = (source.node.as_str(), source.zone_id());
+        let destination_key = (destination.node.as_str(), destination.zone_id());
+        let denied = model.matching_flow(source_key, destination_key, protocol, port, true);
+        let declared =
+            denied.is_none() && model.flow_declared(source_key, destination_key, protocol, port);
+        for (i, flow) in model.flows.iter().enumerate() {
+            if !flow.deny && model.flow_covers(flow, source_key, destination_key, protocol, port) {
+                self.flow_last_seen[i] = Some(observation.time);
+            }
+        }
 
         let example = observation
             .client
@@ -237,11 +311,120 @@ impl Engine {
             time: observation.time,
             example,
         };
-        self.graph
+        let new_edge = self
+            .graph
             .record(source.node_ref(), destination.node_ref(), connection);
 
-        let findings = flow_findings(model, observation, &source, &destination, declared);
+        let mut findings = match denied {
+            Some(flow) => {
+                let check = self.controls.iter_mut().find(|c| c.flow == flow);
+                if let Some(check) = check {
+                    check.failed += 1;
+                    check.last_failed = Some(observation.time);
+                }
+                self.stats.controls_failed += 1;
+                vec![extra::control_failed(
+                    model,
+                    &model.flows[flow],
+                    observation,
+                    &source,
+                    &destination,
+                )]
+            }
+            None => flow_findings(model, observation, &source, &destination, declared),
+        };
+        if new_edge {
+            let key = EdgeKey {
+                source: source.node.clone(),
+                destination: destination.node.clone(),
+                protocol,
+                port,
+            };
+            let paths = self.graph.attack_paths_through(
+                &key,
+                |id| extra::is_path_entry(model, id),
+                |id| extra::is_path_target(model, id),
+                self.config.max_path_hops,
+            );
+            for path in paths {
+                let finding = extra::attack_path(
+                    model,
+                    &path,
+                    flow_evidence(observation, &source, &destination),
+                );
+                if self.attack_paths.len() < self.config.max_deviations {
+                    self.attack_paths.insert(finding.id(), path);
+                }
+                findings.push(finding);
+            }
+        }
         self.emit_all(findings, observation.time)
+    }
+
+    /// Records a connection attempt that the network refused or dropped (a reset, an ICMP error or
+    /// a timeout). When a `deny` flow covers it, the control held and is counted. It raises no
+    /// deviation and adds no edge, since no traffic passed.
+    pub fn observe_failed_connect(&mut self, observation: &FlowObservation) {
+        self.stats.failed_connect_observations += 1;
+        self.note_time(observation.time);
+        let (source, destination) = resolve_flow(&self.model, observation);
+        let denied = self.model.matching_flow(
+            (source.node.as_str(), source.zone_id()),
+            (destination.node.as_str(), destination.zone_id()),
+            observation.protocol,
+            observation.server_addr.port(),
+            true,
+        );
+        let Some(flow) = denied else {
+            return;
+        };
+        self.stats.controls_held += 1;
+        if let Some(check) = self.controls.iter_mut().find(|c| c.flow == flow) {
+            check.held += 1;
+            check.last_held = Some(observation.time);
+        }
+    }
+
+    /// Raises declared-flow-unused for each allowed flow that no connection has covered for
+    /// [`EngineConfig::unused_flow_window`], counting from the first time the engine saw after the
+    /// model was put in force. Call it periodically with the current time; the deviation table
+    /// repeats a still-unused flow at most once per repeat interval.
+    pub fn tick(&mut self, now: SystemTime) -> Vec<Deviation> {
+        self.note_time(now);
+        let window = self.config.unused_flow_window;
+        let since = self.watch_since.unwrap_or(now);
+        if now.duration_since(since).unwrap_or_default() < window {
+            return Vec::new();
+        }
+        let findings: Vec<Finding> = self
+            .model
+            .flows
+            .iter()
+            .zip(&self.flow_last_seen)
+            .filter(|(flow, last_seen)| {
+                !flow.deny
+                    && last_seen
+                        .is_none_or(|seen| now.duration_since(seen).unwrap_or_default() >= window)
+            })
+            .map(|(flow, last_seen)| extra::flow_unused(flow, *last_seen, window))
+            .collect();
+        self.emit_all(findings, now)
+    }
+
+    /// Returns how each `deny` flow has fared since the model was put in force.
+    pub fn control_checks(&self) -> &[ControlCheck] {
+        &self.controls
+    }
+
+    /// Returns the hop-by-hop path behind a new-attack-path deviation id.
+    pub fn attack_path(&self, deviation_id: &str) -> Option<&AttackPath> {
+        self.attack_paths.get(deviation_id)
+    }
+
+    fn note_time(&mut self, time: SystemTime) {
+        if self.watch_since.is_none_or(|since| time < since) {
+            self.watch_since = Some(time);
+        }
     }
 
     pub fn graph_snapshot(&self) -> GraphSnapshot {
@@ -267,10 +450,24 @@ impl Engine {
     fn emit_all(&mut self, findings: Vec<Finding>, time: SystemTime) -> Vec<Deviation> {
         let mut returned = Vec::new();
         for finding in findings {
-            let deviation = finding.into_deviation(time);
+            let mut deviation = finding.into_deviation(time);
             if self.model.exception_for(&deviation.id, time).is_some() {
                 self.stats.deviations_suppressed += 1;
                 continue;
+            }
+            // An expired exception no longer suppresses, but the reader should learn that one
+            // existed, since renewing it may be all the deviation needs.
+            if let Some(expired) = self.model.expired_exception_for(&deviation.id, time) {
+                self.stats.expired_exception_matches += 1;
+                deviation.summary.push_str(&format!(
+                    " (the exception \"{}\" at line {} covered this until it expired on {})",
+                    expired.id.text,
+                    expired.line,
+                    expired
+                        .expires
+                        .map(crate::pattern::format_date)
+                        .unwrap_or_default(),
+                ));
             }
             match self
                 .table
@@ -289,6 +486,22 @@ impl Engine {
         }
         returned
     }
+}
+
+/// Resolves both ends of a flow to graph nodes.
+fn resolve_flow<'m, 'o>(
+    model: &'m Model,
+    observation: &'o FlowObservation,
+) -> (Side<'m, 'o>, Side<'m, 'o>) {
+    let source = match &observation.client {
+        Some(process) => endpoint::local(model, process, observation.client_addr),
+        None => endpoint::remote_client(model, observation.client_addr),
+    };
+    let destination = match &observation.server {
+        Some(process) => endpoint::local(model, process, observation.server_addr),
+        None => endpoint::remote_server(model, observation.server_addr, observation.protocol),
+    };
+    (source, destination)
 }
 
 fn exec_findings(model: &Model, observation: &ExecObservation) -> Vec<Finding> {

@@ -101,15 +101,10 @@ impl DeviationTable {
         Offer::New(candidate)
     }
 
-    /// Returns every entry, most severe first, then oldest first.
+    /// Returns every entry in priority order ([`Deviation::priority_cmp`]).
     pub fn all(&self) -> Vec<Deviation> {
         let mut all: Vec<Deviation> = self.entries.values().map(|e| e.deviation.clone()).collect();
-        all.sort_by(|a, b| {
-            b.severity
-                .cmp(&a.severity)
-                .then(a.first_seen.cmp(&b.first_seen))
-                .then(a.id.cmp(&b.id))
-        });
+        crate::deviation::sort_by_priority(&mut all);
         all
     }
 

@@ -12,29 +12,7 @@ use driftwatch_model::observation::{
 use driftwatch_model::Model;
 
 /// The example model of the design notes, with a host zone for loopback added in `three_tier`.
-pub const SKETCH: &str = r#"version: 1
-zones:
-  - { id: internet, trust: 0, match: { cidrs: ["0.0.0.0/0", "::/0"] } }
-  - { id: dmz, trust: 40 }
-  - { id: core, trust: 80 }
-components:
-  - id: web
-    zone: dmz
-    exposed: true
-    match: { exe: ["/usr/sbin/nginx"], cgroup: ["/system.slice/nginx.service"] }
-    listens: [{ port: 443, proto: tcp }]
-    executables: ["/usr/sbin/nginx"]
-  - id: db
-    zone: core
-    criticality: high
-    match: { exe: ["/usr/lib/postgresql/*/bin/postgres"] }
-    listens: [{ port: 5432 }]
-flows:
-  - { from: internet, to: web, port: 443 }
-  - { from: web, to: db, port: 5432 }
-exceptions:
-  - { id: "unexpected-flow@web@*@udp/53", reason: "resolver", expires: 2027-03-01 }
-"#;
+pub const SKETCH: &str = include_str!("sketch.yaml");
 
 /// Three tiers (web, api, db) with zones that have CIDRs, for engine tests.
 pub const THREE_TIER: &str = r#"version: 1

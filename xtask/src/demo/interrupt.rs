@@ -22,9 +22,17 @@ extern "C" fn on_signal(_signal: libc::c_int) {
 pub fn install() -> anyhow::Result<()> {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let previous = unsafe { libc::signal(signal, on_signal as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t) };
+        let previous = unsafe {
+            libc::signal(
+                signal,
+                on_signal as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t,
+            )
+        };
         if previous == libc::SIG_ERR {
-            bail!("failed to install a handler for signal {signal}: {}", std::io::Error::last_os_error());
+            bail!(
+                "failed to install a handler for signal {signal}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
@@ -46,7 +54,10 @@ pub fn wait() {
 }
 
 /// Like [`driftwatch_e2e::wait_until`], but fails as soon as Ctrl-C is pressed.
-pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> anyhow::Result<Option<T>> {
+pub fn wait_until<T>(
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> anyhow::Result<Option<T>> {
     let deadline = Instant::now() + timeout;
     loop {
         check()?;

@@ -26,8 +26,16 @@ pub fn print_summary(deviations: &[Deviation]) {
     let mut rows: Vec<&Deviation> = latest.into_values().collect();
     rows.sort_by(|a, b| b.severity.cmp(&a.severity).then_with(|| a.id.cmp(&b.id)));
 
-    let id_width = rows.iter().map(|row| row.id.len()).max().unwrap_or(2).max(2);
-    println!("{:<24} {:<9} {:<id_width$} {:>5}", "CATEGORY", "SEVERITY", "ID", "COUNT");
+    let id_width = rows
+        .iter()
+        .map(|row| row.id.len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    println!(
+        "{:<24} {:<9} {:<id_width$} {:>5}",
+        "CATEGORY", "SEVERITY", "ID", "COUNT"
+    );
     for row in rows {
         println!(
             "{:<24} {:<9} {:<id_width$} {:>5}",
@@ -50,7 +58,9 @@ pub fn graph_text(graph: &Graph) -> String {
         return "  (no edges yet)".to_string();
     }
     let mut edges: Vec<_> = graph.edges.iter().collect();
-    edges.sort_by(|a, b| (&a.source, &a.destination, a.port).cmp(&(&b.source, &b.destination, b.port)));
+    edges.sort_by(|a, b| {
+        (&a.source, &a.destination, a.port).cmp(&(&b.source, &b.destination, b.port))
+    });
     edges
         .iter()
         .map(|edge| {
@@ -58,7 +68,11 @@ pub fn graph_text(graph: &Graph) -> String {
                 Ok(Protocol::Udp) => "udp",
                 _ => "tcp",
             };
-            let verdict = if edge.declared { "declared" } else { "UNDECLARED" };
+            let verdict = if edge.declared {
+                "declared"
+            } else {
+                "UNDECLARED"
+            };
             format!(
                 "  {:>12} -> {:<14} {protocol}/{:<5} {:>4} connections  {verdict}",
                 edge.source, edge.destination, edge.port, edge.connections

@@ -60,37 +60,88 @@ impl DemoStack {
             ("ext", ADDRESSES.ext, "fd00:d5:9::10/64"),
         ] {
             let host = topology.add_host(name, &format!("{ipv4}/24"), ipv6)?;
-            println!("  {:<7} {:<13} netns {}", name, ipv4.to_string(), host.netns.name());
+            println!(
+                "  {:<7} {:<13} netns {}",
+                name,
+                ipv4.to_string(),
+                host.netns.name()
+            );
         }
 
         let root = Cgroup::create_replacing_stale(DEMO_CGROUP)?;
-        let tiers = ["web", "api", "db"].into_iter().map(|tier| root.child(tier)).collect::<Result<Vec<_>, _>>()?;
-        println!("created the cgroups {DEMO_CGROUP}/{{web,api,db}} under {}", driftwatch_e2e::cgroup2_mount()?.display());
+        let tiers = ["web", "api", "db"]
+            .into_iter()
+            .map(|tier| root.child(tier))
+            .collect::<Result<Vec<_>, _>>()?;
+        println!(
+            "created the cgroups {DEMO_CGROUP}/{{web,api,db}} under {}",
+            driftwatch_e2e::cgroup2_mount()?.display()
+        );
 
-        println!("starting the agent on {} (first start loads and attaches the eBPF programs)", model.display());
+        println!(
+            "starting the agent on {} (first start loads and attaches the eBPF programs)",
+            model.display()
+        );
         let agent = AgentUnderTest::start_with(agent_bin, model, root.path(), &[])?;
-        println!("the agent is ready; its API listens on {}", agent.api_addr());
+        println!(
+            "the agent is ready; its API listens on {}",
+            agent.api_addr()
+        );
         let watch = WatchGuard::start(agent_bin, &agent.api_arg())?;
 
-        let mut stack =
-            DemoStack { watch: Some(watch), services: Vec::new(), agent, tiers, root, topology };
+        let mut stack = DemoStack {
+            watch: Some(watch),
+            services: Vec::new(),
+            agent,
+            tiers,
+            root,
+            topology,
+        };
         let db = format!("{}:5432", ADDRESSES.db);
         let api = format!("{}:8081", ADDRESSES.api);
-        stack.start_service(service_bin, "db", Some(2), &["db", "--listen", "0.0.0.0:5432"])?;
-        stack.start_service(service_bin, "api", Some(1), &["api", "--listen", "0.0.0.0:8081", "--upstream", &db])?;
-        stack.start_service(service_bin, "web", Some(0), &["web", "--listen", "0.0.0.0:8080", "--upstream", &api])?;
-        stack.start_service(service_bin, "ext", None, &["sink", "--listen", "0.0.0.0:9999"])?;
+        stack.start_service(
+            service_bin,
+            "db",
+            Some(2),
+            &["db", "--listen", "0.0.0.0:5432"],
+        )?;
+        stack.start_service(
+            service_bin,
+            "api",
+            Some(1),
+            &["api", "--listen", "0.0.0.0:8081", "--upstream", &db],
+        )?;
+        stack.start_service(
+            service_bin,
+            "web",
+            Some(0),
+            &["web", "--listen", "0.0.0.0:8080", "--upstream", &api],
+        )?;
+        stack.start_service(
+            service_bin,
+            "ext",
+            None,
+            &["sink", "--listen", "0.0.0.0:9999"],
+        )?;
         Ok(stack)
     }
 
     /// Starts a listening service on `host`, in tier cgroup `tier` when given, and waits until it listens.
-    fn start_service(&mut self, bin: &Path, host: &'static str, tier: Option<usize>, args: &[&str]) -> anyhow::Result<()> {
+    fn start_service(
+        &mut self,
+        bin: &Path,
+        host: &'static str,
+        tier: Option<usize>,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
         let mut command = Command::new(bin);
         command.args(args);
         let cgroup = tier.map(|index| &self.tiers[index]);
         let process = spawn_in(Some(&self.topology.host(host).netns), cgroup, command)?;
         let line = process.wait_for_line(LISTEN_TIMEOUT, |line| line.starts_with("listening"))?;
-        let place = cgroup.map_or("outside the observed cgroup".to_string(), |c| format!("cgroup {}", c.relative_path()));
+        let place = cgroup.map_or("outside the observed cgroup".to_string(), |c| {
+            format!("cgroup {}", c.relative_path())
+        });
         println!("  {host:<7} pid {:<7} {line} ({place})", process.pid());
         self.services.push((host, process));
         Ok(())
@@ -99,12 +150,18 @@ impl DemoStack {
     /// Starts the demo client in the internet host, outside the observed cgroup.
     pub fn client(&self, bin: &Path, args: &[&str]) -> anyhow::Result<ProcessGuard> {
         let mut command = Command::new(bin);
-        command.args(["client", "--target", &format!("{}:8080", ADDRESSES.web)]).args(args);
+        command
+            .args(["client", "--target", &format!("{}:8080", ADDRESSES.web)])
+            .args(args);
         spawn_in(Some(&self.topology.host("client").netns), None, command)
     }
 
     /// Waits for a client run to succeed and returns its output.
-    pub fn run_client(&self, mut client: ProcessGuard, timeout: Duration) -> anyhow::Result<Vec<String>> {
+    pub fn run_client(
+        &self,
+        mut client: ProcessGuard,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
         super::interrupt::wait_until(timeout, || client.wait_exit(Duration::ZERO).ok())?
             .context("the client did not finish in time")?;
         client.wait_success(Duration::ZERO)
@@ -130,7 +187,9 @@ impl DemoStack {
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.services.iter().map(|(name, process)| (*name, process.pid()))
+        self.services
+            .iter()
+            .map(|(name, process)| (*name, process.pid()))
     }
 }
 
@@ -141,9 +200,13 @@ impl Drop for DemoStack {
         // What the intrusion started (the listener) descends from the web service, not from us,
         // so only the cgroup still lists it.
         match self.root.kill_remaining() {
-            Ok(pids) if !pids.is_empty() => println!("stopped the processes left in {DEMO_CGROUP}: pids {pids:?}"),
+            Ok(pids) if !pids.is_empty() => {
+                println!("stopped the processes left in {DEMO_CGROUP}: pids {pids:?}")
+            }
             Ok(_) => {}
-            Err(error) => eprintln!("warning: failed to list the processes left in {DEMO_CGROUP}: {error:#}"),
+            Err(error) => {
+                eprintln!("warning: failed to list the processes left in {DEMO_CGROUP}: {error:#}")
+            }
         }
         self.agent.stop();
     }
