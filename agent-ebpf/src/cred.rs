@@ -1,5 +1,5 @@
 //! Credential changes: the `set*id` and `capset` system calls, reported at their exit when they
-//! succeeded, with the credentials the task holds afterwards. Failed attempts change nothing and
+//! succeeded, with the credentials the task has afterwards. Failed attempts change nothing and
 //! are not reported.
 
 use agent_common::{CredRecord, CredSyscall, Counter, RecordHeader, RecordKind};

@@ -3,9 +3,9 @@
 //!
 //! Only tracepoints are used, because their record layouts are published in tracefs and stay stable
 //! across kernels, unlike kprobes or struct offsets baked in at build time. The few kernel struct
-//! reads (the socket's network namespace, byte counters and error; the task's parent, start time
-//! and executable file) use offsets that the agent resolves from the running kernel's BTF and
-//! passes in as global data.
+//! reads use offsets that the agent resolves from the running kernel's BTF and passes in as
+//! global data. They cover the socket (network namespace, byte counters, error) and the task
+//! (parent, start time, pid namespace, credentials, executable file).
 //!
 //! Every program is a thin entry point calling a `try_` function. No code path may reach a Rust
 //! panic: the verifier rejects the whole object when `core::panicking` is linked in, so there is no

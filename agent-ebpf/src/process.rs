@@ -38,6 +38,8 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
     if is_agent(tgid) || !current_in_scope() {
         return Ok(());
     }
+    // NOTE: the parent recorded is the forking process, which is wrong for CLONE_PARENT children
+    // until their exec, exit or socket records bring the kernel's `real_parent`.
     // SAFETY: offset of `child_pid` in this tracepoint's record.
     let child_pid: i32 = unsafe { ctx.read_at(SCHED_FORK_CHILD_PID_OFFSET)? };
 

@@ -264,7 +264,7 @@ async fn processes_outside_scope_not_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hook_kinds_the_kernel_allows_are_listed_with_the_hooks() {
+async fn allowed_hook_kinds_listed_with_hooks() {
     let cgroup = TestCgroup::create("kinds");
     let (telemetry, _events) = start_scoped(&cgroup).await;
 

@@ -2,7 +2,7 @@
 //! common forms (from a memfd, from a deleted file, a script, no arguments at all).
 //!
 //! Workloads that need more than raw system calls are Python or shell programs started inside
-//! the test cgroup; their events carry an argument that names the test, so each test finds its
+//! the test cgroup. Their events carry an argument that names the test, so each test finds its
 //! own records.
 
 mod telemetry_common;
@@ -99,7 +99,7 @@ os.wait()
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn double_forked_daemon_reports_the_subreaper_as_parent() {
+async fn reparented_daemon_has_subreaper_parent() {
     let cgroup = TestCgroup::create("daemon");
     let python = python();
     let (_telemetry, mut events) = start_scoped(&cgroup).await;
@@ -164,7 +164,7 @@ async fn fexecve_of_a_memfd_is_flagged_fileless() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_deleted_before_exec_and_after_start_is_flagged() {
+async fn deleted_binary_flagged_at_exec_and_later() {
     let cgroup = TestCgroup::create("deleted");
     let dir = TestDir::create("deleted");
     let python = python();
@@ -293,7 +293,7 @@ fn own_pid_namespace_level() -> u32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn container_in_a_pid_namespace_reports_both_pids_and_its_ids() {
+async fn container_reports_namespace_pid_and_ids() {
     let cgroup = TestCgroup::create("container");
     let pod_slice = format!("kubepods-besteffort-pod{}.slice", POD_UID.replace('-', "_"));
     let scope = format!("cri-containerd-{CONTAINER_ID}.scope");

@@ -1,6 +1,6 @@
-//! TCP truth on real kernel events: failed connects told apart (refused by the peer, or timed out
-//! with nobody answering), a non-blocking connect, the bytes each side moved, and an IPv4 client
-//! of a dual-stack listener shown with IPv4 addresses.
+//! TCP on real kernel events: a connect refused by the peer kept apart from one that timed out
+//! without a reply, a non-blocking connect, the bytes each side moved, and an IPv4 client of a
+//! dual-stack listener shown with IPv4 addresses.
 
 mod telemetry_common;
 
@@ -18,7 +18,7 @@ const RESPONSE_BYTES: usize = 500;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connect_reports_connection_refused() {
     let cgroup = TestCgroup::create("refused");
-    // A port nobody listens on: bound, then released.
+    // A port with no listener: bound, then released.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -42,9 +42,9 @@ async fn refused_connect_reports_connection_refused() {
     assert_eq!(failed.error, libc::ECONNREFUSED);
 }
 
-/// Connects from a network namespace of its own to a neighbour behind a veth pair that nobody
-/// answers for (a permanent neighbour entry, so no ARP failure turns into "no route to host");
-/// one SYN retry makes the attempt time out after about 3 s.
+/// Connects from a network namespace of its own to a neighbour behind a veth pair where no host
+/// replies. The neighbour entry is permanent, so no ARP failure turns into "no route to host".
+/// With one SYN retry the attempt times out after about 3 s.
 const TIMEOUT_CONNECT: &str = "ip link add dw0 type veth peer name dw1 \
     && ip addr add 198.18.255.1/24 dev dw0 && ip link set dw0 up && ip link set dw1 up \
     && ip neigh add 198.18.255.2 lladdr 02:00:00:00:00:01 dev dw0 nud permanent && exec perl -e 'use Socket; socket(S, PF_INET, SOCK_STREAM, 0) or die; \
@@ -80,7 +80,8 @@ async fn connect_without_answer_reports_timed_out() {
     assert_ne!(connect.netns, own_netns(), "the connect ran in the namespace of its own");
 }
 
-/// Server body: accepts one connection, reads the request, answers, waits for the client's close.
+/// Server body: accepts one connection, reads the request, sends the response, then waits for
+/// the client's close.
 fn serve_request(address: &RawAddress, report: libc::c_int) -> i32 {
     // SAFETY: raw socket calls on descriptors this function owns; buffers outlive the calls.
     unsafe {
@@ -124,7 +125,7 @@ fn serve_request(address: &RawAddress, report: libc::c_int) -> i32 {
     0
 }
 
-/// Client body: a non-blocking connect completed with poll, then one request and its answer.
+/// Client body: a non-blocking connect completed with poll, then one request and its response.
 fn request_nonblocking(address: &RawAddress, report: libc::c_int) -> i32 {
     // SAFETY: raw socket calls on a descriptor this function owns; buffers outlive the calls.
     unsafe {
@@ -185,7 +186,7 @@ fn request_nonblocking(address: &RawAddress, report: libc::c_int) -> i32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nonblocking_connect_reports_bytes_each_way_at_close() {
+async fn nonblocking_connect_reports_bytes_at_close() {
     let cgroup = TestCgroup::create("bytes");
     let (_telemetry, mut events) = start_scoped(&cgroup).await;
 
@@ -246,7 +247,7 @@ async fn nonblocking_connect_reports_bytes_each_way_at_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ipv4_client_of_a_dual_stack_listener_is_shown_as_ipv4() {
+async fn dual_stack_listener_shows_ipv4_client() {
     let cgroup = TestCgroup::create("mapped");
     let (_telemetry, mut events) = start_scoped(&cgroup).await;
 

@@ -1,5 +1,5 @@
-//! What a cgroup v2 path says about where a process runs: the systemd unit, the container and its
-//! runtime, the Kubernetes pod.
+//! Classification of a cgroup v2 path into the systemd unit, the container and its runtime, and
+//! the Kubernetes pod that a process runs in.
 //!
 //! The layouts recognised are the ones the runtimes create with either cgroup driver:
 //! systemd (`docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`, pods as
@@ -16,7 +16,7 @@ pub enum Runtime {
     Kubernetes,
 }
 
-/// Where a process runs, as far as its cgroup path tells.
+/// Unit, container and pod of a process, as far as its cgroup path shows them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CgroupOrigin {
     /// The innermost systemd unit (`nginx.service`, `docker-<id>.scope`).

@@ -53,8 +53,8 @@ pub struct ProcessTableStats {
     pub stale_parents: u64,
 }
 
-/// How a process's program was started, beyond its path: what the exec record says about the
-/// file the kernel runs. Kept next to the [`ProcessInfo`] the engine sees.
+/// Facts about how a process's program was started, beyond its path, from the exec record. The
+/// table keeps them next to the [`ProcessInfo`] that the engine receives.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecDetails {
     /// Name of the file the kernel runs (`memfd:<name>`, or the interpreter's file name for a
@@ -76,8 +76,8 @@ pub struct ExecDetails {
 
 struct Entry {
     info: Arc<ProcessInfo>,
-    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22), when known; tells
-    /// this process apart from an earlier one with the same pid.
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22), when known. It
+    /// separates this process from an earlier one with the same pid.
     start_ticks: Option<u64>,
     details: Arc<ExecDetails>,
     /// When the process exited; `None` while it runs.
@@ -139,7 +139,7 @@ impl ProcessTable {
         self.entries.get(&pid).map(|entry| entry.info.clone())
     }
 
-    /// Returns how the process's program was started, when the table knows the process.
+    /// Returns how the process's program was started, when the table has the process.
     pub fn exec_details(&self, pid: u32) -> Option<Arc<ExecDetails>> {
         self.entries.get(&pid).map(|entry| entry.details.clone())
     }
@@ -363,12 +363,12 @@ impl ProcessTable {
     }
 }
 
-/// What an exec record says about the file the process runs.
+/// Builds the exec details from the exec record.
 fn exec_details(event: &ExecEvent) -> ExecDetails {
     let from_descriptor = event.from_descriptor();
     let file_name = event.filename.rsplit('/').next().unwrap_or_default();
-    // The kernel maps the interpreter, not the script, so the two names differ for a script; they
-    // also differ for a symlink, which has no `#!` line.
+    // The kernel maps the interpreter, not the script, so the two names differ for a script.
+    // They also differ for a symlink, which has no `#!` line.
     let interpreter = if !from_descriptor && !event.exe_name.is_empty() && event.exe_name != file_name {
         script_interpreter(Path::new(&event.filename))
     } else {
@@ -385,7 +385,7 @@ fn exec_details(event: &ExecEvent) -> ExecDetails {
     }
 }
 
-/// The interpreter path on the `#!` line of the script at `path`, if it has one.
+/// Reads the interpreter path from the `#!` line of the script at `path`, if it has one.
 fn script_interpreter(path: &Path) -> Option<String> {
     use std::io::Read;
     let mut head = [0u8; 256];
@@ -625,7 +625,7 @@ mod tests {
     }
 
     #[test]
-    fn observed_lineage_moves_a_running_process_to_its_new_parent() {
+    fn observed_lineage_moves_process_to_new_parent() {
         let mut table = table(16);
         table.on_exec(&exec(50, "/usr/bin/supervisor"), "/".into());
         table.on_exec(&exec(60, "/bin/sh"), "/".into());

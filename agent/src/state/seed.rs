@@ -81,7 +81,7 @@ pub fn scan_tcp_sockets(proc_root: &Path) -> Vec<SeededSocket> {
     sockets
 }
 
-/// The number in `[...]`, as in `socket:[123]` and `net:[4026531840]`.
+/// Parses the number in `[...]`, as in `socket:[123]` and `net:[4026531840]`.
 fn bracketed_number(text: &str) -> Option<u64> {
     let start = text.find('[')? + 1;
     let end = text[start..].find(']')? + start;

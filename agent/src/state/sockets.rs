@@ -115,6 +115,8 @@ impl SocketState {
     /// Records the listeners found in /proc at start-up, so that connections accepted on them
     /// are attributed. Returns how many were kept. They are keyed by socket inode, which no
     /// kernel event carries, so they are forgotten only when a new listener takes their port.
+    // NOTE: the kernel's listener map is not seeded, so under a cgroup scope the kernel program
+    // drops accepts on these listeners before they reach this table; without a scope they arrive.
     pub fn seed_listeners(&mut self, sockets: &[super::seed::SeededSocket]) -> usize {
         let mut kept = 0;
         for socket in sockets {

@@ -137,7 +137,8 @@ fn decode_exec(bytes: &[u8]) -> Result<Event, DecodeError> {
     }))
 }
 
-/// A lineage the kernel program filled in; every real process has a parent and a start time.
+/// Converts the raw lineage, or returns `None` when the kernel program left it empty: every real
+/// process has a parent and a start time.
 fn lineage(raw: &agent_common::Lineage) -> Option<Lineage> {
     (raw.parent_tgid != 0 || raw.start_boottime_ns != 0).then_some(Lineage {
         parent_pid: raw.parent_tgid,
@@ -211,8 +212,9 @@ fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
     }))
 }
 
-/// An IPv6 address, or the IPv4 address it carries when it is IPv4-mapped (`::ffff:a.b.c.d`, what
-/// a dual-stack socket reports for an IPv4 peer), so one endpoint has one spelling.
+/// Converts an IPv6 address, returning the IPv4 address it carries when it is IPv4-mapped
+/// (`::ffff:a.b.c.d`). A dual-stack socket reports an IPv4 peer that way, and one endpoint should
+/// have one spelling.
 fn ipv6(address: [u8; 16]) -> IpAddr {
     let address = Ipv6Addr::from(address);
     match address.to_ipv4_mapped() {

@@ -12,7 +12,7 @@ pub enum Event {
     Credentials(CredEvent),
 }
 
-/// Which system call changed a process's credentials.
+/// System call that changed a process's credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredChange {
     Setuid,
@@ -24,7 +24,7 @@ pub enum CredChange {
     Capset,
 }
 
-/// A successful credential change, with the credentials the thread holds afterwards.
+/// A successful credential change, with the credentials the thread has afterwards.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CredEvent {
     pub ktime_ns: u64,
@@ -74,7 +74,8 @@ pub struct ExecEvent {
     /// the kernel program could not tell.
     pub exe_unlinked: Option<bool>,
     /// Process id inside the process's own pid namespace and that namespace's depth (0 for the
-    /// host's), when known. In a container the first is the pid the container sees.
+    /// host's), when known. In a container the first is the pid that processes in the container
+    /// use.
     pub namespace_pid: Option<(u32, u32)>,
 }
 
@@ -162,8 +163,8 @@ pub struct TcpEvent {
     pub bytes_sent: u64,
     /// Payload bytes received so far; the connection's total in a `Close` event.
     pub bytes_received: u64,
-    /// The socket's pending error as an errno: in a `ConnectFailed` event `ECONNREFUSED` when the
-    /// peer answered with a reset, `ETIMEDOUT` when nobody answered. 0 when none.
+    /// The socket's pending error as an errno, 0 when none. In a `ConnectFailed` event it is
+    /// `ECONNREFUSED` when the peer sent a reset, and `ETIMEDOUT` when no reply came.
     pub error: i32,
     /// The owning process's lineage, in `Connect` and `Listen` events.
     pub lineage: Option<Lineage>,
@@ -173,12 +174,12 @@ pub struct TcpEvent {
 }
 
 impl TcpEvent {
-    /// True when a `ConnectFailed` attempt was refused by the peer (a reset answered the SYN).
+    /// True when the peer rejected a `ConnectFailed` attempt with a reset.
     pub fn refused(&self) -> bool {
         self.error == libc::ECONNREFUSED
     }
 
-    /// True when a `ConnectFailed` attempt ran out of SYN retries without an answer.
+    /// True when a `ConnectFailed` attempt ran out of SYN retries without a reply.
     pub fn timed_out(&self) -> bool {
         self.error == libc::ETIMEDOUT
     }

@@ -261,7 +261,7 @@ impl Telemetry {
         self.hooks.iter().cloned().chain(kinds).collect()
     }
 
-    /// Which hook kinds this kernel accepts, as probed at start-up.
+    /// Returns the hook kinds this kernel accepts, as probed at start-up.
     pub fn hook_support(&self) -> &[HookSupport] {
         &self.support
     }

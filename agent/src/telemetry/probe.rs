@@ -1,9 +1,9 @@
 //! Which kinds of kernel hook this kernel accepts, found at start-up by loading a program of each
 //! kind that does nothing (`r0 = 0; exit`) and closing it at once.
 //!
-//! The agent builds on tracepoints; the result tells the operator what a richer hook set would
-//! need and shows in the status and the log, so that a host is never believed to have coverage
-//! it lacks. A kind that loads but cannot attach (kprobes without the kprobe event source) counts
+//! The agent builds on tracepoints. The result shows the operator, in the status and the log,
+//! which richer hooks this kernel would allow, so that no host is believed to have coverage it
+//! lacks. A kind that loads but cannot attach (kprobes without the kprobe event source) counts
 //! as unavailable.
 
 use std::io;
@@ -18,7 +18,7 @@ pub struct HookSupport {
     /// `fentry` or `lsm`.
     pub kind: &'static str,
     pub available: bool,
-    /// Why the kind is unavailable.
+    /// Reason the kind is unavailable.
     pub error: Option<String>,
 }
 
@@ -36,7 +36,7 @@ const ATTACH_TRACE_RAW_TP: u32 = 23;
 const ATTACH_TRACE_FENTRY: u32 = 24;
 const ATTACH_LSM_MAC: u32 = 27;
 
-/// Where the kernel lists the kprobe event source that attaching a kprobe needs.
+/// Directory of the kprobe event source, which attaching a kprobe needs.
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
 /// Probes every hook kind. `btf` is the kernel's BTF, which the BTF-typed kinds name their
