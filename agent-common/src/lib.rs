@@ -283,7 +283,7 @@ pub const EXEC_FLAG_LINEAGE_UNKNOWN: u32 = 32;
 /// Bytes of the executable's own file name (the last path component) captured.
 pub const EXE_NAME_BYTES: usize = 64;
 
-/// Where a process comes from, read from its task in the kernel.
+/// Parent and start times of a process, read from its task in the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
 pub struct Lineage {
@@ -291,9 +291,9 @@ pub struct Lineage {
     /// parent exits and the task is reparented; 0 when not known.
     pub parent_tgid: u32,
     pub _reserved: u32,
-    /// Start of the process (its thread group leader), nanoseconds since boot including suspend,
-    /// as `/proc/<pid>/stat` reports it in clock ticks; with the tgid it names one process even
-    /// after the pid is reused.
+    /// Start of the process (its thread group leader) in nanoseconds since boot, including
+    /// suspend, which `/proc/<pid>/stat` reports in clock ticks. With the tgid it names one
+    /// process even after the pid is reused.
     pub start_boottime_ns: u64,
     /// The same for the parent process.
     pub parent_start_boottime_ns: u64,
@@ -417,8 +417,8 @@ pub struct TcpRecord {
     /// Payload bytes received (`tcp_sock.bytes_received`, less the sequence number a received
     /// FIN takes), the same way.
     pub bytes_received: u64,
-    /// The socket's pending error (`sock.sk_err`): `ECONNREFUSED` after a reset answered the SYN,
-    /// `ETIMEDOUT` after the SYN retries ran out; 0 when none or unknown.
+    /// The socket's pending error (`sock.sk_err`), 0 when none or unknown. It is `ECONNREFUSED`
+    /// when the peer sent a reset in reply to the SYN, and `ETIMEDOUT` when the SYN retries ran out.
     pub sk_err: i32,
     /// `TCP_FLAG_*` bits.
     pub flags: u32,
