@@ -7,4 +7,5 @@ pub mod pipeline;
 pub mod report;
 pub mod state;
 pub mod telemetry;
+pub mod terminal;
 pub mod view;

@@ -201,6 +201,9 @@ impl Pipeline {
                     }
                     self.stats.lost_records = total;
                     self.processes.expire(Instant::now());
+                    // Declared flows not seen within the engine's window come out of its tick.
+                    let unused = self.engine().tick(SystemTime::now());
+                    self.publish(unused);
                     self.publish_stats();
                 }
             }
@@ -279,13 +282,29 @@ impl Pipeline {
         }
         match tcp.kind {
             TcpEventKind::Connect => {}
-            TcpEventKind::ConnectFailed => self.stats.connect_failures += 1,
+            TcpEventKind::ConnectFailed => {
+                self.stats.connect_failures += 1;
+                let Some(process) = self.processes.get(tcp.pid) else { return };
+                // A refused or dropped attempt raises nothing by itself, but it proves a `deny` flow held.
+                let observation = FlowObservation {
+                    time: self.clock.to_system(tcp.ktime_ns),
+                    protocol: Protocol::Tcp,
+                    client: Some(process),
+                    server: None,
+                    client_addr: tcp.local,
+                    server_addr: tcp.remote,
+                    netns: tcp.netns,
+                };
+                self.engine().observe_failed_connect(&observation);
+            }
             TcpEventKind::Connected => {
-                let flows = self.sockets.on_connected(tcp.pid, tcp.netns, tcp.local, tcp.remote, now);
+                let process = self.processes.get(tcp.pid);
+                let flows = self.sockets.on_connected(process, tcp.pid, tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Accepted => {
-                let flows = self.sockets.on_accepted(tcp.netns, tcp.local, tcp.remote, now);
+                let processes = &self.processes;
+                let flows = self.sockets.on_accepted(|pid| processes.get(pid), tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Listen => {
@@ -316,8 +335,8 @@ impl Pipeline {
 
     fn observe_flow(&mut self, flow: JoinedFlow) {
         self.stats.flows += 1;
-        let client = flow.client.as_ref().filter(|end| end.pid != 0).and_then(|end| self.processes.get(end.pid));
-        let server = flow.server.as_ref().filter(|end| end.pid != 0).and_then(|end| self.processes.get(end.pid));
+        let client = flow.client.as_ref().and_then(|end| end.process.clone());
+        let server = flow.server.as_ref().and_then(|end| end.process.clone());
         if client.is_none() && server.is_none() {
             self.stats.flows_without_process += 1;
             return;

@@ -1,7 +1,7 @@
 //! The agent's answer to the API's graph and status calls.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use driftwatch_model::graph::GraphSnapshot;
@@ -27,13 +27,18 @@ pub fn model_info(path: &Path, model: &Model, loaded_at: SystemTime) -> ModelInf
 pub struct AgentStatusView {
     shared: Arc<Shared>,
     telemetry: Arc<Telemetry>,
-    model: ModelInfo,
+    model: Mutex<ModelInfo>,
     started_at: SystemTime,
 }
 
 impl AgentStatusView {
     pub fn new(shared: Arc<Shared>, telemetry: Arc<Telemetry>, model: ModelInfo) -> Self {
-        AgentStatusView { shared, telemetry, model, started_at: SystemTime::now() }
+        AgentStatusView { shared, telemetry, model: Mutex::new(model), started_at: SystemTime::now() }
+    }
+
+    /// Records the model put in force by a reload.
+    pub fn set_model(&self, model: ModelInfo) {
+        *self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = model;
     }
 }
 
@@ -59,7 +64,7 @@ impl AgentView for AgentStatusView {
             started_at: self.started_at,
             hooks,
             counters,
-            model: Some(self.model.clone()),
+            model: Some(self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()),
         }
     }
 }

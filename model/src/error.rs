@@ -88,11 +88,17 @@ pub enum ModelErrorKind {
     },
 }
 
+/// Names the known ids, at most `KNOWN_LISTED` of them, so that a large model does not turn one
+/// error into a line of hundreds of kilobytes.
 fn known_list(known: &[String]) -> String {
+    const KNOWN_LISTED: usize = 20;
     if known.is_empty() {
-        "none".to_owned()
-    } else {
-        known.join(", ")
+        return "none".to_owned();
+    }
+    let listed = known[..known.len().min(KNOWN_LISTED)].join(", ");
+    match known.len().checked_sub(KNOWN_LISTED) {
+        Some(more) if more > 0 => format!("{listed} and {more} more"),
+        _ => listed,
     }
 }
 

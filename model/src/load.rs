@@ -5,7 +5,7 @@
 //! references between zones, components and flows). Both passes run even when the first found
 //! errors, so one run lists everything a reader has to fix.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::SystemTime;
@@ -62,6 +62,9 @@ struct Located {
     path: String,
 }
 
+/// Largest model file `Model::load` reads: far beyond any hand-written model.
+pub const MAX_MODEL_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The output of the first pass: the values that were valid, plus every id and reference that
 /// could be read. The second pass checks the ids even of items with other errors, so that one bad
 /// field does not also make every reference to its item look dangling.
@@ -87,15 +90,25 @@ impl Model {
     pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelErrors> {
         let path = path.as_ref();
         let name = path.display().to_string();
+        let io_error = |message: String| {
+            let mut reader = Reader::new(&name);
+            reader.error_at(0, 0, ModelErrorKind::Io(message));
+            Err(ModelErrors { errors: reader.errors })
+        };
+        // The parsed tree takes tens of times the file's size in memory, so a runaway file is
+        // rejected before it is read.
+        match std::fs::metadata(path) {
+            Ok(metadata) if metadata.len() > MAX_MODEL_BYTES => {
+                return io_error(format!(
+                    "the file has {} bytes, more than the {MAX_MODEL_BYTES} a model may have",
+                    metadata.len()
+                ));
+            }
+            _ => {}
+        }
         match std::fs::read_to_string(path) {
             Ok(text) => Model::parse(&text, &name),
-            Err(e) => {
-                let mut reader = Reader::new(&name);
-                reader.error_at(0, 0, ModelErrorKind::Io(e.to_string()));
-                Err(ModelErrors {
-                    errors: reader.errors,
-                })
-            }
+            Err(e) => io_error(e.to_string()),
         }
     }
 
@@ -704,6 +717,14 @@ fn read_exception(reader: &mut Reader, node: &Node<'_>, path: &str) -> Option<Ex
 fn check_references(reader: &mut Reader, draft: Draft, source_name: &str) -> Model {
     let mut first_line: HashMap<&str, usize> = HashMap::new();
     for id in draft.zone_ids.iter().chain(&draft.component_ids) {
+        if let Some(reason) = invalid_id_reason(&id.text) {
+            let kind = ModelErrorKind::InvalidValue {
+                path: id.path.clone(),
+                value: format!("{:?}", id.text),
+                reason: reason.to_owned(),
+            };
+            reader.error(&id.span, kind);
+        }
         let line = position(&id.span).0;
         if let Some(&first_line) = first_line.get(id.text.as_str()) {
             let kind = ModelErrorKind::DuplicateId {
@@ -718,8 +739,9 @@ fn check_references(reader: &mut Reader, draft: Draft, source_name: &str) -> Mod
     }
 
     let zone_ids: Vec<String> = unique_texts(&draft.zone_ids);
+    let zone_set: HashSet<&str> = zone_ids.iter().map(String::as_str).collect();
     for zone in &draft.component_zones {
-        if !zone_ids.contains(&zone.text) {
+        if !zone_set.contains(zone.text.as_str()) {
             let kind = ModelErrorKind::UnknownReference {
                 path: zone.path.clone(),
                 target: "zone",
@@ -731,7 +753,7 @@ fn check_references(reader: &mut Reader, draft: Draft, source_name: &str) -> Mod
     }
 
     for parent in &draft.zone_parents {
-        if !zone_ids.contains(&parent.text) {
+        if !zone_set.contains(parent.text.as_str()) {
             let kind = ModelErrorKind::UnknownReference {
                 path: parent.path.clone(),
                 target: "zone",
@@ -743,10 +765,13 @@ fn check_references(reader: &mut Reader, draft: Draft, source_name: &str) -> Mod
     }
     check_zone_cycles(reader, &draft);
 
-    let mut known = unique_texts(&draft.component_ids);
-    known.extend(zone_ids.iter().cloned());
+    let components = unique_texts(&draft.component_ids);
+    let component_set: HashSet<&str> = components.iter().map(String::as_str).collect();
+    let mut known = components.clone();
+    known.extend(zone_ids.iter().filter(|zone| !component_set.contains(zone.as_str())).cloned());
+    let known_set: HashSet<&str> = known.iter().map(String::as_str).collect();
     for end in &draft.flow_ends {
-        if !known.contains(&end.text) {
+        if !known_set.contains(end.text.as_str()) {
             let kind = ModelErrorKind::UnknownReference {
                 path: end.path.clone(),
                 target: "component or zone",
@@ -801,13 +826,22 @@ fn check_zone_cycles(reader: &mut Reader, draft: &Draft) {
 
 /// Returns the ids in file order, each once.
 fn unique_texts(ids: &[Located]) -> Vec<String> {
-    let mut texts: Vec<String> = Vec::with_capacity(ids.len());
-    for id in ids {
-        if !texts.contains(&id.text) {
-            texts.push(id.text.clone());
-        }
+    let mut seen: HashSet<&str> = HashSet::with_capacity(ids.len());
+    ids.iter().filter(|id| seen.insert(id.text.as_str())).map(|id| id.text.clone()).collect()
+}
+
+/// Returns why `id` cannot name a zone or component, if it cannot. Deviation ids join names with
+/// `@` and exceptions match them with `*`, so neither may appear in a name.
+fn invalid_id_reason(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("an id must not be empty")
+    } else if id.contains(['@', '*']) {
+        Some("an id must not contain '@' or '*', which deviation ids and exceptions use")
+    } else if id.chars().any(|character| character.is_whitespace() || character.is_control()) {
+        Some("an id must not contain whitespace or control characters")
+    } else {
+        None
     }
-    texts
 }
 
 fn build_model(

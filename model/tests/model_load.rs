@@ -476,3 +476,36 @@ fn error_hint_suggests_near_key() {
         Some("did you mean \"parent\"?")
     );
 }
+
+#[test]
+fn ids_with_separators_are_rejected() {
+    let errors = errors(
+        r#"version: 1
+zones:
+  - { id: "a@b", trust: 10 }
+components:
+  - { id: "", zone: "a@b" }
+  - { id: "web*", zone: "a@b" }
+"#,
+    );
+    assert_eq!(positions(&errors), vec![(3, 11), (5, 11), (6, 11)]);
+    for error in errors.iter() {
+        assert!(
+            matches!(error.kind, ModelErrorKind::InvalidValue { .. }),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn unknown_reference_lists_at_most_twenty_ids() {
+    let mut text = String::from("version: 1\nzones:\n");
+    for index in 0..100 {
+        text.push_str(&format!("  - {{ id: z{index}, trust: 10 }}\n"));
+    }
+    text.push_str("flows:\n  - { from: z0, to: nowhere, port: 1 }\n");
+    let errors = errors(&text);
+    let message = errors.to_string();
+    assert!(message.contains("(known: z0, z1,"), "{message}");
+    assert!(message.contains("z19 and 80 more)"), "{message}");
+}

@@ -393,6 +393,80 @@ flows: []
 ";
 
 #[test]
+fn connect_then_exec_names_the_connecting_program() {
+    let world = World::start();
+
+    // The shell connects, then replaces itself with another program within the join window.
+    let mut shell = Command::new("/bin/bash");
+    shell.args(["-c", &format!("exec 3<>/dev/tcp/{EXT_V4}/9999; exec /bin/sleep 0.3")]);
+    let mut process = world.spawn("web", Some("web"), shell);
+    process.wait_success(RUN_TIMEOUT).unwrap();
+    let pid = process.pid();
+
+    let found = world.wait_for("unexpected-flow from the shell", |d| {
+        is(d, Category::UnexpectedFlow) && process_of(d).is_some_and(|(p, _)| p == pid)
+    });
+    let (_, exe) = process_of(&found).unwrap();
+    assert!(exe.ends_with("/bash"), "the flow is credited to {exe}, not to the shell that connected");
+}
+
+/// Returns the value of a status counter, 0 when the agent does not report it.
+fn counter(world: &World, name: &str) -> u64 {
+    let status = stream::status(world.api()).unwrap();
+    status.counters.iter().find(|counter| counter.name == name).map_or(0, |counter| counter.value)
+}
+
+/// Runs `program` in the web tier and returns its pid once it exited successfully.
+fn run_in_web(world: &World, program: &str) -> u32 {
+    let mut process = world.spawn("web", Some("web"), Command::new(program));
+    process.wait_success(RUN_TIMEOUT).unwrap();
+    process.pid()
+}
+
+#[test]
+fn sighup_reloads_model_and_rejects_invalid() {
+    let world = World::start();
+    let root = world.root.relative_path().to_string();
+    let hangup = |world: &World| {
+        // SAFETY: kill has no memory preconditions; the pid is the agent this test started.
+        assert_eq!(unsafe { libc::kill(world.agent.pid() as i32, libc::SIGHUP) }, 0);
+    };
+
+    // An invalid model is rejected and the one in force stays: /usr/bin/id is still undeclared.
+    fs::write(world._model.path(), "version: 1\ncomponents: [{ id: web, zone: nowhere }]\n").unwrap();
+    hangup(&world);
+    let first = run_in_web(&world, "/usr/bin/id");
+    world.wait_for("unexpected-executable for id under the old model", |d| {
+        is(d, Category::UnexpectedExecutable) && process_of(d).is_some_and(|(p, _)| p == first)
+    });
+    assert_eq!(counter(&world, "engine_model_reloads"), 0);
+
+    // A valid model that lists /usr/bin/id is put in force without a restart.
+    let declared = MODEL
+        .replace("{ROOT}", &root)
+        .replace(r#"executables: ["**/driftwatch-demo-service"]"#, r#"executables: ["**/driftwatch-demo-service", "/usr/bin/id"]"#);
+    fs::write(world._model.path(), declared).unwrap();
+    hangup(&world);
+    assert!(
+        wait_until(OBSERVE_TIMEOUT, || (counter(&world, "engine_model_reloads") == 1).then_some(())).is_some(),
+        "the agent did not reload the model:\n{}",
+        world.agent.log()
+    );
+    let second = run_in_web(&world, "/usr/bin/id");
+    // A program the new model does not list marks the point by which the id exec was judged.
+    let marker = run_in_web(&world, "/usr/bin/whoami");
+    world.wait_for("unexpected-executable for whoami", |d| {
+        is(d, Category::UnexpectedExecutable) && process_of(d).is_some_and(|(p, _)| p == marker)
+    });
+    let raised_for_second = world
+        .watcher
+        .deviations()
+        .iter()
+        .any(|d| process_of(d).is_some_and(|(p, _)| p == second));
+    assert!(!raised_for_second, "id is declared after the reload, yet it raised:\n{}", describe_all(&world.watcher.deviations()));
+}
+
+#[test]
 fn lost_records_raise_telemetry_gap() {
     // One page of ring buffer holds a handful of exec records, so an exec storm overflows it.
     let world = World::start_with_agent_args(&["--ring-buffer-kib", "4"]);

@@ -94,17 +94,26 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
-    let view = Arc::new(AgentStatusView::new(shared, telemetry.clone(), model_info));
-    let listener = ApiListener::bind(&args.api).await.with_context(|| format!("failed to listen on {}", args.api))?;
+    let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info));
+    // The listener's own error names the address.
+    let listener = ApiListener::bind(&args.api).await?;
     let address = listener.local_addr().context("failed to read the API address")?;
-    let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view, cancel.clone()));
+    let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
-        write_ready_file(path, &address.to_string())?;
+        if let Err(error) = write_ready_file(path, &address.to_string()) {
+            // Stop the server first so that it removes its socket file.
+            cancel.cancel();
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, server_task).await;
+            return Err(error);
+        }
     }
 
-    wait_for_stop_signal().await?;
+    wait_for_stop_signal(|| reload_model(&args.model, &shared, &view)).await?;
     tracing::info!("stopping");
+    if let Some(path) = &args.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
 
     cancel.cancel();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -141,15 +150,38 @@ fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
     std::fs::rename(&partial, path).with_context(|| format!("failed to write {}", path.display()))
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT, calling `on_hangup` for each SIGHUP meanwhile.
+async fn wait_for_stop_signal(mut on_hangup: impl FnMut()) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    let mut hangup = signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => on_hangup(),
+        }
     }
-    Ok(())
+}
+
+/// Reads the model file again and puts it in force. An invalid model is rejected with its errors
+/// and the one in force stays.
+fn reload_model(path: &Path, shared: &Shared, view: &AgentStatusView) {
+    match Model::load(path) {
+        Ok(model) => {
+            let info = view::model_info(path, &model, SystemTime::now());
+            shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace_model(model);
+            view.set_model(info);
+            tracing::info!(model = %path.display(), "model reloaded");
+        }
+        Err(errors) => {
+            for error in &errors.errors {
+                tracing::error!(%error, "invalid model");
+            }
+            tracing::error!(model = %path.display(), errors = errors.errors.len(), "model reload rejected; the previous model stays in force");
+        }
+    }
 }
 
 /// Maps cgroup ids from kernel records to paths relative to the cgroup2 mount, such as

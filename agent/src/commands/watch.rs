@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tonic::Code;
 
 use crate::api::convert::{self, category_to_proto, severity_to_proto};
+use crate::terminal::escape_controls;
 use crate::api::{connect, ListenAddr};
 
 /// Arguments of `driftwatch watch`.
@@ -125,12 +126,12 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             Err(status) if agent_went_away(&status) => {
-                eprintln!(
-                    "driftwatch: lost the connection to the agent at {}: {}",
+                // Non-zero, so that a supervisor tells a lost agent from one that stopped cleanly.
+                anyhow::bail!(
+                    "lost the connection to the agent at {}: {}",
                     args.api,
                     status.message()
                 );
-                return Ok(());
             }
             Err(status) => {
                 return Err(anyhow::Error::new(status))
@@ -211,8 +212,8 @@ impl Printer {
             deviation.category.as_str(),
             sequence
         )?;
-        writeln!(out, "  {}", deviation.summary)?;
-        writeln!(out, "    id         {}", deviation.id)?;
+        writeln!(out, "  {}", escape_controls(&deviation.summary))?;
+        writeln!(out, "    id         {}", escape_controls(&deviation.id))?;
 
         let evidence = &deviation.evidence;
         if let Some(process) = &evidence.process {
@@ -250,7 +251,7 @@ impl Printer {
         if self.show_resolution && !deviation.resolution.is_empty() {
             writeln!(out, "    resolution")?;
             for line in deviation.resolution.lines() {
-                writeln!(out, "      {line}")?;
+                writeln!(out, "      {}", escape_controls(line))?;
             }
         }
         writeln!(out)
@@ -297,7 +298,9 @@ fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo)
     writeln!(
         out,
         "    {label:<10} pid {} (ppid {}) {}",
-        process.pid, process.ppid, process.exe
+        process.pid,
+        process.ppid,
+        escape_controls(&process.exe)
     )?;
     if !process.argv.is_empty() {
         let truncated = if process.argv_truncated { " ..." } else { "" };
@@ -305,23 +308,23 @@ fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo)
             out,
             "    {:<10} {}{truncated}",
             "argv",
-            process.argv.join(" ")
+            escape_controls(&process.argv.join(" "))
         )?;
     }
-    let user = process.user.as_deref().unwrap_or("?");
+    let user = escape_controls(process.user.as_deref().unwrap_or("?"));
     writeln!(
         out,
         "    {:<10} {user} (uid {}, gid {})",
         "user", process.uid, process.gid
     )?;
     if !process.cgroup.is_empty() {
-        writeln!(out, "    {:<10} {}", "cgroup", process.cgroup)?;
+        writeln!(out, "    {:<10} {}", "cgroup", escape_controls(&process.cgroup))?;
     }
     if !process.ancestry.is_empty() {
         let ancestry: Vec<String> = process
             .ancestry
             .iter()
-            .map(|(pid, exe)| format!("{pid} {exe}"))
+            .map(|(pid, exe)| format!("{pid} {}", escape_controls(exe)))
             .collect();
         writeln!(out, "    {:<10} {}", "ancestry", ancestry.join(" <- "))?;
     }

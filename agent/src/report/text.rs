@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use driftwatch_model::deviation::{Deviation, Severity};
 use driftwatch_model::observation::ProcessInfo;
 
+use crate::terminal::escape_controls;
 use super::CheckReport;
 
 const RESET: &str = "\x1b[0m";
@@ -72,7 +73,7 @@ fn write_deviation(out: &mut String, report: &CheckReport, deviation: &Deviation
         paint.dim(marker),
         deviation.id,
     );
-    let _ = writeln!(out, "      {}", deviation.summary);
+    let _ = writeln!(out, "      {}", escape_controls(&deviation.summary));
     let evidence = &deviation.evidence;
     if let Some(process) = &evidence.process {
         let _ = writeln!(out, "      process: {}", describe_process(process));
@@ -109,7 +110,12 @@ fn zones(deviation: &Deviation) -> String {
 
 fn describe_process(process: &ProcessInfo) -> String {
     let user = process.user.clone().unwrap_or_else(|| format!("uid {}", process.uid));
-    let mut text = format!("pid {} {} [{}] user {user}", process.pid, process.exe, shell_words(&process.argv));
+    let mut text = format!(
+        "pid {} {} [{}] user {user}",
+        process.pid,
+        escape_controls(&process.exe),
+        escape_controls(&shell_words(&process.argv))
+    );
     if process.argv_truncated {
         text.push_str(" (argv truncated)");
     }

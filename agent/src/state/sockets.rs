@@ -9,7 +9,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use driftwatch_model::observation::ProcessInfo;
 
 /// A listening socket and its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +28,10 @@ pub struct PendingEnd {
     /// The process on this end, 0 when unknown.
     pub pid: u32,
     pub netns: u32,
+    /// The process as it was when the event arrived. It is taken then, not when the join window
+    /// ends, because a process that connects and then execs must be reported as the program that
+    /// connected.
+    pub process: Option<Arc<ProcessInfo>>,
 }
 
 /// A connection ready for the engine, with whatever ends were seen.
@@ -145,14 +152,29 @@ impl SocketState {
     }
 
     /// Records the connecting end. Returns the joined flow when the accepting end was waiting.
-    pub fn on_connected(&mut self, pid: u32, netns: u32, local: SocketAddr, remote: SocketAddr, now: Instant) -> Vec<JoinedFlow> {
+    pub fn on_connected(
+        &mut self,
+        process: Option<Arc<ProcessInfo>>,
+        pid: u32,
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        now: Instant,
+    ) -> Vec<JoinedFlow> {
         let key = FlowKey::new(local, remote, netns);
-        let end = PendingEnd { pid, netns };
+        let end = PendingEnd { pid, netns, process };
         self.add_end(key, now, |flow| flow.client = Some(end))
     }
 
-    /// Records the accepting end, attributed to the listener's owner.
-    pub fn on_accepted(&mut self, netns: u32, local: SocketAddr, remote: SocketAddr, now: Instant) -> Vec<JoinedFlow> {
+    /// Records the accepting end, attributed to the listener's owner, whom `resolve` looks up.
+    pub fn on_accepted(
+        &mut self,
+        resolve: impl FnOnce(u32) -> Option<Arc<ProcessInfo>>,
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        now: Instant,
+    ) -> Vec<JoinedFlow> {
         let pid = match self.listener(netns, local) {
             Some(listener) => listener.pid,
             None => {
@@ -161,7 +183,8 @@ impl SocketState {
             }
         };
         let key = FlowKey::new(remote, local, netns);
-        let end = PendingEnd { pid, netns };
+        let process = if pid == 0 { None } else { resolve(pid) };
+        let end = PendingEnd { pid, netns, process };
         self.add_end(key, now, |flow| flow.server = Some(end))
     }
 
@@ -242,11 +265,11 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         assert!(state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:5432"), netns: 2 }));
-        assert!(state.on_connected(10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:5432"), now).is_empty());
-        let joined = state.on_accepted(2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
+        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:5432"), now).is_empty());
+        let joined = state.on_accepted(|_| None, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
         assert_eq!(joined.len(), 1);
-        assert_eq!(joined[0].client, Some(PendingEnd { pid: 10, netns: 1 }));
-        assert_eq!(joined[0].server, Some(PendingEnd { pid: 20, netns: 2 }));
+        assert_eq!(joined[0].client, Some(PendingEnd { pid: 10, netns: 1, process: None }));
+        assert_eq!(joined[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
         assert_eq!(joined[0].server_addr, addr("198.18.0.3:5432"));
         assert!(state.flush_expired(now + Duration::from_secs(1)).is_empty());
     }
@@ -256,8 +279,8 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         state.on_listen(1, Listener { pid: 20, addr: addr("[::]:443"), netns: 2 });
-        assert!(state.on_accepted(2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now).is_empty());
-        let joined = state.on_connected(10, 1, addr("[fd00::2]:5000"), addr("[fd00::3]:443"), now);
+        assert!(state.on_accepted(|_| None, 2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now).is_empty());
+        let joined = state.on_connected(None, 10, 1, addr("[fd00::2]:5000"), addr("[fd00::3]:443"), now);
         assert_eq!(joined.len(), 1);
     }
 
@@ -265,7 +288,7 @@ mod tests {
     fn lone_end_flushes_after_window() {
         let mut state = state();
         let now = Instant::now();
-        state.on_connected(10, 1, addr("198.18.0.2:40000"), addr("198.18.9.9:443"), now);
+        state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.9.9:443"), now);
         assert!(state.flush_expired(now + Duration::from_millis(50)).is_empty());
         let flushed = state.flush_expired(now + Duration::from_millis(150));
         assert_eq!(flushed.len(), 1);
@@ -277,15 +300,15 @@ mod tests {
     fn loopback_in_different_namespaces_does_not_join() {
         let mut state = state();
         let now = Instant::now();
-        state.on_connected(10, 1, addr("127.0.0.1:40000"), addr("127.0.0.1:80"), now);
-        assert!(state.on_accepted(2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now).is_empty());
+        state.on_connected(None, 10, 1, addr("127.0.0.1:40000"), addr("127.0.0.1:80"), now);
+        assert!(state.on_accepted(|_| None, 2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now).is_empty());
         assert_eq!(state.flush_expired(now + Duration::from_secs(1)).len(), 2);
     }
 
     #[test]
     fn accepted_without_listener_is_counted() {
         let mut state = state();
-        state.on_accepted(2, addr("198.18.0.3:22"), addr("198.18.0.2:1"), Instant::now());
+        state.on_accepted(|_| None, 2, addr("198.18.0.3:22"), addr("198.18.0.2:1"), Instant::now());
         assert_eq!(state.stats().accepted_without_listener, 1);
     }
 
@@ -294,9 +317,9 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         for port in 0..4 {
-            state.on_connected(10, 1, addr(&format!("198.18.0.2:{}", 4000 + port)), addr("198.18.9.9:443"), now);
+            state.on_connected(None, 10, 1, addr(&format!("198.18.0.2:{}", 4000 + port)), addr("198.18.9.9:443"), now);
         }
-        let out = state.on_connected(10, 1, addr("198.18.0.2:5000"), addr("198.18.9.9:443"), now);
+        let out = state.on_connected(None, 10, 1, addr("198.18.0.2:5000"), addr("198.18.9.9:443"), now);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].client_addr, addr("198.18.0.2:4000"));
         assert_eq!(state.stats().pending_overflow, 1);

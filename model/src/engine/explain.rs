@@ -82,6 +82,19 @@ fn quote(text: &str) -> String {
     serde_json::to_string(text).expect("a string always serialises")
 }
 
+/// Escapes glob metacharacters, so that a suggested selector matches exactly the observed path
+/// and not, for a program named `s*`, every file beside it.
+pub(crate) fn glob_literal(text: &str) -> String {
+    let mut literal = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, '*' | '?' | '[' | ']' | '{' | '}' | '\\') {
+            literal.push('\\');
+        }
+        literal.push(character);
+    }
+    literal
+}
+
 fn quoted_list(items: &[String]) -> String {
     let quoted: Vec<String> = items.iter().map(|s| quote(s)).collect();
     format!("[{}]", quoted.join(", "))
@@ -186,9 +199,9 @@ pub(crate) fn component_stub(
             format!("    zone: <zone>  # one of: {}\n", choices.join(", "))
         }
     };
-    let mut selectors = format!("exe: [{}]", quote(&process.exe));
+    let mut selectors = format!("exe: [{}]", quote(&glob_literal(&process.exe)));
     if !process.cgroup.is_empty() && process.cgroup != "/" {
-        selectors.push_str(&format!(", cgroup: [{}]", quote(&process.cgroup)));
+        selectors.push_str(&format!(", cgroup: [{}]", quote(&glob_literal(&process.cgroup))));
     }
     let stub =
         format!("components:\n  - id: {id}\n{zone_line}    match: {{ {selectors} }}\n{extra}");
@@ -197,7 +210,7 @@ pub(crate) fn component_stub(
 
 pub(crate) fn executables_resolution(component: &Component, exe: &str) -> String {
     let mut patterns = component.executable_patterns().to_vec();
-    patterns.push(exe.to_owned());
+    patterns.push(glob_literal(exe));
     format!(
         "components:\n  - id: {}\n    executables: {}\n",
         component.id,
@@ -267,5 +280,21 @@ mod tests {
             zone_name_for("2001:db8::1".parse().unwrap()),
             "net-2001-db8--1"
         );
+    }
+}
+
+#[cfg(test)]
+mod glob_literal_tests {
+    use super::glob_literal;
+    use crate::model::compile_glob;
+
+    #[test]
+    fn glob_literal_matches_only_the_path() {
+        for path in ["/usr/bin/bash", "/tmp/g[x", "/tmp/s*", "/tmp/{a,b}?", "/tmp/back\\slash"] {
+            let glob = compile_glob(&glob_literal(path)).unwrap().compile_matcher();
+            assert!(glob.is_match(path), "{path} does not match its own literal");
+        }
+        let star = compile_glob(&glob_literal("/tmp/s*")).unwrap().compile_matcher();
+        assert!(!star.is_match("/tmp/sx"));
     }
 }

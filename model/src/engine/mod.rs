@@ -564,6 +564,16 @@ fn impact_of(side: &Side<'_, '_>) -> Impact {
     }
 }
 
+/// Flow impact: what is at stake at the destination, or, for a flow toward a less trusted zone,
+/// at the source too, because what leaves a component is what that component holds.
+fn flow_impact(source: &Side<'_, '_>, destination: &Side<'_, '_>) -> Impact {
+    let at_destination = impact_of(destination);
+    match (source.zone(), destination.zone()) {
+        (Some(from), Some(to)) if to.trust < from.trust => at_destination.max(impact_of(source)),
+        _ => at_destination,
+    }
+}
+
 /// Flow likelihood: raised once when the source is exposed, untrusted or unidentified, and once
 /// more when the flow goes toward a more trusted zone.
 fn flow_likelihood(source: &Side<'_, '_>, destination: &Side<'_, '_>) -> Likelihood {
@@ -684,10 +694,10 @@ fn flow_findings(
         }
     } else if !declared {
         let likelihood = flow_likelihood(source, destination);
-        let impact = impact_of(destination);
+        let impact = flow_impact(source, destination);
         let resolution = explain::flow_resolution(source, destination, protocol, port);
         let summary = format!(
-            "{} connected to {} on {port_label}; the model declares no {} -> {} flow",
+            "{} connected to {} on {port_label}; no declared {} -> {} flow allows {port_label}",
             explain::describe_source(source),
             explain::describe_destination(destination),
             source.node,
@@ -710,12 +720,20 @@ fn flow_findings(
                     std::cmp::Ordering::Less => "a less trusted",
                     std::cmp::Ordering::Equal => "an equally trusted",
                 };
+                // A side resolved only to a zone is named by its address, because the zone
+                // follows in the sentence anyway.
+                let source_label = match &source.resolved {
+                    Resolved::Zone(_) => source.addr.ip().to_string(),
+                    _ => explain::describe_source(source),
+                };
+                let destination_label = match &destination.resolved {
+                    Resolved::Zone(_) => destination.addr.ip().to_string(),
+                    _ => explain::describe_destination(destination),
+                };
                 let summary = format!(
-                    "{} in zone {} (trust {}) connected to {} in zone {} (trust {}) on {port_label}: an undeclared flow toward {direction} zone",
-                    explain::describe_source(source),
+                    "{source_label} in zone {} (trust {}) connected to {destination_label} in zone {} (trust {}) on {port_label}: an undeclared flow toward {direction} zone",
                     from.id,
                     from.trust,
-                    explain::describe_destination(destination),
                     to.id,
                     to.trust,
                 );
