@@ -333,9 +333,9 @@ mod tests {
         let sockets = [seeded(SeededState::Listen, 77, 20), seeded(SeededState::Established, 78, 21), seeded(SeededState::Listen, 79, 0)];
         assert_eq!(state.seed_listeners(&sockets), 1);
         let now = Instant::now();
-        state.on_accepted(2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
+        state.on_accepted(|_| None, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
         let flushed = state.flush_expired(now + Duration::from_secs(1));
-        assert_eq!(flushed[0].server, Some(PendingEnd { pid: 20, netns: 2 }));
+        assert_eq!(flushed[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
         assert_eq!(state.stats().accepted_without_listener, 0);
     }
 
