@@ -13,7 +13,8 @@
 
 use core::mem::size_of;
 
-/// Ring buffer holding every record ([`ExecRecord`], [`ForkRecord`], [`ExitRecord`], [`TcpRecord`]).
+/// Ring buffer holding every record ([`ExecRecord`], [`ForkRecord`], [`ExitRecord`], [`TcpRecord`],
+/// [`CredRecord`]).
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Per-CPU array of `u64` loss counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -54,6 +55,8 @@ pub const GLOBAL_OFFSET_SKC_NET: &str = "OFFSET_SKC_NET";
 pub const GLOBAL_OFFSET_NET_INUM: &str = "OFFSET_NET_INUM";
 /// `u32`: 1 when the two offsets above are valid; the network namespace is reported as 0 otherwise.
 pub const GLOBAL_NETNS_OFFSETS_VALID: &str = "NETNS_OFFSETS_VALID";
+/// [`KernelOffsets`]: task, file and TCP socket member offsets from the running kernel's BTF.
+pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 
 /// Every global variable the loader sets before the programs load.
 pub const GLOBALS: &[&str] = &[
@@ -64,6 +67,7 @@ pub const GLOBALS: &[&str] = &[
     GLOBAL_OFFSET_SKC_NET,
     GLOBAL_OFFSET_NET_INUM,
     GLOBAL_NETNS_OFFSETS_VALID,
+    GLOBAL_KERNEL_OFFSETS,
 ];
 
 /// One tracepoint program: its function name in the eBPF object and where it attaches.
@@ -135,6 +139,48 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         tracepoint: "inet_sock_set_state",
         required: true,
     },
+    ProgramSpec {
+        name: "sys_exit_setuid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setuid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setgid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setgid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setreuid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setreuid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setregid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setregid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setresuid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setresuid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_setresgid",
+        category: "syscalls",
+        tracepoint: "sys_exit_setresgid",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_capset",
+        category: "syscalls",
+        tracepoint: "sys_exit_capset",
+        required: false,
+    },
 ];
 
 /// Every symbol the BPF link step must keep: programs, then maps, then globals.
@@ -177,6 +223,7 @@ pub enum RecordKind {
     Fork = 2,
     Exit = 3,
     Tcp = 4,
+    Credentials = 5,
 }
 
 /// A `kind` number that no [`RecordKind`] has.
@@ -192,6 +239,7 @@ impl TryFrom<u32> for RecordKind {
             2 => Ok(Self::Fork),
             3 => Ok(Self::Exit),
             4 => Ok(Self::Tcp),
+            5 => Ok(Self::Credentials),
             other => Err(UnknownValue(other)),
         }
     }
@@ -222,6 +270,35 @@ pub const EXEC_FLAG_ARGV_MISSING: u32 = 2;
 /// [`ExecRecord::flags`] bit: the filename was longer than [`FILENAME_BYTES`] and was cut.
 pub const EXEC_FLAG_FILENAME_TRUNCATED: u32 = 4;
 
+/// [`ExecRecord::flags`] bit: the executable file had no name left in any directory when the
+/// record was written (a memfd, or a file unlinked before or during the exec).
+pub const EXEC_FLAG_EXE_UNLINKED: u32 = 8;
+/// [`ExecRecord::flags`] bit: the executable file could not be read through the task
+/// ([`KernelOffsets`] missing or a read failed), so `exe_name` is empty and
+/// [`EXEC_FLAG_EXE_UNLINKED`] means nothing.
+pub const EXEC_FLAG_EXE_UNKNOWN: u32 = 16;
+/// [`ExecRecord::flags`] bit: `parent_tgid` and the start times could not be read.
+pub const EXEC_FLAG_LINEAGE_UNKNOWN: u32 = 32;
+
+/// Bytes of the executable's own file name (the last path component) captured.
+pub const EXE_NAME_BYTES: usize = 64;
+
+/// Parent and start times of a process, read from its task in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Lineage {
+    /// tgid of the task's current parent (`real_parent`), which the kernel updates when the
+    /// parent exits and the task is reparented; 0 when not known.
+    pub parent_tgid: u32,
+    pub _reserved: u32,
+    /// Start of the process (its thread group leader) in nanoseconds since boot, including
+    /// suspend, which `/proc/<pid>/stat` reports in clock ticks. With the tgid it names one
+    /// process even after the pid is reused.
+    pub start_boottime_ns: u64,
+    /// The same for the parent process.
+    pub parent_start_boottime_ns: u64,
+}
+
 /// A successful exec (`sched:sched_process_exec`).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -240,6 +317,18 @@ pub struct ExecRecord {
     pub comm: [u8; COMM_BYTES],
     pub filename: [u8; FILENAME_BYTES],
     pub argv: [u8; ARGV_CAPTURE_BYTES],
+    pub lineage: Lineage,
+    /// Number of bytes of `exe_name`, without the trailing NUL.
+    pub exe_name_len: u32,
+    pub _reserved2: u32,
+    /// Directory entry name of the file the process now runs (`memfd:<name>` for a memfd, the
+    /// interpreter's name for a script): the file the kernel mapped, which `filename` does not
+    /// name after `fexecve` or for a script.
+    pub exe_name: [u8; EXE_NAME_BYTES],
+    /// Process id inside the task's own pid namespace; 0 when unknown.
+    pub ns_pid: u32,
+    /// Depth of that pid namespace, 0 for the host's.
+    pub ns_level: u32,
 }
 
 /// A new task (`sched:sched_process_fork`); `header.pid` is the parent's tgid.
@@ -263,6 +352,7 @@ pub struct ExitRecord {
     /// 1 when this was the last thread of the process.
     pub group_dead: u32,
     pub _reserved: u32,
+    pub lineage: Lineage,
 }
 
 /// TCP event type, stored in [`TcpRecord::event`].
@@ -321,6 +411,124 @@ pub struct TcpRecord {
     pub saddr: [u8; 16],
     /// Remote address, same layout as `saddr`.
     pub daddr: [u8; 16],
+    /// Payload bytes sent, each once (`tcp_sock.bytes_sent - bytes_retrans`), counted by the
+    /// kernel's TCP stack; final in a [`TcpKind::Close`] record. 0 when the offsets are unknown.
+    pub bytes_sent: u64,
+    /// Payload bytes received (`tcp_sock.bytes_received`, less the sequence number a received
+    /// FIN takes), the same way.
+    pub bytes_received: u64,
+    /// The socket's pending error (`sock.sk_err`), 0 when none or unknown. It is `ECONNREFUSED`
+    /// when the peer sent a reset in reply to the SYN, and `ETIMEDOUT` when the SYN retries ran out.
+    pub sk_err: i32,
+    /// `TCP_FLAG_*` bits.
+    pub flags: u32,
+    /// The owning process's lineage, for records written in its context (Connect, Listen).
+    pub lineage: Lineage,
+}
+
+/// [`TcpRecord::flags`] bit: the calling process runs an executable that has no name left in any
+/// directory (deleted after it started, or a memfd). Only set in Connect and Listen records.
+pub const TCP_FLAG_EXE_UNLINKED: u32 = 1;
+/// [`TcpRecord::flags`] bit: `bytes_sent`, `bytes_received` and `sk_err` were read.
+pub const TCP_FLAG_SOCKET_READ: u32 = 2;
+
+/// Member offsets in kernel structs, resolved from the running kernel's BTF at start-up and
+/// passed to the programs as [`GLOBAL_KERNEL_OFFSETS`]. A group whose `*_valid` field is 0 is
+/// not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct KernelOffsets {
+    /// 1 when the `task_*` offsets are valid.
+    pub task_valid: u32,
+    pub task_real_parent: u32,
+    pub task_group_leader: u32,
+    pub task_tgid: u32,
+    pub task_start_boottime: u32,
+    /// 1 when the executable file offsets (`task_mm` to `inode_nlink`) are valid.
+    pub exe_valid: u32,
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    /// `file.f_path.dentry`.
+    pub file_dentry: u32,
+    /// `dentry.d_name.name`.
+    pub dentry_name: u32,
+    pub dentry_inode: u32,
+    pub inode_nlink: u32,
+    /// 1 when the TCP socket offsets are valid.
+    pub tcp_valid: u32,
+    pub tcp_bytes_sent: u32,
+    pub tcp_bytes_retrans: u32,
+    pub tcp_bytes_received: u32,
+    pub sock_err: u32,
+    /// `sock.sk_shutdown`, a byte on the kernels that have the counters above.
+    pub sock_shutdown: u32,
+    /// 1 when the pid namespace offsets are valid.
+    pub pid_valid: u32,
+    pub task_thread_pid: u32,
+    /// `pid.level`: depth of the task's pid namespace (0 for the initial one).
+    pub pid_level: u32,
+    /// `pid.numbers`, an array of `struct upid`, one per level.
+    pub pid_numbers: u32,
+    pub upid_nr: u32,
+    pub upid_size: u32,
+    /// 1 when the credential offsets are valid.
+    pub cred_valid: u32,
+    /// `task_struct.cred`, the credentials the task acts with.
+    pub task_cred: u32,
+    pub cred_uid: u32,
+    pub cred_euid: u32,
+    pub cred_gid: u32,
+    pub cred_egid: u32,
+    pub cred_cap_effective: u32,
+    pub _reserved: u32,
+}
+
+/// System call that changed credentials, stored in [`CredRecord::syscall`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CredSyscall {
+    Setuid = 1,
+    Setgid = 2,
+    Setreuid = 3,
+    Setregid = 4,
+    Setresuid = 5,
+    Setresgid = 6,
+    Capset = 7,
+}
+
+impl TryFrom<u32> for CredSyscall {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Setuid),
+            2 => Ok(Self::Setgid),
+            3 => Ok(Self::Setreuid),
+            4 => Ok(Self::Setregid),
+            5 => Ok(Self::Setresuid),
+            6 => Ok(Self::Setresgid),
+            7 => Ok(Self::Capset),
+            other => Err(UnknownValue(other)),
+        }
+    }
+}
+
+/// A successful credential change, written at the system call's exit with the credentials the
+/// task has afterwards.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct CredRecord {
+    pub header: RecordHeader,
+    /// A [`CredSyscall`] number.
+    pub syscall: u32,
+    /// 1 when the fields below were read; 0 when the credential offsets are unknown.
+    pub read: u32,
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub egid: u32,
+    /// Effective capability bits.
+    pub cap_effective: u64,
 }
 
 /// Argv captured at `execve` entry, the value type of [`MAP_EXEC_ARGS`].
@@ -393,10 +601,12 @@ pub enum Counter {
     /// `inet_sock_set_state`: the listener map was full, so accepts on that port are not reported
     /// under a cgroup scope.
     TcpListenerMapFull = 8,
+    /// `sys_exit_set*id`, `sys_exit_capset`: the ring buffer was full.
+    CredRingBufferFull = 9,
 }
 
 /// Number of [`Counter`] values, the size of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
 
 impl Counter {
     /// Every counter, in index order.
@@ -410,6 +620,7 @@ impl Counter {
         Counter::TcpRingBufferFull,
         Counter::TcpSocketMapFull,
         Counter::TcpListenerMapFull,
+        Counter::CredRingBufferFull,
     ];
 
     /// Returns the program that increments the counter (`sys_enter_execve` also stands for
@@ -424,6 +635,7 @@ impl Counter {
             Counter::TcpRingBufferFull
             | Counter::TcpSocketMapFull
             | Counter::TcpListenerMapFull => "inet_sock_set_state",
+            Counter::CredRingBufferFull => "sys_exit_setuid",
         }
     }
 
@@ -435,7 +647,8 @@ impl Counter {
             Counter::ExecRingBufferFull
             | Counter::ForkRingBufferFull
             | Counter::ExitRingBufferFull
-            | Counter::TcpRingBufferFull => "ring_buffer_full",
+            | Counter::TcpRingBufferFull
+            | Counter::CredRingBufferFull => "ring_buffer_full",
             Counter::ExitCodeStashFull => "exit_status_map_full",
             Counter::TcpSocketMapFull => "socket_owner_map_full",
             Counter::TcpListenerMapFull => "listener_map_full",
@@ -446,11 +659,16 @@ impl Counter {
 // The decoder and the kernel programs depend on these exact sizes; a field added without updating
 // both sides fails the build here.
 const _: () = assert!(size_of::<RecordHeader>() == 32);
-const _: () =
-    assert!(size_of::<ExecRecord>() == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES);
+const _: () = assert!(
+    size_of::<ExecRecord>()
+        == 32 + 24 + COMM_BYTES + FILENAME_BYTES + ARGV_CAPTURE_BYTES + 24 + 8 + EXE_NAME_BYTES + 8
+);
 const _: () = assert!(size_of::<ForkRecord>() == 40);
-const _: () = assert!(size_of::<ExitRecord>() == 48);
-const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32);
+const _: () = assert!(size_of::<ExitRecord>() == 48 + 24);
+const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32 + 24 + 24);
+const _: () = assert!(size_of::<Lineage>() == 24);
+const _: () = assert!(size_of::<CredRecord>() == 32 + 32);
+const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<SockOwner>() == 8);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
@@ -473,4 +691,7 @@ mod user {
     unsafe impl aya::Pod for SockOwner {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerOwner {}
+    unsafe impl aya::Pod for Lineage {}
+    unsafe impl aya::Pod for CredRecord {}
+    unsafe impl aya::Pod for KernelOffsets {}
 }

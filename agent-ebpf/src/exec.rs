@@ -5,8 +5,10 @@
 use core::{ffi::c_void, ptr::addr_of_mut};
 
 use agent_common::{
-    Counter, ExecRecord, RecordHeader, RecordKind, ARGV_CAPTURE_BYTES, ARGV_MAX_ARGS, COMM_BYTES,
-    EXEC_FLAG_ARGV_MISSING, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_FILENAME_TRUNCATED, FILENAME_BYTES,
+    Counter, ExecRecord, Lineage, RecordHeader, RecordKind, ARGV_CAPTURE_BYTES, ARGV_MAX_ARGS,
+    COMM_BYTES, EXEC_FLAG_ARGV_MISSING, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_EXE_UNKNOWN,
+    EXEC_FLAG_EXE_UNLINKED, EXEC_FLAG_FILENAME_TRUNCATED, EXEC_FLAG_LINEAGE_UNKNOWN,
+    EXE_NAME_BYTES, FILENAME_BYTES,
 };
 use aya_ebpf::{
     helpers::{
@@ -22,7 +24,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    count, current_cgroup_id, current_ids, current_in_scope, is_agent, ktime_ns, ARGV_SCRATCH,
+    count, current_cgroup_id, kernel, current_ids, current_in_scope, is_agent, ktime_ns, ARGV_SCRATCH,
     EVENTS, EXEC_ARGS,
 };
 
@@ -213,6 +215,35 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
                 flags |= EXEC_FLAG_ARGV_MISSING;
             }
         }
+        let task = kernel::current_task();
+        match kernel::lineage(task) {
+            Some(lineage) => (*record).lineage = lineage,
+            None => {
+                (*record).lineage = Lineage::default();
+                flags |= EXEC_FLAG_LINEAGE_UNKNOWN;
+            }
+        }
+        (*record)._reserved2 = 0;
+        (*record).exe_name_len = 0;
+        (*record).exe_name[0] = 0;
+        match kernel::exe_dentry(task) {
+            Some(dentry) => {
+                (*record).exe_name_len = kernel::dentry_name(
+                    dentry,
+                    addr_of_mut!((*record).exe_name) as *mut u8,
+                    EXE_NAME_BYTES as u32,
+                );
+                match kernel::dentry_unlinked(dentry) {
+                    Some(true) => flags |= EXEC_FLAG_EXE_UNLINKED,
+                    Some(false) => {}
+                    None => flags |= EXEC_FLAG_EXE_UNKNOWN,
+                }
+            }
+            None => flags |= EXEC_FLAG_EXE_UNKNOWN,
+        }
+        let (ns_pid, ns_level) = kernel::namespace_pid(task).unwrap_or((0, 0));
+        (*record).ns_pid = ns_pid;
+        (*record).ns_level = ns_level;
         (*record).flags = flags;
     }
     entry.submit(0);

@@ -2,9 +2,10 @@
 //! as records into one ring buffer.
 //!
 //! Only tracepoints are used, because their record layouts are published in tracefs and stay stable
-//! across kernels, unlike kprobes or struct offsets baked in at build time. The one kernel struct
-//! read (the socket's network namespace) uses offsets that the agent resolves from the running
-//! kernel's BTF and passes in as global data.
+//! across kernels, unlike kprobes or struct offsets baked in at build time. The few kernel struct
+//! reads use offsets that the agent resolves from the running kernel's BTF and passes in as
+//! global data. They cover the socket (network namespace, byte counters, error) and the task
+//! (parent, start time, pid namespace, credentials, executable file).
 //!
 //! Every program is a thin entry point calling a `try_` function. No code path may reach a Rust
 //! panic: the verifier rejects the whole object when `core::panicking` is linked in, so there is no
@@ -12,14 +13,16 @@
 
 #![no_std]
 
+mod cred;
 mod exec;
+mod kernel;
 mod process;
 mod tcp;
 
 use core::ptr::read_volatile;
 
 use agent_common::{
-    ArgvStash, Counter, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
+    ArgvStash, Counter, KernelOffsets, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
     DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES,
     LISTENERS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES,
 };
@@ -77,6 +80,42 @@ static OFFSET_NET_INUM: u32 = 0;
 
 #[no_mangle]
 static NETNS_OFFSETS_VALID: u32 = 0;
+
+#[no_mangle]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    task_valid: 0,
+    task_real_parent: 0,
+    task_group_leader: 0,
+    task_tgid: 0,
+    task_start_boottime: 0,
+    exe_valid: 0,
+    task_mm: 0,
+    mm_exe_file: 0,
+    file_dentry: 0,
+    dentry_name: 0,
+    dentry_inode: 0,
+    inode_nlink: 0,
+    tcp_valid: 0,
+    tcp_bytes_sent: 0,
+    tcp_bytes_retrans: 0,
+    tcp_bytes_received: 0,
+    sock_err: 0,
+    sock_shutdown: 0,
+    pid_valid: 0,
+    task_thread_pid: 0,
+    pid_level: 0,
+    pid_numbers: 0,
+    upid_nr: 0,
+    upid_size: 0,
+    cred_valid: 0,
+    task_cred: 0,
+    cred_uid: 0,
+    cred_euid: 0,
+    cred_gid: 0,
+    cred_egid: 0,
+    cred_cap_effective: 0,
+    _reserved: 0,
+};
 
 /// Adds one to a loss counter on this CPU.
 #[inline(always)]

@@ -2,6 +2,8 @@
 //! `sched_process_exit` does not carry it; a task killed by a signal therefore has no status.
 
 use agent_common::{Counter, ExitRecord, ForkRecord, RecordHeader, RecordKind};
+
+use crate::kernel;
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 
 use crate::{
@@ -36,6 +38,8 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
     if is_agent(tgid) || !current_in_scope() {
         return Ok(());
     }
+    // NOTE: the parent recorded is the forking process, which is wrong for CLONE_PARENT children
+    // until their exec, exit or socket records bring the kernel's `real_parent`.
     // SAFETY: offset of `child_pid` in this tracepoint's record.
     let child_pid: i32 = unsafe { ctx.read_at(SCHED_FORK_CHILD_PID_OFFSET)? };
 
@@ -105,6 +109,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
         has_exit_code: u32::from(exit_code.is_some()),
         group_dead: u32::from(group_dead != 0),
         _reserved: 0,
+        lineage: kernel::lineage(kernel::current_task()).unwrap_or_default(),
     });
     entry.submit(0);
     Ok(())

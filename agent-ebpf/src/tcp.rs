@@ -8,14 +8,15 @@
 //! listener recorded in scope (or always, when no scope is set).
 
 use agent_common::{
-    Counter, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind, TcpRecord,
-    FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, SOCKET_FLAG_AGENT,
+    Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
+    TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, SOCKET_FLAG_AGENT,
+    TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
 use core::ptr::read_volatile;
 
 use crate::{
-    count, current_cgroup_id, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
+    count, current_cgroup_id, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
     EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SOCKETS,
 };
 
@@ -52,6 +53,8 @@ struct Owner {
     pid: u32,
     tid: u32,
     cgroup_id: u64,
+    /// True when the record is written in the owner's own context, so its task can be read.
+    current: bool,
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
@@ -92,6 +95,7 @@ fn on_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         pid: tgid,
         tid,
         cgroup_id: current_cgroup_id(),
+        current: true,
     };
     emit(ctx, skaddr, TcpKind::Connect, &owner)
 }
@@ -125,6 +129,7 @@ fn on_handshake_end(
             pid: owner,
             tid: 0,
             cgroup_id: 0,
+            current: false,
         },
     )
 }
@@ -144,6 +149,7 @@ fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         pid: tgid,
         tid,
         cgroup_id: current_cgroup_id(),
+        current: true,
     };
     emit(ctx, skaddr, TcpKind::Listen, &owner)
 }
@@ -179,6 +185,7 @@ fn on_accepted(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
             pid: 0,
             tid: 0,
             cgroup_id: 0,
+            current: false,
         },
     )
 }
@@ -253,6 +260,24 @@ fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> R
         return Ok(());
     };
     let netns = socket_netns(skaddr);
+    let mut flags = 0;
+    let (bytes_sent, bytes_received, sk_err) = match kernel::tcp_socket_counters(skaddr) {
+        Some(counters) => {
+            flags |= TCP_FLAG_SOCKET_READ;
+            counters
+        }
+        None => (0, 0, 0),
+    };
+    let mut lineage = Lineage::default();
+    if owner.current {
+        let task = kernel::current_task();
+        lineage = kernel::lineage(task).unwrap_or_default();
+        if let Some(dentry) = kernel::exe_dentry(task) {
+            if kernel::dentry_unlinked(dentry) == Some(true) {
+                flags |= TCP_FLAG_EXE_UNLINKED;
+            }
+        }
+    }
 
     let Some(mut entry) = EVENTS.reserve::<TcpRecord>(0) else {
         count(Counter::TcpRingBufferFull);
@@ -276,6 +301,11 @@ fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> R
         _reserved: 0,
         saddr,
         daddr,
+        bytes_sent,
+        bytes_received,
+        sk_err,
+        flags,
+        lineage,
     });
     entry.submit(0);
     Ok(())

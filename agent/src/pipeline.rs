@@ -165,9 +165,15 @@ impl Pipeline {
         }
     }
 
-    /// Seeds the process table from /proc; call before the first event.
+    /// Seeds the process table, and the listeners that were open before the agent started, from
+    /// /proc; call before the first event. Returns the number of processes.
     pub fn seed_processes(&mut self) -> usize {
-        self.processes.seed_from_proc(std::path::Path::new("/proc"))
+        let proc_root = std::path::Path::new("/proc");
+        let processes = self.processes.seed_from_proc(proc_root);
+        let sockets = crate::state::seed::scan_tcp_sockets(proc_root);
+        let listeners = self.sockets.seed_listeners(&sockets);
+        tracing::info!(listeners, sockets = sockets.len(), "seeded listeners opened before the agent");
+        processes
     }
 
     /// Handles events until `cancel` fires or the event channel closes.
@@ -246,17 +252,34 @@ impl Pipeline {
             }
             Event::Exit(exit) => {
                 self.stats.exits += 1;
+                if let (Some(lineage), true) = (exit.lineage, exit.pid == exit.tid) {
+                    self.processes.observe_lineage(exit.pid, lineage);
+                }
                 self.processes.on_exit(&exit, Instant::now());
             }
             Event::Tcp(tcp) => {
                 self.stats.tcp_events += 1;
                 self.handle_tcp(tcp);
             }
+            Event::Credentials(change) => {
+                tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
+                if let (Some(after), true) = (change.after, change.pid == change.tid) {
+                    self.processes.on_credentials(change.pid, after.uid, after.gid);
+                }
+            }
         }
     }
 
     fn handle_tcp(&mut self, tcp: TcpEvent) {
         let now = Instant::now();
+        // Connect and Listen run in the owner's context, which the kernel program read: its
+        // current parent and whether its executable is still on disk.
+        if let Some(lineage) = tcp.lineage {
+            self.processes.observe_lineage(tcp.pid, lineage);
+        }
+        if tcp.exe_unlinked {
+            self.processes.mark_exe_deleted(tcp.pid);
+        }
         match tcp.kind {
             TcpEventKind::Connect => {}
             TcpEventKind::ConnectFailed => {

@@ -2,3 +2,5 @@
 
 pub mod process;
 pub mod sockets;
+pub mod seed;
+pub mod container;

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use driftwatch_model::observation::ProcessInfo;
 
-use crate::telemetry::event::{ExecEvent, ExitEvent, ForkEvent};
+use crate::state::container::{classify_cgroup, CgroupOrigin};
+use crate::telemetry::event::{ExecEvent, ExitEvent, ForkEvent, Lineage};
 
 /// How many ancestors an entry's ancestry lists.
 const MAX_ANCESTRY: usize = 8;
@@ -44,10 +45,41 @@ pub struct ProcessTableStats {
     pub evicted: u64,
     /// Exec events for a pid the table had never seen (its fork was missed).
     pub exec_without_fork: u64,
+    /// Processes whose parent changed after they started (the parent exited and the kernel
+    /// reparented them to a subreaper or init).
+    pub reparented: u64,
+    /// Parents known by pid whose start time showed a different, earlier process under the same
+    /// pid; the stale entry was not used for ancestry.
+    pub stale_parents: u64,
+}
+
+/// Facts about how a process's program was started, beyond its path, from the exec record. The
+/// table keeps them next to the [`ProcessInfo`] that the engine receives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecDetails {
+    /// Name of the file the kernel runs (`memfd:<name>`, or the interpreter's file name for a
+    /// script); empty when unknown.
+    pub exe_name: String,
+    /// Started from a file descriptor (`fexecve`, `execveat` with `AT_EMPTY_PATH`).
+    pub from_descriptor: bool,
+    /// Runs from a memfd: no file on any file system ever held the program.
+    pub fileless: bool,
+    /// The executable had no directory entry at exec time, or lost it while the process ran.
+    pub exe_deleted: bool,
+    /// For a script: the interpreter named on its `#!` line; `ProcessInfo::exe` is the script.
+    pub interpreter: Option<String>,
+    /// Process id inside its own pid namespace and the namespace's depth (0 for the host's).
+    pub namespace_pid: Option<(u32, u32)>,
+    /// Systemd unit, container and pod that the cgroup path names.
+    pub origin: CgroupOrigin,
 }
 
 struct Entry {
     info: Arc<ProcessInfo>,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22), when known. It
+    /// separates this process from an earlier one with the same pid.
+    start_ticks: Option<u64>,
+    details: Arc<ExecDetails>,
     /// When the process exited; `None` while it runs.
     exited_at: Option<Instant>,
     /// Insertion order stamp, to find the oldest entry.
@@ -63,6 +95,8 @@ pub struct ProcessTable {
     next_generation: u64,
     users: UserNames,
     stats: ProcessTableStats,
+    /// Nanoseconds per clock tick of `/proc/<pid>/stat`.
+    tick_ns: u64,
 }
 
 impl ProcessTable {
@@ -74,6 +108,7 @@ impl ProcessTable {
             next_generation: 0,
             users: UserNames::load(),
             stats: ProcessTableStats::default(),
+            tick_ns: tick_ns(),
         }
     }
 
@@ -89,8 +124,9 @@ impl ProcessTable {
             let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
                 continue;
             };
-            if let Some(info) = read_proc_process(proc_root, pid, &self.users) {
-                self.insert(info);
+            if let Some((info, start_ticks)) = read_proc_process(proc_root, pid, &self.users) {
+                let details = read_proc_details(proc_root, pid);
+                self.insert(info, start_ticks, details);
                 seeded += 1;
             }
         }
@@ -103,10 +139,16 @@ impl ProcessTable {
         self.entries.get(&pid).map(|entry| entry.info.clone())
     }
 
+    /// Returns how the process's program was started, when the table has the process.
+    pub fn exec_details(&self, pid: u32) -> Option<Arc<ExecDetails>> {
+        self.entries.get(&pid).map(|entry| entry.details.clone())
+    }
+
     /// Applies a fork: the child starts as a copy of its parent with its own pid.
     pub fn on_fork(&mut self, event: &ForkEvent) {
-        let parent = self.get(event.parent_pid);
-        let mut info = match parent {
+        let parent = self.entries.get(&event.parent_pid);
+        let details = parent.map(|entry| entry.details.clone()).unwrap_or_default();
+        let mut info = match parent.map(|entry| entry.info.clone()) {
             Some(parent) => ProcessInfo::clone(&parent),
             None => ProcessInfo {
                 pid: 0,
@@ -125,19 +167,34 @@ impl ProcessTable {
         info.pid = event.child_pid;
         info.ppid = event.parent_pid;
         info.ancestry = self.ancestry_of(event.parent_pid);
-        self.insert(info);
+        self.insert_details(info, None, details);
     }
 
     /// Applies an exec and returns the updated process. `cgroup` is the resolved cgroup path.
     pub fn on_exec(&mut self, event: &ExecEvent, cgroup: String) -> Arc<ProcessInfo> {
-        let ppid = match self.entries.get(&event.pid) {
-            Some(entry) => entry.info.ppid,
-            None => {
-                self.stats.exec_without_fork += 1;
-                // Best effort only: the entry is complete without it.
-                read_ppid(Path::new("/proc"), event.pid).unwrap_or(0)
+        let known = self.entries.get(&event.pid).map(|entry| entry.info.ppid);
+        if known.is_none() {
+            self.stats.exec_without_fork += 1;
+        }
+        // The kernel's parent is the truth: it follows reparenting, which no event announces.
+        let ppid = match (event.lineage, known) {
+            (Some(lineage), Some(ppid)) => {
+                if lineage.parent_pid != ppid {
+                    self.stats.reparented += 1;
+                }
+                lineage.parent_pid
             }
+            (Some(lineage), None) => lineage.parent_pid,
+            (None, Some(ppid)) => ppid,
+            // Best effort only: the entry is complete without it.
+            (None, None) => read_ppid(Path::new("/proc"), event.pid).unwrap_or(0),
         };
+        if let Some(lineage) = event.lineage {
+            self.check_parent(lineage);
+        }
+        let start_ticks = event.lineage.map(|lineage| lineage.start_boottime_ns / self.tick_ns);
+        let mut details = exec_details(event);
+        details.origin = classify_cgroup(&cgroup);
         let info = ProcessInfo {
             pid: event.pid,
             ppid,
@@ -155,7 +212,76 @@ impl ProcessTable {
         if event.tid != event.pid {
             self.entries.remove(&event.tid);
         }
-        self.insert(info)
+        self.insert_details(info, start_ticks, Arc::new(details))
+    }
+
+    /// Applies the lineage an event read from a live process: when its parent changed since the
+    /// table last looked (the parent exited and the kernel reparented it), the entry and its
+    /// ancestry follow. Returns the entry as it now is.
+    pub fn observe_lineage(&mut self, pid: u32, lineage: Lineage) -> Option<Arc<ProcessInfo>> {
+        let entry = self.entries.get(&pid)?;
+        if entry.info.ppid == lineage.parent_pid || lineage.parent_pid == 0 {
+            return Some(entry.info.clone());
+        }
+        self.stats.reparented += 1;
+        self.check_parent(lineage);
+        let mut info = ProcessInfo::clone(&self.entries[&pid].info);
+        info.ppid = lineage.parent_pid;
+        info.ancestry = self.ancestry_of(lineage.parent_pid);
+        let info = Arc::new(info);
+        if let Some(entry) = self.entries.get_mut(&pid) {
+            entry.info = info.clone();
+        }
+        Some(info)
+    }
+
+    /// Applies a credential change of the process's main thread: its user and group ids become
+    /// the real ids the kernel reports afterwards.
+    pub fn on_credentials(&mut self, pid: u32, uid: u32, gid: u32) {
+        let Some(entry) = self.entries.get_mut(&pid) else { return };
+        if entry.info.uid == uid && entry.info.gid == gid {
+            return;
+        }
+        let mut info = ProcessInfo::clone(&entry.info);
+        info.uid = uid;
+        info.gid = gid;
+        info.user = self.users.name(uid);
+        entry.info = Arc::new(info);
+    }
+
+    /// Marks the process's executable as deleted (seen by the kernel at a later event).
+    pub fn mark_exe_deleted(&mut self, pid: u32) {
+        if let Some(entry) = self.entries.get_mut(&pid) {
+            if !entry.details.exe_deleted {
+                let mut details = ExecDetails::clone(&entry.details);
+                details.exe_deleted = true;
+                entry.details = Arc::new(details);
+            }
+        }
+    }
+
+    /// Drops the table's entry for the parent named by `lineage` when it is an earlier process
+    /// that had the same pid, then re-reads the parent from /proc, so that ancestry never names
+    /// the wrong program.
+    fn check_parent(&mut self, lineage: Lineage) {
+        let parent_ticks = lineage.parent_start_boottime_ns / self.tick_ns;
+        let stale = self
+            .entries
+            .get(&lineage.parent_pid)
+            .and_then(|entry| entry.start_ticks)
+            .is_some_and(|ticks| ticks != parent_ticks);
+        if !stale {
+            return;
+        }
+        self.stats.stale_parents += 1;
+        self.entries.remove(&lineage.parent_pid);
+        let proc_root = Path::new("/proc");
+        if let Some((info, Some(ticks))) = read_proc_process(proc_root, lineage.parent_pid, &self.users) {
+            if ticks == parent_ticks {
+                let details = read_proc_details(proc_root, lineage.parent_pid);
+                self.insert(info, Some(ticks), details);
+            }
+        }
     }
 
     /// Applies an exit. A thread's exit removes the entry its creation made; the process's own exit
@@ -192,13 +318,17 @@ impl ProcessTable {
         ProcessTableStats { live: self.entries.len() as u64 - exited, exited, ..self.stats.clone() }
     }
 
-    fn insert(&mut self, info: ProcessInfo) -> Arc<ProcessInfo> {
+    fn insert(&mut self, info: ProcessInfo, start_ticks: Option<u64>, details: ExecDetails) -> Arc<ProcessInfo> {
+        self.insert_details(info, start_ticks, Arc::new(details))
+    }
+
+    fn insert_details(&mut self, info: ProcessInfo, start_ticks: Option<u64>, details: Arc<ExecDetails>) -> Arc<ProcessInfo> {
         if !self.entries.contains_key(&info.pid) && self.entries.len() >= self.config.capacity {
             self.evict_one();
         }
         let info = Arc::new(info);
         self.next_generation += 1;
-        let entry = Entry { info: info.clone(), exited_at: None, generation: self.next_generation };
+        let entry = Entry { info: info.clone(), start_ticks, details, exited_at: None, generation: self.next_generation };
         self.entries.insert(info.pid, entry);
         info
     }
@@ -233,8 +363,74 @@ impl ProcessTable {
     }
 }
 
-/// Reads one process from /proc; `None` for kernel threads and processes that are gone.
-fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<ProcessInfo> {
+/// Builds the exec details from the exec record.
+fn exec_details(event: &ExecEvent) -> ExecDetails {
+    let from_descriptor = event.from_descriptor();
+    let file_name = event.filename.rsplit('/').next().unwrap_or_default();
+    // The kernel maps the interpreter, not the script, so the two names differ for a script.
+    // They also differ for a symlink, which has no `#!` line.
+    let interpreter = if !from_descriptor && !event.exe_name.is_empty() && event.exe_name != file_name {
+        script_interpreter(Path::new(&event.filename))
+    } else {
+        None
+    };
+    ExecDetails {
+        exe_name: event.exe_name.clone(),
+        from_descriptor,
+        fileless: event.fileless(),
+        exe_deleted: event.exe_unlinked == Some(true),
+        interpreter,
+        namespace_pid: event.namespace_pid,
+        origin: CgroupOrigin::default(),
+    }
+}
+
+/// Reads the interpreter path from the `#!` line of the script at `path`, if it has one.
+fn script_interpreter(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let read = fs::File::open(path).and_then(|mut file| file.read(&mut head)).ok()?;
+    let line = head[..read].strip_prefix(b"#!")?;
+    let line = line.split(|&byte| byte == b'\n').next()?;
+    let line = String::from_utf8_lossy(line);
+    line.split_whitespace().next().map(str::to_string)
+}
+
+/// Nanoseconds per clock tick of /proc (`USER_HZ`).
+fn tick_ns() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { 1_000_000_000 / hz as u64 } else { 10_000_000 }
+}
+
+/// Exec details of a running process from /proc, for processes seeded at start-up.
+fn read_proc_details(proc_root: &Path, pid: u32) -> ExecDetails {
+    let exe = fs::read_link(proc_root.join(pid.to_string()).join("exe")).map(|path| path.to_string_lossy().into_owned()).unwrap_or_default();
+    ExecDetails {
+        exe_name: exe.rsplit('/').next().unwrap_or_default().trim_end_matches(" (deleted)").to_string(),
+        from_descriptor: false,
+        fileless: exe.starts_with("/memfd:"),
+        exe_deleted: exe.ends_with(" (deleted)"),
+        interpreter: None,
+        namespace_pid: None,
+        origin: fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+            .ok()
+            .and_then(|text| cgroup_v2_path(&text))
+            .map(|path| classify_cgroup(&path))
+            .unwrap_or_default(),
+    }
+}
+
+/// Start time of a process in clock ticks since boot, field 22 of `/proc/<pid>/stat`.
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may itself contain spaces and ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Reads one process and its start time in ticks from /proc; `None` for kernel threads and
+/// processes that are gone.
+fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<(ProcessInfo, Option<u64>)> {
     let dir = proc_root.join(pid.to_string());
     // Kernel threads have no executable.
     let exe = fs::read_link(dir.join("exe")).ok()?.to_string_lossy().into_owned();
@@ -257,7 +453,8 @@ fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<Pr
         .unwrap_or_default();
     let comm = fs::read_to_string(dir.join("comm")).map(|comm| comm.trim_end().to_string()).unwrap_or_default();
     let cgroup = fs::read_to_string(dir.join("cgroup")).ok().and_then(|text| cgroup_v2_path(&text)).unwrap_or_default();
-    Some(ProcessInfo {
+    let start_ticks = fs::read_to_string(dir.join("stat")).ok().and_then(|stat| parse_start_ticks(&stat));
+    let info = ProcessInfo {
         pid,
         ppid,
         exe: strip_deleted(exe),
@@ -269,7 +466,8 @@ fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<Pr
         cgroup,
         comm,
         ancestry: Vec::new(),
-    })
+    };
+    Some((info, start_ticks))
 }
 
 fn read_ppid(proc_root: &Path, pid: u32) -> Option<u32> {
@@ -333,6 +531,18 @@ mod tests {
             gid: 0,
             cgroup_id: 1,
             comm: "x".to_string(),
+            lineage: None,
+            exe_name: String::new(),
+            exe_unlinked: Some(false),
+            namespace_pid: None,
+        }
+    }
+
+    fn lineage(parent_pid: u32, start_s: u64, parent_start_s: u64) -> Lineage {
+        Lineage {
+            parent_pid,
+            start_boottime_ns: start_s * 1_000_000_000,
+            parent_start_boottime_ns: parent_start_s * 1_000_000_000,
         }
     }
 
@@ -357,7 +567,7 @@ mod tests {
         let mut table = table(16);
         table.on_exec(&exec(7, "/bin/true"), "/".into());
         let start = Instant::now();
-        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 7, tid: 7, exit_code: Some(0) }, start);
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 7, tid: 7, exit_code: Some(0), lineage: None }, start);
         assert!(table.get(7).is_some());
         table.expire(start + Duration::from_secs(6));
         assert!(table.get(7).is_none());
@@ -368,7 +578,7 @@ mod tests {
         let mut table = table(16);
         table.on_exec(&exec(10, "/bin/server"), "/".into());
         table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 10, child_pid: 11, cgroup_id: 1 });
-        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 10, tid: 11, exit_code: None }, Instant::now());
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 10, tid: 11, exit_code: None, lineage: None }, Instant::now());
         assert!(table.get(11).is_none());
         assert!(table.get(10).is_some());
     }
@@ -378,7 +588,7 @@ mod tests {
         let mut table = table(2);
         table.on_exec(&exec(1, "/a"), "/".into());
         table.on_exec(&exec(2, "/b"), "/".into());
-        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 2, tid: 2, exit_code: None }, Instant::now());
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 2, tid: 2, exit_code: None, lineage: None }, Instant::now());
         table.on_exec(&exec(3, "/c"), "/".into());
         assert!(table.get(1).is_some());
         assert!(table.get(2).is_none());
@@ -391,10 +601,75 @@ mod tests {
         let mut table = table(16);
         let start = Instant::now();
         table.on_exec(&exec(5, "/old"), "/".into());
-        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 5, tid: 5, exit_code: None }, start);
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 5, tid: 5, exit_code: None, lineage: None }, start);
         table.on_exec(&exec(5, "/new"), "/".into());
         table.expire(start + Duration::from_secs(60));
         assert_eq!(table.get(5).map(|info| info.exe.clone()), Some("/new".to_string()));
+    }
+
+    #[test]
+    fn exec_takes_the_kernel_parent_after_reparenting() {
+        let mut table = table(16);
+        let mut subreaper = exec(50, "/usr/bin/supervisor");
+        subreaper.lineage = Some(lineage(1, 10, 1));
+        table.on_exec(&subreaper, "/".into());
+        table.on_exec(&exec(60, "/bin/sh"), "/".into());
+        table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 60, child_pid: 61, cgroup_id: 1 });
+        // 60 exits and the kernel hands 61 to the subreaper before 61 execs.
+        let mut daemon = exec(61, "/usr/sbin/daemon");
+        daemon.lineage = Some(lineage(50, 30, 10));
+        let info = table.on_exec(&daemon, "/".into());
+        assert_eq!(info.ppid, 50);
+        assert_eq!(info.ancestry, vec![(50, "/usr/bin/supervisor".to_string())]);
+        assert_eq!(table.stats().reparented, 1);
+    }
+
+    #[test]
+    fn observed_lineage_moves_process_to_new_parent() {
+        let mut table = table(16);
+        table.on_exec(&exec(50, "/usr/bin/supervisor"), "/".into());
+        table.on_exec(&exec(60, "/bin/sh"), "/".into());
+        table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 60, child_pid: 61, cgroup_id: 1 });
+        let info = table.observe_lineage(61, lineage(50, 30, 10)).unwrap();
+        assert_eq!(info.ppid, 50);
+        assert_eq!(table.get(61).unwrap().ancestry, vec![(50, "/usr/bin/supervisor".to_string())]);
+    }
+
+    #[test]
+    fn reused_parent_pid_is_not_named_in_ancestry() {
+        let mut table = table(16);
+        // An earlier process with pid 4_000_000 (never a live pid here, so /proc has no
+        // replacement) started at 10 s.
+        let mut old = exec(4_000_000, "/old/program");
+        old.lineage = Some(lineage(1, 10, 1));
+        table.on_exec(&old, "/".into());
+        // A child whose parent has the same pid but started at 20 s.
+        let mut child = exec(4_000_001, "/bin/child");
+        child.lineage = Some(lineage(4_000_000, 25, 20));
+        let info = table.on_exec(&child, "/".into());
+        assert_eq!(info.ppid, 4_000_000);
+        assert!(info.ancestry.is_empty(), "{:?}", info.ancestry);
+        assert_eq!(table.stats().stale_parents, 1);
+    }
+
+    #[test]
+    fn script_exec_records_its_interpreter() {
+        let dir = std::env::temp_dir().join(format!("driftwatch-script-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("job.sh");
+        fs::write(&script, "#!/bin/sh -e\necho hi\n").unwrap();
+        let mut event = exec(70, script.to_str().unwrap());
+        event.exe_name = "dash".to_string();
+        let details = exec_details(&event);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(details.interpreter.as_deref(), Some("/bin/sh"));
+        assert!(!details.fileless && !details.from_descriptor && !details.exe_deleted);
+    }
+
+    #[test]
+    fn stat_start_time_survives_odd_command_names() {
+        let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_start_ticks(stat), Some(98765));
     }
 
     #[test]

@@ -119,6 +119,26 @@ impl SocketState {
         true
     }
 
+    /// Records the listeners found in /proc at start-up, so that connections accepted on them
+    /// are attributed. Returns how many were kept. They are keyed by socket inode, which no
+    /// kernel event carries, so they are forgotten only when a new listener takes their port.
+    // NOTE: the kernel's listener map is not seeded, so under a cgroup scope the kernel program
+    // drops accepts on these listeners before they reach this table; without a scope they arrive.
+    pub fn seed_listeners(&mut self, sockets: &[super::seed::SeededSocket]) -> usize {
+        let mut kept = 0;
+        for socket in sockets {
+            if socket.state != super::seed::SeededState::Listen || socket.pid == 0 {
+                continue;
+            }
+            let listener = Listener { pid: socket.pid, addr: socket.local, netns: socket.netns };
+            // Inode numbers and kernel socket addresses never collide: the top bit marks an inode.
+            if self.on_listen(socket.inode | 1 << 63, listener) {
+                kept += 1;
+            }
+        }
+        kept
+    }
+
     /// Forgets a listener when its socket closes; other sockets are ignored.
     pub fn on_close(&mut self, sock: u64) {
         if let Some(key) = self.listener_socks.remove(&sock) {
@@ -303,6 +323,20 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].client_addr, addr("198.18.0.2:4000"));
         assert_eq!(state.stats().pending_overflow, 1);
+    }
+
+    #[test]
+    fn accepted_on_a_seeded_listener_is_attributed() {
+        use crate::state::seed::{SeededSocket, SeededState};
+        let mut state = state();
+        let seeded = |state, inode, pid| SeededSocket { state, netns: 2, local: addr("0.0.0.0:5432"), remote: addr("0.0.0.0:0"), inode, pid };
+        let sockets = [seeded(SeededState::Listen, 77, 20), seeded(SeededState::Established, 78, 21), seeded(SeededState::Listen, 79, 0)];
+        assert_eq!(state.seed_listeners(&sockets), 1);
+        let now = Instant::now();
+        state.on_accepted(|_| None, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
+        let flushed = state.flush_expired(now + Duration::from_secs(1));
+        assert_eq!(flushed[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
+        assert_eq!(state.stats().accepted_without_listener, 0);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use agent_common::KernelOffsets;
+
 /// Path of the kernel's own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -149,6 +151,14 @@ impl Btf {
         Ok(bit_offset / 8)
     }
 
+    /// Returns the size in bytes of struct `name`.
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        let id = self
+            .find_struct(name)
+            .ok_or_else(|| BtfError::StructNotFound(name.to_string()))?;
+        Ok(self.types[id as usize].referenced)
+    }
+
     fn name(&self, offset: u32) -> &str {
         let start = offset as usize;
         let Some(rest) = self.strings.get(start..) else {
@@ -159,6 +169,24 @@ impl Btf {
             .position(|&byte| byte == 0)
             .unwrap_or(rest.len());
         std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    /// Returns the type id of the function `name`, which programs attached to it (fentry, LSM)
+    /// name when they load.
+    pub fn function_id(&self, name: &str) -> Option<u32> {
+        self.find_kind(KIND_FUNC, name)
+    }
+
+    /// Returns the type id of the typedef `name` (`btf_trace_<tracepoint>` for a `tp_btf` program).
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
+        self.find_kind(KIND_TYPEDEF, name)
+    }
+
+    fn find_kind(&self, kind: u32, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|ty| ty.kind == kind && self.name(ty.name_offset) == name)
+            .map(|index| index as u32)
     }
 
     fn find_struct(&self, name: &str) -> Option<u32> {
@@ -285,11 +313,126 @@ pub struct NetnsOffsets {
 
 /// Resolves [`NetnsOffsets`] from the BTF at `path`.
 pub fn netns_offsets(path: &Path) -> Result<NetnsOffsets, BtfError> {
-    let btf = Btf::from_file(path)?;
+    netns_offsets_in(&Btf::from_file(path)?)
+}
+
+/// Resolves [`NetnsOffsets`] from parsed BTF.
+pub fn netns_offsets_in(btf: &Btf) -> Result<NetnsOffsets, BtfError> {
     Ok(NetnsOffsets {
         skc_net: btf.member_offset("sock_common", &["skc_net", "net"])?,
         net_inum: btf.member_offset("net", &["ns", "inum"])?,
     })
+}
+
+/// Resolves every group of [`KernelOffsets`] that this kernel's BTF has. A group with a missing
+/// member stays invalid (its `*_valid` field 0) and the error is returned next to it, so that the
+/// other groups are still used.
+pub fn kernel_offsets(btf: &Btf) -> (KernelOffsets, Vec<BtfError>) {
+    let mut offsets = KernelOffsets::default();
+    let mut errors = Vec::new();
+    let task = (|| {
+        Ok::<_, BtfError>((
+            btf.member_offset("task_struct", &["real_parent"])?,
+            btf.member_offset("task_struct", &["group_leader"])?,
+            btf.member_offset("task_struct", &["tgid"])?,
+            btf.member_offset("task_struct", &["start_boottime"])?,
+        ))
+    })();
+    match task {
+        Ok((real_parent, group_leader, tgid, start_boottime)) => {
+            offsets.task_valid = 1;
+            offsets.task_real_parent = real_parent;
+            offsets.task_group_leader = group_leader;
+            offsets.task_tgid = tgid;
+            offsets.task_start_boottime = start_boottime;
+        }
+        Err(error) => errors.push(error),
+    }
+    let exe = (|| {
+        Ok::<_, BtfError>((
+            btf.member_offset("task_struct", &["mm"])?,
+            btf.member_offset("mm_struct", &["exe_file"])?,
+            btf.member_offset("file", &["f_path", "dentry"])?,
+            btf.member_offset("dentry", &["d_name", "name"])?,
+            btf.member_offset("dentry", &["d_inode"])?,
+            btf.member_offset("inode", &["i_nlink"])?,
+        ))
+    })();
+    match exe {
+        Ok((mm, exe_file, dentry, name, inode, nlink)) => {
+            offsets.exe_valid = 1;
+            offsets.task_mm = mm;
+            offsets.mm_exe_file = exe_file;
+            offsets.file_dentry = dentry;
+            offsets.dentry_name = name;
+            offsets.dentry_inode = inode;
+            offsets.inode_nlink = nlink;
+        }
+        Err(error) => errors.push(error),
+    }
+    let tcp = (|| {
+        Ok::<_, BtfError>((
+            btf.member_offset("tcp_sock", &["bytes_sent"])?,
+            btf.member_offset("tcp_sock", &["bytes_retrans"])?,
+            btf.member_offset("tcp_sock", &["bytes_received"])?,
+            btf.member_offset("sock", &["sk_err"])?,
+            btf.member_offset("sock", &["sk_shutdown"])?,
+        ))
+    })();
+    match tcp {
+        Ok((sent, retransmitted, received, error, shutdown)) => {
+            offsets.tcp_valid = 1;
+            offsets.tcp_bytes_sent = sent;
+            offsets.tcp_bytes_retrans = retransmitted;
+            offsets.tcp_bytes_received = received;
+            offsets.sock_err = error;
+            offsets.sock_shutdown = shutdown;
+        }
+        Err(error) => errors.push(error),
+    }
+    let pid = (|| {
+        Ok::<_, BtfError>((
+            btf.member_offset("task_struct", &["thread_pid"])?,
+            btf.member_offset("pid", &["level"])?,
+            btf.member_offset("pid", &["numbers"])?,
+            btf.member_offset("upid", &["nr"])?,
+            btf.struct_size("upid")?,
+        ))
+    })();
+    match pid {
+        Ok((thread_pid, level, numbers, nr, size)) => {
+            offsets.pid_valid = 1;
+            offsets.task_thread_pid = thread_pid;
+            offsets.pid_level = level;
+            offsets.pid_numbers = numbers;
+            offsets.upid_nr = nr;
+            offsets.upid_size = size;
+        }
+        Err(error) => errors.push(error),
+    }
+    let cred = (|| {
+        Ok::<_, BtfError>((
+            btf.member_offset("task_struct", &["cred"])?,
+            btf.member_offset("cred", &["uid"])?,
+            btf.member_offset("cred", &["euid"])?,
+            btf.member_offset("cred", &["gid"])?,
+            btf.member_offset("cred", &["egid"])?,
+            btf.member_offset("cred", &["cap_effective"])?,
+        ))
+    })();
+    match cred {
+        Ok((task_cred, uid, euid, gid, egid, caps)) => {
+            offsets.cred_valid = 1;
+            offsets.task_cred = task_cred;
+            offsets.cred_uid = uid;
+            offsets.cred_euid = euid;
+            offsets.cred_gid = gid;
+            offsets.cred_egid = egid;
+            offsets.cred_cap_effective = caps;
+        }
+        Err(error) => errors.push(error),
+    }
+    (offsets, errors)
 }
 
 #[cfg(test)]
@@ -376,5 +519,31 @@ mod tests {
         let offsets = netns_offsets(path).unwrap();
         assert!(offsets.skc_net > 0, "{offsets:?}");
         assert!(offsets.net_inum > 0, "{offsets:?}");
+    }
+
+    #[test]
+    fn running_kernel_task_exe_and_tcp_offsets_resolve() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX_BTF} does not exist on this kernel");
+            return;
+        }
+        let (offsets, errors) = kernel_offsets(&Btf::from_file(path).unwrap());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            (
+                offsets.task_valid,
+                offsets.exe_valid,
+                offsets.tcp_valid,
+                offsets.pid_valid,
+                offsets.cred_valid
+            ),
+            (1, 1, 1, 1, 1)
+        );
+        // struct upid is an int and a pointer.
+        assert_eq!(offsets.upid_size, 16, "{offsets:?}");
+        // tgid follows pid in task_struct on every kernel since 2.6.
+        assert_eq!(offsets.task_tgid % 4, 0, "{offsets:?}");
+        assert!(offsets.tcp_bytes_received > offsets.sock_err, "{offsets:?}");
     }
 }

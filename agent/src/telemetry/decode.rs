@@ -8,11 +8,16 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
-    ARGV_CAPTURE_BYTES, EXEC_FLAG_ARGV_TRUNCATED, FAMILY_INET, FAMILY_INET6, FILENAME_BYTES,
+    CredRecord, CredSyscall, ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
+    ARGV_CAPTURE_BYTES, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_EXE_UNKNOWN, EXEC_FLAG_EXE_UNLINKED,
+    EXEC_FLAG_LINEAGE_UNKNOWN, EXE_NAME_BYTES, FAMILY_INET, FAMILY_INET6, FILENAME_BYTES,
+    TCP_FLAG_EXE_UNLINKED,
 };
 
-use super::event::{Event, ExecEvent, ExitEvent, ForkEvent, TcpEvent, TcpEventKind};
+use super::event::{
+    CredChange, CredEvent, Credentials, Event, ExecEvent, ExitEvent, ForkEvent, Lineage, TcpEvent,
+    TcpEventKind,
+};
 
 /// Failure to decode a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +30,8 @@ pub enum DecodeError {
     },
     #[error("unknown record kind {0}")]
     UnknownKind(u32),
+    #[error("unknown credential system call {0}")]
+    UnknownCredSyscall(u32),
     #[error("unknown TCP event {0}")]
     UnknownTcpEvent(u32),
     #[error("unknown address family {0} in a TCP record")]
@@ -41,7 +48,36 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         RecordKind::Fork => decode_fork(bytes),
         RecordKind::Exit => decode_exit(bytes),
         RecordKind::Tcp => decode_tcp(bytes),
+        RecordKind::Credentials => decode_cred(bytes),
     }
+}
+
+fn decode_cred(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: CredRecord = read_record(bytes, "credential record")?;
+    let change = match CredSyscall::try_from(record.syscall)
+        .map_err(|unknown| DecodeError::UnknownCredSyscall(unknown.0))?
+    {
+        CredSyscall::Setuid => CredChange::Setuid,
+        CredSyscall::Setgid => CredChange::Setgid,
+        CredSyscall::Setreuid => CredChange::Setreuid,
+        CredSyscall::Setregid => CredChange::Setregid,
+        CredSyscall::Setresuid => CredChange::Setresuid,
+        CredSyscall::Setresgid => CredChange::Setresgid,
+        CredSyscall::Capset => CredChange::Capset,
+    };
+    Ok(Event::Credentials(CredEvent {
+        ktime_ns: record.header.ktime_ns,
+        pid: record.header.pid,
+        tid: record.header.tid,
+        change,
+        after: (record.read != 0).then_some(Credentials {
+            uid: record.uid,
+            euid: record.euid,
+            gid: record.gid,
+            egid: record.egid,
+            cap_effective: record.cap_effective,
+        }),
+    }))
 }
 
 /// Copies a `T` out of the front of `bytes`.
@@ -86,7 +122,29 @@ fn decode_exec(bytes: &[u8]) -> Result<Event, DecodeError> {
         gid: record.gid,
         cgroup_id: record.header.cgroup_id,
         comm: c_string(&record.comm, record.comm.len()),
+        lineage: if record.flags & EXEC_FLAG_LINEAGE_UNKNOWN != 0 {
+            None
+        } else {
+            lineage(&record.lineage)
+        },
+        exe_name: c_string(
+            &record.exe_name,
+            (record.exe_name_len as usize).min(EXE_NAME_BYTES),
+        ),
+        exe_unlinked: (record.flags & EXEC_FLAG_EXE_UNKNOWN == 0)
+            .then_some(record.flags & EXEC_FLAG_EXE_UNLINKED != 0),
+        namespace_pid: (record.ns_pid != 0).then_some((record.ns_pid, record.ns_level)),
     }))
+}
+
+/// Converts the raw lineage, or returns `None` when the kernel program left it empty: every real
+/// process has a parent and a start time.
+fn lineage(raw: &agent_common::Lineage) -> Option<Lineage> {
+    (raw.parent_tgid != 0 || raw.start_boottime_ns != 0).then_some(Lineage {
+        parent_pid: raw.parent_tgid,
+        start_boottime_ns: raw.start_boottime_ns,
+        parent_start_boottime_ns: raw.parent_start_boottime_ns,
+    })
 }
 
 /// Splits NUL-terminated arguments. The last one has no NUL when argv was cut inside it.
@@ -117,6 +175,7 @@ fn decode_exit(bytes: &[u8]) -> Result<Event, DecodeError> {
         pid: record.header.pid,
         tid: record.header.tid,
         exit_code: (record.has_exit_code != 0).then_some(record.exit_code),
+        lineage: lineage(&record.lineage),
     }))
 }
 
@@ -134,10 +193,7 @@ fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
     };
     let (local, remote) = match record.family {
         FAMILY_INET => (ipv4(&record.saddr), ipv4(&record.daddr)),
-        FAMILY_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(record.saddr)),
-            IpAddr::V6(Ipv6Addr::from(record.daddr)),
-        ),
+        FAMILY_INET6 => (ipv6(record.saddr), ipv6(record.daddr)),
         other => return Err(DecodeError::UnknownFamily(other)),
     };
     Ok(Event::Tcp(TcpEvent {
@@ -148,7 +204,23 @@ fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
         local: SocketAddr::new(local, record.sport),
         remote: SocketAddr::new(remote, record.dport),
         sock: record.skaddr,
+        bytes_sent: record.bytes_sent,
+        bytes_received: record.bytes_received,
+        error: record.sk_err,
+        lineage: lineage(&record.lineage),
+        exe_unlinked: record.flags & TCP_FLAG_EXE_UNLINKED != 0,
     }))
+}
+
+/// Converts an IPv6 address, returning the IPv4 address it carries when it is IPv4-mapped
+/// (`::ffff:a.b.c.d`). A dual-stack socket reports an IPv4 peer that way, and one endpoint should
+/// have one spelling.
+fn ipv6(address: [u8; 16]) -> IpAddr {
+    let address = Ipv6Addr::from(address);
+    match address.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(address),
+    }
 }
 
 fn ipv4(address: &[u8; 16]) -> IpAddr {
@@ -161,6 +233,26 @@ fn ipv4(address: &[u8; 16]) -> IpAddr {
 mod tests {
     use super::*;
     use agent_common::{RecordHeader, COMM_BYTES};
+
+    fn tcp_record(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> TcpRecord {
+        TcpRecord {
+            header: header(RecordKind::Tcp as u32),
+            event: TcpKind::Connected as u32,
+            netns: 4026531840,
+            skaddr: 0xffff_0000_1234,
+            family,
+            sport: 40000,
+            dport: 8080,
+            _reserved: 0,
+            saddr,
+            daddr,
+            bytes_sent: 0,
+            bytes_received: 0,
+            sk_err: 0,
+            flags: 0,
+            lineage: agent_common::Lineage::default(),
+        }
+    }
 
     fn bytes_of<T>(record: &T) -> Vec<u8> {
         // SAFETY: records are plain `#[repr(C)]` data without padding.
@@ -191,6 +283,17 @@ mod tests {
             comm: [0; COMM_BYTES],
             filename: [0; FILENAME_BYTES],
             argv: [0; ARGV_CAPTURE_BYTES],
+            lineage: agent_common::Lineage {
+                parent_tgid: 41,
+                _reserved: 0,
+                start_boottime_ns: 5,
+                parent_start_boottime_ns: 4,
+            },
+            exe_name_len: 0,
+            _reserved2: 0,
+            exe_name: [0; EXE_NAME_BYTES],
+            ns_pid: 0,
+            ns_level: 0,
         };
         record.comm[..4].copy_from_slice(b"true");
         record.filename[..9].copy_from_slice(b"/bin/true");
@@ -238,18 +341,7 @@ mod tests {
     fn tcp_record_decodes_ipv6_tuple() {
         let mut saddr = [0u8; 16];
         saddr[15] = 1;
-        let record = TcpRecord {
-            header: header(RecordKind::Tcp as u32),
-            event: TcpKind::Connected as u32,
-            netns: 4026531840,
-            skaddr: 0xffff_0000_1234,
-            family: FAMILY_INET6,
-            sport: 40000,
-            dport: 8080,
-            _reserved: 0,
-            saddr,
-            daddr: saddr,
-        };
+        let record = tcp_record(FAMILY_INET6, saddr, saddr);
         let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else {
             panic!("not tcp")
         };
@@ -265,23 +357,53 @@ mod tests {
         saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let mut daddr = [0u8; 16];
         daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
-        let record = TcpRecord {
-            header: header(RecordKind::Tcp as u32),
-            event: TcpKind::Connect as u32,
-            netns: 1,
-            skaddr: 1,
-            family: FAMILY_INET,
-            sport: 0,
-            dport: 443,
-            _reserved: 0,
-            saddr,
-            daddr,
-        };
+        let record = tcp_record(FAMILY_INET, saddr, daddr);
         let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else {
             panic!("not tcp")
         };
-        assert_eq!(event.local, "127.0.0.1:0".parse().unwrap());
-        assert_eq!(event.remote, "10.1.2.3:443".parse().unwrap());
+        assert_eq!(event.local, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(event.remote, "10.1.2.3:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn tcp_record_shows_ipv4_mapped_ipv6_as_ipv4() {
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[192, 0, 2, 7]);
+        let mut plain = [0u8; 16];
+        plain[15] = 1;
+        let record = tcp_record(FAMILY_INET6, mapped, plain);
+        let Event::Tcp(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not tcp")
+        };
+        assert_eq!(event.local, "192.0.2.7:40000".parse().unwrap());
+        assert_eq!(event.remote, "[::1]:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn exec_record_carries_lineage_and_exe_flags() {
+        let mut record = exec_record(b"x\0", EXEC_FLAG_EXE_UNLINKED);
+        record.exe_name[..10].copy_from_slice(b"memfd:evil");
+        record.exe_name_len = 10;
+        let Event::Exec(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not exec")
+        };
+        assert_eq!(
+            event.lineage,
+            Some(Lineage {
+                parent_pid: 41,
+                start_boottime_ns: 5,
+                parent_start_boottime_ns: 4
+            })
+        );
+        assert_eq!(event.exe_unlinked, Some(true));
+        assert!(event.fileless());
+
+        let unknown = exec_record(b"x\0", EXEC_FLAG_EXE_UNKNOWN | EXEC_FLAG_LINEAGE_UNKNOWN);
+        let Event::Exec(event) = decode(&bytes_of(&unknown)).unwrap() else {
+            panic!("not exec")
+        };
+        assert_eq!((event.exe_unlinked, event.lineage), (None, None));
     }
 
     #[test]

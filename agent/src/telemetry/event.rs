@@ -9,6 +9,41 @@ pub enum Event {
     Fork(ForkEvent),
     Exit(ExitEvent),
     Tcp(TcpEvent),
+    Credentials(CredEvent),
+}
+
+/// System call that changed a process's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredChange {
+    Setuid,
+    Setgid,
+    Setreuid,
+    Setregid,
+    Setresuid,
+    Setresgid,
+    Capset,
+}
+
+/// A successful credential change, with the credentials the thread has afterwards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredEvent {
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub change: CredChange,
+    /// `None` when the kernel program could not read the credentials.
+    pub after: Option<Credentials>,
+}
+
+/// User and group ids and effective capabilities of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub egid: u32,
+    /// Effective capability bits (`CAP_*` numbers as bit positions).
+    pub cap_effective: u64,
 }
 
 /// A successful exec: the new program of `pid`.
@@ -28,7 +63,44 @@ pub struct ExecEvent {
     pub gid: u32,
     /// cgroup v2 id (the inode number of the cgroup directory).
     pub cgroup_id: u64,
+    /// Task name after the exec; the process may rename itself later, so it identifies nothing.
     pub comm: String,
+    /// Parent process and start times, read from the task when the exec completed.
+    pub lineage: Option<Lineage>,
+    /// Name of the file the kernel runs: `memfd:<name>` for a memfd, the interpreter's file name
+    /// for a script; empty when unknown.
+    pub exe_name: String,
+    /// Whether that file had no directory entry left (a memfd or an unlinked file); `None` when
+    /// the kernel program could not tell.
+    pub exe_unlinked: Option<bool>,
+    /// Process id inside the process's own pid namespace and that namespace's depth (0 for the
+    /// host's), when known. In a container the first is the pid that processes in the container
+    /// use.
+    pub namespace_pid: Option<(u32, u32)>,
+}
+
+/// Parent and start times of a process, read from its task in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lineage {
+    /// Process id of the current parent, after any reparenting.
+    pub parent_pid: u32,
+    /// Start of the process in nanoseconds since boot (`/proc/<pid>/stat` field 22 in ns).
+    pub start_boottime_ns: u64,
+    /// The same for the parent.
+    pub parent_start_boottime_ns: u64,
+}
+
+impl ExecEvent {
+    /// True when the program was started from a file descriptor (`fexecve`, or `execveat` with
+    /// `AT_EMPTY_PATH`): the kernel then reports the path as `/dev/fd/<n>`.
+    pub fn from_descriptor(&self) -> bool {
+        self.filename.starts_with("/dev/fd/")
+    }
+
+    /// True when the program runs from a memfd, a file that never existed on any file system.
+    pub fn fileless(&self) -> bool {
+        self.exe_name.starts_with("memfd:")
+    }
 }
 
 /// A new task: `child_pid` is the new task's id. For a new thread it is a thread id that never
@@ -50,6 +122,8 @@ pub struct ExitEvent {
     pub tid: u32,
     /// Exit status as `wait(2)` reports it, when the kernel program saw an `exit_group`.
     pub exit_code: Option<i32>,
+    /// The exiting task's parent and start times.
+    pub lineage: Option<Lineage>,
 }
 
 /// What happened to a TCP socket.
@@ -85,4 +159,28 @@ pub struct TcpEvent {
     pub remote: SocketAddr,
     /// Kernel socket address, an opaque id that pairs the events of one socket.
     pub sock: u64,
+    /// Payload bytes sent so far, each once; the connection's total in a `Close` event.
+    pub bytes_sent: u64,
+    /// Payload bytes received so far; the connection's total in a `Close` event.
+    pub bytes_received: u64,
+    /// The socket's pending error as an errno, 0 when none. In a `ConnectFailed` event it is
+    /// `ECONNREFUSED` when the peer sent a reset, and `ETIMEDOUT` when no reply came.
+    pub error: i32,
+    /// The owning process's lineage, in `Connect` and `Listen` events.
+    pub lineage: Option<Lineage>,
+    /// In `Connect` and `Listen` events: the process runs an executable that was deleted after it
+    /// started (or a memfd).
+    pub exe_unlinked: bool,
+}
+
+impl TcpEvent {
+    /// True when the peer rejected a `ConnectFailed` attempt with a reset.
+    pub fn refused(&self) -> bool {
+        self.error == libc::ECONNREFUSED
+    }
+
+    /// True when a `ConnectFailed` attempt ran out of SYN retries without a reply.
+    pub fn timed_out(&self) -> bool {
+        self.error == libc::ETIMEDOUT
+    }
 }

@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod decode;
 pub mod event;
 pub mod loader;
+pub mod probe;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,7 @@ pub use cgroup::{
 pub use decode::DecodeError;
 pub use event::Event;
 pub use loader::HookStatus;
+pub use probe::HookSupport;
 
 /// Settings of [`Telemetry::start`].
 #[derive(Debug, Clone)]
@@ -153,6 +155,7 @@ pub struct Telemetry {
     stats: Arc<ReaderStats>,
     cancel: CancellationToken,
     scope: Option<CgroupScope>,
+    support: Vec<HookSupport>,
 }
 
 impl Telemetry {
@@ -181,20 +184,20 @@ impl Telemetry {
             Some(path) => Some(resolve_scope(path)?),
             None => None,
         };
-        let netns_offsets = match btf::netns_offsets(Path::new(btf::VMLINUX_BTF)) {
-            Ok(offsets) => Some(offsets),
-            Err(error) => {
-                tracing::warn!(
-                    error = %error,
-                    "cannot resolve socket struct offsets from kernel BTF; TCP events carry netns 0"
-                );
-                None
+        let kernel_btf = btf::Btf::from_file(Path::new(btf::VMLINUX_BTF));
+        let (netns_offsets, kernel_offsets) = resolve_offsets(kernel_btf.as_ref());
+        let support = probe::probe_hook_kinds(kernel_btf.as_ref().ok());
+        for kind in &support {
+            match &kind.error {
+                None => tracing::info!(kind = kind.kind, "hook kind available"),
+                Some(error) => tracing::info!(kind = kind.kind, %error, "hook kind unavailable"),
             }
-        };
+        }
         let parameters = loader::LoadParameters {
             agent_tgid: std::process::id(),
             scope: scope.as_ref(),
             netns_offsets,
+            kernel_offsets,
             ring_buffer_bytes: config.ring_buffer_bytes,
         };
         let (mut ebpf, hooks) = loader::load(&parameters)?;
@@ -239,14 +242,28 @@ impl Telemetry {
                 stats,
                 cancel,
                 scope,
+                support,
             },
             receiver,
         ))
     }
 
-    /// Load and attach status of every hook.
+    /// Load and attach status of every hook, then one entry per hook kind probed at start-up
+    /// (`kind:<name>`, "attached" when this kernel accepts programs of that kind).
     pub fn hooks(&self) -> Vec<HookStatus> {
-        self.hooks.clone()
+        let kinds = self.support.iter().map(|kind| HookStatus {
+            name: format!("kind:{}", kind.kind),
+            tracepoint: String::new(),
+            required: false,
+            attached: kind.available,
+            error: kind.error.clone(),
+        });
+        self.hooks.iter().cloned().chain(kinds).collect()
+    }
+
+    /// Returns the hook kinds this kernel accepts, as probed at start-up.
+    pub fn hook_support(&self) -> &[HookSupport] {
+        &self.support
     }
 
     /// Returns the scope cgroup the kernel programs filter on, if any.
@@ -312,6 +329,41 @@ impl Drop for Telemetry {
         // and ends on the cancellation.
         self.cancel.cancel();
     }
+}
+
+/// Reads the struct offsets the programs need from the kernel's BTF. Whatever cannot be resolved
+/// is left out with a warning naming what the events then lack.
+fn resolve_offsets(
+    kernel_btf: Result<&btf::Btf, &btf::BtfError>,
+) -> (Option<btf::NetnsOffsets>, agent_common::KernelOffsets) {
+    let parsed = match kernel_btf {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "cannot read kernel BTF; events carry no netns, parent, executable file or byte counts"
+            );
+            return (None, agent_common::KernelOffsets::default());
+        }
+    };
+    let netns = match btf::netns_offsets_in(parsed) {
+        Ok(offsets) => Some(offsets),
+        Err(error) => {
+            tracing::warn!(
+                error = %error,
+                "cannot resolve socket struct offsets from kernel BTF; TCP events carry netns 0"
+            );
+            None
+        }
+    };
+    let (offsets, errors) = btf::kernel_offsets(parsed);
+    for error in errors {
+        tracing::warn!(
+            %error,
+            "cannot resolve a kernel struct offset; the matching fields of events stay empty"
+        );
+    }
+    (netns, offsets)
 }
 
 fn resolve_scope(path: &Path) -> Result<CgroupScope, TelemetryError> {

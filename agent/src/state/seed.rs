@@ -1,0 +1,167 @@
+//! TCP sockets that existed before the agent started, read from `/proc/<pid>/net/tcp{,6}` once per
+//! network namespace and attributed to processes through the socket inodes in `/proc/<pid>/fd`.
+//!
+//! Without this, a connection accepted on a listener opened before the agent has no owner: the
+//! kernel reports accepts without a process, and the listen itself happened before any program
+//! was attached.
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+
+/// State of a seeded socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeededState {
+    Listen,
+    Established,
+}
+
+/// One TCP socket found in /proc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeededSocket {
+    pub state: SeededState,
+    /// Network namespace inode.
+    pub netns: u32,
+    pub local: SocketAddr,
+    /// Unspecified for a listener.
+    pub remote: SocketAddr,
+    /// Socket inode number.
+    pub inode: u64,
+    /// A process holding the socket open; 0 when no process does (a socket only the kernel
+    /// holds, or one whose process the scan could not read).
+    pub pid: u32,
+}
+
+// Socket states in /proc/net/tcp, include/net/tcp_states.h.
+const STATE_ESTABLISHED: u8 = 0x01;
+const STATE_LISTEN: u8 = 0x0a;
+
+/// Reads every listening and established TCP socket of every network namespace that a process
+/// under `proc_root` is in.
+pub fn scan_tcp_sockets(proc_root: &Path) -> Vec<SeededSocket> {
+    let Ok(dir) = fs::read_dir(proc_root) else {
+        tracing::warn!(path = %proc_root.display(), "cannot read /proc; sockets opened before the agent stay unattributed");
+        return Vec::new();
+    };
+    let mut owners: HashMap<u64, u32> = HashMap::new();
+    // One process per namespace is enough to read that namespace's tables.
+    let mut namespaces: HashMap<u32, u32> = HashMap::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            continue;
+        };
+        let process_dir = entry.path();
+        if let Some(netns) = fs::read_link(process_dir.join("ns/net")).ok().and_then(|link| bracketed_number(&link.to_string_lossy())) {
+            namespaces.entry(netns as u32).or_insert(pid);
+        }
+        let Ok(fds) = fs::read_dir(process_dir.join("fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(link) = fs::read_link(fd.path()) else { continue };
+            let link = link.to_string_lossy();
+            if let Some(inode) = link.strip_prefix("socket:").and_then(bracketed_number) {
+                // The lowest pid is the one that has held the socket longest in most cases.
+                owners.entry(inode).and_modify(|owner| *owner = (*owner).min(pid)).or_insert(pid);
+            }
+        }
+    }
+    let mut sockets = Vec::new();
+    for (&netns, &pid) in &namespaces {
+        for table in ["tcp", "tcp6"] {
+            let path = proc_root.join(pid.to_string()).join("net").join(table);
+            let Ok(text) = fs::read_to_string(&path) else { continue };
+            for line in text.lines().skip(1) {
+                if let Some(mut socket) = parse_tcp_line(line, netns) {
+                    socket.pid = owners.get(&socket.inode).copied().unwrap_or(0);
+                    sockets.push(socket);
+                }
+            }
+        }
+    }
+    sockets
+}
+
+/// Parses the number in `[...]`, as in `socket:[123]` and `net:[4026531840]`.
+fn bracketed_number(text: &str) -> Option<u64> {
+    let start = text.find('[')? + 1;
+    let end = text[start..].find(']')? + start;
+    text[start..end].parse().ok()
+}
+
+/// Parses one line of `/proc/net/tcp` or `tcp6`; `None` for states other than listen and
+/// established and for malformed lines.
+fn parse_tcp_line(line: &str, netns: u32) -> Option<SeededSocket> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let local = parse_endpoint(fields.get(1)?)?;
+    let remote = parse_endpoint(fields.get(2)?)?;
+    let state = match u8::from_str_radix(fields.get(3)?, 16).ok()? {
+        STATE_LISTEN => SeededState::Listen,
+        STATE_ESTABLISHED => SeededState::Established,
+        _ => return None,
+    };
+    let inode = fields.get(9)?.parse().ok()?;
+    Some(SeededSocket { state, netns, local, remote, inode, pid: 0 })
+}
+
+/// Parses `ADDR:PORT` in the kernel's hex notation: the address as 32-bit words in host byte
+/// order, the port in hex. IPv4-mapped IPv6 addresses come back as IPv4.
+fn parse_endpoint(text: &str) -> Option<SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for chunk in address.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        16 => {
+            let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(bytes.as_slice()).ok()?);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ipv4_and_ipv6_lines() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0";
+        let socket = parse_tcp_line(v4, 7).unwrap();
+        assert_eq!(socket.state, SeededState::Listen);
+        assert_eq!(socket.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(socket.inode, 12345);
+        let v6 = "   1: 00000000000000000000000001000000:01BB 0000000000000000FFFF00000200000A:C350 01 00000000:00000000 00:00000000 00000000     0        0 999 1 0000000000000000 20 4 30 10 -1";
+        let socket = parse_tcp_line(v6, 7).unwrap();
+        assert_eq!(socket.state, SeededState::Established);
+        assert_eq!(socket.local, "[::1]:443".parse().unwrap());
+        assert_eq!(socket.remote, "10.0.0.2:50000".parse().unwrap());
+    }
+
+    #[test]
+    fn scan_finds_this_process_listener_and_its_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let client_addr = client.local_addr().unwrap();
+        let netns = fs::read_link("/proc/self/ns/net").ok().and_then(|link| bracketed_number(&link.to_string_lossy())).unwrap() as u32;
+
+        let sockets = scan_tcp_sockets(Path::new("/proc"));
+        let me = std::process::id();
+        assert!(
+            sockets.iter().any(|socket| socket.state == SeededState::Listen && socket.local == server && socket.pid == me && socket.netns == netns),
+            "{sockets:?}"
+        );
+        assert!(
+            sockets.iter().any(|socket| socket.state == SeededState::Established && socket.local == client_addr && socket.remote == server && socket.pid == me),
+            "{sockets:?}"
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! TCP on real kernel events: a connect refused by the peer kept apart from one that timed out
+//! without a reply, a non-blocking connect, the bytes each side moved, and an IPv4 client of a
+//! dual-stack listener shown with IPv4 addresses.
+
+mod telemetry_common;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use driftwatch::telemetry::event::TcpEventKind;
+use telemetry_common::{
+    connect_once, local_port, own_netns, raw_address, report_port, run_program, start_scoped, Child,
+    RawAddress, TestCgroup,
+};
+
+const REQUEST_BYTES: usize = 1000;
+const RESPONSE_BYTES: usize = 500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connect_reports_connection_refused() {
+    let cgroup = TestCgroup::create("refused");
+    // A port with no listener: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_telemetry, mut events) = start_scoped(&cgroup).await;
+
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let address = raw_address(target);
+    let client = Child::fork(Some(&cgroup.procs), |report| connect_once(&address, report));
+    let pid = client.pid as u32;
+    assert_eq!(client.wait(), 21, "the connect should fail");
+
+    let failed = events
+        .wait_for_tcp("failed connect", |tcp| {
+            tcp.kind == TcpEventKind::ConnectFailed && tcp.remote == target
+        })
+        .await;
+    assert_eq!(failed.pid, pid);
+    assert!(failed.refused() && !failed.timed_out(), "{failed:?}");
+    assert_eq!(failed.error, libc::ECONNREFUSED);
+}
+
+/// Connects from a network namespace of its own to a neighbour behind a veth pair where no host
+/// replies. The neighbour entry is permanent, so no ARP failure turns into "no route to host".
+/// With one SYN retry the attempt times out after about 3 s.
+const TIMEOUT_CONNECT: &str = "ip link add dw0 type veth peer name dw1 \
+    && ip addr add 198.18.255.1/24 dev dw0 && ip link set dw0 up && ip link set dw1 up \
+    && ip neigh add 198.18.255.2 lladdr 02:00:00:00:00:01 dev dw0 nud permanent && exec perl -e 'use Socket; socket(S, PF_INET, SOCK_STREAM, 0) or die; \
+    setsockopt(S, 6, 7, 1) or die; connect(S, pack_sockaddr_in(9, inet_aton(q(198.18.255.2)))) \
+    and exit 1; exit 0' driftwatch-timeout-probe";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_without_answer_reports_timed_out() {
+    let cgroup = TestCgroup::create("timeout");
+    let (_telemetry, mut events) = start_scoped(&cgroup).await;
+
+    // The namespace lives only as long as the process, so nothing is left behind.
+    let pid = run_program(
+        Some(&cgroup),
+        "/usr/bin/unshare",
+        &["--net", "/bin/sh", "-c", TIMEOUT_CONNECT],
+    );
+    let target: SocketAddr = "198.18.255.2:9".parse().unwrap();
+    let connect = events
+        .wait_for_tcp("connect into the void", |tcp| {
+            tcp.kind == TcpEventKind::Connect && tcp.remote == target
+        })
+        .await;
+    assert_eq!(connect.pid, pid);
+    let failed = events
+        .wait_for_tcp("timed-out connect", |tcp| {
+            tcp.kind == TcpEventKind::ConnectFailed && tcp.sock == connect.sock
+        })
+        .await;
+    assert_eq!(failed.pid, pid);
+    assert!(failed.timed_out() && !failed.refused(), "{failed:?}");
+    assert_eq!(failed.netns, connect.netns);
+    assert_ne!(connect.netns, own_netns(), "the connect ran in the namespace of its own");
+}
+
+/// Server body: accepts one connection, reads the request, sends the response, then waits for
+/// the client's close.
+fn serve_request(address: &RawAddress, report: libc::c_int) -> i32 {
+    // SAFETY: raw socket calls on descriptors this function owns; buffers outlive the calls.
+    unsafe {
+        let listener = libc::socket(address.family, libc::SOCK_STREAM, 0);
+        if listener < 0
+            || libc::bind(
+                listener,
+                (&address.storage as *const libc::sockaddr_storage).cast(),
+                address.len,
+            ) != 0
+            || libc::listen(listener, 8) != 0
+        {
+            return 30;
+        }
+        report_port(report, local_port(listener));
+        let connection = libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut());
+        if connection < 0 {
+            return 31;
+        }
+        let mut buffer = [0u8; REQUEST_BYTES];
+        let mut got = 0;
+        while got < REQUEST_BYTES {
+            let read = libc::read(
+                connection,
+                buffer.as_mut_ptr().add(got).cast(),
+                REQUEST_BYTES - got,
+            );
+            if read <= 0 {
+                return 32;
+            }
+            got += read as usize;
+        }
+        if libc::write(connection, buffer.as_ptr().cast(), RESPONSE_BYTES) != RESPONSE_BYTES as isize
+        {
+            return 33;
+        }
+        while libc::read(connection, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
+        libc::close(connection);
+        libc::close(listener);
+    }
+    0
+}
+
+/// Client body: a non-blocking connect completed with poll, then one request and its response.
+fn request_nonblocking(address: &RawAddress, report: libc::c_int) -> i32 {
+    // SAFETY: raw socket calls on a descriptor this function owns; buffers outlive the calls.
+    unsafe {
+        let socket = libc::socket(address.family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        if socket < 0 {
+            return 40;
+        }
+        let started = libc::connect(
+            socket,
+            (&address.storage as *const libc::sockaddr_storage).cast(),
+            address.len,
+        );
+        if started == 0 || *libc::__errno_location() != libc::EINPROGRESS {
+            return 41;
+        }
+        let mut poll = libc::pollfd {
+            fd: socket,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        if libc::poll(&mut poll, 1, 5000) != 1 {
+            return 42;
+        }
+        let mut error: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        libc::getsockopt(
+            socket,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut error as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        if error != 0 {
+            return 43;
+        }
+        libc::fcntl(socket, libc::F_SETFL, 0);
+        report_port(report, local_port(socket));
+        let request = [7u8; REQUEST_BYTES];
+        if libc::write(socket, request.as_ptr().cast(), REQUEST_BYTES) != REQUEST_BYTES as isize {
+            return 44;
+        }
+        let mut answer = [0u8; RESPONSE_BYTES];
+        let mut got = 0;
+        while got < RESPONSE_BYTES {
+            let read = libc::read(
+                socket,
+                answer.as_mut_ptr().add(got).cast(),
+                RESPONSE_BYTES - got,
+            );
+            if read <= 0 {
+                return 45;
+            }
+            got += read as usize;
+        }
+        libc::close(socket);
+    }
+    0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonblocking_connect_reports_bytes_at_close() {
+    let cgroup = TestCgroup::create("bytes");
+    let (_telemetry, mut events) = start_scoped(&cgroup).await;
+
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let listen_address = raw_address(SocketAddr::new(loopback, 0));
+    let server = Child::fork(Some(&cgroup.procs), |report| {
+        serve_request(&listen_address, report)
+    });
+    let server_address = SocketAddr::new(loopback, server.read_port());
+    let connect_address = raw_address(server_address);
+    let client = Child::fork(Some(&cgroup.procs), |report| {
+        request_nonblocking(&connect_address, report)
+    });
+    let client_address = SocketAddr::new(loopback, client.read_port());
+    let (server_pid, client_pid) = (server.pid as u32, client.pid as u32);
+    assert_eq!(client.wait(), 0, "client failed");
+    assert_eq!(server.wait(), 0, "server failed");
+
+    let connected = events
+        .wait_for_tcp("connected", |tcp| {
+            tcp.kind == TcpEventKind::Connected && tcp.local == client_address
+        })
+        .await;
+    assert_eq!(connected.pid, client_pid);
+    assert_eq!(connected.remote, server_address);
+    let client_close = events
+        .wait_for_tcp("close of the client socket", |tcp| {
+            tcp.kind == TcpEventKind::Close && tcp.sock == connected.sock
+        })
+        .await;
+    assert_eq!(client_close.pid, client_pid);
+    assert_eq!(
+        (client_close.bytes_sent, client_close.bytes_received),
+        (REQUEST_BYTES as u64, RESPONSE_BYTES as u64)
+    );
+
+    let accepted = events
+        .wait_for_tcp("accepted", |tcp| {
+            tcp.kind == TcpEventKind::Accepted && tcp.remote == client_address
+        })
+        .await;
+    assert_eq!(accepted.local, server_address);
+    let listen = events
+        .wait_for_tcp("listen", |tcp| {
+            tcp.kind == TcpEventKind::Listen && tcp.local == server_address
+        })
+        .await;
+    assert_eq!(listen.pid, server_pid);
+    let server_close = events
+        .wait_for_tcp("close of the accepted socket", |tcp| {
+            tcp.kind == TcpEventKind::Close && tcp.sock == accepted.sock
+        })
+        .await;
+    assert_eq!(
+        (server_close.bytes_sent, server_close.bytes_received),
+        (RESPONSE_BYTES as u64, REQUEST_BYTES as u64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_listener_shows_ipv4_client() {
+    let cgroup = TestCgroup::create("mapped");
+    let (_telemetry, mut events) = start_scoped(&cgroup).await;
+
+    let listen_address = raw_address(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0));
+    let server = Child::fork(Some(&cgroup.procs), |report| {
+        serve_request(&listen_address, report)
+    });
+    let port = server.read_port();
+    let server_address = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let connect_address = raw_address(server_address);
+    let client = Child::fork(Some(&cgroup.procs), |report| {
+        request_nonblocking(&connect_address, report)
+    });
+    let client_address = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), client.read_port());
+    assert_eq!(client.wait(), 0, "client failed");
+    assert_eq!(server.wait(), 0, "server failed");
+
+    let accepted = events
+        .wait_for_tcp("accepted on the dual-stack listener", |tcp| {
+            tcp.kind == TcpEventKind::Accepted && tcp.local.port() == port
+        })
+        .await;
+    assert_eq!(accepted.local, server_address);
+    assert_eq!(accepted.remote, client_address);
+}
