@@ -202,7 +202,7 @@ impl SyntheticEvents {
         let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), client_port);
         let server = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
         let sock = 0xffff_0000_0000_0000 | (process << 1);
-        let tcp = |kind, pid, local, remote, sock| Event::Tcp(TcpEvent { ktime_ns, kind, pid, netns: 1, local, remote, sock });
+        let tcp = |kind, pid, local, remote, sock| Event::Tcp(tcp_event(ktime_ns, kind, pid, local, remote, sock));
         match phase {
             0 => Event::Fork(ForkEvent { ktime_ns, parent_pid: 1, child_pid: pid, cgroup_id: 1 }),
             1 => exec(ktime_ns, pid, "/usr/bin/true"),
@@ -211,7 +211,7 @@ impl SyntheticEvents {
             4 => tcp(TcpEventKind::Accepted, 0, server, client, sock | 1),
             5 => tcp(TcpEventKind::Close, pid, client, server, sock),
             6 => tcp(TcpEventKind::Close, 0, server, client, sock | 1),
-            _ => Event::Exit(ExitEvent { ktime_ns, pid, tid: pid, exit_code: Some(0) }),
+            _ => Event::Exit(ExitEvent { ktime_ns, pid, tid: pid, exit_code: Some(0), lineage: None }),
         }
     }
 
@@ -227,8 +227,8 @@ impl SyntheticEvents {
         let sock = 0xeeee_0000_0000_0000 | index;
         [
             exec(ktime_ns, pid, &program),
-            Event::Tcp(TcpEvent { ktime_ns, kind: TcpEventKind::Connected, pid, netns: 1, local, remote, sock }),
-            Event::Tcp(TcpEvent { ktime_ns, kind: TcpEventKind::Close, pid, netns: 1, local, remote, sock }),
+            Event::Tcp(tcp_event(ktime_ns, TcpEventKind::Connected, pid, local, remote, sock)),
+            Event::Tcp(tcp_event(ktime_ns, TcpEventKind::Close, pid, local, remote, sock)),
         ]
     }
 }
@@ -245,6 +245,27 @@ fn exec(ktime_ns: u64, pid: u32, filename: &str) -> Event {
         uid: 0,
         gid: 0,
         cgroup_id: 1,
-        comm: name,
+        comm: name.clone(),
+        lineage: None,
+        exe_name: name,
+        exe_unlinked: Some(false),
+        namespace_pid: None,
     })
+}
+
+fn tcp_event(ktime_ns: u64, kind: TcpEventKind, pid: u32, local: SocketAddr, remote: SocketAddr, sock: u64) -> TcpEvent {
+    TcpEvent {
+        ktime_ns,
+        kind,
+        pid,
+        netns: 1,
+        local,
+        remote,
+        sock,
+        bytes_sent: 0,
+        bytes_received: 0,
+        error: 0,
+        lineage: None,
+        exe_unlinked: false,
+    }
 }
