@@ -85,6 +85,6 @@ fn try_cred_change(ctx: &TracePointContext, syscall: CredSyscall) -> Result<(), 
         egid,
         cap_effective,
     });
-    entry.submit(0);
+    entry.submit(crate::submit_flags());
     Ok(())
 }

@@ -246,6 +246,6 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         (*record).ns_level = ns_level;
         (*record).flags = flags;
     }
-    entry.submit(0);
+    entry.submit(crate::submit_flags());
     Ok(())
 }

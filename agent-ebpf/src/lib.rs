@@ -38,6 +38,26 @@ use aya_ebpf::{
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 
+/// Unread bytes in `EVENTS` above which a submit wakes the reader. Below it no submit wakes the
+/// reader, which polls on a short timer instead: waking it for every record costs a context switch
+/// per event, which on a busy host costs more than the programs themselves.
+const WAKEUP_UNREAD_BYTES: u64 = 64 * 1024;
+
+/// `bpf_ringbuf_query` flag for the unread byte count, and the submit wakeup flags.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Returns the wakeup flags for a submit to `EVENTS`.
+#[inline(always)]
+pub(crate) fn submit_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_UNREAD_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 

@@ -59,7 +59,7 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
         child_pid: child_pid as u32,
         _reserved: 0,
     });
-    entry.submit(0);
+    entry.submit(crate::submit_flags());
     Ok(())
 }
 
@@ -111,6 +111,6 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
         _reserved: 0,
         lineage: kernel::lineage(kernel::current_task()).unwrap_or_default(),
     });
-    entry.submit(0);
+    entry.submit(crate::submit_flags());
     Ok(())
 }

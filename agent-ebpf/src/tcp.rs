@@ -307,7 +307,7 @@ fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> R
         flags,
         lineage,
     });
-    entry.submit(0);
+    entry.submit(crate::submit_flags());
     Ok(())
 }
 

@@ -381,7 +381,10 @@ fn page_size() -> u32 {
     u32::try_from(size).unwrap_or(4096)
 }
 
-/// Drains the ring buffer each time it becomes readable until `cancel` fires or the receiver is
+/// How often the reader drains the ring buffer when no wakeup came.
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Drains the ring buffer each time it becomes readable, and on a timer, until `cancel` fires or the receiver is
 /// dropped.
 async fn read_ring_buffer(
     mut ring: AsyncFd<RingBuf<aya::maps::MapData>>,
@@ -389,51 +392,68 @@ async fn read_ring_buffer(
     stats: Arc<ReaderStats>,
     cancel: CancellationToken,
 ) {
+    // The programs wake the reader only once a batch has built up (see `submit_flags` in the
+    // kernel crate), so it also drains on this timer; the period bounds the added latency.
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = tokio::select! {
+        tokio::select! {
             () = cancel.cancelled() => break,
+            _ = poll.tick() => {
+                if !drain(ring.get_mut(), &sender, &stats) {
+                    return;
+                }
+            }
             ready = ring.readable_mut() => match ready {
-                Ok(guard) => guard,
+                Ok(mut guard) => {
+                    if !drain(guard.get_inner_mut(), &sender, &stats) {
+                        return;
+                    }
+                    guard.clear_ready();
+                }
                 Err(error) => {
                     tracing::error!(%error, "ring buffer polling failed; no more kernel events");
                     break;
                 }
             },
-        };
-        let ring_buffer = guard.get_inner_mut();
-        while let Some(item) = ring_buffer.next() {
-            stats.records_read.fetch_add(1, Ordering::Relaxed);
-            let event = match decode::decode(&item) {
-                Ok(event) => event,
-                Err(error) => {
-                    let counter = match error {
-                        DecodeError::Short { .. } => &stats.short_records,
-                        _ => &stats.unknown_records,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%error, len = item.len(), "dropped undecodable record");
-                    continue;
-                }
-            };
-            tracing::trace!(?event, "kernel event");
-            match sender.try_send(event) {
-                Ok(()) => {
-                    stats.events_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    let dropped = stats.channel_drops.fetch_add(1, Ordering::Relaxed) + 1;
-                    // Logged at 1, 2, 4, 8, ... drops so that a long overload stays readable.
-                    if dropped.is_power_of_two() {
-                        tracing::error!(dropped, "event channel full; kernel events were dropped");
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    tracing::info!("event receiver dropped; ring buffer reader stops");
-                    return;
-                }
-            }
         }
-        guard.clear_ready();
     }
     tracing::debug!("ring buffer reader stopped");
+}
+
+/// Decodes and forwards every record in the ring buffer. Returns false when the receiver is gone.
+fn drain(ring_buffer: &mut RingBuf<aya::maps::MapData>, sender: &mpsc::Sender<Event>, stats: &ReaderStats) -> bool {
+    while let Some(item) = ring_buffer.next() {
+        stats.records_read.fetch_add(1, Ordering::Relaxed);
+        let event = match decode::decode(&item) {
+            Ok(event) => event,
+            Err(error) => {
+                let counter = match error {
+                    DecodeError::Short { .. } => &stats.short_records,
+                    _ => &stats.unknown_records,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%error, len = item.len(), "dropped undecodable record");
+                continue;
+            }
+        };
+        tracing::trace!(?event, "kernel event");
+        match sender.try_send(event) {
+            Ok(()) => {
+                stats.events_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let dropped = stats.channel_drops.fetch_add(1, Ordering::Relaxed) + 1;
+                // Logged at 1, 2, 4, 8, ... drops so that a long overload stays readable.
+                if dropped.is_power_of_two() {
+                    tracing::error!(dropped, "event channel full; kernel events were dropped");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::info!("event receiver dropped; ring buffer reader stops");
+                return false;
+            }
+        }
+    }
+    true
 }
