@@ -99,10 +99,23 @@ pub fn raise_memlock_limit() {
     };
     // SAFETY: the pointer is to a valid rlimit for the duration of the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::warn!(
-            error = %io::Error::last_os_error(),
-            "failed to lift the memlock limit; map creation may fail on kernels before 5.11"
-        );
+        let error = io::Error::last_os_error();
+        // From 5.11 on, BPF memory is charged to the cgroup and the limit no longer matters.
+        if kernel_at_least(5, 11) {
+            tracing::debug!(%error, "failed to lift the memlock limit, which this kernel does not apply to BPF maps");
+        } else {
+            tracing::warn!(%error, "failed to lift the memlock limit; map creation may fail on kernels before 5.11");
+        }
+    }
+}
+
+/// Returns whether the running kernel's release is at least `major.minor`; false when unreadable.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|part| part.parse::<u32>().ok());
+    match (numbers.next(), numbers.next()) {
+        (Some(found_major), Some(found_minor)) => (found_major, found_minor) >= (major, minor),
+        _ => false,
     }
 }
 
