@@ -2,7 +2,7 @@
 //!
 //! One task owns the process table and the socket state, turns events into observations for the
 //! model engine and publishes what the engine raises. It is the only writer of that state, so
-//! nothing in it needs a lock; the engine sits behind a mutex because the API reads its graph.
+//! nothing in it needs a lock. The engine sits behind a mutex because the API reads its graph.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};

@@ -1,4 +1,4 @@
-//! The agent's answer to the API's graph and status calls.
+//! The graph and status the agent returns to the API's calls.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -26,8 +26,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub model: PathBuf,
 
-    /// Where the gRPC API listens: `unix:/path/to.sock`, or a loopback `IP:PORT` (port 0 picks a
-    /// free one).
+    /// Address of the gRPC API: `unix:/path/to.sock`, or a loopback `IP:PORT` (port 0 picks a free
+    /// one).
     #[arg(long, default_value = "unix:/run/driftwatch/api.sock")]
     pub api: ListenAddr,
 
