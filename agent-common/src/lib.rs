@@ -571,6 +571,10 @@ pub struct ListenerOwner {
     pub pid: u32,
     /// `LISTENER_FLAG_*` bits.
     pub flags: u32,
+    /// Listening sockets on this (netns, port): an IPv4 and an IPv6 socket, or several with
+    /// SO_REUSEPORT. The entry goes when the last of them closes.
+    pub sockets: u32,
+    pub _reserved: u32,
 }
 
 /// [`ListenerOwner::flags`] bit: the listener belongs to the agent; its accepts are not reported.
@@ -672,7 +676,7 @@ const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<SockOwner>() == 8);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
-const _: () = assert!(size_of::<ListenerOwner>() == 8);
+const _: () = assert!(size_of::<ListenerOwner>() == 16);
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 const _: () = assert!(ARGV_CAPTURE_BYTES.is_power_of_two());
 

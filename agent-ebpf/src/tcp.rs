@@ -154,12 +154,19 @@ fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
     emit(ctx, skaddr, TcpKind::Listen, &owner)
 }
 
-// NOTE: listeners are keyed by (netns, port) only, so when several sockets share a port
-// (SO_REUSEPORT) the first one to close removes the entry and, under a cgroup scope, accepts on
-// the remaining ones are no longer reported.
+/// Forgets one listening socket on the (netns, port); the entry goes with the last one, so that
+/// closing the IPv6 socket of a dual listener does not hide accepts on the IPv4 one.
+// NOTE: the count is updated without atomics. Two sockets of one port that listen or close at
+// the same instant on two CPUs can leave it off by one until the port's last close.
 fn on_listener_close(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
     let key = listener_key(ctx, skaddr)?;
-    let _ = LISTENERS.remove(&key);
+    match LISTENERS.get_ptr_mut(&key) {
+        // SAFETY: the pointer is to this map's value, valid during the program.
+        Some(owner) if unsafe { (*owner).sockets } > 1 => unsafe { (*owner).sockets -= 1 },
+        _ => {
+            let _ = LISTENERS.remove(&key);
+        }
+    }
     Ok(())
 }
 
@@ -200,10 +207,18 @@ fn track_socket(skaddr: u64, pid: u32, flags: u32) {
 }
 
 fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
-    if LISTENERS
-        .insert(key, &ListenerOwner { pid, flags }, 0)
-        .is_err()
-    {
+    // Another socket already listens on this (netns, port): count this one too.
+    if let Some(owner) = LISTENERS.get_ptr_mut(key) {
+        // SAFETY: the pointer is to this map's value, valid during the program.
+        unsafe {
+            (*owner).sockets = (*owner).sockets.saturating_add(1);
+            (*owner).pid = pid;
+            (*owner).flags = flags;
+        }
+        return;
+    }
+    let owner = ListenerOwner { pid, flags, sockets: 1, _reserved: 0 };
+    if LISTENERS.insert(key, &owner, 0).is_err() {
         count(Counter::TcpListenerMapFull);
     }
 }

@@ -467,6 +467,34 @@ fn sighup_reloads_model_and_rejects_invalid() {
 }
 
 #[test]
+fn accepts_reported_after_other_family_listener_closes() {
+    let mut world = World::start();
+
+    // Two listeners on one port in the web tier, IPv4 and IPv6; the IPv6 one closes first.
+    let v4 = world.serve("web", Some("web"), &["sink", "--listen", &format!("{WEB_V4}:7070")]);
+    let mut v6 = world.spawn(
+        "web",
+        Some("web"),
+        world.service_command(&["sink", "--listen", "[fd00:d5:2::10]:7070", "--lifetime", "1"]),
+    );
+    v6.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+    v6.wait_success(RUN_TIMEOUT).unwrap();
+
+    // The accept on the IPv4 listener must still reach the agent.
+    world.run("client", None, &["connect-once", "--target", &format!("{WEB_V4}:7070")]);
+    let found = world.wait_for("unexpected-flow to the IPv4 listener on 7070", |d| {
+        is(d, Category::UnexpectedFlow) && d.port == Some(7070)
+    });
+    assert_eq!(found.destination, "web");
+    let server_pid = found
+        .evidence
+        .as_ref()
+        .and_then(|evidence| evidence.peer_process.as_ref().or(evidence.process.as_ref()))
+        .map(|process| process.pid);
+    assert_eq!(server_pid, Some(v4), "{}", describe_all(&world.watcher.deviations()));
+}
+
+#[test]
 fn lost_records_raise_telemetry_gap() {
     // One page of ring buffer holds a handful of exec records, so an exec storm overflows it.
     let world = World::start_with_agent_args(&["--ring-buffer-kib", "4"]);

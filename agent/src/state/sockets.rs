@@ -86,7 +86,9 @@ pub struct SocketState {
     join_window: Duration,
     max_pending: usize,
     max_listeners: usize,
-    listeners: HashMap<(u32, u16), Listener>,
+    /// Listening sockets by (netns, port), with their kernel socket ids. Several sockets can
+    /// share a port: the IPv4 and IPv6 halves of a dual listener, or SO_REUSEPORT groups.
+    listeners: HashMap<(u32, u16), Vec<(u64, Listener)>>,
     listener_socks: HashMap<u64, (u32, u16)>,
     pending: HashMap<FlowKey, Pending>,
     order: VecDeque<(Instant, FlowKey)>,
@@ -114,8 +116,12 @@ impl SocketState {
             self.stats.listeners_dropped += 1;
             return false;
         }
-        self.listener_socks.insert(sock, key);
-        self.listeners.insert(key, listener);
+        if let Some(previous) = self.listener_socks.insert(sock, key) {
+            self.remove_listener_sock(previous, sock);
+        }
+        let sockets = self.listeners.entry(key).or_default();
+        sockets.retain(|(existing, _)| *existing != sock);
+        sockets.push((sock, listener));
         true
     }
 
@@ -142,13 +148,30 @@ impl SocketState {
     /// Forgets a listener when its socket closes; other sockets are ignored.
     pub fn on_close(&mut self, sock: u64) {
         if let Some(key) = self.listener_socks.remove(&sock) {
-            self.listeners.remove(&key);
+            self.remove_listener_sock(key, sock);
         }
     }
 
-    /// Returns the owner of the listener for a local address in a namespace.
+    fn remove_listener_sock(&mut self, key: (u32, u16), sock: u64) {
+        if let Some(sockets) = self.listeners.get_mut(&key) {
+            sockets.retain(|(existing, _)| *existing != sock);
+            if sockets.is_empty() {
+                self.listeners.remove(&key);
+            }
+        }
+    }
+
+    /// Returns the owner of the listener for a local address in a namespace: the socket bound to
+    /// that address, else one bound to all addresses of its family, else any on the port.
     pub fn listener(&self, netns: u32, local: SocketAddr) -> Option<&Listener> {
-        self.listeners.get(&(netns, local.port()))
+        let sockets = self.listeners.get(&(netns, local.port()))?;
+        let exact = sockets.iter().find(|(_, listener)| listener.addr.ip() == local.ip());
+        let wildcard = || {
+            sockets.iter().find(|(_, listener)| {
+                listener.addr.ip().is_unspecified() && listener.addr.is_ipv4() == local.is_ipv4()
+            })
+        };
+        exact.or_else(wildcard).or_else(|| sockets.last()).map(|(_, listener)| listener)
     }
 
     /// Records the connecting end. Returns the joined flow when the accepting end was waiting.
@@ -337,6 +360,19 @@ mod tests {
         let flushed = state.flush_expired(now + Duration::from_secs(1));
         assert_eq!(flushed[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
         assert_eq!(state.stats().accepted_without_listener, 0);
+    }
+
+    #[test]
+    fn listener_stays_while_another_socket_listens() {
+        let mut state = state();
+        state.on_listen(9, Listener { pid: 20, addr: addr("127.0.0.1:80"), netns: 2 });
+        state.on_listen(10, Listener { pid: 21, addr: addr("[::1]:80"), netns: 2 });
+        assert_eq!(state.listener(2, addr("127.0.0.1:80")).map(|l| l.pid), Some(20));
+        assert_eq!(state.listener(2, addr("[::1]:80")).map(|l| l.pid), Some(21));
+        state.on_close(10);
+        assert_eq!(state.listener(2, addr("127.0.0.1:80")).map(|l| l.pid), Some(20));
+        state.on_close(9);
+        assert!(state.listener(2, addr("127.0.0.1:80")).is_none());
     }
 
     #[test]
