@@ -64,7 +64,7 @@ pub struct PipelineStats {
 }
 
 impl PipelineStats {
-    /// The counters as (name, value) for the status call.
+    /// Lists the counters as (name, value) for the status call.
     pub fn named(&self) -> Vec<(String, u64)> {
         let process = &self.processes;
         let sockets = &self.sockets;

@@ -1,6 +1,6 @@
 //! Text for an operator's terminal.
 
-/// Escapes control characters, so that an executable path or argv chosen by whoever was observed
+/// Escapes control characters, so that an executable path or argv chosen by the observed process
 /// cannot forge lines or send escape sequences to the operator's terminal.
 pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(char::is_control) {

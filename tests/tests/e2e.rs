@@ -496,7 +496,7 @@ fn accepts_reported_after_other_family_listener_closes() {
 
 #[test]
 fn lost_records_raise_telemetry_gap() {
-    // One page of ring buffer holds a handful of exec records, so an exec storm overflows it.
+    // One page of ring buffer fits a handful of exec records, so an exec storm overflows it.
     let world = World::start_with_agent_args(&["--ring-buffer-kib", "4"]);
 
     let mut storm = Command::new("/bin/bash");

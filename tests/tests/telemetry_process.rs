@@ -154,13 +154,16 @@ async fn fexecve_of_a_memfd_is_flagged_fileless() {
     );
     assert_eq!(exec.exe_name, "memfd:driftwatch-payload");
     assert_eq!(exec.exe_unlinked, Some(true));
-    assert!(exec.from_descriptor() && exec.fileless());
+    assert!(exec.from_descriptor(), "{exec:?}");
+    assert!(exec.fileless(), "{exec:?}");
     assert_eq!(exec.argv, ["payload", "driftwatch-memfd-probe"]);
     assert_eq!(exec.lineage.map(|lineage| lineage.parent_pid), Some(std::process::id()));
 
     let table = table_from(&events);
     let details = table.exec_details(pid).unwrap();
-    assert!(details.fileless && details.from_descriptor && details.exe_deleted, "{details:?}");
+    assert!(details.fileless, "{details:?}");
+    assert!(details.from_descriptor, "{details:?}");
+    assert!(details.exe_deleted, "{details:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

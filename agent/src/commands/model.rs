@@ -39,7 +39,7 @@ pub struct ImportArgs {
     /// YAML keyed by the input's ids that adds selectors, listens, ports and zone CIDRs.
     #[arg(long)]
     pub overlay: Option<PathBuf>,
-    /// Where to write the model; standard output when left out.
+    /// Output file for the model; standard output when left out.
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
 }
@@ -52,7 +52,7 @@ pub struct LearnArgs {
     /// An existing model: only what it does not declare is written, as entries to append.
     #[arg(long)]
     pub base: Option<PathBuf>,
-    /// Where to write the model or patch; standard output when left out.
+    /// Output file for the model or patch; standard output when left out.
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
 }

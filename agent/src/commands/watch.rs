@@ -126,7 +126,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             Err(status) if agent_went_away(&status) => {
-                // Non-zero, so that a supervisor tells a lost agent from one that stopped cleanly.
+                // Non-zero, so that a supervisor can distinguish a lost agent from one that stopped cleanly.
                 anyhow::bail!(
                     "lost the connection to the agent at {}: {}",
                     args.api,

@@ -1,4 +1,4 @@
-//! What the agent knows between kernel events: processes and sockets.
+//! State the agent keeps between kernel events: processes and sockets.
 
 pub mod process;
 pub mod sockets;

@@ -480,7 +480,7 @@ pub fn cgroup_v2_path(text: &str) -> Option<String> {
     text.lines().find_map(|line| line.strip_prefix("0::")).map(str::to_string)
 }
 
-/// The kernel appends " (deleted)" to the link of an unlinked executable.
+/// Strips the " (deleted)" that the kernel appends to the link of an unlinked executable.
 fn strip_deleted(exe: String) -> String {
     match exe.strip_suffix(" (deleted)") {
         Some(path) => path.to_string(),
@@ -597,7 +597,7 @@ mod tests {
     }
 
     #[test]
-    fn pid_reuse_after_exit_is_not_expired_by_the_old_exit() {
+    fn reused_pid_survives_old_exit() {
         let mut table = table(16);
         let start = Instant::now();
         table.on_exec(&exec(5, "/old"), "/".into());
@@ -663,7 +663,9 @@ mod tests {
         let details = exec_details(&event);
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(details.interpreter.as_deref(), Some("/bin/sh"));
-        assert!(!details.fileless && !details.from_descriptor && !details.exe_deleted);
+        assert!(!details.fileless);
+        assert!(!details.from_descriptor);
+        assert!(!details.exe_deleted);
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl SocketState {
         flushed
     }
 
-    /// The earliest deadline of a pending end, for the pipeline's timer.
+    /// Returns the earliest deadline of a pending end, for the pipeline's timer.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.order.front().map(|(deadline, _)| *deadline)
     }

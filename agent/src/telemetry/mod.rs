@@ -393,7 +393,7 @@ async fn read_ring_buffer(
     cancel: CancellationToken,
 ) {
     // The programs wake the reader only once a batch has built up (see `submit_flags` in the
-    // kernel crate), so it also drains on this timer; the period bounds the added latency.
+    // kernel crate), so it also drains on this timer. The period bounds the added latency.
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
