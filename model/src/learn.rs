@@ -86,6 +86,13 @@ pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
         );
         if let Some(exe) = &component.exe {
             let _ = writeln!(out, "    match: {{ exe: [{}] }}", quote(exe));
+        } else if let Some(workload) = &component.workload {
+            // NOTE: the graph node names the workload but does not carry its labels, so the
+            // selector is left for the reader to fill in.
+            let _ = writeln!(
+                out,
+                "    # container workload {workload}: select it with match.pod or match.container labels"
+            );
         } else {
             out.push_str(
                 "    # declared in the recording's model; copy its match selectors here\n",
@@ -127,6 +134,9 @@ struct NewComponent {
     id: String,
     zone: String,
     exe: Option<String>,
+    /// The discovered container workload (`k8s:<namespace>/<workload>/<container>`, ...) when the
+    /// node stands for a container rather than an executable.
+    workload: Option<String>,
 }
 
 /// Maps snapshot node ids to model ids and collects the zones and components to declare.
@@ -195,13 +205,16 @@ impl<'m> Names<'m> {
         }
         match kind {
             NodeKind::Discovered => {
-                let exe = node.strip_prefix("unknown:").unwrap_or(node);
+                let rest = node.strip_prefix("unknown:").unwrap_or(node);
                 self.ensure_zone(LEARNED_ZONE, 50, None);
-                let id = self.unique(&component_name(exe));
+                // Executables are absolute paths; anything else is a container workload name.
+                let is_path = rest.starts_with('/');
+                let id = self.unique(&component_name(rest));
                 self.new_components.push(NewComponent {
                     id: id.clone(),
                     zone: LEARNED_ZONE.to_owned(),
-                    exe: Some(exe.to_owned()),
+                    exe: is_path.then(|| rest.to_owned()),
+                    workload: (!is_path).then(|| rest.to_owned()),
                 });
                 self.by_node.insert(node.to_owned(), id);
             }
@@ -227,6 +240,7 @@ impl<'m> Names<'m> {
                     id: node.to_owned(),
                     zone,
                     exe: None,
+                    workload: None,
                 });
                 self.by_node.insert(node.to_owned(), node.to_owned());
             }

@@ -109,9 +109,9 @@ pub struct Selectors {
     /// Globs on the systemd unit, derived from the last `.service` or `.scope` segment of the
     /// cgroup path.
     pub unit: Option<GlobList>,
-    /// Container labels that must all be present with these values.
+    /// Container labels that must all be present with these values (compared exactly).
     pub container: Option<BTreeMap<String, String>>,
-    /// Kubernetes pod labels that must all be present with these values.
+    /// Kubernetes pod labels that must all be present with these values (compared exactly).
     pub pod: Option<BTreeMap<String, String>>,
 }
 
@@ -280,10 +280,14 @@ impl Selectors {
         let unit = self.unit.as_ref().is_none_or(|globs| {
             systemd_unit(&process.cgroup).is_some_and(|unit| globs.matches(unit))
         });
-        // NOTE: processes carry no container or pod labels yet, so a component that requires
-        // labels matches no process rather than every process.
-        let labels = self.container.is_none() && self.pod.is_none();
-        exe && cgroup && user && unit && labels
+        let container = process.container.as_deref();
+        let container_labels = self.container.as_ref().is_none_or(|required| {
+            labels_match(required, container.and_then(|c| c.labels()))
+        });
+        let pod_labels = self.pod.as_ref().is_none_or(|required| {
+            labels_match(required, container.and_then(|c| c.pod_labels()))
+        });
+        exe && cgroup && user && unit && container_labels && pod_labels
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -294,6 +298,18 @@ impl Selectors {
             && self.container.is_none()
             && self.pod.is_none()
     }
+}
+
+/// True when every required label is present in `actual` with an equal value. Values are compared
+/// exactly, as Kubernetes `matchLabels` does, not as globs. Unknown labels (`None`) match nothing,
+/// so a label selector never matches a process whose labels the runtime has not returned.
+pub fn labels_match(required: &BTreeMap<String, String>, actual: Option<&BTreeMap<String, String>>) -> bool {
+    let Some(actual) = actual else {
+        return false;
+    };
+    required
+        .iter()
+        .all(|(name, value)| actual.get(name) == Some(value))
 }
 
 /// Returns the systemd unit a cgroup path belongs to: its last segment that ends in `.service` or

@@ -1,5 +1,6 @@
 //! What the agent observed, in the terms the engine compares with the model.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -28,6 +29,85 @@ pub struct ProcessInfo {
     pub comm: String,
     /// Ancestors nearest first, as (pid, executable), up to init or the first unknown one.
     pub ancestry: Vec<(u32, String)>,
+    /// The container the process runs in, when its cgroup path names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Arc<ContainerIdentity>>,
+}
+
+/// A container as far as the agent knows it: the id and pod uid come from the cgroup path at once,
+/// the name and labels from the container runtime once a lookup returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerIdentity {
+    /// Container id, 64 hex digits.
+    pub id: String,
+    /// Runtime that created the container: `docker`, `containerd`, `cri-o`, or `kubernetes` when
+    /// the cgroup path names a pod but no runtime.
+    pub runtime: String,
+    /// Container name from the runtime (for Kubernetes, the name in the pod spec); empty when unknown.
+    #[serde(default)]
+    pub name: String,
+    /// Container labels, `None` until the runtime returned them.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Why `labels` is what it is.
+    #[serde(default)]
+    pub labels_state: LabelsState,
+    /// The Kubernetes pod, when the cgroup path names one.
+    #[serde(default)]
+    pub pod: Option<PodIdentity>,
+}
+
+/// Where the lookup of a container's labels stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelsState {
+    /// No lookup has returned yet, or no label source serves this runtime.
+    #[default]
+    Pending,
+    /// The runtime returned the labels.
+    Resolved,
+    /// The runtime does not know the container (it may have exited before the lookup).
+    NotFound,
+    /// The runtime could not be asked (socket missing, timeout, error reply).
+    Failed,
+}
+
+impl LabelsState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabelsState::Pending => "pending",
+            LabelsState::Resolved => "resolved",
+            LabelsState::NotFound => "not-found",
+            LabelsState::Failed => "failed",
+        }
+    }
+}
+
+/// A Kubernetes pod: the uid from the cgroup path, the rest from the container runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIdentity {
+    /// Pod uid with dashes, as the Kubernetes API shows it.
+    pub uid: String,
+    /// Namespace and name; empty until the runtime returned them.
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub name: String,
+    /// Pod labels, `None` until the runtime returned them.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+impl ContainerIdentity {
+    /// Returns the container labels, or `None` while they are unknown.
+    pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.labels.as_ref()
+    }
+
+    /// Returns the pod labels, or `None` when there is no pod or its labels are unknown.
+    pub fn pod_labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.pod.as_ref().and_then(|pod| pod.labels.as_ref())
+    }
 }
 
 /// Transport protocol of a flow or listener.

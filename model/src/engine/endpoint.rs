@@ -71,9 +71,45 @@ impl<'m> Side<'m, '_> {
     }
 }
 
-/// Names the graph node of a process that matches no component.
+/// Names the graph node of a process that matches no component, so that the processes of one
+/// workload share a node:
+///
+/// - a Kubernetes container: `unknown:k8s:<namespace>/<workload>/<container>`, where the workload
+///   is the pod's `app.kubernetes.io/name` or `app` label, else the pod name;
+/// - another named container: `unknown:<runtime>:<name>`, where a Docker Compose container's
+///   name is its `com.docker.compose.service` label, so its replicas share the node;
+/// - a container whose runtime has not (or not yet) named it: `unknown:container:<12-digit id>`;
+/// - any other process: `unknown:<executable>`.
 pub(crate) fn unknown_node(process: &ProcessInfo) -> String {
-    format!("unknown:{}", process.exe)
+    let Some(container) = process.container.as_deref() else {
+        return format!("unknown:{}", process.exe);
+    };
+    if let Some(pod) = container.pod.as_ref().filter(|pod| !pod.name.is_empty()) {
+        let labels = pod.labels.as_ref();
+        let workload = ["app.kubernetes.io/name", "app"]
+            .iter()
+            .find_map(|key| labels.and_then(|labels| labels.get(*key)))
+            .unwrap_or(&pod.name);
+        let mut node = format!("unknown:k8s:{}/{workload}", pod.namespace);
+        if !container.name.is_empty() {
+            node.push('/');
+            node.push_str(&container.name);
+        }
+        return node;
+    }
+    let compose_service = container
+        .labels()
+        .and_then(|labels| labels.get("com.docker.compose.service"));
+    match compose_service {
+        Some(service) => format!("unknown:{}:{service}", container.runtime),
+        None if !container.name.is_empty() => {
+            format!("unknown:{}:{}", container.runtime, container.name)
+        }
+        None => {
+            let short = container.id.get(..12).unwrap_or(&container.id);
+            format!("unknown:container:{short}")
+        }
+    }
 }
 
 pub(crate) fn external_node(ip: IpAddr) -> String {

@@ -200,12 +200,31 @@ pub(crate) fn component_stub(
         }
     };
     let mut selectors = format!("exe: [{}]", quote(&glob_literal(&process.exe)));
-    if !process.cgroup.is_empty() && process.cgroup != "/" {
+    if let Some(labels) = workload_labels(process) {
+        // A container's cgroup path ends in its id, which the next deployment changes; the
+        // workload's labels do not.
+        selectors.push_str(&labels);
+    } else if !process.cgroup.is_empty() && process.cgroup != "/" {
         selectors.push_str(&format!(", cgroup: [{}]", quote(&glob_literal(&process.cgroup))));
     }
     let stub =
         format!("components:\n  - id: {id}\n{zone_line}    match: {{ {selectors} }}\n{extra}");
     (id, stub)
+}
+
+/// Returns the label selector that names a container's workload, such as `, pod: { app: "web" }`:
+/// the pod's `app.kubernetes.io/name` or `app` label, else the container's
+/// `com.docker.compose.service` label. `None` when the process has none of them.
+fn workload_labels(process: &ProcessInfo) -> Option<String> {
+    let container = process.container.as_deref()?;
+    for key in ["app.kubernetes.io/name", "app"] {
+        if let Some(value) = container.pod_labels().and_then(|labels| labels.get(key)) {
+            return Some(format!(", pod: {{ {}: {} }}", quote(key), quote(value)));
+        }
+    }
+    let key = "com.docker.compose.service";
+    let value = container.labels().and_then(|labels| labels.get(key))?;
+    Some(format!(", container: {{ {}: {} }}", quote(key), quote(value)))
 }
 
 pub(crate) fn executables_resolution(component: &Component, exe: &str) -> String {
