@@ -1,5 +1,6 @@
 //! The driftwatch.v1 gRPC API: the messages, the `AgentService` client and server traits that
-//! tonic generates from `proto/driftwatch/v1/agent.proto`.
+//! tonic generates from `proto/driftwatch/v1/agent.proto`. Also the subset of the Kubernetes CRI
+//! that the agent reads container and pod labels with (`proto/cri/runtime/v1/labels.proto`).
 
 /// Version 1 of the API, package `driftwatch.v1`.
 #[allow(
@@ -8,4 +9,10 @@
 )]
 pub mod v1 {
     tonic::include_proto!("driftwatch.v1");
+}
+
+/// The subset of the Kubernetes Container Runtime Interface, package `runtime.v1`, that the
+/// agent's CRI label source calls and that tests serve from a fake runtime.
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
 }

@@ -13,6 +13,7 @@ use driftwatch_model::graph::{EdgeSnapshot, GraphSnapshot, NodeKind, NodeSnapsho
 use driftwatch_model::observation::{ProcessInfo, Protocol};
 use driftwatch_proto::v1 as pb;
 
+use super::convert_container::{container_from_proto, container_to_proto};
 use super::hub::{HubCounters, HubMessage, LossNotice, LossReason};
 use super::status::StatusSnapshot;
 
@@ -179,10 +180,12 @@ pub fn process_to_proto(process: &ProcessInfo) -> pb::ProcessInfo {
         cgroup: process.cgroup.clone(),
         comm: process.comm.clone(),
         ancestry: process_refs_to_proto(&process.ancestry),
+        ..container_to_proto(process.container.as_deref())
     }
 }
 
 pub fn process_from_proto(process: pb::ProcessInfo) -> ProcessInfo {
+    let container = container_from_proto(&process);
     ProcessInfo {
         pid: process.pid,
         ppid: process.ppid,
@@ -195,6 +198,7 @@ pub fn process_from_proto(process: pb::ProcessInfo) -> ProcessInfo {
         cgroup: process.cgroup,
         comm: process.comm,
         ancestry: process_refs_from_proto(process.ancestry),
+        container,
     }
 }
 

@@ -17,6 +17,7 @@ fn process() -> ProcessInfo {
         cgroup: "/system.slice/nginx.service".into(),
         comm: "curl".into(),
         ancestry: vec![(4000, "/bin/bash".into()), (1, "/sbin/init".into())],
+        container: None,
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod addr;
 pub mod client;
 pub mod convert;
+mod convert_container;
 pub mod hub;
 pub mod server;
 pub mod status;
