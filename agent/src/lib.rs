@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod commands;
+pub mod labels;
 pub mod pipeline;
 pub mod report;
 pub mod state;

@@ -3,17 +3,22 @@
 //! One task owns the process table and the socket state, turns events into observations for the
 //! model engine and publishes what the engine raises. It is the only writer of that state, so
 //! nothing in it needs a lock. The engine sits behind a mutex because the API reads its graph.
+//!
+//! Processes in containers carry the container's identity from a [`LabelTracker`]. An observation
+//! whose processes wait for a label lookup is held (see [`crate::labels::HoldQueue`]) and evaluated
+//! when the lookup returns, so a container's first connection is attributed by its labels.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use driftwatch_model::deviation::{Category, Deviation, Evidence, Severity, Stride};
 use driftwatch_model::Engine;
-use driftwatch_model::observation::{ExecObservation, FlowObservation, ListenObservation, Protocol};
+use driftwatch_model::observation::{ExecObservation, FlowObservation, ListenObservation, ProcessInfo, Protocol};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
+use crate::labels::{HoldQueue, HoldStats, LabelReply, LabelRequest, LabelStats, LabelTracker, TrackerConfig};
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
 use crate::telemetry::event::{Event, TcpEvent, TcpEventKind};
@@ -28,6 +33,13 @@ pub struct PipelineConfig {
     pub max_listeners: usize,
     /// How often kernel loss counters are checked for a telemetry gap.
     pub loss_check_interval: Duration,
+    /// The container label cache.
+    pub labels: TrackerConfig,
+    /// How long an observation waits for the labels of its processes' containers. Longer than
+    /// the lookup timeout, so that a lookup that times out still releases it.
+    pub label_hold: Duration,
+    /// Observations held at most; beyond it the oldest is evaluated without waiting.
+    pub max_held: usize,
 }
 
 impl Default for PipelineConfig {
@@ -38,6 +50,9 @@ impl Default for PipelineConfig {
             max_pending_connections: 65_536,
             max_listeners: 16_384,
             loss_check_interval: Duration::from_secs(1),
+            labels: TrackerConfig::default(),
+            label_hold: Duration::from_secs(3),
+            max_held: 4096,
         }
     }
 }
@@ -61,6 +76,10 @@ pub struct PipelineStats {
     pub lost_records: u64,
     pub processes: ProcessTableStats,
     pub sockets: SocketStats,
+    pub labels: LabelStats,
+    pub held: HoldStats,
+    /// Process entries that took a container identity with new labels after a lookup returned.
+    pub processes_relabeled: u64,
 }
 
 impl PipelineStats {
@@ -68,6 +87,8 @@ impl PipelineStats {
     pub fn named(&self) -> Vec<(String, u64)> {
         let process = &self.processes;
         let sockets = &self.sockets;
+        let labels = &self.labels;
+        let held = &self.held;
         [
             ("pipeline_events", self.events),
             ("pipeline_execs", self.execs),
@@ -92,6 +113,21 @@ impl PipelineStats {
             ("sockets_pending_overflow", sockets.pending_overflow),
             ("sockets_accepted_without_listener", sockets.accepted_without_listener),
             ("sockets_listeners_dropped", sockets.listeners_dropped),
+            ("labels_requests", labels.requests),
+            ("labels_requests_dropped", labels.requests_dropped),
+            ("labels_found", labels.found),
+            ("labels_not_found", labels.not_found),
+            ("labels_lookup_failures", labels.failures),
+            ("labels_no_source", labels.no_source),
+            ("labels_cache_entries", labels.entries),
+            ("labels_cache_evicted", labels.evicted),
+            ("labels_in_flight", labels.in_flight),
+            ("labels_processes_relabeled", self.processes_relabeled),
+            ("labels_held", held.held),
+            ("labels_held_waiting", held.waiting),
+            ("labels_held_released", held.released),
+            ("labels_held_expired", held.expired),
+            ("labels_held_overflow", held.overflow),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
@@ -138,11 +174,41 @@ pub type CgroupResolver = Box<dyn FnMut(u64) -> String + Send>;
 /// Reports the total of records lost so far between the kernel and the pipeline.
 pub type LossCounter = Box<dyn Fn() -> u64 + Send>;
 
+/// An observation that may wait for container labels before it reaches the engine.
+enum Observation {
+    Exec(ExecObservation),
+    Listen(ListenObservation),
+    Flow(FlowObservation),
+    /// A connection attempt that failed, which proves a `deny` flow held.
+    FailedConnect(FlowObservation),
+}
+
+impl Observation {
+    fn processes(&self) -> [Option<&Arc<ProcessInfo>>; 2] {
+        match self {
+            Observation::Exec(exec) => [Some(&exec.process), None],
+            Observation::Listen(listen) => [Some(&listen.process), None],
+            Observation::Flow(flow) | Observation::FailedConnect(flow) => [flow.client.as_ref(), flow.server.as_ref()],
+        }
+    }
+
+    fn processes_mut(&mut self) -> [Option<&mut Arc<ProcessInfo>>; 2] {
+        match self {
+            Observation::Exec(exec) => [Some(&mut exec.process), None],
+            Observation::Listen(listen) => [Some(&mut listen.process), None],
+            Observation::Flow(flow) | Observation::FailedConnect(flow) => [flow.client.as_mut(), flow.server.as_mut()],
+        }
+    }
+}
+
 /// The pipeline task's state.
 pub struct Pipeline {
     config: PipelineConfig,
     processes: ProcessTable,
     sockets: SocketState,
+    labels: LabelTracker,
+    label_replies: Option<mpsc::Receiver<LabelReply>>,
+    held: HoldQueue<Observation>,
     clock: KernelClock,
     resolve_cgroup: CgroupResolver,
     shared: Arc<Shared>,
@@ -156,6 +222,9 @@ impl Pipeline {
         Pipeline {
             processes: ProcessTable::new(config.processes.clone()),
             sockets,
+            labels: LabelTracker::new(config.labels.clone(), None),
+            label_replies: None,
+            held: HoldQueue::new(config.label_hold, config.max_held),
             clock: KernelClock::new(),
             resolve_cgroup,
             shared,
@@ -165,11 +234,26 @@ impl Pipeline {
         }
     }
 
+    /// Connects the pipeline to a label lookup task: misses go to `requests`, outcomes come back
+    /// on `replies`. Without it, processes in containers carry ids but never labels.
+    pub fn with_label_lookups(mut self, requests: mpsc::Sender<LabelRequest>, replies: mpsc::Receiver<LabelReply>) -> Self {
+        self.labels = LabelTracker::new(self.config.labels.clone(), Some(requests));
+        self.label_replies = Some(replies);
+        self
+    }
+
     /// Seeds the process table, and the listeners that were open before the agent started, from
     /// /proc; call before the first event. Returns the number of processes.
     pub fn seed_processes(&mut self) -> usize {
         let proc_root = std::path::Path::new("/proc");
         let processes = self.processes.seed_from_proc(proc_root);
+        // Containers that already run get their lookups now rather than at their next event.
+        let now = Instant::now();
+        for (pid, origin) in self.processes.containerized() {
+            if let Some(identity) = self.labels.identity(&origin, now) {
+                self.processes.set_container(pid, identity);
+            }
+        }
         let sockets = crate::state::seed::scan_tcp_sockets(proc_root);
         let listeners = self.sockets.seed_listeners(&sockets);
         tracing::info!(listeners, sockets = sockets.len(), "seeded listeners opened before the agent");
@@ -181,14 +265,18 @@ impl Pipeline {
         let mut loss_check = tokio::time::interval(self.config.loss_check_interval);
         loss_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported_losses = lost_records();
+        let mut label_replies = self.label_replies.take();
         loop {
             let join_deadline = self.sockets.next_deadline();
+            let hold_deadline = self.held.next_deadline();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 event = events.recv() => match event {
                     Some(event) => self.handle(event),
                     None => break,
                 },
+                Some(reply) = recv_reply(&mut label_replies) => self.apply_label_reply(reply),
+                _ = sleep_until(hold_deadline) => self.release_held(Instant::now()),
                 _ = sleep_until(join_deadline) => {
                     let flows = self.sockets.flush_expired(Instant::now());
                     self.observe_flows(flows);
@@ -208,9 +296,10 @@ impl Pipeline {
                 }
             }
         }
-        // Whatever still waits for a partner goes to the engine before the pipeline stops.
+        // Whatever still waits for a partner or for labels goes to the engine before the pipeline stops.
         let flows = self.sockets.flush_expired(Instant::now() + self.config.join_window * 2);
         self.observe_flows(flows);
+        self.release_all_held();
         self.publish_stats();
     }
 
@@ -230,7 +319,94 @@ impl Pipeline {
     /// counters, for a caller that drives [`Pipeline::handle`] itself and has no more events.
     pub fn finish(&mut self) {
         self.flush_joins(Instant::now() + self.config.join_window * 2);
+        self.release_all_held();
         self.publish_stats();
+    }
+
+    /// Applies the outcome of a label lookup: the container's processes take the new identity and
+    /// the observations held for it go to the engine.
+    pub fn apply_label_reply(&mut self, reply: LabelReply) {
+        let container_id = reply.container_id.clone();
+        if let Some(identity) = self.labels.apply(reply, Instant::now()) {
+            let updated = self.processes.update_container(&identity);
+            self.stats.processes_relabeled += updated as u64;
+            tracing::debug!(container = %container_id, state = identity.labels_state.as_str(), processes = updated, "container labels updated");
+        }
+        self.release_held(Instant::now());
+    }
+
+    /// Evaluates held observations whose lookups returned or whose hold time has passed.
+    fn release_held(&mut self, now: Instant) {
+        let labels = &self.labels;
+        let ready = self.held.take_ready(now, |observation| waits_for_labels(labels, observation));
+        for observation in ready {
+            self.evaluate(observation);
+        }
+    }
+
+    fn release_all_held(&mut self) {
+        for observation in self.held.take_all() {
+            self.evaluate(observation);
+        }
+    }
+
+    /// Gives `process` the current identity of its container, requesting a lookup when the label
+    /// cache has none; the process table entry follows.
+    fn with_container(&mut self, process: Arc<ProcessInfo>) -> Arc<ProcessInfo> {
+        let Some(details) = self.processes.exec_details(process.pid) else { return process };
+        let Some(identity) = self.labels.identity(&details.origin, Instant::now()) else { return process };
+        if process.container.as_ref().is_some_and(|known| Arc::ptr_eq(known, &identity)) {
+            return process;
+        }
+        // The table may hold a newer entry for the pid (an exec since the event); only a matching
+        // one takes the identity.
+        if self.processes.get(process.pid).is_some_and(|entry| Arc::ptr_eq(&entry, &process)) {
+            if let Some(updated) = self.processes.set_container(process.pid, identity.clone()) {
+                return updated;
+            }
+        }
+        let mut info = ProcessInfo::clone(&process);
+        info.container = Some(identity);
+        Arc::new(info)
+    }
+
+    /// Passes an observation to the engine, or queues it while a label lookup for one of its
+    /// processes is in flight.
+    fn submit(&mut self, mut observation: Observation) {
+        for process in observation.processes_mut().into_iter().flatten() {
+            *process = self.with_container(process.clone());
+        }
+        if !waits_for_labels(&self.labels, &observation) {
+            self.evaluate(observation);
+            return;
+        }
+        if let Some(oldest) = self.held.push(observation, Instant::now()) {
+            tracing::debug!("label hold queue full; evaluating the oldest observation without waiting");
+            self.evaluate(oldest);
+        }
+    }
+
+    /// Passes an observation to the engine with the latest container identities.
+    fn evaluate(&mut self, mut observation: Observation) {
+        for process in observation.processes_mut().into_iter().flatten() {
+            let Some(known) = &process.container else { continue };
+            let Some(current) = self.labels.current(&known.id) else { continue };
+            if !Arc::ptr_eq(known, current) {
+                let mut info = ProcessInfo::clone(process);
+                info.container = Some(current.clone());
+                *process = Arc::new(info);
+            }
+        }
+        let deviations = match observation {
+            Observation::Exec(exec) => self.engine().observe_exec(&exec),
+            Observation::Listen(listen) => self.engine().observe_listen(&listen),
+            Observation::Flow(flow) => self.engine().observe_flow(&flow),
+            Observation::FailedConnect(flow) => {
+                self.engine().observe_failed_connect(&flow);
+                Vec::new()
+            }
+        };
+        self.publish(deviations);
     }
 
     /// Applies one event to the state and the engine.
@@ -243,8 +419,7 @@ impl Pipeline {
                 let process = self.processes.on_exec(&exec, cgroup);
                 tracing::trace!(pid = process.pid, exe = %process.exe, "exec");
                 let observation = ExecObservation { time: self.clock.to_system(exec.ktime_ns), process };
-                let deviations = self.engine().observe_exec(&observation);
-                self.publish(deviations);
+                self.submit(Observation::Exec(observation));
             }
             Event::Fork(fork) => {
                 self.stats.forks += 1;
@@ -295,7 +470,7 @@ impl Pipeline {
                     server_addr: tcp.remote,
                     netns: tcp.netns,
                 };
-                self.engine().observe_failed_connect(&observation);
+                self.submit(Observation::FailedConnect(observation));
             }
             TcpEventKind::Connected => {
                 let process = self.processes.get(tcp.pid);
@@ -320,8 +495,7 @@ impl Pipeline {
                     protocol: Protocol::Tcp,
                     netns: tcp.netns,
                 };
-                let deviations = self.engine().observe_listen(&observation);
-                self.publish(deviations);
+                self.submit(Observation::Listen(observation));
             }
             TcpEventKind::Close => self.sockets.on_close(tcp.sock),
         }
@@ -351,8 +525,7 @@ impl Pipeline {
             server_addr: flow.server_addr,
             netns,
         };
-        let deviations = self.engine().observe_flow(&observation);
-        self.publish(deviations);
+        self.submit(Observation::Flow(observation));
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
@@ -402,6 +575,8 @@ impl Pipeline {
     fn publish_stats(&mut self) {
         self.stats.processes = self.processes.stats();
         self.stats.sockets = self.sockets.stats();
+        self.stats.labels = self.labels.stats();
+        self.stats.held = self.held.stats();
         *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
     }
 }
@@ -409,6 +584,23 @@ impl Pipeline {
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// True when a label lookup for the container of one of the observation's processes is in flight.
+fn waits_for_labels(labels: &LabelTracker, observation: &Observation) -> bool {
+    observation
+        .processes()
+        .into_iter()
+        .flatten()
+        .filter_map(|process| process.container.as_ref())
+        .any(|container| labels.is_in_flight(&container.id))
+}
+
+async fn recv_reply(replies: &mut Option<mpsc::Receiver<LabelReply>>) -> Option<LabelReply> {
+    match replies {
+        Some(replies) => replies.recv().await,
         None => std::future::pending().await,
     }
 }

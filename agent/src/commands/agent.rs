@@ -8,11 +8,13 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use driftwatch_model::Engine;
 use driftwatch_model::Model;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::{DeviationHub, HubConfig};
 use crate::api::server::{self, ApiListener};
 use crate::api::ListenAddr;
+use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
@@ -47,6 +49,17 @@ pub struct AgentArgs {
     /// Deviations kept for replay to new subscribers.
     #[arg(long, default_value_t = 4096)]
     pub history: usize,
+
+    /// Docker Engine API socket that container labels are read from. When it does not exist at
+    /// start-up, Docker containers carry ids but no labels.
+    #[arg(long, default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+
+    /// CRI runtime socket (containerd, CRI-O) that Kubernetes container and pod labels are read
+    /// from. Default: the first of /run/containerd/containerd.sock and /var/run/crio/crio.sock that
+    /// exists.
+    #[arg(long)]
+    pub cri_socket: Option<PathBuf>,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -82,7 +95,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
     let cancel = CancellationToken::new();
 
-    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub.clone(), cgroup_resolver());
+    // Label lookups run in a task of their own, so that a slow runtime never stalls the pipeline.
+    let pipeline_config = PipelineConfig::default();
+    let (label_requests, label_requests_rx) = mpsc::channel(1024);
+    let (label_replies_tx, label_replies) = mpsc::channel(1024);
+    let label_sources = label_sources(&args.docker_socket, args.cri_socket.as_deref());
+    let lookup_task = tokio::spawn(labels::run_lookups(
+        label_sources,
+        LookupConfig::default(),
+        label_requests_rx,
+        label_replies_tx,
+        cancel.clone(),
+    ));
+
+    let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub.clone(), cgroup_resolver())
+        .with_label_lookups(label_requests, label_replies);
     let seeded = pipeline.seed_processes();
     tracing::info!(processes = seeded, "process table seeded from /proc");
     let lost = {
@@ -119,6 +146,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let _ = pipeline_task.await;
         let _ = server_task.await;
+        let _ = lookup_task.await;
     })
     .await;
     if drained.is_err() {
@@ -206,4 +234,35 @@ fn cgroup_resolver() -> CgroupResolver {
             String::new()
         }
     })
+}
+
+/// Builds the label sources whose sockets exist. A missing socket disables its source with one
+/// info line: a host without Docker or Kubernetes is normal, not an error.
+fn label_sources(docker_socket: &Path, cri_socket: Option<&Path>) -> Vec<Arc<dyn LabelSource>> {
+    let mut sources: Vec<Arc<dyn LabelSource>> = Vec::new();
+    if docker_socket.exists() {
+        tracing::info!(socket = %docker_socket.display(), "docker label source enabled");
+        sources.push(Arc::new(DockerSource::new(docker_socket.to_path_buf())));
+    } else {
+        tracing::info!(socket = %docker_socket.display(), "no docker socket; docker containers carry no labels (set --docker-socket)");
+    }
+
+    let cri = match cri_socket {
+        Some(path) => Some(path.to_path_buf()).filter(|path| path.exists()),
+        None => DEFAULT_CRI_SOCKETS.iter().map(PathBuf::from).find(|path| path.exists()),
+    };
+    match cri {
+        Some(path) => {
+            tracing::info!(socket = %path.display(), "cri label source enabled");
+            sources.push(Arc::new(CriSource::new(path)));
+        }
+        None => {
+            let tried = match cri_socket {
+                Some(path) => path.display().to_string(),
+                None => DEFAULT_CRI_SOCKETS.join(", "),
+            };
+            tracing::info!(tried = %tried, "no cri socket; kubernetes containers carry no labels (set --cri-socket)");
+        }
+    }
+    sources
 }

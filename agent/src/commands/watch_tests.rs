@@ -31,6 +31,7 @@ fn sample() -> Deviation {
                 cgroup: "/system.slice/nginx.service".into(),
                 comm: "curl".into(),
                 ancestry: vec![(4000, "/bin/bash".into())],
+                container: None,
             }),
             peer_process: None,
             local_addr: Some("10.0.0.1:43210".parse().unwrap()),

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driftwatch_model::observation::ProcessInfo;
+use driftwatch_model::observation::{ContainerIdentity, ProcessInfo};
 
 use crate::state::container::{classify_cgroup, CgroupOrigin};
 use crate::telemetry::event::{ExecEvent, ExitEvent, ForkEvent, Lineage};
@@ -162,6 +162,7 @@ impl ProcessTable {
                 cgroup: String::new(),
                 comm: String::new(),
                 ancestry: Vec::new(),
+                container: None,
             },
         };
         info.pid = event.child_pid;
@@ -207,6 +208,8 @@ impl ProcessTable {
             cgroup,
             comm: event.comm.clone(),
             ancestry: self.ancestry_of(ppid),
+            // The pipeline attaches the container identity, which needs the label cache.
+            container: None,
         };
         // A non-leader thread that execs takes over the leader's pid; its own tid disappears.
         if event.tid != event.pid {
@@ -247,6 +250,44 @@ impl ProcessTable {
         info.gid = gid;
         info.user = self.users.name(uid);
         entry.info = Arc::new(info);
+    }
+
+    /// Sets the container identity of one process and returns the updated entry.
+    pub fn set_container(&mut self, pid: u32, identity: Arc<ContainerIdentity>) -> Option<Arc<ProcessInfo>> {
+        let entry = self.entries.get_mut(&pid)?;
+        if entry.info.container.as_ref().is_some_and(|known| Arc::ptr_eq(known, &identity)) {
+            return Some(entry.info.clone());
+        }
+        let mut info = ProcessInfo::clone(&entry.info);
+        info.container = Some(identity);
+        entry.info = Arc::new(info);
+        Some(entry.info.clone())
+    }
+
+    /// Gives every process of the container `identity.id` this identity, for when its labels
+    /// arrive. Returns how many processes changed.
+    pub fn update_container(&mut self, identity: &Arc<ContainerIdentity>) -> usize {
+        let mut updated = 0;
+        for entry in self.entries.values_mut() {
+            let Some(known) = &entry.info.container else { continue };
+            if known.id != identity.id || Arc::ptr_eq(known, identity) {
+                continue;
+            }
+            let mut info = ProcessInfo::clone(&entry.info);
+            info.container = Some(identity.clone());
+            entry.info = Arc::new(info);
+            updated += 1;
+        }
+        updated
+    }
+
+    /// Returns the pids of the processes whose cgroup names a container, with their cgroup origin.
+    pub fn containerized(&self) -> Vec<(u32, CgroupOrigin)> {
+        self.entries
+            .iter()
+            .filter(|(_, entry)| entry.details.origin.container.is_some())
+            .map(|(pid, entry)| (*pid, entry.details.origin.clone()))
+            .collect()
     }
 
     /// Marks the process's executable as deleted (seen by the kernel at a later event).
@@ -466,6 +507,7 @@ fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<(P
         cgroup,
         comm,
         ancestry: Vec::new(),
+        container: None,
     };
     Some((info, start_ticks))
 }
