@@ -188,7 +188,7 @@ pub const PROGRAMS: &[ProgramSpec] = &[
     },
 ];
 
-/// Where a cgroup program attaches.
+/// Attach point of a cgroup program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CgroupHook {
     /// `BPF_CGROUP_INET4_CONNECT`: `connect()` on an IPv4 socket (or an IPv4-mapped address).
@@ -205,8 +205,8 @@ pub enum CgroupHook {
 }
 
 /// One cgroup program: its function name in the eBPF object and its hook. The agent attaches it
-/// to the scope cgroup, or to the cgroup v2 root (with `BPF_F_ALLOW_MULTI`) when there is no
-/// scope, so it sees only sockets created in that subtree.
+/// to the scope cgroup, or to the cgroup v2 root when there is no scope, so it runs only for
+/// sockets created in that subtree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CgroupProgramSpec {
     pub name: &'static str,
@@ -486,7 +486,7 @@ pub const TCP_FLAG_EXE_UNLINKED: u32 = 1;
 /// [`TcpRecord::flags`] bit: `bytes_sent`, `bytes_received` and `sk_err` were read.
 pub const TCP_FLAG_SOCKET_READ: u32 = 2;
 
-/// What a [`UdpRecord`] reports, stored in [`UdpRecord::event`].
+/// Kind of a [`UdpRecord`], stored in [`UdpRecord::event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum UdpKind {
@@ -576,7 +576,7 @@ pub struct DnsRecord {
     pub family: u16,
     /// Server port, host byte order (53).
     pub sport: u16,
-    /// Local port the answer went to, host byte order.
+    /// Local port the message went to, host byte order.
     pub dport: u16,
     pub _reserved: u16,
     /// Length of the whole DNS message, which may be more than was captured.

@@ -42,9 +42,13 @@ pub fn udp_connect(target: SocketAddr, bind: Option<SocketAddr>, count: u32) -> 
         .connect(target)
         .map_err(|error| format!("UDP connect to {target} failed: {error}"))?;
     for index in 0..count {
-        socket
-            .send(format!("datagram {index}").as_bytes())
-            .map_err(|error| format!("send to {target} failed: {error}"))?;
+        match socket.send(format!("datagram {index}").as_bytes()) {
+            Ok(_) => {}
+            // A port unreachable reply to an earlier datagram fails the next send on a connected
+            // socket; the datagrams still left, and no listener is needed.
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(error) => return Err(format!("send to {target} failed: {error}")),
+        }
     }
     println!("udp-connect: {count} datagrams from {} to {target}", local_of(&socket));
     Ok(())

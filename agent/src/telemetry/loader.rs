@@ -268,9 +268,9 @@ fn hook_name(hook: CgroupHook) -> &'static str {
 }
 
 fn attach_cgroup(ebpf: &mut Ebpf, spec: &CgroupProgramSpec, cgroup: &File) -> Result<(), String> {
-    // From 5.7 on aya attaches through a bpf_link, which the kernel always lets run beside other
-    // programs and which rejects any flag; before, it uses BPF_PROG_ATTACH, which needs
-    // BPF_F_ALLOW_MULTI for that.
+    // From 5.7 on, aya attaches through a bpf_link. The kernel always runs a link beside other
+    // programs and rejects any flag on it. Before 5.7, aya uses BPF_PROG_ATTACH, which needs
+    // BPF_F_ALLOW_MULTI to do the same.
     let mode = if kernel_at_least(5, 7) {
         CgroupAttachMode::Single
     } else {
