@@ -14,7 +14,7 @@
 use core::mem::size_of;
 
 /// Ring buffer holding every record ([`ExecRecord`], [`ForkRecord`], [`ExitRecord`], [`TcpRecord`],
-/// [`CredRecord`]).
+/// [`CredRecord`], [`UdpRecord`], [`DnsRecord`]).
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Per-CPU array of `u64` loss counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -30,6 +30,10 @@ pub const MAP_SOCKETS: &str = "SOCKETS";
 /// Hash map from a listening (netns, port) to [`ListenerOwner`] flags.
 pub const MAP_LISTENERS: &str = "LISTENERS";
 
+/// LRU hash map from [`UdpFlowKey`] to [`UdpFlowCounts`]: the UDP flows already reported, so that
+/// only the first datagram of a flow becomes a record and later ones only count.
+pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS";
+
 /// Every map the eBPF object defines.
 pub const MAPS: &[&str] = &[
     MAP_EVENTS,
@@ -39,6 +43,7 @@ pub const MAPS: &[&str] = &[
     MAP_EXIT_CODES,
     MAP_SOCKETS,
     MAP_LISTENERS,
+    MAP_UDP_FLOWS,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.
@@ -183,11 +188,48 @@ pub const PROGRAMS: &[ProgramSpec] = &[
     },
 ];
 
+/// Attach point of a cgroup program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupHook {
+    /// `BPF_CGROUP_INET4_CONNECT`: `connect()` on an IPv4 socket (or an IPv4-mapped address).
+    Connect4,
+    /// `BPF_CGROUP_INET6_CONNECT`.
+    Connect6,
+    /// `BPF_CGROUP_UDP4_SENDMSG`: a datagram sent with a destination address (`sendto`,
+    /// `sendmsg`, io_uring `IORING_OP_SENDMSG`), not on a connected socket without one.
+    UdpSendmsg4,
+    /// `BPF_CGROUP_UDP6_SENDMSG`.
+    UdpSendmsg6,
+    /// `BPF_CGROUP_INET_INGRESS`: packets delivered to a socket of the cgroup.
+    SkbIngress,
+}
+
+/// One cgroup program: its function name in the eBPF object and its hook. The agent attaches it
+/// to the scope cgroup, or to the cgroup v2 root when there is no scope, so it runs only for
+/// sockets created in that subtree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupProgramSpec {
+    pub name: &'static str,
+    pub hook: CgroupHook,
+    /// When true, the agent does not start without this hook.
+    pub required: bool,
+}
+
+/// Every cgroup program in the eBPF object.
+pub const CGROUP_PROGRAMS: &[CgroupProgramSpec] = &[
+    CgroupProgramSpec { name: "udp_connect4", hook: CgroupHook::Connect4, required: false },
+    CgroupProgramSpec { name: "udp_connect6", hook: CgroupHook::Connect6, required: false },
+    CgroupProgramSpec { name: "udp_sendmsg4", hook: CgroupHook::UdpSendmsg4, required: false },
+    CgroupProgramSpec { name: "udp_sendmsg6", hook: CgroupHook::UdpSendmsg6, required: false },
+    CgroupProgramSpec { name: "dns_ingress", hook: CgroupHook::SkbIngress, required: false },
+];
+
 /// Every symbol the BPF link step must keep: programs, then maps, then globals.
 pub fn export_names() -> impl Iterator<Item = &'static str> {
     PROGRAMS
         .iter()
         .map(|program| program.name)
+        .chain(CGROUP_PROGRAMS.iter().map(|program| program.name))
         .chain(MAPS.iter().copied())
         .chain(GLOBALS.iter().copied())
 }
@@ -202,6 +244,14 @@ pub const EXIT_CODES_MAX_ENTRIES: u32 = 16384;
 pub const SOCKETS_MAX_ENTRIES: u32 = 65536;
 /// Maximum number of listening sockets tracked.
 pub const LISTENERS_MAX_ENTRIES: u32 = 8192;
+/// Maximum number of UDP flows remembered in [`MAP_UDP_FLOWS`]. When it is full the least
+/// recently used flow is forgotten, and its next datagram is reported again as a new flow.
+pub const UDP_FLOWS_MAX_ENTRIES: u32 = 16384;
+/// Bytes of a DNS message captured in a [`DnsRecord`]: the classic UDP limit of 512 bytes (RFC
+/// 1035) plus room for the EDNS answers most resolvers send. Longer messages are cut.
+pub const DNS_CAPTURE_BYTES: usize = 1024;
+/// UDP port of DNS.
+pub const DNS_PORT: u16 = 53;
 
 /// Maximum number of argv entries captured.
 pub const ARGV_MAX_ARGS: u32 = 16;
@@ -224,6 +274,8 @@ pub enum RecordKind {
     Exit = 3,
     Tcp = 4,
     Credentials = 5,
+    Udp = 6,
+    Dns = 7,
 }
 
 /// A `kind` number that no [`RecordKind`] has.
@@ -240,6 +292,8 @@ impl TryFrom<u32> for RecordKind {
             3 => Ok(Self::Exit),
             4 => Ok(Self::Tcp),
             5 => Ok(Self::Credentials),
+            6 => Ok(Self::Udp),
+            7 => Ok(Self::Dns),
             other => Err(UnknownValue(other)),
         }
     }
@@ -432,6 +486,109 @@ pub const TCP_FLAG_EXE_UNLINKED: u32 = 1;
 /// [`TcpRecord::flags`] bit: `bytes_sent`, `bytes_received` and `sk_err` were read.
 pub const TCP_FLAG_SOCKET_READ: u32 = 2;
 
+/// Kind of a [`UdpRecord`], stored in [`UdpRecord::event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum UdpKind {
+    /// The first datagram of a flow sent with a destination address (`sendto`, `sendmsg`).
+    Send = 1,
+    /// `connect()` on a UDP socket: every later `send()` on it goes to this destination.
+    Connect = 2,
+}
+
+impl TryFrom<u32> for UdpKind {
+    type Error = UnknownValue;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Send),
+            2 => Ok(Self::Connect),
+            other => Err(UnknownValue(other)),
+        }
+    }
+}
+
+/// A new UDP flow, from the cgroup `sendmsg4/6` and `connect4/6` hooks, in the sending process's
+/// context. These hooks sit below the system calls, so sends issued through io_uring arrive
+/// here too.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct UdpRecord {
+    /// `pid` and `tid` are the sender; `cgroup_id` its cgroup.
+    pub header: RecordHeader,
+    /// A [`UdpKind`] number.
+    pub event: u32,
+    /// Inode number of the socket's network namespace, 0 when unknown.
+    pub netns: u32,
+    /// Socket cookie (`bpf_get_socket_cookie`), which [`DnsRecord::cookie`] carries too.
+    pub cookie: u64,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`]: the family of the destination address.
+    pub family: u16,
+    /// Local port, host byte order; 0 when the socket is not bound yet (a connect before the
+    /// first send).
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    pub _reserved: u16,
+    /// Local address the socket is bound to, all zeros when unbound; same layout as `daddr`.
+    pub saddr: [u8; 16],
+    /// Remote address: the first 4 bytes for IPv4, all 16 for IPv6, network byte order.
+    pub daddr: [u8; 16],
+}
+
+/// Key type of [`MAP_UDP_FLOWS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct UdpFlowKey {
+    pub pid: u32,
+    pub netns: u32,
+    /// The socket cookie for DNS flows, whose answers are joined to the asking process by it;
+    /// 0 for every other flow, so that a process sending from many sockets to one destination
+    /// is still one flow.
+    pub cookie: u64,
+    pub family: u16,
+    pub dport: u16,
+    /// A [`UdpKind`] number, so that a connect after a send to the same place is still reported.
+    pub event: u32,
+    pub daddr: [u8; 16],
+}
+
+/// Value type of [`MAP_UDP_FLOWS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct UdpFlowCounts {
+    /// Datagrams sent with a destination address on this flow (connects count one each).
+    pub packets: u64,
+    /// `bpf_ktime_get_ns` of the last one.
+    pub last_ns: u64,
+}
+
+/// A DNS message received on a socket in scope, from the cgroup `skb` ingress hook: a UDP
+/// datagram from port 53. It runs in softirq context, so `header.pid` is 0 and the socket cookie
+/// names the socket that asked.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct DnsRecord {
+    pub header: RecordHeader,
+    /// Socket cookie of the receiving socket.
+    pub cookie: u64,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    pub family: u16,
+    /// Server port, host byte order (53).
+    pub sport: u16,
+    /// Local port the message went to, host byte order.
+    pub dport: u16,
+    pub _reserved: u16,
+    /// Length of the whole DNS message, which may be more than was captured.
+    pub message_len: u32,
+    /// Bytes of `data` filled, at most [`DNS_CAPTURE_BYTES`].
+    pub captured_len: u32,
+    /// Address of the server, same layout as [`UdpRecord::daddr`].
+    pub saddr: [u8; 16],
+    /// The DNS message from its header on.
+    pub data: [u8; DNS_CAPTURE_BYTES],
+}
+
 /// Member offsets in kernel structs, resolved from the running kernel's BTF at start-up and
 /// passed to the programs as [`GLOBAL_KERNEL_OFFSETS`]. A group whose `*_valid` field is 0 is
 /// not read.
@@ -607,10 +764,17 @@ pub enum Counter {
     TcpListenerMapFull = 8,
     /// `sys_exit_set*id`, `sys_exit_capset`: the ring buffer was full.
     CredRingBufferFull = 9,
+    /// `udp_sendmsg4/6`, `udp_connect4/6`: the ring buffer was full, so a new UDP flow was lost.
+    UdpRingBufferFull = 10,
+    /// `udp_sendmsg4/6`, `udp_connect4/6`: the flow could not be remembered, so its next
+    /// datagram is reported again.
+    UdpFlowMapFull = 11,
+    /// `dns_ingress`: the ring buffer was full, so a DNS answer was lost.
+    DnsRingBufferFull = 12,
 }
 
 /// Number of [`Counter`] values, the size of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 13;
 
 impl Counter {
     /// Every counter, in index order.
@@ -625,6 +789,9 @@ impl Counter {
         Counter::TcpSocketMapFull,
         Counter::TcpListenerMapFull,
         Counter::CredRingBufferFull,
+        Counter::UdpRingBufferFull,
+        Counter::UdpFlowMapFull,
+        Counter::DnsRingBufferFull,
     ];
 
     /// Returns the program that increments the counter (`sys_enter_execve` also stands for
@@ -640,6 +807,8 @@ impl Counter {
             | Counter::TcpSocketMapFull
             | Counter::TcpListenerMapFull => "inet_sock_set_state",
             Counter::CredRingBufferFull => "sys_exit_setuid",
+            Counter::UdpRingBufferFull | Counter::UdpFlowMapFull => "udp_sendmsg4",
+            Counter::DnsRingBufferFull => "dns_ingress",
         }
     }
 
@@ -652,7 +821,10 @@ impl Counter {
             | Counter::ForkRingBufferFull
             | Counter::ExitRingBufferFull
             | Counter::TcpRingBufferFull
-            | Counter::CredRingBufferFull => "ring_buffer_full",
+            | Counter::CredRingBufferFull
+            | Counter::UdpRingBufferFull
+            | Counter::DnsRingBufferFull => "ring_buffer_full",
+            Counter::UdpFlowMapFull => "udp_flow_map_full",
             Counter::ExitCodeStashFull => "exit_status_map_full",
             Counter::TcpSocketMapFull => "socket_owner_map_full",
             Counter::TcpListenerMapFull => "listener_map_full",
@@ -677,8 +849,14 @@ const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<SockOwner>() == 8);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
 const _: () = assert!(size_of::<ListenerOwner>() == 16);
+const _: () = assert!(size_of::<UdpRecord>() == 32 + 24 + 32);
+const _: () = assert!(size_of::<UdpFlowKey>() == 24 + 16);
+const _: () = assert!(size_of::<UdpFlowCounts>() == 16);
+const _: () = assert!(size_of::<DnsRecord>() == 32 + 24 + 16 + DNS_CAPTURE_BYTES);
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 const _: () = assert!(ARGV_CAPTURE_BYTES.is_power_of_two());
+// The DNS program bounds its copy length with a mask of `DNS_CAPTURE_BYTES - 1`.
+const _: () = assert!(DNS_CAPTURE_BYTES.is_power_of_two());
 
 #[cfg(feature = "user")]
 mod user {
@@ -698,4 +876,8 @@ mod user {
     unsafe impl aya::Pod for Lineage {}
     unsafe impl aya::Pod for CredRecord {}
     unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for UdpRecord {}
+    unsafe impl aya::Pod for UdpFlowKey {}
+    unsafe impl aya::Pod for UdpFlowCounts {}
+    unsafe impl aya::Pod for DnsRecord {}
 }

@@ -1,8 +1,9 @@
-//! driftwatch kernel programs: process lifecycle (exec, fork, exit) and TCP state changes, written
-//! as records into one ring buffer.
+//! driftwatch kernel programs: process lifecycle (exec, fork, exit), TCP state changes, UDP flows
+//! and DNS answers, written as records into one ring buffer.
 //!
-//! Only tracepoints are used, because their record layouts are published in tracefs and stay stable
-//! across kernels, unlike kprobes or struct offsets baked in at build time. The few kernel struct
+//! Only tracepoints and cgroup socket hooks (`sock_addr`, `skb`) are used, because their record
+//! layouts and contexts are stable across kernels, unlike kprobes or struct offsets baked in at
+//! build time. The few kernel struct
 //! reads use offsets that the agent resolves from the running kernel's BTF and passes in as
 //! global data. They cover the socket (network namespace, byte counters, error) and the task
 //! (parent, start time, pid namespace, credentials, executable file).
@@ -14,22 +15,24 @@
 #![no_std]
 
 mod cred;
+mod dns;
 mod exec;
 mod kernel;
 mod process;
 mod tcp;
+mod udp;
 
 use core::ptr::read_volatile;
 
 use agent_common::{
     ArgvStash, Counter, KernelOffsets, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
     DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES,
-    LISTENERS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES,
+    LISTENERS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES, UdpFlowCounts, UdpFlowKey,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, r#gen::bpf_get_current_ancestor_cgroup_id},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 // Map and global names must match `agent_common::MAPS` and `agent_common::GLOBALS`: the link step
@@ -76,6 +79,10 @@ static SOCKETS: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_MAX_
 #[map]
 static LISTENERS: HashMap<ListenerKey, ListenerOwner> =
     HashMap::with_max_entries(LISTENERS_MAX_ENTRIES, 0);
+
+#[map]
+static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowCounts> =
+    LruHashMap::with_max_entries(UDP_FLOWS_MAX_ENTRIES, 0);
 
 // Globals live in `.rodata` and the loader rewrites them before loading. They are read with
 // `read_volatile` so that the compiler cannot fold in the zero initialisers.

@@ -235,7 +235,7 @@ fn listener_key(ctx: &TracePointContext, skaddr: u64) -> Result<ListenerKey, i64
 
 /// Inode number of the network namespace of the socket at `skaddr`, or 0 when the offsets are
 /// unknown or a read fails.
-fn socket_netns(skaddr: u64) -> u32 {
+pub(crate) fn socket_netns(skaddr: u64) -> u32 {
     // SAFETY: plain reads of statics that the loader initialised.
     let (valid, skc_net, net_inum) = unsafe {
         (

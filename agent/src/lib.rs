@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod commands;
+pub mod dns;
 pub mod labels;
 pub mod pipeline;
 pub mod report;

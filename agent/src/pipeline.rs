@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
 use crate::labels::{HoldQueue, HoldStats, LabelReply, LabelRequest, LabelStats, LabelTracker, TrackerConfig};
+use crate::dns::{DnsConfig, DnsNames, DnsSocket, DnsStats};
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
-use crate::telemetry::event::{Event, TcpEvent, TcpEventKind};
+use crate::telemetry::event::{DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent};
 
 /// Bounds and timing of the pipeline.
 #[derive(Debug, Clone)]
@@ -40,6 +41,7 @@ pub struct PipelineConfig {
     pub label_hold: Duration,
     /// Observations held at most; beyond it the oldest is evaluated without waiting.
     pub max_held: usize,
+    pub dns: DnsConfig,
 }
 
 impl Default for PipelineConfig {
@@ -53,6 +55,7 @@ impl Default for PipelineConfig {
             labels: TrackerConfig::default(),
             label_hold: Duration::from_secs(3),
             max_held: 4096,
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct PipelineStats {
     pub exits: u64,
     pub tcp_events: u64,
     pub connect_failures: u64,
+    /// New UDP flows (first datagrams and UDP connects) reported by the kernel.
+    pub udp_flows: u64,
     pub flows: u64,
     /// Flows neither of whose ends the process table knew.
     pub flows_without_process: u64,
@@ -80,6 +85,7 @@ pub struct PipelineStats {
     pub held: HoldStats,
     /// Process entries that took a container identity with new labels after a lookup returned.
     pub processes_relabeled: u64,
+    pub dns: DnsStats,
 }
 
 impl PipelineStats {
@@ -96,6 +102,7 @@ impl PipelineStats {
             ("pipeline_exits", self.exits),
             ("pipeline_tcp_events", self.tcp_events),
             ("pipeline_connect_failures", self.connect_failures),
+            ("pipeline_udp_flows", self.udp_flows),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
             ("pipeline_listens_without_process", self.listens_without_process),
@@ -128,6 +135,15 @@ impl PipelineStats {
             ("labels_held_released", held.released),
             ("labels_held_expired", held.expired),
             ("labels_held_overflow", held.overflow),
+            ("dns_messages", self.dns.messages),
+            ("dns_parse_errors", self.dns.parse_errors),
+            ("dns_unmatched", self.dns.unmatched),
+            ("dns_cut", self.dns.cut),
+            ("dns_names_learned", self.dns.names_learned),
+            ("dns_sockets_evicted", self.dns.sockets_evicted),
+            ("dns_names_cached", self.dns.cache.entries),
+            ("dns_names_evicted", self.dns.cache.evicted),
+            ("dns_names_expired", self.dns.cache.expired),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
@@ -209,6 +225,7 @@ pub struct Pipeline {
     labels: LabelTracker,
     label_replies: Option<mpsc::Receiver<LabelReply>>,
     held: HoldQueue<Observation>,
+    dns: DnsNames,
     clock: KernelClock,
     resolve_cgroup: CgroupResolver,
     shared: Arc<Shared>,
@@ -225,6 +242,7 @@ impl Pipeline {
             labels: LabelTracker::new(config.labels.clone(), None),
             label_replies: None,
             held: HoldQueue::new(config.label_hold, config.max_held),
+            dns: DnsNames::new(&config.dns),
             clock: KernelClock::new(),
             resolve_cgroup,
             shared,
@@ -289,6 +307,7 @@ impl Pipeline {
                     }
                     self.stats.lost_records = total;
                     self.processes.expire(Instant::now());
+                    self.dns.expire(Instant::now());
                     // Declared flows not seen within the engine's window come out of its tick.
                     let unused = self.engine().tick(SystemTime::now());
                     self.publish(unused);
@@ -436,6 +455,11 @@ impl Pipeline {
                 self.stats.tcp_events += 1;
                 self.handle_tcp(tcp);
             }
+            Event::Udp(udp) => {
+                self.stats.udp_flows += 1;
+                self.handle_udp(udp);
+            }
+            Event::Dns(dns) => self.handle_dns(&dns),
             Event::Credentials(change) => {
                 tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
                 if let (Some(after), true) = (change.after, change.pid == change.tid) {
@@ -469,6 +493,7 @@ impl Pipeline {
                     client_addr: tcp.local,
                     server_addr: tcp.remote,
                     netns: tcp.netns,
+                    remote_name: self.dns.name_of(tcp.remote.ip(), now).map(str::to_owned),
                 };
                 self.submit(Observation::FailedConnect(observation));
             }
@@ -501,6 +526,44 @@ impl Pipeline {
         }
     }
 
+    /// Hands a new UDP flow to the engine, seen from the sending process only.
+    // NOTE: the receiving end of a UDP flow is not joined, even when it runs on this host, so a
+    // UDP flow between two observed processes is reported as a flow to the server's address.
+    fn handle_udp(&mut self, udp: UdpEvent) {
+        if udp.remote.port() == agent_common::DNS_PORT {
+            self.dns.on_query_socket(udp.cookie, DnsSocket { pid: udp.pid, netns: udp.netns });
+        }
+        self.stats.flows += 1;
+        let Some(process) = self.processes.get(udp.pid) else {
+            self.stats.flows_without_process += 1;
+            return;
+        };
+        tracing::trace!(pid = udp.pid, tid = udp.tid, kind = ?udp.kind, remote = %udp.remote, "udp flow");
+        let observation = FlowObservation {
+            time: self.clock.to_system(udp.ktime_ns),
+            protocol: Protocol::Udp,
+            client: Some(process),
+            server: None,
+            client_addr: udp.local,
+            server_addr: udp.remote,
+            netns: udp.netns,
+            remote_name: self.dns.name_of(udp.remote.ip(), Instant::now()).map(str::to_owned),
+        };
+        self.submit(Observation::Flow(observation));
+    }
+
+    fn handle_dns(&mut self, dns: &DnsEvent) {
+        if let Some(learned) = self.dns.on_message(dns, Instant::now()) {
+            tracing::debug!(
+                name = %learned.name,
+                addresses = ?learned.addresses,
+                pid = learned.asker.map(|asker| asker.pid),
+                server = %dns.server,
+                "learned DNS name"
+            );
+        }
+    }
+
     fn observe_flows(&mut self, flows: Vec<JoinedFlow>) {
         for flow in flows {
             self.observe_flow(flow);
@@ -524,6 +587,7 @@ impl Pipeline {
             client_addr: flow.client_addr,
             server_addr: flow.server_addr,
             netns,
+            remote_name: self.dns.name_of(flow.server_addr.ip(), Instant::now()).map(str::to_owned),
         };
         self.submit(Observation::Flow(observation));
     }
@@ -563,6 +627,7 @@ impl Pipeline {
                 source_zone: None,
                 destination_zone: None,
                 netns: 0,
+                remote_name: None,
             },
             first_seen: now,
             last_seen: now,
@@ -577,6 +642,7 @@ impl Pipeline {
         self.stats.sockets = self.sockets.stats();
         self.stats.labels = self.labels.stats();
         self.stats.held = self.held.stats();
+        self.stats.dns = self.dns.stats();
         *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
     }
 }

@@ -17,6 +17,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::Duration;
 
+mod workload;
+
 /// Applied to every socket read and write, so a stalled peer ends one request and not the process.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -28,7 +30,13 @@ usage: driftwatch-demo-service <role> [options]
   sink   --listen ADDR [--lifetime SECS] accept connections and discard what they send
   client --target ADDR --requests N      send N GET requests and check every answer
   client --target ADDR --exec COMMAND    send one EXEC request and print its output
-  connect-once --target ADDR             connect, then exit at once without sending anything";
+  connect-once --target ADDR             connect, then exit at once without sending anything
+  udp-send --target ADDR [--bind ADDR] [--count N]     send N datagrams with sendto (default 1)
+  udp-connect --target ADDR [--bind ADDR] [--count N]  connect a UDP socket, then send N datagrams
+  resolve-connect --server ADDR --name NAME --port N   ask a DNS server for NAME's A record, then
+                                                       connect to that address over TCP
+  uring-connect --target ADDR                          TCP connect through io_uring
+  uring-udp --target ADDR [--bind ADDR]                one datagram through io_uring sendmsg";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -73,6 +81,20 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 .map_err(|error| format!("connect failed: {error}"))?;
             Ok(ExitCode::SUCCESS)
         }
+        "udp-send" => workload::udp_send(options.target()?, options.bind()?, options.count.unwrap_or(1))
+            .map(|()| ExitCode::SUCCESS),
+        "udp-connect" => {
+            workload::udp_connect(options.target()?, options.bind()?, options.count.unwrap_or(1))
+                .map(|()| ExitCode::SUCCESS)
+        }
+        "resolve-connect" => {
+            let name = options.name.as_deref().ok_or_else(|| format!("missing --name NAME\n{USAGE}"))?;
+            let port = options.port.ok_or_else(|| format!("missing --port N\n{USAGE}"))?;
+            workload::resolve_connect(resolve("--server", options.server.as_deref())?, name, port)
+                .map(|()| ExitCode::SUCCESS)
+        }
+        "uring-connect" => workload::uring_connect(options.target()?).map(|()| ExitCode::SUCCESS),
+        "uring-udp" => workload::uring_udp(options.target()?, options.bind()?).map(|()| ExitCode::SUCCESS),
         other => Err(format!("unknown role {other:?}\n{USAGE}")),
     }
 }
@@ -85,6 +107,11 @@ struct Options {
     requests: Option<u32>,
     exec: Option<String>,
     lifetime: Option<u64>,
+    bind: Option<String>,
+    server: Option<String>,
+    name: Option<String>,
+    port: Option<u16>,
+    count: Option<u32>,
 }
 
 impl Options {
@@ -103,6 +130,11 @@ impl Options {
                 "--exec" => options.exec = Some(value),
                 "--requests" => options.requests = Some(parse_number(flag, &value)?),
                 "--lifetime" => options.lifetime = Some(parse_number(flag, &value)?),
+                "--bind" => options.bind = Some(value),
+                "--server" => options.server = Some(value),
+                "--name" => options.name = Some(value),
+                "--port" => options.port = Some(parse_number(flag, &value)?),
+                "--count" => options.count = Some(parse_number(flag, &value)?),
                 _ => return Err(format!("unknown option {flag:?}\n{USAGE}")),
             }
         }
@@ -119,6 +151,10 @@ impl Options {
 
     fn target(&self) -> Result<SocketAddr, String> {
         resolve("--target", self.target.as_deref())
+    }
+
+    fn bind(&self) -> Result<Option<SocketAddr>, String> {
+        self.bind.as_deref().map(|bind| resolve("--bind", Some(bind))).transpose()
     }
 }
 

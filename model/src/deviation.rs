@@ -169,6 +169,10 @@ pub struct Evidence {
     pub destination_zone: Option<String>,
     /// Network namespace inode, 0 when unknown.
     pub netns: u32,
+    /// The DNS name the acting process asked for that resolved to the remote address, when the
+    /// agent saw the answer and its TTL has not run out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_name: Option<String>,
 }
 
 /// One deviation between the observed system and the declared model.

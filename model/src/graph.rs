@@ -56,6 +56,10 @@ pub struct EdgeSnapshot {
     pub connections: u64,
     /// A few processes that used the edge, as (pid, executable).
     pub examples: Vec<(u32, String)>,
+    /// DNS names by which processes reached the edge's server addresses, at most
+    /// [`MAX_EXAMPLES`] of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_names: Vec<String>,
 }
 
 /// Connections of one edge kept as examples, so a snapshot shows who used it without growing.
@@ -85,6 +89,7 @@ struct EdgeData {
     last_seen: SystemTime,
     connections: u64,
     examples: Vec<(u32, String)>,
+    remote_names: Vec<String>,
     stamp: Stamp,
 }
 
@@ -107,6 +112,8 @@ pub struct Connection {
     pub time: SystemTime,
     /// The process that made it, as (pid, executable).
     pub example: Option<(u32, String)>,
+    /// DNS name of the server address, when known.
+    pub remote_name: Option<String>,
 }
 
 /// The observed-communication graph, bounded by an edge count.
@@ -181,6 +188,7 @@ impl ObservedGraph {
             declared,
             time,
             example,
+            remote_name,
         } = connection;
         let key = EdgeKey {
             source: source.id.clone(),
@@ -198,6 +206,11 @@ impl ObservedGraph {
             if let Some(example) = example {
                 if edge.examples.len() < MAX_EXAMPLES && !edge.examples.contains(&example) {
                     edge.examples.push(example);
+                }
+            }
+            if let Some(name) = remote_name {
+                if edge.remote_names.len() < MAX_EXAMPLES && !edge.remote_names.contains(&name) {
+                    edge.remote_names.push(name);
                 }
             }
             let previous = edge.stamp;
@@ -220,6 +233,7 @@ impl ObservedGraph {
             last_seen: time,
             connections: 1,
             examples: example.into_iter().collect(),
+            remote_names: remote_name.into_iter().collect(),
             stamp: (time, 0),
         };
         let index = self.graph.add_edge(source_index, destination_index, data);
@@ -337,6 +351,7 @@ impl ObservedGraph {
                 last_seen: e.last_seen,
                 connections: e.connections,
                 examples: e.examples.clone(),
+                remote_names: e.remote_names.clone(),
             })
             .collect();
         GraphSnapshot { nodes, edges }

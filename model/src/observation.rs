@@ -161,6 +161,8 @@ pub struct FlowObservation {
     pub server_addr: SocketAddr,
     /// Network namespace inode of the client socket (or of the server socket when the client is remote).
     pub netns: u32,
+    /// DNS name of the server address, learned from an answer a process on this host received.
+    pub remote_name: Option<String>,
 }
 
 impl FlowObservation {

@@ -163,6 +163,7 @@ fn learned_model_without_base_loads() {
                 last_seen: time,
                 connections: 3,
                 examples: vec![(7, "/usr/bin/curl".into())],
+                remote_names: vec![],
             },
             EdgeSnapshot {
                 source: "unknown:/opt/x/curl".into(),
@@ -174,6 +175,7 @@ fn learned_model_without_base_loads() {
                 last_seen: time,
                 connections: 1,
                 examples: vec![],
+                remote_names: vec![],
             },
         ],
     };

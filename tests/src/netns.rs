@@ -98,7 +98,16 @@ const BRIDGE: &str = "br0";
 impl Topology {
     /// Creates the router namespace and its bridge; names start with `dw` and a unique suffix.
     pub fn new() -> Result<Topology> {
-        let prefix = format!("dw{}", unique_suffix());
+        Topology::tagged("")
+    }
+
+    /// Like [`Topology::new`], with `tag` (at most 3 bytes) after `dw` in every namespace name,
+    /// so that concurrent test runs can tell their namespaces apart.
+    pub fn tagged(tag: &str) -> Result<Topology> {
+        if tag.len() > 3 {
+            bail!("topology tag {tag:?} is longer than 3 bytes; host names would be cut");
+        }
+        let prefix = format!("dw{tag}{}", unique_suffix());
         let router = NetNs::create(&format!("{prefix}-rt"))?;
         router.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         router.ip(&["link", "set", BRIDGE, "up"])?;

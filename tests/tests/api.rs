@@ -107,6 +107,7 @@ impl FakeView {
                 last_seen: epoch(1_700_000_500),
                 connections: 31,
                 examples: vec![(77, "/usr/sbin/nginx".into())],
+                remote_names: vec![],
             }],
         }
     }

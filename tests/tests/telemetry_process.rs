@@ -76,6 +76,7 @@ fn table_from(events: &Recorder) -> ProcessTable {
                     table.mark_exe_deleted(tcp.pid);
                 }
             }
+            Event::Udp(_) | Event::Dns(_) => {}
         }
     }
     table

@@ -211,6 +211,7 @@ fn evidence_to_proto(evidence: &Evidence) -> pb::Evidence {
         source_zone: evidence.source_zone.clone(),
         destination_zone: evidence.destination_zone.clone(),
         netns: evidence.netns,
+        remote_name: evidence.remote_name.clone(),
     }
 }
 
@@ -223,6 +224,7 @@ fn evidence_from_proto(evidence: pb::Evidence) -> Result<Evidence, ConvertError>
         source_zone: evidence.source_zone,
         destination_zone: evidence.destination_zone,
         netns: evidence.netns,
+        remote_name: evidence.remote_name,
     })
 }
 
@@ -333,6 +335,7 @@ pub fn graph_to_proto(graph: &GraphSnapshot, taken_at: SystemTime) -> pb::Graph 
             last_seen: Some(edge.last_seen.into()),
             connections: edge.connections,
             examples: process_refs_to_proto(&edge.examples),
+            remote_names: edge.remote_names.clone(),
         })
         .collect();
     pb::Graph {
@@ -379,6 +382,7 @@ pub fn graph_from_proto(graph: pb::Graph) -> Result<GraphSnapshot, ConvertError>
                 last_seen: timestamp_from_proto("edge.last_seen", edge.last_seen)?,
                 connections: edge.connections,
                 examples: process_refs_from_proto(edge.examples),
+                remote_names: edge.remote_names,
             })
         })
         .collect::<Result<_, ConvertError>>()?;

@@ -40,6 +40,7 @@ fn full_deviation() -> Deviation {
             source_zone: Some("dmz".into()),
             destination_zone: Some("core".into()),
             netns: 4026531840,
+            remote_name: None,
         },
         first_seen: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
         last_seen: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_100, 0),
@@ -175,6 +176,7 @@ fn graph_round_trips_through_proto() {
             last_seen: time + Duration::from_secs(5),
             connections: 12,
             examples: vec![(7, "/usr/sbin/nginx".into())],
+            remote_names: vec![],
         }],
     };
     let message = graph_to_proto(&graph, time);

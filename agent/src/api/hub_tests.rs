@@ -25,6 +25,7 @@ fn deviation(n: u64, category: Category, severity: Severity) -> Deviation {
             source_zone: None,
             destination_zone: None,
             netns: 0,
+            remote_name: None,
         },
         first_seen: time,
         last_seen: time,

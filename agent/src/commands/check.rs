@@ -319,6 +319,7 @@ fn telemetry_gap(counters: &TelemetryCounters, complete: bool, drain_timeout: Du
             source_zone: None,
             destination_zone: None,
             netns: 0,
+            remote_name: None,
         },
         first_seen: now,
         last_seen: now,

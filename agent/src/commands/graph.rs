@@ -104,6 +104,7 @@ mod tests {
                 last_seen: time,
                 connections: 3,
                 examples: vec![(42, "/usr/bin/curl".into())],
+                remote_names: vec![],
             }],
         }
     }

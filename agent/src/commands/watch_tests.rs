@@ -39,6 +39,7 @@ fn sample() -> Deviation {
             source_zone: Some("dmz".into()),
             destination_zone: Some("core".into()),
             netns: 0,
+            remote_name: None,
         },
         first_seen: time,
         last_seen: time + Duration::from_secs(60),

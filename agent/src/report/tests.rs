@@ -37,6 +37,7 @@ fn deviation(category: Category, severity: Severity, source: &str, destination: 
             source_zone: None,
             destination_zone: None,
             netns: 0,
+            remote_name: None,
         },
         first_seen: time,
         last_seen: time,

@@ -8,15 +8,15 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    CredRecord, CredSyscall, ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
+    CredRecord, CredSyscall, DnsRecord, ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
     ARGV_CAPTURE_BYTES, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_EXE_UNKNOWN, EXEC_FLAG_EXE_UNLINKED,
     EXEC_FLAG_LINEAGE_UNKNOWN, EXE_NAME_BYTES, FAMILY_INET, FAMILY_INET6, FILENAME_BYTES,
-    TCP_FLAG_EXE_UNLINKED,
+    TCP_FLAG_EXE_UNLINKED, DNS_CAPTURE_BYTES, UdpKind, UdpRecord,
 };
 
 use super::event::{
-    CredChange, CredEvent, Credentials, Event, ExecEvent, ExitEvent, ForkEvent, Lineage, TcpEvent,
-    TcpEventKind,
+    CredChange, CredEvent, Credentials, DnsEvent, Event, ExecEvent, ExitEvent, ForkEvent, Lineage,
+    TcpEvent, TcpEventKind, UdpEvent, UdpEventKind,
 };
 
 /// Failure to decode a record.
@@ -36,6 +36,10 @@ pub enum DecodeError {
     UnknownTcpEvent(u32),
     #[error("unknown address family {0} in a TCP record")]
     UnknownFamily(u16),
+    #[error("unknown UDP event {0}")]
+    UnknownUdpEvent(u32),
+    #[error("unknown address family {family} in a {what}")]
+    UnknownFamilyIn { family: u16, what: &'static str },
 }
 
 /// Decodes one ring buffer record.
@@ -49,7 +53,57 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         RecordKind::Exit => decode_exit(bytes),
         RecordKind::Tcp => decode_tcp(bytes),
         RecordKind::Credentials => decode_cred(bytes),
+        RecordKind::Udp => decode_udp(bytes),
+        RecordKind::Dns => decode_dns(bytes),
     }
+}
+
+fn decode_udp(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: UdpRecord = read_record(bytes, "UDP record")?;
+    let kind = match UdpKind::try_from(record.event)
+        .map_err(|unknown| DecodeError::UnknownUdpEvent(unknown.0))?
+    {
+        UdpKind::Send => UdpEventKind::Send,
+        UdpKind::Connect => UdpEventKind::Connect,
+    };
+    let (local, remote) = match record.family {
+        // An IPv4 destination on an IPv6 socket (dual stack) leaves the bound address in IPv6
+        // form, which `ipv6` turns back into IPv4 when it is mapped.
+        FAMILY_INET if record.saddr[4..].iter().any(|&byte| byte != 0) => {
+            (ipv6(record.saddr), ipv4(&record.daddr))
+        }
+        FAMILY_INET => (ipv4(&record.saddr), ipv4(&record.daddr)),
+        FAMILY_INET6 => (ipv6(record.saddr), ipv6(record.daddr)),
+        family => return Err(DecodeError::UnknownFamilyIn { family, what: "UDP record" }),
+    };
+    Ok(Event::Udp(UdpEvent {
+        ktime_ns: record.header.ktime_ns,
+        kind,
+        pid: record.header.pid,
+        tid: record.header.tid,
+        netns: record.netns,
+        cookie: record.cookie,
+        local: SocketAddr::new(local, record.sport),
+        remote: SocketAddr::new(remote, record.dport),
+    }))
+}
+
+fn decode_dns(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: DnsRecord = read_record(bytes, "DNS record")?;
+    let server = match record.family {
+        FAMILY_INET => ipv4(&record.saddr),
+        FAMILY_INET6 => ipv6(record.saddr),
+        family => return Err(DecodeError::UnknownFamilyIn { family, what: "DNS record" }),
+    };
+    let captured = (record.captured_len as usize).min(DNS_CAPTURE_BYTES);
+    Ok(Event::Dns(DnsEvent {
+        ktime_ns: record.header.ktime_ns,
+        cookie: record.cookie,
+        server: SocketAddr::new(server, record.sport),
+        local_port: record.dport,
+        message: record.data[..captured].to_vec(),
+        message_len: record.message_len,
+    }))
 }
 
 fn decode_cred(bytes: &[u8]) -> Result<Event, DecodeError> {
@@ -404,6 +458,86 @@ mod tests {
             panic!("not exec")
         };
         assert_eq!((event.exe_unlinked, event.lineage), (None, None));
+    }
+
+    fn udp_record(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> UdpRecord {
+        UdpRecord {
+            header: header(RecordKind::Udp as u32),
+            event: UdpKind::Send as u32,
+            netns: 4026531840,
+            cookie: 77,
+            family,
+            sport: 40000,
+            dport: 53,
+            _reserved: 0,
+            saddr,
+            daddr,
+        }
+    }
+
+    #[test]
+    fn udp_record_decodes_ipv4_tuple() {
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[198, 18, 1, 10]);
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[198, 18, 3, 53]);
+        let Event::Udp(event) = decode(&bytes_of(&udp_record(FAMILY_INET, saddr, daddr))).unwrap() else {
+            panic!("not udp")
+        };
+        assert_eq!(event.kind, UdpEventKind::Send);
+        assert_eq!((event.pid, event.tid, event.cookie, event.netns), (42, 43, 77, 4026531840));
+        assert_eq!(event.local, "198.18.1.10:40000".parse().unwrap());
+        assert_eq!(event.remote, "198.18.3.53:53".parse().unwrap());
+    }
+
+    #[test]
+    fn udp_record_from_dual_stack_socket_shows_ipv4() {
+        // An IPv4 destination from an IPv6 socket bound to an IPv4-mapped address.
+        let mut saddr = [0u8; 16];
+        saddr[10..12].copy_from_slice(&[0xff, 0xff]);
+        saddr[12..].copy_from_slice(&[198, 18, 1, 10]);
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[198, 18, 3, 53]);
+        let Event::Udp(event) = decode(&bytes_of(&udp_record(FAMILY_INET, saddr, daddr))).unwrap() else {
+            panic!("not udp")
+        };
+        assert_eq!(event.local, "198.18.1.10:40000".parse().unwrap());
+        assert_eq!(event.remote, "198.18.3.53:53".parse().unwrap());
+    }
+
+    #[test]
+    fn udp_record_with_unknown_event_is_rejected() {
+        let mut record = udp_record(FAMILY_INET, [0; 16], [0; 16]);
+        record.event = 9;
+        assert_eq!(decode(&bytes_of(&record)).unwrap_err(), DecodeError::UnknownUdpEvent(9));
+        record.event = UdpKind::Connect as u32;
+        record.family = 1;
+        assert_eq!(
+            decode(&bytes_of(&record)).unwrap_err(),
+            DecodeError::UnknownFamilyIn { family: 1, what: "UDP record" }
+        );
+    }
+
+    #[test]
+    fn dns_record_keeps_captured_bytes_only() {
+        let mut record = DnsRecord {
+            header: header(RecordKind::Dns as u32),
+            cookie: 77,
+            family: FAMILY_INET6,
+            sport: 53,
+            dport: 40000,
+            _reserved: 0,
+            message_len: 5000,
+            captured_len: 5000,
+            saddr: [0; 16],
+            data: [7; DNS_CAPTURE_BYTES],
+        };
+        record.saddr[15] = 1;
+        let Event::Dns(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not dns") };
+        assert_eq!(event.message.len(), DNS_CAPTURE_BYTES);
+        assert_eq!(event.message_len, 5000);
+        assert_eq!(event.server, "[::1]:53".parse().unwrap());
+        assert_eq!((event.cookie, event.local_port), (77, 40000));
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub enum Event {
     Exit(ExitEvent),
     Tcp(TcpEvent),
     Credentials(CredEvent),
+    Udp(UdpEvent),
+    Dns(DnsEvent),
 }
 
 /// System call that changed a process's credentials.
@@ -183,4 +185,49 @@ impl TcpEvent {
     pub fn timed_out(&self) -> bool {
         self.error == libc::ETIMEDOUT
     }
+}
+
+/// How a UDP flow was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpEventKind {
+    /// The first datagram sent to this destination with an address (`sendto`, `sendmsg`).
+    Send,
+    /// `connect()` on a UDP socket, which fixes the destination of every later `send()`.
+    Connect,
+}
+
+/// A new UDP flow: the first datagram a process sent to a destination, or a UDP connect. Later
+/// datagrams of the same flow are only counted in the kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpEvent {
+    pub ktime_ns: u64,
+    pub kind: UdpEventKind,
+    /// Sending process (tgid).
+    pub pid: u32,
+    /// Sending thread; an io-wq worker thread for a send that io_uring ran asynchronously.
+    pub tid: u32,
+    /// Network namespace inode of the socket, 0 when unknown.
+    pub netns: u32,
+    /// Socket cookie, an id of the socket that DNS answers to it carry too.
+    pub cookie: u64,
+    /// Local address and port; unspecified when the socket is not bound to an address, and port 0
+    /// when a connect came before the socket had a port.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// A DNS message delivered to a socket in scope: a UDP datagram from port 53.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsEvent {
+    pub ktime_ns: u64,
+    /// Cookie of the receiving socket, which the [`UdpEvent`] of the query carries too.
+    pub cookie: u64,
+    /// The server the message came from.
+    pub server: SocketAddr,
+    /// Local port the message went to.
+    pub local_port: u16,
+    /// The message, cut at the capture limit when `message_len` is larger.
+    pub message: Vec<u8>,
+    /// Length of the whole message.
+    pub message_len: u32,
 }

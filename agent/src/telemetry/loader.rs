@@ -5,17 +5,24 @@
 //! the struct offsets for the network namespace) are set before load. Each program is then loaded
 //! and attached on its own, so one refused hook is a [`HookStatus`] with its error, fatal only when
 //! the program is marked required.
+//!
+//! Cgroup programs (UDP flows, DNS answers) attach to the scope cgroup, or to the cgroup v2 root
+//! when there is no scope, in a way that lets them run beside programs other tools attached to
+//! the same cgroup.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use agent_common::{
-    KernelOffsets, ProgramSpec, GLOBAL_AGENT_TGID, GLOBAL_KERNEL_OFFSETS, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
+    CgroupHook, CgroupProgramSpec, KernelOffsets, ProgramSpec, CGROUP_PROGRAMS, GLOBAL_AGENT_TGID, GLOBAL_KERNEL_OFFSETS, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
     GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL, GLOBAL_SCOPE_ENABLED,
     MAP_EVENTS, PROGRAMS,
 };
-use aya::programs::{ProgramError, TracePoint};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, TracePoint,
+};
 use aya::{Ebpf, EbpfLoader};
 
 use super::btf::NetnsOffsets;
@@ -33,9 +40,10 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 /// Load and attach result of one hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookStatus {
-    /// Program name, also the tracepoint name.
+    /// Program name, also the tracepoint name for a tracepoint program.
     pub name: String,
-    /// `category:name` of the tracepoint.
+    /// `category:name` of the tracepoint, or `cgroup/<hook>:<cgroup directory>` for a cgroup
+    /// program.
     pub tracepoint: String,
     pub required: bool,
     pub attached: bool,
@@ -168,6 +176,38 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
         };
         hooks.push(status);
     }
+    let cgroup = cgroup_attach_point(parameters.scope);
+    for spec in CGROUP_PROGRAMS {
+        let result = cgroup
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|(path, file)| attach_cgroup(&mut ebpf, spec, file).map(|()| path));
+        let attach_point = match &cgroup {
+            Ok((path, _)) => format!("cgroup/{}:{}", hook_name(spec.hook), path.display()),
+            Err(_) => format!("cgroup/{}", hook_name(spec.hook)),
+        };
+        let error = match result {
+            Ok(path) => {
+                tracing::info!(hook = spec.name, cgroup = %path.display(), "attached");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(
+                    hook = spec.name,
+                    %error,
+                    "optional hook failed; UDP flows or DNS names are missing from the events"
+                );
+                Some(error)
+            }
+        };
+        hooks.push(HookStatus {
+            name: spec.name.to_string(),
+            tracepoint: attach_point,
+            required: spec.required,
+            attached: error.is_none(),
+            error,
+        });
+    }
     if let Some(failed) = hooks.iter().find(|hook| hook.required && !hook.attached) {
         return Err(TelemetryError::RequiredHook {
             name: failed.name.clone(),
@@ -202,6 +242,63 @@ fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<(), String> {
     program
         .attach(spec.category, spec.tracepoint)
         .map_err(|error| describe_program_error(&error))?;
+    Ok(())
+}
+
+/// Opens the cgroup directory the cgroup programs attach to: the scope, or the cgroup v2 root.
+fn cgroup_attach_point(scope: Option<&CgroupScope>) -> Result<(PathBuf, File), String> {
+    let path = match scope {
+        Some(scope) => scope.path.clone(),
+        None => super::cgroup::cgroup2_mount().map_err(|error| error.to_string())?,
+    };
+    let file = File::open(&path)
+        .map_err(|error| format!("failed to open cgroup {}: {error}", path.display()))?;
+    Ok((path, file))
+}
+
+/// Returns the libbpf section suffix of a cgroup hook, as operators know it.
+fn hook_name(hook: CgroupHook) -> &'static str {
+    match hook {
+        CgroupHook::Connect4 => "connect4",
+        CgroupHook::Connect6 => "connect6",
+        CgroupHook::UdpSendmsg4 => "sendmsg4",
+        CgroupHook::UdpSendmsg6 => "sendmsg6",
+        CgroupHook::SkbIngress => "skb_ingress",
+    }
+}
+
+fn attach_cgroup(ebpf: &mut Ebpf, spec: &CgroupProgramSpec, cgroup: &File) -> Result<(), String> {
+    // From 5.7 on, aya attaches through a bpf_link. The kernel always runs a link beside other
+    // programs and rejects any flag on it. Before 5.7, aya uses BPF_PROG_ATTACH, which needs
+    // BPF_F_ALLOW_MULTI to do the same.
+    let mode = if kernel_at_least(5, 7) {
+        CgroupAttachMode::Single
+    } else {
+        CgroupAttachMode::AllowMultiple
+    };
+    let program = ebpf
+        .program_mut(spec.name)
+        .ok_or_else(|| format!("program {} is missing from the eBPF object", spec.name))?;
+    match spec.hook {
+        CgroupHook::SkbIngress => {
+            let program: &mut CgroupSkb = program
+                .try_into()
+                .map_err(|error: ProgramError| error.to_string())?;
+            program.load().map_err(|error| describe_program_error(&error))?;
+            program
+                .attach(cgroup, CgroupSkbAttachType::Ingress, mode)
+                .map_err(|error| describe_program_error(&error))?;
+        }
+        CgroupHook::Connect4 | CgroupHook::Connect6 | CgroupHook::UdpSendmsg4 | CgroupHook::UdpSendmsg6 => {
+            let program: &mut CgroupSockAddr = program
+                .try_into()
+                .map_err(|error: ProgramError| error.to_string())?;
+            program.load().map_err(|error| describe_program_error(&error))?;
+            program
+                .attach(cgroup, mode)
+                .map_err(|error| describe_program_error(&error))?;
+        }
+    }
     Ok(())
 }
 

@@ -182,6 +182,7 @@ pub(super) fn flow_unused(flow: &Flow, last_seen: Option<SystemTime>, window: Du
             source_zone: None,
             destination_zone: None,
             netns: 0,
+            remote_name: None,
         },
     }
 }

@@ -310,6 +310,7 @@ impl Engine {
             declared,
             time: observation.time,
             example,
+            remote_name: observation.remote_name.clone(),
         };
         let new_edge = self
             .graph
@@ -551,6 +552,7 @@ fn exec_findings(model: &Model, observation: &ExecObservation) -> Vec<Finding> {
             source_zone: Some(zone.id.clone()),
             destination_zone: None,
             netns: 0,
+            remote_name: None,
         },
     }]
 }
@@ -615,6 +617,7 @@ fn flow_evidence(
         source_zone: source.zone_id().map(str::to_owned),
         destination_zone: destination.zone_id().map(str::to_owned),
         netns: observation.netns,
+        remote_name: observation.remote_name.clone(),
     }
 }
 
@@ -787,6 +790,7 @@ fn listen_findings(model: &Model, observation: &ListenObservation) -> Vec<Findin
         source_zone: None,
         destination_zone: None,
         netns: observation.netns,
+        remote_name: None,
     };
 
     let side = endpoint::local(model, &observation.process, addr);

@@ -149,6 +149,7 @@ pub fn flow(
         client_addr: addr(client_addr),
         server_addr: addr(server_addr),
         netns: 4026531840,
+        remote_name: None,
     }
 }
 

@@ -1,0 +1,459 @@
+//! UDP flows, DNS names and io_uring on real kernel events: a client process in a network
+//! namespace of its own sends datagrams (with `sendto`, on a connected socket, over IPv6 and to
+//! an IPv4-mapped address), resolves a name at a DNS server written here and connects to the
+//! answer, and connects or sends through io_uring. Every test asserts the process, executable,
+//! addresses and DNS name the agent streams over gRPC.
+//!
+//! They need root, `DRIFTWATCH_BIN` and `DRIFTWATCH_DEMO_BIN` (set by `cargo xtask test`).
+//! Namespaces and cgroups carry the tag `hC`.
+
+use std::fs;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use driftwatch_e2e::stream::{self, describe_all, process_of};
+use driftwatch_e2e::{
+    demo_service_bin, driftwatch_bin, require_root, spawn_in, unique_suffix, wait_until,
+    AgentUnderTest, Cgroup, DeviationWatcher, NetNs, ProcessGuard, Topology,
+};
+use driftwatch_proto::v1::{Category, Deviation, Protocol};
+
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(20);
+const RUN_TIMEOUT: Duration = Duration::from_secs(20);
+
+const CLIENT_V4: &str = "198.18.1.10";
+const CLIENT_V6: &str = "fd00:d5:1::10";
+const SERVER_V4: &str = "198.18.2.10";
+const SERVER_V6: &str = "fd00:d5:2::10";
+const DNS_V4: &str = "198.18.3.53";
+
+/// Declares one component, `client`, selected by cgroup, and one UDP flow to port 7001.
+const MODEL: &str = r#"version: 1
+zones:
+  - { id: internet, trust: 0, match: { cidrs: ["0.0.0.0/0", "::/0"] } }
+  - { id: lab, trust: 50 }
+components:
+  - id: client
+    zone: lab
+    match: { cgroup: ["{ROOT}/client"] }
+    executables: ["**/driftwatch-demo-service"]
+flows:
+  - { from: client, to: internet, port: 7001, proto: udp }
+exceptions: []
+"#;
+
+static AGENT_TESTS: Mutex<()> = Mutex::new(());
+
+/// One test's world: hosts client, server and dns, the cgroup `client`, the agent scoped to its
+/// parent, and a subscription to every deviation. Fields drop in declaration order.
+struct World {
+    watcher: DeviationWatcher,
+    processes: Vec<ProcessGuard>,
+    agent: AgentUnderTest,
+    client: Cgroup,
+    root: Cgroup,
+    topology: Topology,
+    service: PathBuf,
+    _model: tempfile::NamedTempFile,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl World {
+    fn start() -> World {
+        let serial = AGENT_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        require_root().unwrap();
+        let bin = driftwatch_bin().unwrap();
+        let service = demo_service_bin().unwrap();
+
+        let mut topology = Topology::tagged("hC").unwrap();
+        topology.add_host("client", &format!("{CLIENT_V4}/24"), &format!("{CLIENT_V6}/64")).unwrap();
+        topology.add_host("server", &format!("{SERVER_V4}/24"), &format!("{SERVER_V6}/64")).unwrap();
+        topology.add_host("dns", &format!("{DNS_V4}/24"), "fd00:d5:3::53/64").unwrap();
+
+        let root = Cgroup::create(&format!("dw-udp-hC-{}", unique_suffix())).unwrap();
+        let client = root.child("client").unwrap();
+        let model = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+        fs::write(model.path(), MODEL.replace("{ROOT}", root.relative_path())).unwrap();
+        let agent = AgentUnderTest::start_with(&bin, model.path(), root.path(), &[]).unwrap();
+        let watcher = DeviationWatcher::subscribe(agent.api_addr()).unwrap();
+        World {
+            watcher,
+            processes: Vec::new(),
+            agent,
+            client,
+            root,
+            topology,
+            service,
+            _model: model,
+            _serial: serial,
+        }
+    }
+
+    /// Runs the demo service with `args` on the client host, in the observed cgroup, until it
+    /// succeeds; returns its pid and its stdout.
+    fn run_client(&self, args: &[&str]) -> (u32, Vec<String>) {
+        let mut command = Command::new(&self.service);
+        command.args(args);
+        let mut process =
+            spawn_in(Some(&self.topology.host("client").netns), Some(&self.client), command).unwrap();
+        let output = process
+            .wait_success(RUN_TIMEOUT)
+            .unwrap_or_else(|error| panic!("{error:#}\nagent log:\n{}", self.agent.log()));
+        (process.pid(), output)
+    }
+
+    /// Starts a TCP listener on the server host, outside the observed cgroup.
+    fn serve_tcp(&mut self, port: u16) {
+        let mut command = Command::new(&self.service);
+        command.args(["sink", "--listen", &format!("[::]:{port}")]);
+        let process = spawn_in(Some(&self.topology.host("server").netns), None, command).unwrap();
+        process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+        self.processes.push(process);
+    }
+
+    fn client_netns(&self) -> u32 {
+        netns_inode(&self.topology.host("client").netns)
+    }
+
+    /// Waits until the agent's status shows counter `name` at `expected` (the pipeline publishes
+    /// its counters once a second), and fails with every counter when it does not get there.
+    fn assert_counter(&self, name: &str, expected: u64) {
+        let mut counters = Vec::new();
+        let reached = wait_until(OBSERVE_TIMEOUT, || {
+            counters = stream::status(self.agent.api_addr()).ok()?.counters;
+            let value = counters.iter().find(|counter| counter.name == name)?.value;
+            (value == expected).then_some(())
+        });
+        let value = counters.iter().find(|counter| counter.name == name).map(|counter| counter.value);
+        assert!(reached.is_some(), "counter {name} is {value:?}, expected {expected}; counters: {counters:?}");
+    }
+
+    fn wait_for(&self, what: &str, accept: impl Fn(&Deviation) -> bool) -> Deviation {
+        self.watcher
+            .wait_for(what, OBSERVE_TIMEOUT, accept)
+            .unwrap_or_else(|error| panic!("{error:#}\nagent log:\n{}", self.agent.log()))
+    }
+
+    /// Waits for the unexpected-flow deviation on `protocol`/`port` and checks that the demo
+    /// service with `pid` in the client's namespace caused it.
+    fn wait_for_flow(&self, protocol: Protocol, port: u16, pid: u32) -> Deviation {
+        let found = self.wait_for(&format!("unexpected-flow on port {port}"), |deviation| {
+            deviation.category == Category::UnexpectedFlow as i32
+                && deviation.protocol == protocol as i32
+                && deviation.port == Some(u32::from(port))
+        });
+        let (found_pid, exe) = process_of(&found).unwrap_or_else(|| panic!("no process in {found:?}"));
+        assert_eq!(found_pid, pid, "{}", describe_all(&[found.clone()]));
+        assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+        assert_eq!(found.source, "client");
+        assert_eq!(evidence(&found).netns, self.client_netns());
+        found
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.processes.clear();
+        let _ = self.root.kill_remaining();
+    }
+}
+
+fn evidence(deviation: &Deviation) -> &driftwatch_proto::v1::Evidence {
+    deviation.evidence.as_ref().expect("a flow deviation has evidence")
+}
+
+fn netns_inode(netns: &NetNs) -> u32 {
+    fs::metadata(netns.path()).unwrap().ino() as u32
+}
+
+/// Returns the local address in a workload's output line "... from ADDR to ADDR".
+fn local_from_output(output: &[String]) -> SocketAddr {
+    let line = output.last().expect("the workload prints one line");
+    let from = line.split(" from ").nth(1).and_then(|rest| rest.split(' ').next());
+    from.and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no local address in {line:?}"))
+}
+
+#[test]
+fn udp_sendto_raises_flow_with_exact_tuple() {
+    let world = World::start();
+
+    let (pid, output) = world.run_client(&[
+        "udp-send", "--target", &format!("{SERVER_V4}:7000"), "--bind", &format!("{CLIENT_V4}:0"), "--count", "50",
+    ]);
+
+    let found = world.wait_for_flow(Protocol::Udp, 7000, pid);
+    let local = local_from_output(&output);
+    assert_eq!(local.ip().to_string(), CLIENT_V4);
+    assert_eq!(evidence(&found).local_addr, local.to_string());
+    assert_eq!(evidence(&found).remote_addr, format!("{SERVER_V4}:7000"));
+    assert_eq!(found.id, "unexpected-flow@client@internet@udp/7000");
+
+    // Fifty datagrams are one flow: the kernel reports only the first.
+    world.assert_counter("pipeline_udp_flows", 1);
+}
+
+#[test]
+fn declared_udp_flow_raises_nothing() {
+    let world = World::start();
+
+    world.run_client(&["udp-send", "--target", &format!("{SERVER_V4}:7001")]);
+
+    let mut graph = Default::default();
+    let edge = wait_until(OBSERVE_TIMEOUT, || {
+        graph = stream::graph(world.agent.api_addr()).ok()?;
+        graph.edges.iter().find(|edge| edge.port == 7001).cloned()
+    })
+    .unwrap_or_else(|| panic!("no UDP edge on port 7001 in {graph:#?}"));
+    assert_eq!(edge.protocol, Protocol::Udp as i32);
+    assert_eq!(edge.source, "client");
+    assert_eq!(edge.destination, "internet");
+    assert!(edge.declared, "{edge:?}");
+    let raised = world.watcher.deviations();
+    assert!(raised.is_empty(), "a declared UDP flow raised:\n{}", describe_all(&raised));
+}
+
+#[test]
+fn connected_udp_raises_flow_with_exact_tuple() {
+    let world = World::start();
+
+    let (pid, output) = world.run_client(&[
+        "udp-connect", "--target", &format!("{SERVER_V4}:7002"), "--bind", &format!("{CLIENT_V4}:0"), "--count", "3",
+    ]);
+
+    let found = world.wait_for_flow(Protocol::Udp, 7002, pid);
+    assert_eq!(evidence(&found).local_addr, local_from_output(&output).to_string());
+    assert_eq!(evidence(&found).remote_addr, format!("{SERVER_V4}:7002"));
+}
+
+#[test]
+fn udp_over_ipv6_raises_flow() {
+    let world = World::start();
+
+    let (pid, output) = world.run_client(&[
+        "udp-send", "--target", &format!("[{SERVER_V6}]:7003"), "--bind", &format!("[{CLIENT_V6}]:0"),
+    ]);
+
+    let found = world.wait_for_flow(Protocol::Udp, 7003, pid);
+    let local = local_from_output(&output);
+    assert_eq!(local.ip().to_string(), CLIENT_V6);
+    assert_eq!(evidence(&found).local_addr, local.to_string());
+    assert_eq!(evidence(&found).remote_addr, format!("[{SERVER_V6}]:7003"));
+}
+
+#[test]
+fn udp_to_ipv4_mapped_address_shows_ipv4() {
+    let world = World::start();
+
+    let (pid, output) = world.run_client(&[
+        "udp-send", "--target", &format!("[::ffff:{SERVER_V4}]:7004"), "--bind", "[::]:0",
+    ]);
+
+    let found = world.wait_for_flow(Protocol::Udp, 7004, pid);
+    assert_eq!(evidence(&found).remote_addr, format!("{SERVER_V4}:7004"));
+    let local: SocketAddr = evidence(&found).local_addr.parse().unwrap();
+    assert_eq!(local.port(), local_from_output(&output).port());
+    assert!(local.ip().is_unspecified(), "local {local}");
+}
+
+#[test]
+fn io_uring_udp_send_is_attributed() {
+    let world = World::start();
+
+    let (pid, output) = world.run_client(&[
+        "uring-udp", "--target", &format!("{SERVER_V4}:7005"), "--bind", &format!("{CLIENT_V4}:0"),
+    ]);
+
+    let found = world.wait_for_flow(Protocol::Udp, 7005, pid);
+    assert_eq!(evidence(&found).local_addr, local_from_output(&output).to_string());
+    assert_eq!(evidence(&found).remote_addr, format!("{SERVER_V4}:7005"));
+}
+
+#[test]
+fn io_uring_tcp_connect_is_attributed() {
+    let mut world = World::start();
+    world.serve_tcp(9100);
+
+    let (pid, _) = world.run_client(&["uring-connect", "--target", &format!("{SERVER_V4}:9100")]);
+
+    let found = world.wait_for_flow(Protocol::Tcp, 9100, pid);
+    assert_eq!(evidence(&found).remote_addr, format!("{SERVER_V4}:9100"));
+    let local: SocketAddr = evidence(&found).local_addr.parse().unwrap();
+    assert_eq!(local.ip().to_string(), CLIENT_V4);
+    assert_ne!(local.port(), 0);
+}
+
+#[test]
+fn resolved_name_appears_in_deviation() {
+    let mut world = World::start();
+    world.serve_tcp(9000);
+    let server = DnsServer::start(
+        &world.topology.host("dns").netns,
+        SocketAddr::new(DNS_V4.parse().unwrap(), 53),
+        vec![
+            ("api.hc.test", Answer::Cname("edge.hc.test")),
+            ("edge.hc.test", Answer::A(SERVER_V4.parse().unwrap())),
+        ],
+    );
+
+    let (pid, output) = world.run_client(&[
+        "resolve-connect", "--server", &format!("{DNS_V4}:53"), "--name", "api.hc.test", "--port", "9000",
+    ]);
+    assert!(output.iter().any(|line| line.contains(SERVER_V4)), "{output:?}");
+    assert_eq!(server.stop(), 1, "the DNS server should have answered one query");
+
+    let query = world.wait_for_flow(Protocol::Udp, 53, pid);
+    assert_eq!(evidence(&query).remote_addr, format!("{DNS_V4}:53"));
+    let connect = world.wait_for_flow(Protocol::Tcp, 9000, pid);
+    assert_eq!(evidence(&connect).remote_addr, format!("{SERVER_V4}:9000"));
+    assert_eq!(evidence(&connect).remote_name.as_deref(), Some("api.hc.test"));
+
+    let mut graph = Default::default();
+    let edge = wait_until(OBSERVE_TIMEOUT, || {
+        graph = stream::graph(world.agent.api_addr()).ok()?;
+        graph.edges.iter().find(|edge| edge.port == 9000).cloned()
+    })
+    .unwrap_or_else(|| panic!("no edge on port 9000 in {graph:#?}"));
+    assert_eq!(edge.remote_names, ["api.hc.test"]);
+
+    world.assert_counter("dns_messages", 1);
+    world.assert_counter("dns_unmatched", 0);
+    world.assert_counter("dns_names_learned", 1);
+}
+
+/// What the test's DNS server answers for a name.
+#[derive(Clone, Copy)]
+enum Answer {
+    A(std::net::Ipv4Addr),
+    Cname(&'static str),
+}
+
+/// A DNS server on a thread that entered a test namespace: it answers A queries from a fixed
+/// table, following CNAMEs within the table, and counts the queries it answered.
+struct DnsServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u32>>,
+}
+
+impl DnsServer {
+    fn start(netns: &NetNs, address: SocketAddr, table: Vec<(&'static str, Answer)>) -> DnsServer {
+        let namespace = fs::File::open(netns.path()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_sender, ready) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
+                let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(entered, 0, "setns failed: {}", std::io::Error::last_os_error());
+                let socket = UdpSocket::bind(address).unwrap();
+                socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                ready_sender.send(()).unwrap();
+                let mut answered = 0;
+                let mut buffer = [0u8; 512];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((length, peer)) = socket.recv_from(&mut buffer) else { continue };
+                    if let Some(reply) = answer(&buffer[..length], &table) {
+                        socket.send_to(&reply, peer).unwrap();
+                        answered += 1;
+                    }
+                }
+                answered
+            })
+        };
+        ready.recv_timeout(RUN_TIMEOUT).expect("the DNS server did not start");
+        DnsServer { stop, thread: Some(thread) }
+    }
+
+    /// Stops the server and returns how many queries it answered.
+    fn stop(mut self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |thread| thread.join().expect("the DNS server panicked"))
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Builds the answer to a query, with every record its name leads to in the table; `None` for
+/// anything but a well-formed single question.
+fn answer(query: &[u8], table: &[(&'static str, Answer)]) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[4..6] != [0, 1] {
+        return None;
+    }
+    let mut position = 12;
+    let mut labels = Vec::new();
+    loop {
+        let length = usize::from(*query.get(position)?);
+        position += 1;
+        if length == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(position..position + length)?).into_owned());
+        position += length;
+    }
+    let question_end = position + 4;
+    let mut reply = query.get(..question_end)?.to_vec();
+    reply[2] = 0x81;
+    reply[3] = 0x80;
+
+    let mut name = labels.join(".");
+    let mut records = 0u16;
+    for _ in 0..table.len() {
+        let Some((_, found)) = table.iter().find(|(entry, _)| *entry == name) else { break };
+        reply.extend(encode_name(&name));
+        match found {
+            Answer::A(address) => {
+                reply.extend([0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                reply.extend(address.octets());
+                records += 1;
+                break;
+            }
+            Answer::Cname(target) => {
+                let target_bytes = encode_name(target);
+                reply.extend([0, 5, 0, 1, 0, 0, 0, 30]);
+                reply.extend((target_bytes.len() as u16).to_be_bytes());
+                reply.extend(target_bytes);
+                records += 1;
+                name = target.to_string();
+            }
+        }
+    }
+    reply[6..8].copy_from_slice(&records.to_be_bytes());
+    Some(reply)
+}
+
+fn encode_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.split('.') {
+        out.push(label.len() as u8);
+        out.extend(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+#[test]
+fn dns_server_answers_cname_chain() {
+    let table = vec![("a.test", Answer::Cname("b.test")), ("b.test", Answer::A("10.0.0.1".parse().unwrap()))];
+    let mut query = vec![0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    query.extend(encode_name("a.test"));
+    query.extend([0, 1, 0, 1]);
+    let reply = answer(&query, &table).unwrap();
+    assert_eq!(&reply[..2], &[0xab, 0xcd]);
+    assert_eq!(&reply[6..8], &[0, 2]);
+    assert!(reply.ends_with(&[0, 4, 10, 0, 0, 1]), "{reply:?}");
+}
