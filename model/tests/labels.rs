@@ -123,6 +123,7 @@ components: []
         client_addr: client,
         server_addr: server,
         netns: 0,
+        remote_name: None,
     });
     let snapshot = engine.graph_snapshot();
     let edge = snapshot.edges.first().expect("one edge");
@@ -173,6 +174,7 @@ components: []
         client_addr: "10.0.0.1:40000".parse().unwrap(),
         server_addr: "198.51.100.7:443".parse().unwrap(),
         netns: 0,
+        remote_name: None,
     });
     let unknown = deviations
         .iter()
