@@ -64,6 +64,7 @@ fn deviation(n: u64, category: Category, severity: Severity) -> Deviation {
             source_zone: Some("dmz".into()),
             destination_zone: Some("core".into()),
             netns: 4026531840,
+            remote_name: None,
         },
         first_seen: epoch(1_700_000_000),
         last_seen: epoch(1_700_000_000 + n),

@@ -40,7 +40,7 @@ fn full_deviation() -> Deviation {
             source_zone: Some("dmz".into()),
             destination_zone: Some("core".into()),
             netns: 4026531840,
-            remote_name: None,
+            remote_name: Some("db.internal.test".into()),
         },
         first_seen: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
         last_seen: SystemTime::UNIX_EPOCH + Duration::new(1_700_000_100, 0),
@@ -62,6 +62,10 @@ fn deviation_round_trips_through_proto() {
         "10.0.0.2:5432"
     );
     assert_eq!(message.port, Some(5432));
+    assert_eq!(
+        message.evidence.as_ref().unwrap().remote_name.as_deref(),
+        Some("db.internal.test")
+    );
     assert_eq!(deviation_from_proto(message), Ok(original));
 }
 
