@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
+use crate::state::seed::{SeededSocket, SeededState};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
-use crate::telemetry::event::{Event, TcpEvent, TcpEventKind};
+use crate::telemetry::event::{AcceptEvent, Event, TcpEvent, TcpEventKind};
 
 /// Bounds and timing of the pipeline.
 #[derive(Debug, Clone)]
@@ -26,6 +27,10 @@ pub struct PipelineConfig {
     pub join_window: Duration,
     pub max_pending_connections: usize,
     pub max_listeners: usize,
+    /// How long an accepted connection waits for the `accept` event that names the process that
+    /// took it, when the kernel reports acceptors. A worker that accepts later than this is not
+    /// named: the connection keeps the listener's owner.
+    pub accept_window: Duration,
     /// How often kernel loss counters are checked for a telemetry gap.
     pub loss_check_interval: Duration,
 }
@@ -37,6 +42,7 @@ impl Default for PipelineConfig {
             join_window: Duration::from_millis(50),
             max_pending_connections: 65_536,
             max_listeners: 16_384,
+            accept_window: Duration::from_millis(250),
             loss_check_interval: Duration::from_secs(1),
         }
     }
@@ -50,6 +56,7 @@ pub struct PipelineStats {
     pub forks: u64,
     pub exits: u64,
     pub tcp_events: u64,
+    pub accepts: u64,
     pub connect_failures: u64,
     pub flows: u64,
     /// Flows neither of whose ends the process table knew.
@@ -74,6 +81,7 @@ impl PipelineStats {
             ("pipeline_forks", self.forks),
             ("pipeline_exits", self.exits),
             ("pipeline_tcp_events", self.tcp_events),
+            ("pipeline_accepts", self.accepts),
             ("pipeline_connect_failures", self.connect_failures),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
@@ -92,11 +100,33 @@ impl PipelineStats {
             ("sockets_pending_overflow", sockets.pending_overflow),
             ("sockets_accepted_without_listener", sockets.accepted_without_listener),
             ("sockets_listeners_dropped", sockets.listeners_dropped),
+            ("sockets_accepts_by_acceptor", sockets.accepts_by_acceptor),
+            ("sockets_accepts_by_listener_owner", sockets.accepts_by_listener_owner),
+            ("sockets_late_accepts", sockets.late_accepts),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
         .collect()
     }
+}
+
+/// What [`Pipeline::seed_from_proc`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Seeded {
+    /// Processes added to the process table.
+    pub processes: usize,
+    /// Listening sockets in scope, with their owners.
+    pub listeners: Vec<SeededSocket>,
+    /// Established connection ends added to the join.
+    pub connections: usize,
+    /// Established connections in scope, with their owners.
+    pub established: Vec<SeededSocket>,
+}
+
+/// True when the cgroup path `cgroup` is `scope` or a cgroup below it.
+fn cgroup_within(cgroup: &str, scope: &str) -> bool {
+    let scope = scope.trim_end_matches('/');
+    scope.is_empty() || cgroup == scope || cgroup.strip_prefix(scope).is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// State the pipeline shares with the API.
@@ -165,15 +195,35 @@ impl Pipeline {
         }
     }
 
-    /// Seeds the process table, and the listeners that were open before the agent started, from
-    /// /proc; call before the first event. Returns the number of processes.
-    pub fn seed_processes(&mut self) -> usize {
+    /// Makes accepted connections wait for the `accept` event that names their process; call it
+    /// when the kernel reports acceptors ([`crate::telemetry::Telemetry::reports_acceptors`]).
+    pub fn await_acceptors(&mut self) {
+        self.sockets.await_acceptors(self.config.accept_window);
+    }
+
+    /// Seeds the process table, the listeners and the established TCP connections that existed
+    /// before the agent started, from /proc; call before the first event. Only sockets of
+    /// processes whose cgroup path is `scope` or below it are used, when a scope is given.
+    /// Returns what was seeded; its listeners are the ones to seed in the kernel too.
+    pub fn seed_from_proc(&mut self, scope: Option<&str>) -> Seeded {
         let proc_root = std::path::Path::new("/proc");
         let processes = self.processes.seed_from_proc(proc_root);
-        let sockets = crate::state::seed::scan_tcp_sockets(proc_root);
+        let agent = std::process::id();
+        let in_scope = |pid: u32| {
+            let Some(scope) = scope else { return true };
+            self.processes.get(pid).is_some_and(|process| cgroup_within(&process.cgroup, scope))
+        };
+        let sockets: Vec<SeededSocket> = crate::state::seed::scan_tcp_sockets(proc_root)
+            .into_iter()
+            .filter(|socket| socket.pid != 0 && socket.pid != agent && in_scope(socket.pid))
+            .collect();
         let listeners = self.sockets.seed_listeners(&sockets);
-        tracing::info!(listeners, sockets = sockets.len(), "seeded listeners opened before the agent");
-        processes
+        let processes_table = &self.processes;
+        let (connections, flows) = self.sockets.seed_connections(&sockets, |pid| processes_table.get(pid), Instant::now());
+        tracing::info!(processes, listeners, connections, "seeded processes and sockets opened before the agent");
+        self.observe_flows(flows);
+        let (listeners, established) = sockets.into_iter().partition(|socket| socket.state == SeededState::Listen);
+        Seeded { processes, listeners, connections, established }
     }
 
     /// Handles events until `cancel` fires or the event channel closes.
@@ -261,6 +311,10 @@ impl Pipeline {
                 self.stats.tcp_events += 1;
                 self.handle_tcp(tcp);
             }
+            Event::Accept(accept) => {
+                self.stats.accepts += 1;
+                self.handle_accept(accept);
+            }
             Event::Credentials(change) => {
                 tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
                 if let (Some(after), true) = (change.after, change.pid == change.tid) {
@@ -304,7 +358,7 @@ impl Pipeline {
             }
             TcpEventKind::Accepted => {
                 let processes = &self.processes;
-                let flows = self.sockets.on_accepted(|pid| processes.get(pid), tcp.netns, tcp.local, tcp.remote, now);
+                let flows = self.sockets.on_accepted(|pid| processes.get(pid), tcp.sock, tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Listen => {
@@ -325,6 +379,27 @@ impl Pipeline {
             }
             TcpEventKind::Close => self.sockets.on_close(tcp.sock),
         }
+    }
+
+    fn handle_accept(&mut self, accept: AcceptEvent) {
+        tracing::trace!(pid = accept.pid, fd = accept.fd, local = %accept.local, remote = %accept.remote, "accept");
+        if let Some(lineage) = accept.lineage {
+            self.processes.observe_lineage(accept.pid, lineage);
+        }
+        if accept.exe_unlinked {
+            self.processes.mark_exe_deleted(accept.pid);
+        }
+        let process = self.processes.get(accept.pid);
+        let flows = self.sockets.on_accept(
+            process,
+            accept.pid,
+            accept.sock,
+            accept.netns,
+            accept.local,
+            accept.remote,
+            Instant::now(),
+        );
+        self.observe_flows(flows);
     }
 
     fn observe_flows(&mut self, flows: Vec<JoinedFlow>) {
@@ -410,5 +485,19 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_within;
+
+    #[test]
+    fn cgroup_within_scope_needs_a_whole_component() {
+        assert!(cgroup_within("/dw/web", "/dw"));
+        assert!(cgroup_within("/dw", "/dw/"));
+        assert!(cgroup_within("/anything", "/"));
+        assert!(!cgroup_within("/dw-other/web", "/dw"));
+        assert!(!cgroup_within("/", "/dw"));
     }
 }
