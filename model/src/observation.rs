@@ -28,6 +28,44 @@ pub struct ProcessInfo {
     pub comm: String,
     /// Ancestors nearest first, as (pid, executable), up to init or the first unknown one.
     pub ancestry: Vec<(u32, String)>,
+    /// How the program was started and where the process runs, beyond `exe`.
+    #[serde(default)]
+    pub exec: ExecFacts,
+}
+
+/// How a process's program was started and where it runs: facts from the exec record and the
+/// cgroup path that the executable path alone does not show.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecFacts {
+    /// Runs from a memfd: no file on any file system ever held the program.
+    pub fileless: bool,
+    /// The executable had no directory entry at exec time, or lost it while the process ran.
+    pub exe_deleted: bool,
+    /// Started from a file descriptor (`fexecve`, `execveat` with `AT_EMPTY_PATH`).
+    pub from_descriptor: bool,
+    /// For a script: the interpreter named on its `#!` line. `ProcessInfo::exe` is the script.
+    pub interpreter: Option<String>,
+    /// Process id inside the process's own pid namespace, when known.
+    pub namespace_pid: Option<u32>,
+    /// Depth of that pid namespace: 0 for the host's, 1 for a container's on the host.
+    pub pid_namespace_level: u32,
+    /// The innermost systemd unit that the cgroup path names (`nginx.service`).
+    pub systemd_unit: Option<String>,
+    /// Container runtime and id that the cgroup path names.
+    pub container: Option<Container>,
+    /// Kubernetes pod uid that the cgroup path names, with dashes.
+    pub pod_uid: Option<String>,
+}
+
+/// A container named by a cgroup path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// `docker`, `containerd`, `cri-o`, or `kubernetes` for a pod's container whose cgroup
+    /// names no runtime.
+    pub runtime: String,
+    /// The 64-hex-digit container id.
+    pub id: String,
 }
 
 /// Transport protocol of a flow or listener.

@@ -56,6 +56,7 @@ fn deviation(n: u64, category: Category, severity: Severity) -> Deviation {
                 cgroup: "/system.slice/nginx.service".into(),
                 comm: "curl".into(),
                 ancestry: vec![(4000, "/bin/bash".into()), (1, "/sbin/init".into())],
+                exec: Default::default(),
             }),
             peer_process: None,
             local_addr: Some("10.0.0.1:43210".parse().unwrap()),

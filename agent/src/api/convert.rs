@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use driftwatch_model::deviation::{Category, Deviation, Evidence, Severity, Stride};
 use driftwatch_model::graph::{EdgeSnapshot, GraphSnapshot, NodeKind, NodeSnapshot};
-use driftwatch_model::observation::{ProcessInfo, Protocol};
+use driftwatch_model::observation::{Container, ExecFacts, ProcessInfo, Protocol};
 use driftwatch_proto::v1 as pb;
 
 use super::hub::{HubCounters, HubMessage, LossNotice, LossReason};
@@ -179,7 +179,26 @@ pub fn process_to_proto(process: &ProcessInfo) -> pb::ProcessInfo {
         cgroup: process.cgroup.clone(),
         comm: process.comm.clone(),
         ancestry: process_refs_to_proto(&process.ancestry),
+        fileless: process.exec.fileless,
+        exe_deleted: process.exec.exe_deleted,
+        from_descriptor: process.exec.from_descriptor,
+        interpreter: process.exec.interpreter.clone(),
+        namespace_pid: process.exec.namespace_pid,
+        pid_namespace_level: process.exec.pid_namespace_level,
+        systemd_unit: process.exec.systemd_unit.clone(),
+        container: container_to_proto(&process.exec),
     }
+}
+
+fn container_to_proto(exec: &ExecFacts) -> Option<pb::ContainerInfo> {
+    if exec.container.is_none() && exec.pod_uid.is_none() {
+        return None;
+    }
+    let (runtime, id) = match &exec.container {
+        Some(container) => (container.runtime.clone(), container.id.clone()),
+        None => (String::new(), String::new()),
+    };
+    Some(pb::ContainerInfo { runtime, id, pod_uid: exec.pod_uid.clone() })
 }
 
 pub fn process_from_proto(process: pb::ProcessInfo) -> ProcessInfo {
@@ -195,6 +214,21 @@ pub fn process_from_proto(process: pb::ProcessInfo) -> ProcessInfo {
         cgroup: process.cgroup,
         comm: process.comm,
         ancestry: process_refs_from_proto(process.ancestry),
+        exec: ExecFacts {
+            fileless: process.fileless,
+            exe_deleted: process.exe_deleted,
+            from_descriptor: process.from_descriptor,
+            interpreter: process.interpreter,
+            namespace_pid: process.namespace_pid,
+            pid_namespace_level: process.pid_namespace_level,
+            systemd_unit: process.systemd_unit,
+            container: process
+                .container
+                .as_ref()
+                .filter(|container| !container.id.is_empty())
+                .map(|container| Container { runtime: container.runtime.clone(), id: container.id.clone() }),
+            pod_uid: process.container.and_then(|container| container.pod_uid),
+        },
     }
 }
 

@@ -17,6 +17,17 @@ fn process() -> ProcessInfo {
         cgroup: "/system.slice/nginx.service".into(),
         comm: "curl".into(),
         ancestry: vec![(4000, "/bin/bash".into()), (1, "/sbin/init".into())],
+        exec: ExecFacts {
+            fileless: false,
+            exe_deleted: true,
+            from_descriptor: false,
+            interpreter: Some("/usr/bin/python3".into()),
+            namespace_pid: Some(7),
+            pid_namespace_level: 1,
+            systemd_unit: Some("docker-0123.scope".into()),
+            container: Some(Container { runtime: "docker".into(), id: "0123".into() }),
+            pod_uid: None,
+        },
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use driftwatch_model::deviation::{Category, Deviation, Severity};
-use driftwatch_model::observation::ProcessInfo;
+use driftwatch_model::observation::{ExecFacts, ProcessInfo};
 use driftwatch_proto::v1 as pb;
 use pb::stream_deviations_response::Payload;
 use serde_json::{json, Value};
@@ -320,6 +320,7 @@ fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo)
     if !process.cgroup.is_empty() {
         writeln!(out, "    {:<10} {}", "cgroup", escape_controls(&process.cgroup))?;
     }
+    print_exec_lines(out, &process.exec)?;
     if !process.ancestry.is_empty() {
         let ancestry: Vec<String> = process
             .ancestry
@@ -327,6 +328,42 @@ fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo)
             .map(|(pid, exe)| format!("{pid} {}", escape_controls(exe)))
             .collect();
         writeln!(out, "    {:<10} {}", "ancestry", ancestry.join(" <- "))?;
+    }
+    Ok(())
+}
+
+/// Prints how the program was started and where it runs, one line per kind of fact, and only the
+/// lines that say something.
+fn print_exec_lines(out: &mut impl Write, exec: &ExecFacts) -> io::Result<()> {
+    let mut started = Vec::new();
+    if exec.fileless {
+        started.push("fileless (memfd)".to_string());
+    }
+    if exec.exe_deleted && !exec.fileless {
+        started.push("deleted binary".to_string());
+    }
+    if exec.from_descriptor {
+        started.push("from a file descriptor".to_string());
+    }
+    if let Some(interpreter) = &exec.interpreter {
+        started.push(format!("script run by {}", escape_controls(interpreter)));
+    }
+    if !started.is_empty() {
+        writeln!(out, "    {:<10} {}", "exec", started.join(", "))?;
+    }
+    if let (Some(pid), true) = (exec.namespace_pid, exec.pid_namespace_level > 0) {
+        writeln!(out, "    {:<10} pid {pid} in its pid namespace (level {})", "pidns", exec.pid_namespace_level)?;
+    }
+    if let Some(unit) = &exec.systemd_unit {
+        writeln!(out, "    {:<10} {}", "unit", escape_controls(unit))?;
+    }
+    let container = exec.container.as_ref().map(|container| {
+        format!("{} {}", escape_controls(&container.runtime), escape_controls(&container.id))
+    });
+    let pod = exec.pod_uid.as_ref().map(|uid| format!("pod {}", escape_controls(uid)));
+    let placement: Vec<String> = container.into_iter().chain(pod).collect();
+    if !placement.is_empty() {
+        writeln!(out, "    {:<10} {}", "container", placement.join(", "))?;
     }
     Ok(())
 }

@@ -88,6 +88,7 @@ pub fn process(pid: u32, exe: &str, cgroup: &str) -> ProcessInfo {
             .take(15)
             .collect(),
         ancestry: vec![(1, "/usr/lib/systemd/systemd".to_owned())],
+        exec: Default::default(),
     }
 }
 
