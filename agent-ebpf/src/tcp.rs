@@ -142,23 +142,23 @@ fn on_handshake_end(
 }
 
 /// Removes and returns the owner that the agent seeded for this connection, if any.
+// Kept out of line: inlined, its key would share the program's frame with the record that
+// `emit` builds, and the verifier rejects the combined stack.
+#[inline(never)]
 fn take_seeded(ctx: &TracePointContext, skaddr: u64) -> Option<SockOwner> {
+    let mut key = ConnectionKey { netns: socket_netns(skaddr), sport: 0, dport: 0, saddr: [0; 16], daddr: [0; 16] };
     // SAFETY: offsets of this tracepoint's fields.
-    let family: u16 = unsafe { ctx.read_at(FAMILY_OFFSET) }.ok()?;
-    let (saddr, daddr): ([u8; 16], [u8; 16]) = if family == FAMILY_INET6 {
-        unsafe { (ctx.read_at(SADDR_V6_OFFSET).ok()?, ctx.read_at(DADDR_V6_OFFSET).ok()?) }
-    } else {
-        let source: [u8; 4] = unsafe { ctx.read_at(SADDR_OFFSET) }.ok()?;
-        let destination: [u8; 4] = unsafe { ctx.read_at(DADDR_OFFSET) }.ok()?;
-        (widen_ipv4(source), widen_ipv4(destination))
-    };
-    let key = ConnectionKey {
-        netns: socket_netns(skaddr),
-        sport: unsafe { ctx.read_at(SPORT_OFFSET) }.ok()?,
-        dport: unsafe { ctx.read_at(DPORT_OFFSET) }.ok()?,
-        saddr,
-        daddr,
-    };
+    unsafe {
+        key.sport = ctx.read_at(SPORT_OFFSET).ok()?;
+        key.dport = ctx.read_at(DPORT_OFFSET).ok()?;
+        if ctx.read_at::<u16>(FAMILY_OFFSET).ok()? == FAMILY_INET6 {
+            key.saddr = ctx.read_at(SADDR_V6_OFFSET).ok()?;
+            key.daddr = ctx.read_at(DADDR_V6_OFFSET).ok()?;
+        } else {
+            key.saddr = widen_ipv4(ctx.read_at(SADDR_OFFSET).ok()?);
+            key.daddr = widen_ipv4(ctx.read_at(DADDR_OFFSET).ok()?);
+        }
+    }
     // SAFETY: the value is copied out before the entry is removed.
     let owner = unsafe { SEEDED_CONNECTIONS.get(&key) }.copied()?;
     let _ = SEEDED_CONNECTIONS.remove(&key);
