@@ -110,7 +110,7 @@ impl PipelineStats {
     }
 }
 
-/// What [`Pipeline::seed_from_proc`] found.
+/// Result of [`Pipeline::seed_from_proc`]: what existed before the agent started.
 #[derive(Debug, Clone, Default)]
 pub struct Seeded {
     /// Processes added to the process table.

@@ -104,7 +104,7 @@ struct Pending {
     awaiting_acceptor: Option<u64>,
 }
 
-/// What the join remembers of an accepted socket it no longer holds.
+/// State of an accepted socket that the join has handed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RecentSocket {
     /// The `accept` event came first and its end went into the join; the `Accepted` event adds
