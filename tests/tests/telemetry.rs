@@ -250,6 +250,9 @@ async fn processes_outside_scope_not_reported() {
                     || tcp.remote.port() == server_port
             }
             Event::Credentials(change) => outside_pids.contains(&change.pid),
+            Event::Accept(accept) => {
+                outside_pids.contains(&accept.pid) || accept.local.port() == server_port
+            }
         })
         .collect();
     assert!(

@@ -76,6 +76,11 @@ fn table_from(events: &Recorder) -> ProcessTable {
                     table.mark_exe_deleted(tcp.pid);
                 }
             }
+            Event::Accept(accept) => {
+                if let Some(lineage) = accept.lineage {
+                    table.observe_lineage(accept.pid, lineage);
+                }
+            }
         }
     }
     table
