@@ -177,10 +177,11 @@ impl ProcessTable {
     pub fn on_fork(&mut self, event: &ForkEvent) {
         let parent = self.entries.get(&event.parent_pid);
         let mut details = parent.map(|entry| entry.details.clone()).unwrap_or_default();
-        // The child has a pid of its own in the namespace too, which only its exec reports.
-        if details.namespace_pid.is_some() {
+        // The child has a pid of its own in the namespace too. In the host's namespace it is the
+        // child's pid; in any other only the child's exec reports it.
+        if let Some((_, level)) = details.namespace_pid {
             let mut own = ExecDetails::clone(&details);
-            own.namespace_pid = None;
+            own.namespace_pid = (level == 0).then_some((event.child_pid, 0));
             details = Arc::new(own);
         }
         let mut info = match parent.map(|entry| entry.info.clone()) {
@@ -727,7 +728,7 @@ mod tests {
     }
 
     #[test]
-    fn fork_child_gets_no_namespace_pid_of_its_parent() {
+    fn fork_child_namespace_pid_by_level() {
         let mut table = table(16);
         let mut parent = exec(100, "/usr/bin/containerd-shim");
         parent.namespace_pid = Some((1, 1));
@@ -739,6 +740,14 @@ mod tests {
         let child = table.get(101).unwrap();
         assert_eq!(child.exec.namespace_pid, None);
         assert_eq!(child.exec.systemd_unit.as_deref(), Some("docker-0123.scope"));
+
+        let mut host = exec(200, "/usr/sbin/nginx");
+        host.namespace_pid = Some((200, 0));
+        table.on_exec(&host, "/system.slice/nginx.service".into());
+        table.on_fork(&ForkEvent { ktime_ns: 3, parent_pid: 200, child_pid: 201, cgroup_id: 1 });
+        let worker = table.get(201).unwrap();
+        assert_eq!(worker.exec.namespace_pid, Some(201));
+        assert_eq!(worker.exec.pid_namespace_level, 0);
     }
 
     #[test]
