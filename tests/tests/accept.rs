@@ -43,13 +43,14 @@ components:
   - { id: passer, zone: inside, match: { cgroup: ["{ROOT}/passer"] } }
   - { id: receiver, zone: inside, match: { cgroup: ["{ROOT}/receiver"] } }
   - { id: seeded, zone: inside, match: { cgroup: ["{ROOT}/seeded"] } }
+  - { id: scripted, zone: inside, match: { cgroup: ["{ROOT}/scripted"] }, executables: ["/bin/true"] }
   - { id: decoy, zone: inside, match: { exe: ["**/sshd"] } }
   - { id: probe, zone: inside, match: { exe: ["**/driftwatch-accept-probe"] } }
 flows: []
 exceptions: []
 "#;
 
-const CGROUPS: [&str; 7] = ["prefork", "reuse-a", "reuse-b", "passer", "receiver", "seeded", "renamed"];
+const CGROUPS: [&str; 8] = ["prefork", "reuse-a", "reuse-b", "passer", "receiver", "seeded", "scripted", "renamed"];
 
 static AGENT_TESTS: Mutex<()> = Mutex::new(());
 
@@ -211,6 +212,7 @@ fn process(deviation: &Deviation) -> &ProcessInfo {
 fn assert_accepted_by(deviation: &Deviation, served: &Served, pid: u32, ppid: u32) {
     let process = process(deviation);
     assert_eq!(process.pid, pid, "accepting pid in {deviation:#?}");
+    assert_eq!(process.namespace_pid, Some(pid), "pid in the host's pid namespace");
     assert_eq!(process.ppid, ppid, "parent of the accepting process in {deviation:#?}");
     assert_eq!(process.exe, PROBE, "executable in {deviation:#?}");
     assert_eq!(evidence(deviation).local_addr, served.client.to_string(), "client end");
@@ -312,6 +314,40 @@ fn renamed_process_is_identified_by_executable() {
     assert_eq!(process.exe, PROBE);
     assert_eq!(process.ppid, std::process::id());
     assert_eq!(evidence(&deviation).local_addr, addr.to_string());
+    // A process of the host's pid namespace has the same pid there, and no unit or container.
+    assert_eq!(process.namespace_pid, Some(pid));
+    assert_eq!(process.pid_namespace_level, 0);
+    assert_eq!(process.systemd_unit, None);
+    assert_eq!(process.container, None);
+    assert!(!process.fileless);
+    assert!(!process.exe_deleted);
+}
+
+#[test]
+fn script_names_its_interpreter_on_stream() {
+    let mut world = World::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("job.sh");
+    fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = script.to_str().unwrap().to_string();
+
+    let mut process = spawn_in(Some(&world.netns), Some(world.cgroup("scripted")), Command::new(&script)).unwrap();
+    process.wait_success(RUN_TIMEOUT).unwrap();
+    let pid = process.pid();
+    world.processes.push(process);
+
+    let deviation = world.wait_for(&format!("unexpected-executable for {script}"), |deviation| {
+        deviation.category == Category::UnexpectedExecutable as i32
+            && deviation.evidence.as_ref().and_then(|evidence| evidence.process.as_ref()).map(|process| process.pid) == Some(pid)
+    });
+    let process = self::process(&deviation);
+    assert_eq!(process.exe, script);
+    assert_eq!(process.interpreter.as_deref(), Some("/bin/sh"));
+    assert_eq!(process.ppid, std::process::id());
+    assert!(!process.fileless);
+    assert!(!process.from_descriptor);
+    assert!(deviation.summary.contains(&format!("{script} (pid {pid}, run by /bin/sh)")), "{}", deviation.summary);
 }
 
 #[test]
