@@ -28,13 +28,13 @@ pub struct ProcessInfo {
     pub comm: String,
     /// Ancestors nearest first, as (pid, executable), up to init or the first unknown one.
     pub ancestry: Vec<(u32, String)>,
-    /// How the program was started and where the process runs, beyond `exe`.
+    /// Facts about how the program was started and where the process runs, beyond `exe`.
     #[serde(default)]
     pub exec: ExecFacts,
 }
 
-/// How a process's program was started and where it runs: facts from the exec record and the
-/// cgroup path that the executable path alone does not show.
+/// Facts about how a process's program was started and where it runs, from the exec record and
+/// the cgroup path, which the executable path alone does not show.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ExecFacts {

@@ -4,7 +4,7 @@
 //! renames itself with `prctl(PR_SET_NAME)` is still identified by its executable path.
 //!
 //! Every server replies to a connection with the pid of the process that accepted it, so each test
-//! knows exactly which process the agent must name. Servers and clients run in a network
+//! can tell exactly which process the agent must name. Servers and clients run in a network
 //! namespace of the test's own and talk over its loopback; the clients stay outside the agent's
 //! scope, so each flow reaches the engine with its server end only.
 //!
@@ -126,7 +126,7 @@ impl World {
     }
 
     /// Starts the probe with `args` in cgroup `cgroup` and waits for a stdout line starting with
-    /// `ready_prefix`; returns the process's index in `processes` and that line.
+    /// `ready_prefix`. Returns the process's index in `processes` and that line.
     fn start_probe(&mut self, cgroup: &str, args: &[&str], ready_prefix: &str) -> (usize, String) {
         let mut command = Command::new(PROBE);
         command.args(args);

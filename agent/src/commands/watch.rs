@@ -332,8 +332,8 @@ fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo)
     Ok(())
 }
 
-/// Prints how the program was started and where it runs, one line per kind of fact, and only the
-/// lines that say something.
+/// Prints how the program was started and where it runs, one line per kind of fact, and skips
+/// the kinds that have no facts.
 fn print_exec_lines(out: &mut impl Write, exec: &ExecFacts) -> io::Result<()> {
     let mut started = Vec::new();
     if exec.fileless {
@@ -351,12 +351,14 @@ fn print_exec_lines(out: &mut impl Write, exec: &ExecFacts) -> io::Result<()> {
     if !started.is_empty() {
         writeln!(out, "    {:<10} {}", "exec", started.join(", "))?;
     }
+
     if let (Some(pid), true) = (exec.namespace_pid, exec.pid_namespace_level > 0) {
         writeln!(out, "    {:<10} pid {pid} in its pid namespace (level {})", "pidns", exec.pid_namespace_level)?;
     }
     if let Some(unit) = &exec.systemd_unit {
         writeln!(out, "    {:<10} {}", "unit", escape_controls(unit))?;
     }
+
     let container = exec.container.as_ref().map(|container| {
         format!("{} {}", escape_controls(&container.runtime), escape_controls(&container.id))
     });
