@@ -14,7 +14,7 @@
 use core::mem::size_of;
 
 /// Ring buffer holding every record ([`ExecRecord`], [`ForkRecord`], [`ExitRecord`], [`TcpRecord`],
-/// [`CredRecord`], [`UdpRecord`], [`DnsRecord`]).
+/// [`CredRecord`], [`UdpRecord`], [`DnsRecord`], [`AcceptRecord`]).
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Per-CPU array of `u64` loss counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -33,6 +33,9 @@ pub const MAP_LISTENERS: &str = "LISTENERS";
 /// LRU hash map from [`UdpFlowKey`] to [`UdpFlowCounts`]: the UDP flows already reported, so that
 /// only the first datagram of a flow becomes a record and later ones only count.
 pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS";
+/// Hash map from a TCP connection's [`ConnectionKey`] to its owner ([`SockOwner`]), for
+/// connections that existed before the agent started; the agent fills it from /proc.
+pub const MAP_SEEDED_CONNECTIONS: &str = "SEEDED_CONNECTIONS";
 
 /// Every map the eBPF object defines.
 pub const MAPS: &[&str] = &[
@@ -44,6 +47,7 @@ pub const MAPS: &[&str] = &[
     MAP_SOCKETS,
     MAP_LISTENERS,
     MAP_UDP_FLOWS,
+    MAP_SEEDED_CONNECTIONS,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.
@@ -62,6 +66,8 @@ pub const GLOBAL_OFFSET_NET_INUM: &str = "OFFSET_NET_INUM";
 pub const GLOBAL_NETNS_OFFSETS_VALID: &str = "NETNS_OFFSETS_VALID";
 /// [`KernelOffsets`]: task, file and TCP socket member offsets from the running kernel's BTF.
 pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
+/// [`AcceptOffsets`]: offsets that lead from a task's file descriptor to its socket's addresses.
+pub const GLOBAL_ACCEPT_OFFSETS: &str = "ACCEPT_OFFSETS";
 
 /// Every global variable the loader sets before the programs load.
 pub const GLOBALS: &[&str] = &[
@@ -73,6 +79,7 @@ pub const GLOBALS: &[&str] = &[
     GLOBAL_OFFSET_NET_INUM,
     GLOBAL_NETNS_OFFSETS_VALID,
     GLOBAL_KERNEL_OFFSETS,
+    GLOBAL_ACCEPT_OFFSETS,
 ];
 
 /// One tracepoint program: its function name in the eBPF object and where it attaches.
@@ -186,6 +193,18 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         tracepoint: "sys_exit_capset",
         required: false,
     },
+    ProgramSpec {
+        name: "sys_exit_accept",
+        category: "syscalls",
+        tracepoint: "sys_exit_accept",
+        required: false,
+    },
+    ProgramSpec {
+        name: "sys_exit_accept4",
+        category: "syscalls",
+        tracepoint: "sys_exit_accept4",
+        required: false,
+    },
 ];
 
 /// Attach point of a cgroup program.
@@ -252,6 +271,8 @@ pub const UDP_FLOWS_MAX_ENTRIES: u32 = 16384;
 pub const DNS_CAPTURE_BYTES: usize = 1024;
 /// UDP port of DNS.
 pub const DNS_PORT: u16 = 53;
+/// Maximum number of connections seeded from /proc whose close the kernel attributes.
+pub const SEEDED_CONNECTIONS_MAX_ENTRIES: u32 = 16384;
 
 /// Maximum number of argv entries captured.
 pub const ARGV_MAX_ARGS: u32 = 16;
@@ -276,6 +297,7 @@ pub enum RecordKind {
     Credentials = 5,
     Udp = 6,
     Dns = 7,
+    Accept = 8,
 }
 
 /// A `kind` number that no [`RecordKind`] has.
@@ -294,6 +316,7 @@ impl TryFrom<u32> for RecordKind {
             5 => Ok(Self::Credentials),
             6 => Ok(Self::Udp),
             7 => Ok(Self::Dns),
+            8 => Ok(Self::Accept),
             other => Err(UnknownValue(other)),
         }
     }
@@ -688,6 +711,76 @@ pub struct CredRecord {
     pub cap_effective: u64,
 }
 
+/// A process took a connection off a listening socket: `accept()` or `accept4()` returned the new
+/// file descriptor `fd`, and `skaddr` is the `struct sock` behind it, the same address that the
+/// [`TcpRecord`] of the connection's [`TcpKind::Accepted`] carries. The addresses are read from
+/// the socket itself, so the record is complete when that `Accepted` record was never written.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct AcceptRecord {
+    /// `pid` and `tid` are the accepting process and thread.
+    pub header: RecordHeader,
+    pub skaddr: u64,
+    pub fd: u32,
+    /// `TCP_FLAG_EXE_UNLINKED` when the accepting process runs a deleted executable.
+    pub flags: u32,
+    /// Inode number of the socket's network namespace, 0 when unknown.
+    pub netns: u32,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    pub family: u16,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    pub _reserved: u16,
+    pub _reserved2: u32,
+    /// Local address, laid out as in [`TcpRecord::saddr`].
+    pub saddr: [u8; 16],
+    /// Remote address, laid out as in [`TcpRecord::daddr`].
+    pub daddr: [u8; 16],
+    /// The accepting process's lineage, read from its task.
+    pub lineage: Lineage,
+}
+
+/// Member offsets that lead from a task to the socket behind one of its file descriptors
+/// (`task->files->fdt->fd[n]->private_data->sk`) and to that socket's addresses, resolved from
+/// BTF like [`KernelOffsets`] and passed as [`GLOBAL_ACCEPT_OFFSETS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct AcceptOffsets {
+    /// 1 when every offset below is valid; the accept programs write nothing otherwise.
+    pub valid: u32,
+    /// `task_struct.files`.
+    pub task_files: u32,
+    /// `files_struct.fdt`.
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`.
+    pub fdtable_max_fds: u32,
+    /// `fdtable.fd`, an array of `struct file *`.
+    pub fdtable_fd: u32,
+    /// `file.private_data`, the `struct socket *` of a socket file.
+    pub file_private_data: u32,
+    /// `socket.sk`.
+    pub socket_sk: u32,
+    /// `socket.file`, which points back to the file of a socket and so proves the file is one.
+    pub socket_file: u32,
+    /// `sock_common.skc_family`.
+    pub skc_family: u32,
+    /// `sock_common.skc_num`: the local port in host byte order.
+    pub skc_num: u32,
+    /// `sock_common.skc_dport`: the remote port in network byte order.
+    pub skc_dport: u32,
+    /// `sock_common.skc_rcv_saddr`: the local IPv4 address.
+    pub skc_rcv_saddr: u32,
+    /// `sock_common.skc_daddr`: the remote IPv4 address.
+    pub skc_daddr: u32,
+    /// `sock_common.skc_v6_rcv_saddr`.
+    pub skc_v6_rcv_saddr: u32,
+    /// `sock_common.skc_v6_daddr`.
+    pub skc_v6_daddr: u32,
+    pub _reserved: u32,
+}
+
 /// Argv captured at `execve` entry, the value type of [`MAP_EXEC_ARGS`].
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -719,6 +812,23 @@ pub struct ListenerKey {
     pub netns: u32,
     pub port: u16,
     pub _reserved: u16,
+}
+
+/// Key type of [`MAP_SEEDED_CONNECTIONS`]: a connection as `inet_sock_set_state` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct ConnectionKey {
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// Local address, laid out as in [`TcpRecord::saddr`] for the socket's family: an IPv4
+    /// address of an IPv6 socket is IPv4-mapped.
+    pub saddr: [u8; 16],
+    /// Remote address, the same way.
+    pub daddr: [u8; 16],
 }
 
 /// Value type of [`MAP_LISTENERS`]: the process that listens.
@@ -771,10 +881,13 @@ pub enum Counter {
     UdpFlowMapFull = 11,
     /// `dns_ingress`: the ring buffer was full, so a DNS answer was lost.
     DnsRingBufferFull = 12,
+    /// `sys_exit_accept`, `sys_exit_accept4`: the ring buffer was full, so the connection is
+    /// attributed to the listener's owner instead of the process that accepted it.
+    AcceptRingBufferFull = 13,
 }
 
 /// Number of [`Counter`] values, the size of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     /// Every counter, in index order.
@@ -792,10 +905,11 @@ impl Counter {
         Counter::UdpRingBufferFull,
         Counter::UdpFlowMapFull,
         Counter::DnsRingBufferFull,
+        Counter::AcceptRingBufferFull,
     ];
 
     /// Returns the program that increments the counter (`sys_enter_execve` also stands for
-    /// `sys_enter_execveat`).
+    /// `sys_enter_execveat`, and `sys_exit_accept` for `sys_exit_accept4`).
     pub const fn program(self) -> &'static str {
         match self {
             Counter::ExecArgsStashFull | Counter::ExecArgsScratchMissing => "sys_enter_execve",
@@ -809,6 +923,7 @@ impl Counter {
             Counter::CredRingBufferFull => "sys_exit_setuid",
             Counter::UdpRingBufferFull | Counter::UdpFlowMapFull => "udp_sendmsg4",
             Counter::DnsRingBufferFull => "dns_ingress",
+            Counter::AcceptRingBufferFull => "sys_exit_accept",
         }
     }
 
@@ -823,7 +938,8 @@ impl Counter {
             | Counter::TcpRingBufferFull
             | Counter::CredRingBufferFull
             | Counter::UdpRingBufferFull
-            | Counter::DnsRingBufferFull => "ring_buffer_full",
+            | Counter::DnsRingBufferFull
+            | Counter::AcceptRingBufferFull => "ring_buffer_full",
             Counter::UdpFlowMapFull => "udp_flow_map_full",
             Counter::ExitCodeStashFull => "exit_status_map_full",
             Counter::TcpSocketMapFull => "socket_owner_map_full",
@@ -845,6 +961,8 @@ const _: () = assert!(size_of::<TcpRecord>() == 32 + 24 + 32 + 24 + 24);
 const _: () = assert!(size_of::<Lineage>() == 24);
 const _: () = assert!(size_of::<CredRecord>() == 32 + 32);
 const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
+const _: () = assert!(size_of::<AcceptRecord>() == 32 + 32 + 32 + 24);
+const _: () = assert!(size_of::<AcceptOffsets>() == 16 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<SockOwner>() == 8);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
@@ -853,6 +971,7 @@ const _: () = assert!(size_of::<UdpRecord>() == 32 + 24 + 32);
 const _: () = assert!(size_of::<UdpFlowKey>() == 24 + 16);
 const _: () = assert!(size_of::<UdpFlowCounts>() == 16);
 const _: () = assert!(size_of::<DnsRecord>() == 32 + 24 + 16 + DNS_CAPTURE_BYTES);
+const _: () = assert!(size_of::<ConnectionKey>() == 40);
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 const _: () = assert!(ARGV_CAPTURE_BYTES.is_power_of_two());
 // The DNS program bounds its copy length with a mask of `DNS_CAPTURE_BYTES - 1`.
@@ -873,6 +992,7 @@ mod user {
     unsafe impl aya::Pod for SockOwner {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerOwner {}
+    unsafe impl aya::Pod for ConnectionKey {}
     unsafe impl aya::Pod for Lineage {}
     unsafe impl aya::Pod for CredRecord {}
     unsafe impl aya::Pod for KernelOffsets {}
@@ -880,4 +1000,6 @@ mod user {
     unsafe impl aya::Pod for UdpFlowKey {}
     unsafe impl aya::Pod for UdpFlowCounts {}
     unsafe impl aya::Pod for DnsRecord {}
+    unsafe impl aya::Pod for AcceptRecord {}
+    unsafe impl aya::Pod for AcceptOffsets {}
 }

@@ -1,12 +1,13 @@
-//! driftwatch kernel programs: process lifecycle (exec, fork, exit), TCP state changes, UDP flows
-//! and DNS answers, written as records into one ring buffer.
+//! driftwatch kernel programs: process lifecycle (exec, fork, exit), TCP state changes and the
+//! process that accepts each connection, UDP flows and DNS answers, written as records into one
+//! ring buffer.
 //!
 //! Only tracepoints and cgroup socket hooks (`sock_addr`, `skb`) are used, because their record
 //! layouts and contexts are stable across kernels, unlike kprobes or struct offsets baked in at
 //! build time. The few kernel struct
 //! reads use offsets that the agent resolves from the running kernel's BTF and passes in as
-//! global data. They cover the socket (network namespace, byte counters, error) and the task
-//! (parent, start time, pid namespace, credentials, executable file).
+//! global data. They cover the socket (network namespace, byte counters, error, addresses), the task
+//! (parent, start time, pid namespace, credentials, executable file) and its file table.
 //!
 //! Every program is a thin entry point calling a `try_` function. No code path may reach a Rust
 //! panic: the verifier rejects the whole object when `core::panicking` is linked in, so there is no
@@ -14,6 +15,7 @@
 
 #![no_std]
 
+mod accept;
 mod cred;
 mod dns;
 mod exec;
@@ -25,9 +27,10 @@ mod udp;
 use core::ptr::read_volatile;
 
 use agent_common::{
-    ArgvStash, Counter, KernelOffsets, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
+    AcceptOffsets, ArgvStash, ConnectionKey, Counter, KernelOffsets, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
     DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES,
-    LISTENERS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES, UdpFlowCounts, UdpFlowKey,
+    LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
+    UdpFlowCounts, UdpFlowKey,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, r#gen::bpf_get_current_ancestor_cgroup_id},
@@ -83,6 +86,10 @@ static LISTENERS: HashMap<ListenerKey, ListenerOwner> =
 #[map]
 static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowCounts> =
     LruHashMap::with_max_entries(UDP_FLOWS_MAX_ENTRIES, 0);
+
+#[map]
+static SEEDED_CONNECTIONS: HashMap<ConnectionKey, SockOwner> =
+    HashMap::with_max_entries(SEEDED_CONNECTIONS_MAX_ENTRIES, 0);
 
 // Globals live in `.rodata` and the loader rewrites them before loading. They are read with
 // `read_volatile` so that the compiler cannot fold in the zero initialisers.
@@ -141,6 +148,26 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     cred_gid: 0,
     cred_egid: 0,
     cred_cap_effective: 0,
+    _reserved: 0,
+};
+
+#[no_mangle]
+static ACCEPT_OFFSETS: AcceptOffsets = AcceptOffsets {
+    valid: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    socket_file: 0,
+    skc_family: 0,
+    skc_num: 0,
+    skc_dport: 0,
+    skc_rcv_saddr: 0,
+    skc_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_v6_daddr: 0,
     _reserved: 0,
 };
 

@@ -5,10 +5,11 @@
 //! context where the current task is unrelated, so the owner comes from `SOCKETS`, filled at
 //! connect and accept time, and the scope decision made there carries over. An accepted socket has
 //! no owning process in the kernel yet: it is reported with pid 0 when its (netns, local port) is a
-//! listener recorded in scope (or always, when no scope is set).
+//! listener recorded in scope (or always, when no scope is set). The `accept` programs name the
+//! process that takes it off the listener.
 
 use agent_common::{
-    Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
+    ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
     TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, SOCKET_FLAG_AGENT,
     TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
@@ -17,7 +18,7 @@ use core::ptr::read_volatile;
 
 use crate::{
     count, current_cgroup_id, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
-    EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SOCKETS,
+    EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SEEDED_CONNECTIONS, SOCKETS,
 };
 
 // Offsets in the record, from events/sock/inet_sock_set_state/format in tracefs.
@@ -113,11 +114,17 @@ fn on_handshake_end(
     if forget && tracked.is_some() {
         let _ = SOCKETS.remove(&skaddr);
     }
+    // A connection opened before the agent started is known by its addresses, which the agent
+    // seeded from /proc; it closes only once.
+    let tracked = match tracked {
+        None if kind == TcpKind::Close => take_seeded(ctx, skaddr),
+        known => known,
+    };
     let owner = match tracked {
         Some(socket) if socket.flags & SOCKET_FLAG_AGENT != 0 => return Ok(()),
         Some(socket) => socket.pid,
-        // Sockets opened before the agent started, or lost to a full map: unattributed, and
-        // unknown to be in scope.
+        // Sockets lost to a full map, or opened before the agent and not seeded: unattributed,
+        // and unknown to be in scope.
         None if scope_enabled() => return Ok(()),
         None => 0,
     };
@@ -132,6 +139,30 @@ fn on_handshake_end(
             current: false,
         },
     )
+}
+
+/// Removes and returns the owner that the agent seeded for this connection, if any.
+// Kept out of line: inlined, its key would share the program's frame with the record that
+// `emit` builds, and the verifier rejects the combined stack.
+#[inline(never)]
+fn take_seeded(ctx: &TracePointContext, skaddr: u64) -> Option<SockOwner> {
+    let mut key = ConnectionKey { netns: socket_netns(skaddr), sport: 0, dport: 0, saddr: [0; 16], daddr: [0; 16] };
+    // SAFETY: offsets of this tracepoint's fields.
+    unsafe {
+        key.sport = ctx.read_at(SPORT_OFFSET).ok()?;
+        key.dport = ctx.read_at(DPORT_OFFSET).ok()?;
+        if ctx.read_at::<u16>(FAMILY_OFFSET).ok()? == FAMILY_INET6 {
+            key.saddr = ctx.read_at(SADDR_V6_OFFSET).ok()?;
+            key.daddr = ctx.read_at(DADDR_V6_OFFSET).ok()?;
+        } else {
+            key.saddr = widen_ipv4(ctx.read_at(SADDR_OFFSET).ok()?);
+            key.daddr = widen_ipv4(ctx.read_at(DADDR_OFFSET).ok()?);
+        }
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    let owner = unsafe { SEEDED_CONNECTIONS.get(&key) }.copied()?;
+    let _ = SEEDED_CONNECTIONS.remove(&key);
+    Some(owner)
 }
 
 fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
@@ -328,7 +359,7 @@ fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> R
 
 /// Places an IPv4 address in the first 4 bytes of a zeroed 16-byte field.
 #[inline(always)]
-fn widen_ipv4(address: [u8; 4]) -> [u8; 16] {
+pub(crate) fn widen_ipv4(address: [u8; 4]) -> [u8; 16] {
     let [a, b, c, d] = address;
     [a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
 }

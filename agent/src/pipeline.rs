@@ -21,8 +21,9 @@ use crate::api::hub::DeviationHub;
 use crate::labels::{HoldQueue, HoldStats, LabelReply, LabelRequest, LabelStats, LabelTracker, TrackerConfig};
 use crate::dns::{DnsConfig, DnsNames, DnsSocket, DnsStats};
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
+use crate::state::seed::{SeededSocket, SeededState};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
-use crate::telemetry::event::{DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent};
+use crate::telemetry::event::{AcceptEvent, DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent};
 
 /// Bounds and timing of the pipeline.
 #[derive(Debug, Clone)]
@@ -32,6 +33,10 @@ pub struct PipelineConfig {
     pub join_window: Duration,
     pub max_pending_connections: usize,
     pub max_listeners: usize,
+    /// How long an accepted connection waits for the `accept` event that names the process that
+    /// took it, when the kernel reports acceptors. A worker that accepts later than this is not
+    /// named: the connection keeps the listener's owner.
+    pub accept_window: Duration,
     /// How often kernel loss counters are checked for a telemetry gap.
     pub loss_check_interval: Duration,
     /// The container label cache.
@@ -51,6 +56,7 @@ impl Default for PipelineConfig {
             join_window: Duration::from_millis(50),
             max_pending_connections: 65_536,
             max_listeners: 16_384,
+            accept_window: Duration::from_millis(250),
             loss_check_interval: Duration::from_secs(1),
             labels: TrackerConfig::default(),
             label_hold: Duration::from_secs(3),
@@ -68,6 +74,7 @@ pub struct PipelineStats {
     pub forks: u64,
     pub exits: u64,
     pub tcp_events: u64,
+    pub accepts: u64,
     pub connect_failures: u64,
     /// New UDP flows (first datagrams and UDP connects) reported by the kernel.
     pub udp_flows: u64,
@@ -101,6 +108,7 @@ impl PipelineStats {
             ("pipeline_forks", self.forks),
             ("pipeline_exits", self.exits),
             ("pipeline_tcp_events", self.tcp_events),
+            ("pipeline_accepts", self.accepts),
             ("pipeline_connect_failures", self.connect_failures),
             ("pipeline_udp_flows", self.udp_flows),
             ("pipeline_flows", self.flows),
@@ -144,11 +152,33 @@ impl PipelineStats {
             ("dns_names_cached", self.dns.cache.entries),
             ("dns_names_evicted", self.dns.cache.evicted),
             ("dns_names_expired", self.dns.cache.expired),
+            ("sockets_accepts_by_acceptor", sockets.accepts_by_acceptor),
+            ("sockets_accepts_by_listener_owner", sockets.accepts_by_listener_owner),
+            ("sockets_late_accepts", sockets.late_accepts),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
         .collect()
     }
+}
+
+/// Result of [`Pipeline::seed_from_proc`]: what existed before the agent started.
+#[derive(Debug, Clone, Default)]
+pub struct Seeded {
+    /// Processes added to the process table.
+    pub processes: usize,
+    /// Listening sockets in scope, with their owners.
+    pub listeners: Vec<SeededSocket>,
+    /// Established connection ends added to the join.
+    pub connections: usize,
+    /// Established connections in scope, with their owners.
+    pub established: Vec<SeededSocket>,
+}
+
+/// True when the cgroup path `cgroup` is `scope` or a cgroup below it.
+fn cgroup_within(cgroup: &str, scope: &str) -> bool {
+    let scope = scope.trim_end_matches('/');
+    scope.is_empty() || cgroup == scope || cgroup.strip_prefix(scope).is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// State the pipeline shares with the API.
@@ -260,9 +290,17 @@ impl Pipeline {
         self
     }
 
-    /// Seeds the process table, and the listeners that were open before the agent started, from
-    /// /proc; call before the first event. Returns the number of processes.
-    pub fn seed_processes(&mut self) -> usize {
+    /// Makes accepted connections wait for the `accept` event that names their process; call it
+    /// when the kernel reports acceptors ([`crate::telemetry::Telemetry::reports_acceptors`]).
+    pub fn await_acceptors(&mut self) {
+        self.sockets.await_acceptors(self.config.accept_window);
+    }
+
+    /// Seeds the process table, the listeners and the established TCP connections that existed
+    /// before the agent started, from /proc; call before the first event. Only sockets of
+    /// processes whose cgroup path is `scope` or below it are used, when a scope is given.
+    /// Returns what was seeded; its listeners are the ones to seed in the kernel too.
+    pub fn seed_from_proc(&mut self, scope: Option<&str>) -> Seeded {
         let proc_root = std::path::Path::new("/proc");
         let processes = self.processes.seed_from_proc(proc_root);
         // Containers that already run get their lookups now rather than at their next event.
@@ -272,10 +310,22 @@ impl Pipeline {
                 self.processes.set_container(pid, identity);
             }
         }
-        let sockets = crate::state::seed::scan_tcp_sockets(proc_root);
+        let agent = std::process::id();
+        let in_scope = |pid: u32| {
+            let Some(scope) = scope else { return true };
+            self.processes.get(pid).is_some_and(|process| cgroup_within(&process.cgroup, scope))
+        };
+        let sockets: Vec<SeededSocket> = crate::state::seed::scan_tcp_sockets(proc_root)
+            .into_iter()
+            .filter(|socket| socket.pid != 0 && socket.pid != agent && in_scope(socket.pid))
+            .collect();
         let listeners = self.sockets.seed_listeners(&sockets);
-        tracing::info!(listeners, sockets = sockets.len(), "seeded listeners opened before the agent");
-        processes
+        let processes_table = &self.processes;
+        let (connections, flows) = self.sockets.seed_connections(&sockets, |pid| processes_table.get(pid), Instant::now());
+        tracing::info!(processes, listeners, connections, "seeded processes and sockets opened before the agent");
+        self.observe_flows(flows);
+        let (listeners, established) = sockets.into_iter().partition(|socket| socket.state == SeededState::Listen);
+        Seeded { processes, listeners, connections, established }
     }
 
     /// Handles events until `cancel` fires or the event channel closes.
@@ -460,6 +510,10 @@ impl Pipeline {
                 self.handle_udp(udp);
             }
             Event::Dns(dns) => self.handle_dns(&dns),
+            Event::Accept(accept) => {
+                self.stats.accepts += 1;
+                self.handle_accept(accept);
+            }
             Event::Credentials(change) => {
                 tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
                 if let (Some(after), true) = (change.after, change.pid == change.tid) {
@@ -504,7 +558,7 @@ impl Pipeline {
             }
             TcpEventKind::Accepted => {
                 let processes = &self.processes;
-                let flows = self.sockets.on_accepted(|pid| processes.get(pid), tcp.netns, tcp.local, tcp.remote, now);
+                let flows = self.sockets.on_accepted(|pid| processes.get(pid), tcp.sock, tcp.netns, tcp.local, tcp.remote, now);
                 self.observe_flows(flows);
             }
             TcpEventKind::Listen => {
@@ -562,6 +616,27 @@ impl Pipeline {
                 "learned DNS name"
             );
         }
+    }
+
+    fn handle_accept(&mut self, accept: AcceptEvent) {
+        tracing::trace!(pid = accept.pid, fd = accept.fd, local = %accept.local, remote = %accept.remote, "accept");
+        if let Some(lineage) = accept.lineage {
+            self.processes.observe_lineage(accept.pid, lineage);
+        }
+        if accept.exe_unlinked {
+            self.processes.mark_exe_deleted(accept.pid);
+        }
+        let process = self.processes.get(accept.pid);
+        let flows = self.sockets.on_accept(
+            process,
+            accept.pid,
+            accept.sock,
+            accept.netns,
+            accept.local,
+            accept.remote,
+            Instant::now(),
+        );
+        self.observe_flows(flows);
     }
 
     fn observe_flows(&mut self, flows: Vec<JoinedFlow>) {
@@ -668,5 +743,19 @@ async fn recv_reply(replies: &mut Option<mpsc::Receiver<LabelReply>>) -> Option<
     match replies {
         Some(replies) => replies.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_within;
+
+    #[test]
+    fn cgroup_within_scope_needs_a_whole_component() {
+        assert!(cgroup_within("/dw/web", "/dw"));
+        assert!(cgroup_within("/dw", "/dw/"));
+        assert!(cgroup_within("/anything", "/"));
+        assert!(!cgroup_within("/dw-other/web", "/dw"));
+        assert!(!cgroup_within("/", "/dw"));
     }
 }

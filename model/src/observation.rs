@@ -32,6 +32,9 @@ pub struct ProcessInfo {
     /// The container the process runs in, when its cgroup path names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<Arc<ContainerIdentity>>,
+    /// Facts about how the program was started and where the process runs, beyond `exe`.
+    #[serde(default)]
+    pub exec: ExecFacts,
 }
 
 /// A container as far as the agent knows it: the id and pod uid come from the cgroup path at once,
@@ -108,6 +111,27 @@ impl ContainerIdentity {
     pub fn pod_labels(&self) -> Option<&BTreeMap<String, String>> {
         self.pod.as_ref().and_then(|pod| pod.labels.as_ref())
     }
+}
+
+/// Facts about how a process's program was started and where it runs, from the exec record and
+/// the cgroup path, which the executable path alone does not show.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecFacts {
+    /// Runs from a memfd: no file on any file system ever held the program.
+    pub fileless: bool,
+    /// The executable had no directory entry at exec time, or lost it while the process ran.
+    pub exe_deleted: bool,
+    /// Started from a file descriptor (`fexecve`, `execveat` with `AT_EMPTY_PATH`).
+    pub from_descriptor: bool,
+    /// For a script: the interpreter named on its `#!` line. `ProcessInfo::exe` is the script.
+    pub interpreter: Option<String>,
+    /// Process id inside the process's own pid namespace, when known.
+    pub namespace_pid: Option<u32>,
+    /// Depth of that pid namespace: 0 for the host's, 1 for a container's on the host.
+    pub pid_namespace_level: u32,
+    /// The innermost systemd unit that the cgroup path names (`nginx.service`).
+    pub systemd_unit: Option<String>,
 }
 
 /// Transport protocol of a flow or listener.

@@ -57,6 +57,7 @@ fn deviation(n: u64, category: Category, severity: Severity) -> Deviation {
                 comm: "curl".into(),
                 ancestry: vec![(4000, "/bin/bash".into()), (1, "/sbin/init".into())],
                 container: None,
+                exec: Default::default(),
             }),
             peer_process: None,
             local_addr: Some("10.0.0.1:43210".parse().unwrap()),

@@ -253,6 +253,9 @@ async fn processes_outside_scope_not_reported() {
             Event::Udp(udp) => outside_pids.contains(&udp.pid),
             // Answers carry no pid; the cgroup hook sees only sockets created in scope.
             Event::Dns(_) => false,
+            Event::Accept(accept) => {
+                outside_pids.contains(&accept.pid) || accept.local.port() == server_port
+            }
         })
         .collect();
     assert!(

@@ -77,6 +77,11 @@ fn table_from(events: &Recorder) -> ProcessTable {
                 }
             }
             Event::Udp(_) | Event::Dns(_) => {}
+            Event::Accept(accept) => {
+                if let Some(lineage) = accept.lineage {
+                    table.observe_lineage(accept.pid, lineage);
+                }
+            }
         }
     }
     table

@@ -1,15 +1,17 @@
 //! TCP on real kernel events: a connect refused by the peer kept apart from one that timed out
-//! without a reply, a non-blocking connect, the bytes each side moved, and an IPv4 client of a
-//! dual-stack listener shown with IPv4 addresses.
+//! without a reply, a non-blocking connect, the bytes each side moved, an IPv4 client of a
+//! dual-stack listener shown with IPv4 addresses, and the close of a connection opened before
+//! the telemetry started.
 
 mod telemetry_common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use driftwatch::state::seed::{scan_tcp_sockets, SeededState};
 use driftwatch::telemetry::event::TcpEventKind;
 use telemetry_common::{
-    connect_once, local_port, own_netns, raw_address, report_port, run_program, start_scoped, Child,
-    RawAddress, TestCgroup,
+    connect_once, local_port, own_netns, raw_address, report_port, run_program, serve_one_connection,
+    start_scoped, Child, RawAddress, TestCgroup,
 };
 
 const REQUEST_BYTES: usize = 1000;
@@ -274,4 +276,41 @@ async fn dual_stack_listener_shows_ipv4_client() {
         .await;
     assert_eq!(accepted.local, server_address);
     assert_eq!(accepted.remote, client_address);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_connection_close_names_its_owner() {
+    let cgroup = TestCgroup::create("hD-seeded-close");
+    let address = raw_address("127.0.0.1:0".parse().unwrap());
+    let server = Child::fork(Some(&cgroup.procs), |report| serve_one_connection(&address, report));
+    let port = server.read_port();
+    // This test process is outside the scope, so only the server's end is reported.
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client_addr = client.local_addr().unwrap();
+    let server_pid = server.pid as u32;
+    let proc_root = std::path::Path::new("/proc");
+    let accepted = driftwatch_e2e::wait_until(std::time::Duration::from_secs(10), || {
+        scan_tcp_sockets(proc_root).into_iter().find(|socket| {
+            socket.state == SeededState::Established && socket.remote == client_addr && socket.pid == server_pid
+        })
+    })
+    .expect("the server never accepted the connection");
+
+    let (mut telemetry, mut events) = start_scoped(&cgroup).await;
+    let seeded = telemetry
+        .seed_connections(&[(accepted.netns, accepted.local, accepted.remote, accepted.pid)])
+        .unwrap();
+    assert_eq!(seeded, 1);
+    drop(client);
+
+    let close = events
+        .wait_for_tcp("close of the seeded connection", |tcp| {
+            tcp.kind == TcpEventKind::Close && tcp.local.port() == port
+        })
+        .await;
+    assert_eq!(close.pid, server_pid);
+    assert_eq!(close.remote, client_addr);
+    assert_eq!(close.local, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    assert_eq!(close.netns, own_netns());
+    assert_eq!(server.wait(), 0);
 }

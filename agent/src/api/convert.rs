@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use driftwatch_model::deviation::{Category, Deviation, Evidence, Severity, Stride};
 use driftwatch_model::graph::{EdgeSnapshot, GraphSnapshot, NodeKind, NodeSnapshot};
-use driftwatch_model::observation::{ProcessInfo, Protocol};
+use driftwatch_model::observation::{ExecFacts, ProcessInfo, Protocol};
 use driftwatch_proto::v1 as pb;
 
 use super::convert_container::{container_from_proto, container_to_proto};
@@ -180,6 +180,13 @@ pub fn process_to_proto(process: &ProcessInfo) -> pb::ProcessInfo {
         cgroup: process.cgroup.clone(),
         comm: process.comm.clone(),
         ancestry: process_refs_to_proto(&process.ancestry),
+        fileless: process.exec.fileless,
+        exe_deleted: process.exec.exe_deleted,
+        from_descriptor: process.exec.from_descriptor,
+        interpreter: process.exec.interpreter.clone(),
+        namespace_pid: process.exec.namespace_pid,
+        pid_namespace_level: process.exec.pid_namespace_level,
+        systemd_unit: process.exec.systemd_unit.clone(),
         ..container_to_proto(process.container.as_deref())
     }
 }
@@ -199,6 +206,15 @@ pub fn process_from_proto(process: pb::ProcessInfo) -> ProcessInfo {
         comm: process.comm,
         ancestry: process_refs_from_proto(process.ancestry),
         container,
+        exec: ExecFacts {
+            fileless: process.fileless,
+            exe_deleted: process.exe_deleted,
+            from_descriptor: process.from_descriptor,
+            interpreter: process.interpreter,
+            namespace_pid: process.namespace_pid,
+            pid_namespace_level: process.pid_namespace_level,
+            systemd_unit: process.systemd_unit,
+        },
     }
 }
 

@@ -18,6 +18,15 @@ fn process() -> ProcessInfo {
         comm: "curl".into(),
         ancestry: vec![(4000, "/bin/bash".into()), (1, "/sbin/init".into())],
         container: None,
+        exec: ExecFacts {
+            fileless: false,
+            exe_deleted: true,
+            from_descriptor: false,
+            interpreter: Some("/usr/bin/python3".into()),
+            namespace_pid: Some(7),
+            pid_namespace_level: 1,
+            systemd_unit: Some("docker-0123.scope".into()),
+        },
     }
 }
 

@@ -88,8 +88,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         ring_buffer_bytes: args.ring_buffer_kib.checked_mul(1024).context("--ring-buffer-kib is too large")?,
         channel_capacity: 65_536,
     };
-    let (telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
-    let telemetry = Arc::new(telemetry);
+    let (mut telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
 
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
@@ -110,8 +109,36 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
     let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub.clone(), cgroup_resolver())
         .with_label_lookups(label_requests, label_replies);
-    let seeded = pipeline.seed_processes();
-    tracing::info!(processes = seeded, "process table seeded from /proc");
+    if telemetry.reports_acceptors() {
+        pipeline.await_acceptors();
+    } else {
+        tracing::warn!("the accept hooks are not active; accepted connections are attributed to the listener's owner");
+    }
+    let scope = telemetry.scope().map(|scope| scope_relative_path(&scope.path));
+    let seeded = pipeline.seed_from_proc(scope.as_deref());
+    tracing::info!(processes = seeded.processes, connections = seeded.connections, "process table and sockets seeded from /proc");
+    // Without a scope the kernel reports accepts on every listener, known or not.
+    if scope.is_some() {
+        let listeners: Vec<(u32, u16, u32)> =
+            seeded.listeners.iter().map(|socket| (socket.netns, socket.local.port(), socket.pid)).collect();
+        match telemetry.seed_listeners(&listeners) {
+            Ok(added) => tracing::info!(listeners = added, "kernel listener map seeded"),
+            Err(error) => tracing::warn!(
+                error = %anyhow::Error::from(error),
+                "failed to seed the kernel listener map; connections accepted on listeners opened before the agent are attributed only when an accept names their process"
+            ),
+        }
+    }
+    let connections: Vec<_> =
+        seeded.established.iter().map(|socket| (socket.netns, socket.local, socket.remote, socket.pid)).collect();
+    match telemetry.seed_connections(&connections) {
+        Ok(added) => tracing::info!(connections = added, "kernel connection map seeded"),
+        Err(error) => tracing::warn!(
+            error = %anyhow::Error::from(error),
+            "failed to seed the kernel connection map; connections opened before the agent close without a process"
+        ),
+    }
+    let telemetry = Arc::new(telemetry);
     let lost = {
         let telemetry = telemetry.clone();
         Box::new(move || {
@@ -155,6 +182,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     // Dropping the telemetry detaches every program.
     drop(telemetry);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Returns the cgroup path of `path` relative to the cgroup2 mount (`/system.slice/x.service`),
+/// the form process cgroup paths take.
+fn scope_relative_path(path: &Path) -> String {
+    let relative = telemetry::cgroup2_mount()
+        .ok()
+        .and_then(|mount| path.strip_prefix(mount).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_path_buf());
+    format!("/{}", relative.display().to_string().trim_start_matches('/'))
 }
 
 /// Accepts a directory under the cgroup2 mount or a path relative to the mount.

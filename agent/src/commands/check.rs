@@ -194,7 +194,10 @@ async fn observe(args: &CheckArgs, model: Model) -> anyhow::Result<Observed> {
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     // No client subscribes to the hub in CI mode, because the report reads the engine's table.
     let hub = Arc::new(DeviationHub::new(HubConfig::default()));
-    let pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, cgroup.resolver()?);
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, cgroup.resolver()?);
+    if telemetry.reports_acceptors() {
+        pipeline.await_acceptors();
+    }
     let (sentinel_sender, sentinel_receiver) = oneshot::channel();
     let cancel = CancellationToken::new();
     let consumer = tokio::spawn(consume(pipeline, events, sentinel_receiver, cancel.clone()));

@@ -320,6 +320,7 @@ fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo)
     if !process.cgroup.is_empty() {
         writeln!(out, "    {:<10} {}", "cgroup", escape_controls(&process.cgroup))?;
     }
+    print_exec_lines(out, process)?;
     if !process.ancestry.is_empty() {
         let ancestry: Vec<String> = process
             .ancestry
@@ -327,6 +328,49 @@ fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo)
             .map(|(pid, exe)| format!("{pid} {}", escape_controls(exe)))
             .collect();
         writeln!(out, "    {:<10} {}", "ancestry", ancestry.join(" <- "))?;
+    }
+    Ok(())
+}
+
+/// Prints how the program was started and where it runs, one line per kind of fact, and skips
+/// the kinds that have no facts.
+fn print_exec_lines(out: &mut impl Write, process: &ProcessInfo) -> io::Result<()> {
+    let exec = &process.exec;
+    let mut started = Vec::new();
+    if exec.fileless {
+        started.push("fileless (memfd)".to_string());
+    }
+    if exec.exe_deleted && !exec.fileless {
+        started.push("deleted binary".to_string());
+    }
+    if exec.from_descriptor {
+        started.push("from a file descriptor".to_string());
+    }
+    if let Some(interpreter) = &exec.interpreter {
+        started.push(format!("script run by {}", escape_controls(interpreter)));
+    }
+    if !started.is_empty() {
+        writeln!(out, "    {:<10} {}", "exec", started.join(", "))?;
+    }
+
+    if let (Some(pid), true) = (exec.namespace_pid, exec.pid_namespace_level > 0) {
+        writeln!(out, "    {:<10} pid {pid} in its pid namespace (level {})", "pidns", exec.pid_namespace_level)?;
+    }
+    if let Some(unit) = &exec.systemd_unit {
+        writeln!(out, "    {:<10} {}", "unit", escape_controls(unit))?;
+    }
+
+    if let Some(container) = &process.container {
+        let mut placement = Vec::new();
+        if !container.id.is_empty() {
+            placement.push(format!("{} {}", escape_controls(&container.runtime), escape_controls(&container.id)));
+        }
+        if let Some(pod) = &container.pod {
+            placement.push(format!("pod {}", escape_controls(&pod.uid)));
+        }
+        if !placement.is_empty() {
+            writeln!(out, "    {:<10} {}", "container", placement.join(", "))?;
+        }
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ fn sample() -> Deviation {
                 comm: "curl".into(),
                 ancestry: vec![(4000, "/bin/bash".into())],
                 container: None,
+                exec: Default::default(),
             }),
             peer_process: None,
             local_addr: Some("10.0.0.1:43210".parse().unwrap()),
@@ -229,4 +230,30 @@ fn command_line_defaults_and_conflicts() {
         remote.to_string().contains("not a loopback address"),
         "{remote}"
     );
+}
+
+#[test]
+fn text_block_shows_how_the_program_started() {
+    let printer = Printer {
+        format: OutputFormat::Text,
+        colour: false,
+        show_resolution: false,
+    };
+    let mut response = deviation_response(43);
+    let Some(Payload::Deviation(deviation)) = response.payload.as_mut() else {
+        panic!("not a deviation response")
+    };
+    let process = deviation.evidence.as_mut().unwrap().process.as_mut().unwrap();
+    process.exe_deleted = true;
+    process.interpreter = Some("/usr/bin/perl".into());
+    process.namespace_pid = Some(7);
+    process.pid_namespace_level = 1;
+    process.systemd_unit = Some("docker-0123.scope".into());
+    process.container_runtime = "docker".into();
+    process.container_id = "0123".into();
+    let text = render(&printer, response);
+    assert!(text.contains("\n    exec       deleted binary, script run by /usr/bin/perl\n"), "{text}");
+    assert!(text.contains("\n    pidns      pid 7 in its pid namespace (level 1)\n"), "{text}");
+    assert!(text.contains("\n    unit       docker-0123.scope\n"), "{text}");
+    assert!(text.contains("\n    container  docker 0123\n"), "{text}");
 }

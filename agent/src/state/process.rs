@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driftwatch_model::observation::{ContainerIdentity, ProcessInfo};
+use driftwatch_model::observation::{ContainerIdentity, ExecFacts, ProcessInfo};
 
 use crate::state::container::{classify_cgroup, CgroupOrigin};
 use crate::telemetry::event::{ExecEvent, ExitEvent, ForkEvent, Lineage};
@@ -72,6 +72,21 @@ pub struct ExecDetails {
     pub namespace_pid: Option<(u32, u32)>,
     /// Systemd unit, container and pod that the cgroup path names.
     pub origin: CgroupOrigin,
+}
+
+impl ExecDetails {
+    /// Returns the facts that travel with the process into the engine and the API.
+    pub fn facts(&self) -> ExecFacts {
+        ExecFacts {
+            fileless: self.fileless,
+            exe_deleted: self.exe_deleted,
+            from_descriptor: self.from_descriptor,
+            interpreter: self.interpreter.clone(),
+            namespace_pid: self.namespace_pid.map(|(pid, _)| pid),
+            pid_namespace_level: self.namespace_pid.map_or(0, |(_, level)| level),
+            systemd_unit: self.origin.systemd_unit.clone(),
+        }
+    }
 }
 
 struct Entry {
@@ -147,7 +162,14 @@ impl ProcessTable {
     /// Applies a fork: the child starts as a copy of its parent with its own pid.
     pub fn on_fork(&mut self, event: &ForkEvent) {
         let parent = self.entries.get(&event.parent_pid);
-        let details = parent.map(|entry| entry.details.clone()).unwrap_or_default();
+        let mut details = parent.map(|entry| entry.details.clone()).unwrap_or_default();
+        // The child has a pid of its own in the namespace too. In the host's namespace it is the
+        // child's pid; in any other only the child's exec reports it.
+        if let Some((_, level)) = details.namespace_pid {
+            let mut own = ExecDetails::clone(&details);
+            own.namespace_pid = (level == 0).then_some((event.child_pid, 0));
+            details = Arc::new(own);
+        }
         let mut info = match parent.map(|entry| entry.info.clone()) {
             Some(parent) => ProcessInfo::clone(&parent),
             None => ProcessInfo {
@@ -163,6 +185,7 @@ impl ProcessTable {
                 comm: String::new(),
                 ancestry: Vec::new(),
                 container: None,
+                exec: Default::default(),
             },
         };
         info.pid = event.child_pid;
@@ -210,6 +233,7 @@ impl ProcessTable {
             ancestry: self.ancestry_of(ppid),
             // The pipeline attaches the container identity, which needs the label cache.
             container: None,
+            exec: Default::default(),
         };
         // A non-leader thread that execs takes over the leader's pid; its own tid disappears.
         if event.tid != event.pid {
@@ -297,6 +321,9 @@ impl ProcessTable {
                 let mut details = ExecDetails::clone(&entry.details);
                 details.exe_deleted = true;
                 entry.details = Arc::new(details);
+                let mut info = ProcessInfo::clone(&entry.info);
+                info.exec.exe_deleted = true;
+                entry.info = Arc::new(info);
             }
         }
     }
@@ -363,10 +390,11 @@ impl ProcessTable {
         self.insert_details(info, start_ticks, Arc::new(details))
     }
 
-    fn insert_details(&mut self, info: ProcessInfo, start_ticks: Option<u64>, details: Arc<ExecDetails>) -> Arc<ProcessInfo> {
+    fn insert_details(&mut self, mut info: ProcessInfo, start_ticks: Option<u64>, details: Arc<ExecDetails>) -> Arc<ProcessInfo> {
         if !self.entries.contains_key(&info.pid) && self.entries.len() >= self.config.capacity {
             self.evict_one();
         }
+        info.exec = details.facts();
         let info = Arc::new(info);
         self.next_generation += 1;
         let entry = Entry { info: info.clone(), start_ticks, details, exited_at: None, generation: self.next_generation };
@@ -453,13 +481,22 @@ fn read_proc_details(proc_root: &Path, pid: u32) -> ExecDetails {
         fileless: exe.starts_with("/memfd:"),
         exe_deleted: exe.ends_with(" (deleted)"),
         interpreter: None,
-        namespace_pid: None,
+        namespace_pid: fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok().and_then(|status| namespace_pid(&status)),
         origin: fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
             .ok()
             .and_then(|text| cgroup_v2_path(&text))
             .map(|path| classify_cgroup(&path))
             .unwrap_or_default(),
     }
+}
+
+/// Returns the pid in the innermost pid namespace and that namespace's depth from the `NSpid:`
+/// line of `/proc/<pid>/status`, which lists the pid in every namespace from the host's inward.
+fn namespace_pid(status: &str) -> Option<(u32, u32)> {
+    let line = status.lines().find_map(|line| line.strip_prefix("NSpid:"))?;
+    let pids: Vec<u32> = line.split_whitespace().filter_map(|pid| pid.parse().ok()).collect();
+    let innermost = *pids.last()?;
+    Some((innermost, pids.len() as u32 - 1))
 }
 
 /// Start time of a process in clock ticks since boot, field 22 of `/proc/<pid>/stat`.
@@ -508,6 +545,7 @@ fn read_proc_process(proc_root: &Path, pid: u32, users: &UserNames) -> Option<(P
         comm,
         ancestry: Vec::new(),
         container: None,
+        exec: Default::default(),
     };
     Some((info, start_ticks))
 }
@@ -708,6 +746,36 @@ mod tests {
         assert!(!details.fileless);
         assert!(!details.from_descriptor);
         assert!(!details.exe_deleted);
+    }
+
+    #[test]
+    fn namespace_pid_is_the_innermost_of_nspid() {
+        assert_eq!(namespace_pid("Name:\tsh\nNSpid:\t4242\t17\t1\n"), Some((1, 2)));
+        assert_eq!(namespace_pid("NSpid:\t4242\n"), Some((4242, 0)));
+        assert_eq!(namespace_pid("Name:\tsh\n"), None);
+    }
+
+    #[test]
+    fn fork_child_namespace_pid_by_level() {
+        let mut table = table(16);
+        let mut parent = exec(100, "/usr/bin/containerd-shim");
+        parent.namespace_pid = Some((1, 1));
+        let info = table.on_exec(&parent, "/system.slice/docker-0123.scope".into());
+        assert_eq!(info.exec.namespace_pid, Some(1));
+        assert_eq!(info.exec.pid_namespace_level, 1);
+        assert_eq!(info.exec.systemd_unit.as_deref(), Some("docker-0123.scope"));
+        table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 100, child_pid: 101, cgroup_id: 1 });
+        let child = table.get(101).unwrap();
+        assert_eq!(child.exec.namespace_pid, None);
+        assert_eq!(child.exec.systemd_unit.as_deref(), Some("docker-0123.scope"));
+
+        let mut host = exec(200, "/usr/sbin/nginx");
+        host.namespace_pid = Some((200, 0));
+        table.on_exec(&host, "/system.slice/nginx.service".into());
+        table.on_fork(&ForkEvent { ktime_ns: 3, parent_pid: 200, child_pid: 201, cgroup_id: 1 });
+        let worker = table.get(201).unwrap();
+        assert_eq!(worker.exec.namespace_pid, Some(201));
+        assert_eq!(worker.exec.pid_namespace_level, 0);
     }
 
     #[test]

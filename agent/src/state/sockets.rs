@@ -6,13 +6,24 @@
 //! carry the same 4-tuple, mirrored. The join holds each end for a short window so that the flow
 //! reaches the engine once, with the client process and the server process together. An end whose
 //! partner does not arrive within the window is a flow to or from another host.
+//!
+//! The server end belongs to the process that accepts the connection, which an `accept` event
+//! names after the handshake: a prefork worker, one of several SO_REUSEPORT listeners, or a process
+//! that received the listening socket from another. When the kernel reports acceptors, an accepted
+//! end waits up to the accept window for that event and falls back to the listener's owner after
+//! it (io_uring's accept, a full ring buffer, or a process slow to accept).
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use driftwatch_model::observation::ProcessInfo;
+
+/// How long the join remembers an accepted socket it has already handed on, so that a late
+/// `accept` event or a late `Accepted` event of the same socket does not make a second flow.
+const RECENT_SOCKET_RETENTION: Duration = Duration::from_secs(30);
 
 /// A listening socket and its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +69,18 @@ pub struct SocketStats {
     pub accepted_without_listener: u64,
     /// Listeners not kept because the listener table was full.
     pub listeners_dropped: u64,
+    /// Accepted connections attributed to the process that accepted them.
+    pub accepts_by_acceptor: u64,
+    /// Accepted connections attributed to the listener's owner because no `accept` event came
+    /// within the accept window.
+    pub accepts_by_listener_owner: u64,
+    /// `accept` events that came after their connection was handed on with the listener's owner.
+    pub late_accepts: u64,
 }
 
 /// Key of a connection: client and server address, plus the namespace for loopback, whose
 /// addresses repeat in every namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct FlowKey {
     client: SocketAddr,
     server: SocketAddr,
@@ -77,13 +95,31 @@ impl FlowKey {
 }
 
 struct Pending {
+    /// When the flow goes to the engine with whatever ends it has.
     deadline: Instant,
+    /// When the join window of the first end passes; the deadline once no acceptor is awaited.
+    join_deadline: Instant,
     flow: JoinedFlow,
+    /// The accepted socket whose `accept` event the server end waits for.
+    awaiting_acceptor: Option<u64>,
+}
+
+/// State of an accepted socket that the join has handed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecentSocket {
+    /// The `accept` event came first and its end went into the join; the `Accepted` event adds
+    /// nothing.
+    Accepted,
+    /// The flow went to the engine with the listener's owner; a late `accept` event adds nothing.
+    HandedToListenerOwner,
 }
 
 /// Listener table and connection join. The pipeline task owns it.
 pub struct SocketState {
     join_window: Duration,
+    /// How long an accepted end waits for the process that accepts it; `None` when the kernel
+    /// does not report acceptors and the listener's owner is taken at once.
+    accept_window: Option<Duration>,
     max_pending: usize,
     max_listeners: usize,
     /// Listening sockets by (netns, port), with their kernel socket ids. Several sockets can
@@ -91,7 +127,13 @@ pub struct SocketState {
     listeners: HashMap<(u32, u16), Vec<(u64, Listener)>>,
     listener_socks: HashMap<u64, (u32, u16)>,
     pending: HashMap<FlowKey, Pending>,
-    order: VecDeque<(Instant, FlowKey)>,
+    /// Deadlines of `pending`, earliest first. An entry whose deadline no longer matches its
+    /// pending flow is stale and skipped.
+    order: BinaryHeap<Reverse<(Instant, FlowKey)>>,
+    /// Accepted sockets whose server end waits in `pending` for its acceptor.
+    awaiting: HashMap<u64, FlowKey>,
+    recent: HashMap<u64, RecentSocket>,
+    recent_order: VecDeque<(Instant, u64)>,
     stats: SocketStats,
 }
 
@@ -99,16 +141,26 @@ impl SocketState {
     pub fn new(join_window: Duration, max_pending: usize, max_listeners: usize) -> Self {
         SocketState {
             join_window,
+            accept_window: None,
             max_pending,
             max_listeners,
             listeners: HashMap::new(),
             listener_socks: HashMap::new(),
             pending: HashMap::new(),
-            order: VecDeque::new(),
+            order: BinaryHeap::new(),
+            awaiting: HashMap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
             stats: SocketStats::default(),
         }
     }
 
+    /// Makes accepted ends wait up to `window` for the `accept` event that names their process.
+    /// Call it only when the kernel reports acceptors; otherwise every accepted connection would
+    /// wait the whole window for nothing.
+    pub fn await_acceptors(&mut self, window: Duration) {
+        self.accept_window = Some(window);
+    }
     /// Records a listener. Returns false when the table is full and the listener was not kept.
     pub fn on_listen(&mut self, sock: u64, listener: Listener) -> bool {
         let key = (listener.netns, listener.addr.port());
@@ -143,6 +195,39 @@ impl SocketState {
             }
         }
         kept
+    }
+
+    /// Adds the connections found in /proc at start-up to the join, as if their ends had just
+    /// been reported, so that they reach the graph like new ones. A connection whose local port
+    /// is a listening port in its namespace is the accepting end; any other is the connecting end.
+    /// Both ends of a connection on this host join as usual. Call after [`Self::seed_listeners`].
+    /// Returns how many ends were added, and the flows ready for the engine: joined ones and any
+    /// pushed out by a full pending table.
+    pub fn seed_connections(
+        &mut self,
+        sockets: &[super::seed::SeededSocket],
+        resolve: impl Fn(u32) -> Option<Arc<ProcessInfo>>,
+        now: Instant,
+    ) -> (usize, Vec<JoinedFlow>) {
+        let mut added = 0;
+        let mut flushed = Vec::new();
+        for socket in sockets {
+            if socket.state != super::seed::SeededState::Established || socket.pid == 0 {
+                continue;
+            }
+            let end = PendingEnd { pid: socket.pid, netns: socket.netns, process: resolve(socket.pid) };
+            let accepted = self.listeners.contains_key(&(socket.netns, socket.local.port()));
+            let out = if accepted {
+                let key = FlowKey::new(socket.remote, socket.local, socket.netns);
+                self.add_end(key, now, None, |flow| flow.server = Some(end))
+            } else {
+                let key = FlowKey::new(socket.local, socket.remote, socket.netns);
+                self.add_end(key, now, None, |flow| flow.client = Some(end))
+            };
+            flushed.extend(out);
+            added += 1;
+        }
+        (added, flushed)
     }
 
     /// Forgets a listener when its socket closes; other sockets are ignored.
@@ -186,18 +271,25 @@ impl SocketState {
     ) -> Vec<JoinedFlow> {
         let key = FlowKey::new(local, remote, netns);
         let end = PendingEnd { pid, netns, process };
-        self.add_end(key, now, |flow| flow.client = Some(end))
+        self.add_end(key, now, None, |flow| flow.client = Some(end))
     }
 
-    /// Records the accepting end, attributed to the listener's owner, whom `resolve` looks up.
+    /// Records the accepting end of the kernel socket `sock`. It is attributed to the listener's
+    /// owner, whom `resolve` looks up, unless an `accept` event names the process that accepted it:
+    /// one already seen, or one that comes within the accept window.
     pub fn on_accepted(
         &mut self,
         resolve: impl FnOnce(u32) -> Option<Arc<ProcessInfo>>,
+        sock: u64,
         netns: u32,
         local: SocketAddr,
         remote: SocketAddr,
         now: Instant,
     ) -> Vec<JoinedFlow> {
+        if self.recent.get(&sock) == Some(&RecentSocket::Accepted) {
+            self.recent.remove(&sock);
+            return Vec::new();
+        }
         let pid = match self.listener(netns, local) {
             Some(listener) => listener.pid,
             None => {
@@ -208,65 +300,182 @@ impl SocketState {
         let key = FlowKey::new(remote, local, netns);
         let process = if pid == 0 { None } else { resolve(pid) };
         let end = PendingEnd { pid, netns, process };
-        self.add_end(key, now, |flow| flow.server = Some(end))
+        let awaiting = self.accept_window.map(|window| (sock, now + window));
+        if awaiting.is_none() {
+            self.stats.accepts_by_listener_owner += 1;
+        }
+        self.add_end(key, now, awaiting, |flow| flow.server = Some(end))
+    }
+
+    /// Records the process that accepted the kernel socket `sock`. Its connection is joined as
+    /// usual; when the `Accepted` event never came (it is not sent for a listener the kernel
+    /// program does not know under a cgroup scope), this end stands for it.
+    pub fn on_accept(
+        &mut self,
+        process: Option<Arc<ProcessInfo>>,
+        pid: u32,
+        sock: u64,
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        now: Instant,
+    ) -> Vec<JoinedFlow> {
+        self.expire_recent(now);
+        let end = PendingEnd { pid, netns, process };
+        if let Some(key) = self.awaiting.remove(&sock) {
+            return self.resolve_acceptor(key, end, now);
+        }
+        if self.recent.get(&sock) == Some(&RecentSocket::HandedToListenerOwner) {
+            self.recent.remove(&sock);
+            self.stats.late_accepts += 1;
+            return Vec::new();
+        }
+        self.stats.accepts_by_acceptor += 1;
+        self.remember_recent(sock, RecentSocket::Accepted, now);
+        let key = FlowKey::new(remote, local, netns);
+        self.add_end(key, now, None, |flow| flow.server = Some(end))
     }
 
     /// Returns the flows whose join window has passed.
     pub fn flush_expired(&mut self, now: Instant) -> Vec<JoinedFlow> {
+        self.expire_recent(now);
         let mut flushed = Vec::new();
-        while let Some(&(deadline, key)) = self.order.front() {
+        while let Some(Reverse((deadline, key))) = self.order.peek().copied() {
             if deadline > now {
                 break;
             }
-            self.order.pop_front();
-            if let Some(pending) = self.pending.get(&key) {
-                if pending.deadline == deadline {
-                    let pending = self.pending.remove(&key).expect("entry checked above");
+            self.order.pop();
+            if self.pending.get(&key).is_some_and(|pending| pending.deadline == deadline) {
+                let flow = self.take_pending(key, now);
+                if flow.client.is_some() && flow.server.is_some() {
+                    self.stats.joined += 1;
+                } else {
                     self.stats.unjoined += 1;
-                    flushed.push(pending.flow);
                 }
+                flushed.push(flow);
             }
         }
         flushed
     }
 
-    /// Returns the earliest deadline of a pending end, for the pipeline's timer.
+    /// Returns the earliest deadline of a pending end, for the pipeline's timer. It can be a
+    /// stale one, which only makes the timer fire early.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.order.front().map(|(deadline, _)| *deadline)
+        self.order.peek().map(|Reverse((deadline, _))| *deadline)
     }
 
     pub fn stats(&self) -> SocketStats {
         SocketStats { listeners: self.listeners.len() as u64, pending: self.pending.len() as u64, ..self.stats.clone() }
     }
 
-    fn add_end(&mut self, key: FlowKey, now: Instant, set_end: impl FnOnce(&mut JoinedFlow)) -> Vec<JoinedFlow> {
+    /// Puts the acceptor into the server end of the flow at `key` and hands the flow on when it
+    /// is complete.
+    fn resolve_acceptor(&mut self, key: FlowKey, end: PendingEnd, now: Instant) -> Vec<JoinedFlow> {
+        let Some(pending) = self.pending.get_mut(&key) else {
+            return Vec::new();
+        };
+        self.stats.accepts_by_acceptor += 1;
+        pending.flow.server = Some(end);
+        pending.awaiting_acceptor = None;
+        if pending.flow.client.is_some() {
+            self.stats.joined += 1;
+            return vec![self.take_pending(key, now)];
+        }
+        // The client end may still come from this host until the join window passes.
+        if pending.join_deadline <= now {
+            self.stats.unjoined += 1;
+            return vec![self.take_pending(key, now)];
+        }
+        pending.deadline = pending.join_deadline;
+        self.order.push(Reverse((pending.join_deadline, key)));
+        Vec::new()
+    }
+
+    /// Removes the flow at `key`; a server end that still waits for its acceptor keeps the
+    /// listener's owner.
+    fn take_pending(&mut self, key: FlowKey, now: Instant) -> JoinedFlow {
+        let pending = self.pending.remove(&key).expect("caller checked the entry");
+        if let Some(sock) = pending.awaiting_acceptor {
+            self.awaiting.remove(&sock);
+            self.stats.accepts_by_listener_owner += 1;
+            self.remember_recent(sock, RecentSocket::HandedToListenerOwner, now);
+        }
+        pending.flow
+    }
+
+    fn remember_recent(&mut self, sock: u64, state: RecentSocket, now: Instant) {
+        if self.recent.len() >= self.max_pending {
+            if let Some((_, oldest)) = self.recent_order.pop_front() {
+                self.recent.remove(&oldest);
+            }
+        }
+        self.recent.insert(sock, state);
+        self.recent_order.push_back((now + RECENT_SOCKET_RETENTION, sock));
+    }
+
+    fn expire_recent(&mut self, now: Instant) {
+        while let Some(&(expiry, sock)) = self.recent_order.front() {
+            if expiry > now {
+                break;
+            }
+            self.recent_order.pop_front();
+            self.recent.remove(&sock);
+        }
+    }
+
+    /// Adds one end to the flow at `key`. `awaiting` is the accepted socket and the time until
+    /// which the server end waits for its acceptor.
+    fn add_end(
+        &mut self,
+        key: FlowKey,
+        now: Instant,
+        awaiting: Option<(u64, Instant)>,
+        set_end: impl FnOnce(&mut JoinedFlow),
+    ) -> Vec<JoinedFlow> {
         if let Some(mut pending) = self.pending.remove(&key) {
             set_end(&mut pending.flow);
-            if pending.flow.client.is_some() && pending.flow.server.is_some() {
+            if let Some((sock, until)) = awaiting {
+                if let Some(previous) = pending.awaiting_acceptor.replace(sock) {
+                    self.awaiting.remove(&previous);
+                }
+                self.awaiting.insert(sock, key);
+                if until > pending.deadline {
+                    pending.deadline = until;
+                    self.order.push(Reverse((until, key)));
+                }
+            }
+            if pending.flow.client.is_some() && pending.flow.server.is_some() && pending.awaiting_acceptor.is_none() {
                 self.stats.joined += 1;
                 return vec![pending.flow];
             }
-            // The same end twice (a 4-tuple reused within the window): the newer end replaces
-            // the older one and the flow waits for its partner again.
+            // Either the server end waits for its acceptor, or the same end came twice (a 4-tuple
+            // reused within the window): the newer end replaces the older one and the flow waits.
             self.pending.insert(key, pending);
             return Vec::new();
         }
         let mut out = Vec::new();
         if self.pending.len() >= self.max_pending {
-            // Make room by flushing the oldest end without its partner; it still reaches the engine.
-            while let Some((_, oldest)) = self.order.pop_front() {
-                if let Some(pending) = self.pending.remove(&oldest) {
+            // Make room by flushing the earliest flow without its partner; it still reaches the engine.
+            while let Some(Reverse((deadline, oldest))) = self.order.pop() {
+                if self.pending.get(&oldest).is_some_and(|pending| pending.deadline == deadline) {
                     self.stats.pending_overflow += 1;
-                    out.push(pending.flow);
+                    out.push(self.take_pending(oldest, now));
                     break;
                 }
             }
         }
         let mut flow = JoinedFlow { client_addr: key.client, server_addr: key.server, client: None, server: None };
         set_end(&mut flow);
-        let deadline = now + self.join_window;
-        self.pending.insert(key, Pending { deadline, flow });
-        self.order.push_back((deadline, key));
+        let join_deadline = now + self.join_window;
+        let mut deadline = join_deadline;
+        let mut awaiting_acceptor = None;
+        if let Some((sock, until)) = awaiting {
+            self.awaiting.insert(sock, key);
+            awaiting_acceptor = Some(sock);
+            deadline = deadline.max(until);
+        }
+        self.pending.insert(key, Pending { deadline, join_deadline, flow, awaiting_acceptor });
+        self.order.push(Reverse((deadline, key)));
         out
     }
 }
@@ -289,7 +498,7 @@ mod tests {
         let now = Instant::now();
         assert!(state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:5432"), netns: 2 }));
         assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:5432"), now).is_empty());
-        let joined = state.on_accepted(|_| None, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
+        let joined = state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
         assert_eq!(joined.len(), 1);
         assert_eq!(joined[0].client, Some(PendingEnd { pid: 10, netns: 1, process: None }));
         assert_eq!(joined[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
@@ -302,7 +511,7 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         state.on_listen(1, Listener { pid: 20, addr: addr("[::]:443"), netns: 2 });
-        assert!(state.on_accepted(|_| None, 2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now).is_empty());
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now).is_empty());
         let joined = state.on_connected(None, 10, 1, addr("[fd00::2]:5000"), addr("[fd00::3]:443"), now);
         assert_eq!(joined.len(), 1);
     }
@@ -324,14 +533,14 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         state.on_connected(None, 10, 1, addr("127.0.0.1:40000"), addr("127.0.0.1:80"), now);
-        assert!(state.on_accepted(|_| None, 2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now).is_empty());
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now).is_empty());
         assert_eq!(state.flush_expired(now + Duration::from_secs(1)).len(), 2);
     }
 
     #[test]
     fn accepted_without_listener_is_counted() {
         let mut state = state();
-        state.on_accepted(|_| None, 2, addr("198.18.0.3:22"), addr("198.18.0.2:1"), Instant::now());
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:22"), addr("198.18.0.2:1"), Instant::now());
         assert_eq!(state.stats().accepted_without_listener, 1);
     }
 
@@ -356,7 +565,7 @@ mod tests {
         let sockets = [seeded(SeededState::Listen, 77, 20), seeded(SeededState::Established, 78, 21), seeded(SeededState::Listen, 79, 0)];
         assert_eq!(state.seed_listeners(&sockets), 1);
         let now = Instant::now();
-        state.on_accepted(|_| None, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
         let flushed = state.flush_expired(now + Duration::from_secs(1));
         assert_eq!(flushed[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
         assert_eq!(state.stats().accepted_without_listener, 0);
@@ -381,5 +590,93 @@ mod tests {
         state.on_listen(9, Listener { pid: 20, addr: addr("0.0.0.0:80"), netns: 2 });
         state.on_close(9);
         assert!(state.listener(2, addr("198.18.0.3:80")).is_none());
+    }
+
+    fn prefork_state(now: Instant) -> SocketState {
+        let mut state = state();
+        state.await_acceptors(Duration::from_millis(500));
+        state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:80"), netns: 2 });
+        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:80"), now).is_empty());
+        state
+    }
+
+    #[test]
+    fn accepting_process_replaces_listener_owner() {
+        let now = Instant::now();
+        let mut state = prefork_state(now);
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now).is_empty());
+        // The join window passes while the worker has not accepted yet: nothing goes out.
+        assert!(state.flush_expired(now + Duration::from_millis(200)).is_empty());
+        let later = now + Duration::from_millis(300);
+        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), later);
+        assert_eq!(joined.len(), 1);
+        assert_eq!(joined[0].server, Some(PendingEnd { pid: 21, netns: 2, process: None }));
+        assert_eq!(joined[0].client.as_ref().map(|end| end.pid), Some(10));
+        assert_eq!(state.stats().accepts_by_acceptor, 1);
+        assert_eq!(state.stats().accepts_by_listener_owner, 0);
+        assert!(state.flush_expired(now + Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn accept_before_accepted_is_not_counted_twice() {
+        let now = Instant::now();
+        let mut state = prefork_state(now);
+        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now);
+        assert_eq!(joined.len(), 1);
+        assert_eq!(joined[0].server.as_ref().map(|end| end.pid), Some(21));
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now).is_empty());
+        assert!(state.flush_expired(now + Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn missing_accept_falls_back_to_listener_owner() {
+        let now = Instant::now();
+        let mut state = prefork_state(now);
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now);
+        let flushed = state.flush_expired(now + Duration::from_millis(600));
+        assert_eq!(flushed.len(), 1);
+        assert_eq!(flushed[0].server.as_ref().map(|end| end.pid), Some(20));
+        assert_eq!(state.stats().accepts_by_listener_owner, 1);
+        // The accept that comes too late makes no second flow.
+        let late = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now + Duration::from_secs(1));
+        assert!(late.is_empty());
+        assert_eq!(state.stats().late_accepts, 1);
+        assert!(state.flush_expired(now + Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn remote_client_flow_leaves_once_acceptor_is_known() {
+        let mut state = state();
+        state.await_acceptors(Duration::from_millis(500));
+        state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:80"), netns: 2 });
+        let now = Instant::now();
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("203.0.113.9:40000"), now);
+        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("203.0.113.9:40000"), now + Duration::from_millis(150));
+        assert_eq!(joined.len(), 1, "the join window has passed, so no client end can come");
+        assert_eq!(joined[0].client, None);
+        assert_eq!(joined[0].server.as_ref().map(|end| end.pid), Some(21));
+    }
+
+    #[test]
+    fn seeded_connection_joins_its_two_ends() {
+        use crate::state::seed::{SeededSocket, SeededState};
+        let mut state = state();
+        let socket = |state, local: &str, remote: &str, inode, pid| SeededSocket { state, netns: 2, local: addr(local), remote: addr(remote), inode, pid };
+        let sockets = [
+            socket(SeededState::Listen, "0.0.0.0:5432", "0.0.0.0:0", 70, 20),
+            socket(SeededState::Established, "127.0.0.1:5432", "127.0.0.1:40000", 71, 21),
+            socket(SeededState::Established, "127.0.0.1:40000", "127.0.0.1:5432", 72, 10),
+            socket(SeededState::Established, "127.0.0.1:40001", "127.0.0.1:5432", 73, 0),
+        ];
+        state.seed_listeners(&sockets);
+        let now = Instant::now();
+        let (added, joined) = state.seed_connections(&sockets, |_| None, now);
+        assert_eq!(added, 2);
+        assert_eq!(joined.len(), 1, "{joined:?}");
+        assert_eq!(joined[0].client_addr, addr("127.0.0.1:40000"));
+        assert_eq!(joined[0].server_addr, addr("127.0.0.1:5432"));
+        assert_eq!(joined[0].client.as_ref().map(|end| end.pid), Some(10));
+        assert_eq!(joined[0].server.as_ref().map(|end| end.pid), Some(21));
+        assert!(state.flush_expired(now + Duration::from_secs(1)).is_empty());
     }
 }

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use agent_common::KernelOffsets;
+use agent_common::{AcceptOffsets, KernelOffsets};
 
 /// Path of the kernel's own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -435,6 +435,29 @@ pub fn kernel_offsets(btf: &Btf) -> (KernelOffsets, Vec<BtfError>) {
     (offsets, errors)
 }
 
+/// Resolves the [`AcceptOffsets`] the accept programs need, all or nothing: without any one of
+/// them no descriptor can be followed to its socket.
+pub fn accept_offsets(btf: &Btf) -> Result<AcceptOffsets, BtfError> {
+    Ok(AcceptOffsets {
+        valid: 1,
+        task_files: btf.member_offset("task_struct", &["files"])?,
+        files_fdt: btf.member_offset("files_struct", &["fdt"])?,
+        fdtable_max_fds: btf.member_offset("fdtable", &["max_fds"])?,
+        fdtable_fd: btf.member_offset("fdtable", &["fd"])?,
+        file_private_data: btf.member_offset("file", &["private_data"])?,
+        socket_sk: btf.member_offset("socket", &["sk"])?,
+        socket_file: btf.member_offset("socket", &["file"])?,
+        skc_family: btf.member_offset("sock_common", &["skc_family"])?,
+        skc_num: btf.member_offset("sock_common", &["skc_num"])?,
+        skc_dport: btf.member_offset("sock_common", &["skc_dport"])?,
+        skc_rcv_saddr: btf.member_offset("sock_common", &["skc_rcv_saddr"])?,
+        skc_daddr: btf.member_offset("sock_common", &["skc_daddr"])?,
+        skc_v6_rcv_saddr: btf.member_offset("sock_common", &["skc_v6_rcv_saddr"])?,
+        skc_v6_daddr: btf.member_offset("sock_common", &["skc_v6_daddr"])?,
+        _reserved: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,5 +568,22 @@ mod tests {
         // tgid follows pid in task_struct on every kernel since 2.6.
         assert_eq!(offsets.task_tgid % 4, 0, "{offsets:?}");
         assert!(offsets.tcp_bytes_received > offsets.sock_err, "{offsets:?}");
+    }
+
+    #[test]
+    fn running_kernel_accept_offsets_resolve() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX_BTF} does not exist on this kernel");
+            return;
+        }
+        let offsets = accept_offsets(&Btf::from_file(path).unwrap()).unwrap();
+        // The port pair and the IPv4 address pair open struct sock_common on every kernel
+        // since 4.x: daddr, rcv_saddr, then dport and num.
+        assert_eq!(offsets.skc_daddr, 0, "{offsets:?}");
+        assert_eq!(offsets.skc_rcv_saddr, 4, "{offsets:?}");
+        assert_eq!(offsets.skc_dport, 12, "{offsets:?}");
+        assert_eq!(offsets.skc_num, 14, "{offsets:?}");
+        assert!(offsets.socket_sk > 0, "{offsets:?}");
     }
 }

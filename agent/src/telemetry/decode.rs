@@ -8,14 +8,15 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    CredRecord, CredSyscall, DnsRecord, ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind, TcpKind, TcpRecord,
+    AcceptRecord, CredRecord, CredSyscall, DnsRecord, ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind,
+    TcpKind, TcpRecord,
     ARGV_CAPTURE_BYTES, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_EXE_UNKNOWN, EXEC_FLAG_EXE_UNLINKED,
     EXEC_FLAG_LINEAGE_UNKNOWN, EXE_NAME_BYTES, FAMILY_INET, FAMILY_INET6, FILENAME_BYTES,
     TCP_FLAG_EXE_UNLINKED, DNS_CAPTURE_BYTES, UdpKind, UdpRecord,
 };
 
 use super::event::{
-    CredChange, CredEvent, Credentials, DnsEvent, Event, ExecEvent, ExitEvent, ForkEvent, Lineage,
+    AcceptEvent, CredChange, CredEvent, Credentials, DnsEvent, Event, ExecEvent, ExitEvent, ForkEvent, Lineage,
     TcpEvent, TcpEventKind, UdpEvent, UdpEventKind,
 };
 
@@ -34,7 +35,7 @@ pub enum DecodeError {
     UnknownCredSyscall(u32),
     #[error("unknown TCP event {0}")]
     UnknownTcpEvent(u32),
-    #[error("unknown address family {0} in a TCP record")]
+    #[error("unknown address family {0} in a TCP or accept record")]
     UnknownFamily(u16),
     #[error("unknown UDP event {0}")]
     UnknownUdpEvent(u32),
@@ -55,6 +56,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         RecordKind::Credentials => decode_cred(bytes),
         RecordKind::Udp => decode_udp(bytes),
         RecordKind::Dns => decode_dns(bytes),
+        RecordKind::Accept => decode_accept(bytes),
     }
 }
 
@@ -103,6 +105,28 @@ fn decode_dns(bytes: &[u8]) -> Result<Event, DecodeError> {
         local_port: record.dport,
         message: record.data[..captured].to_vec(),
         message_len: record.message_len,
+    }))
+}
+
+fn decode_accept(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let record: AcceptRecord = read_record(bytes, "accept record")?;
+    let (local, remote) = match record.family {
+        FAMILY_INET => (ipv4(&record.saddr), ipv4(&record.daddr)),
+        FAMILY_INET6 => (ipv6(record.saddr), ipv6(record.daddr)),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    Ok(Event::Accept(AcceptEvent {
+        ktime_ns: record.header.ktime_ns,
+        pid: record.header.pid,
+        tid: record.header.tid,
+        cgroup_id: record.header.cgroup_id,
+        sock: record.skaddr,
+        fd: record.fd,
+        netns: record.netns,
+        local: SocketAddr::new(local, record.sport),
+        remote: SocketAddr::new(remote, record.dport),
+        lineage: lineage(&record.lineage),
+        exe_unlinked: record.flags & TCP_FLAG_EXE_UNLINKED != 0,
     }))
 }
 
@@ -538,6 +562,46 @@ mod tests {
         assert_eq!(event.message_len, 5000);
         assert_eq!(event.server, "[::1]:53".parse().unwrap());
         assert_eq!((event.cookie, event.local_port), (77, 40000));
+    }
+
+    #[test]
+    fn accept_record_decodes_acceptor_and_tuple() {
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[198, 18, 0, 3]);
+        let mut remote = [0u8; 16];
+        remote[..4].copy_from_slice(&[198, 18, 0, 2]);
+        let record = AcceptRecord {
+            header: header(RecordKind::Accept as u32),
+            skaddr: 0xffff_0000_5678,
+            fd: 5,
+            flags: TCP_FLAG_EXE_UNLINKED,
+            netns: 4026531841,
+            family: FAMILY_INET6,
+            sport: 443,
+            dport: 50000,
+            _reserved: 0,
+            _reserved2: 0,
+            saddr: mapped,
+            daddr: [0; 16],
+            lineage: agent_common::Lineage { parent_tgid: 40, _reserved: 0, start_boottime_ns: 9, parent_start_boottime_ns: 8 },
+        };
+        let Event::Accept(event) = decode(&bytes_of(&record)).unwrap() else {
+            panic!("not accept")
+        };
+        assert_eq!((event.pid, event.tid, event.fd), (42, 43, 5));
+        assert_eq!(event.sock, 0xffff_0000_5678);
+        assert_eq!(event.netns, 4026531841);
+        assert_eq!(event.local, "198.18.0.3:443".parse().unwrap());
+        assert_eq!(event.remote, "[::]:50000".parse().unwrap());
+        assert_eq!(event.lineage.map(|lineage| lineage.parent_pid), Some(40));
+        assert!(event.exe_unlinked);
+
+        let ipv4 = AcceptRecord { family: FAMILY_INET, saddr: remote, daddr: remote, ..record };
+        let Event::Accept(event) = decode(&bytes_of(&ipv4)).unwrap() else {
+            panic!("not accept")
+        };
+        assert_eq!(event.remote, "198.18.0.2:50000".parse().unwrap());
     }
 
     #[test]

@@ -12,6 +12,31 @@ pub enum Event {
     Credentials(CredEvent),
     Udp(UdpEvent),
     Dns(DnsEvent),
+    Accept(AcceptEvent),
+}
+
+/// A process took a connection off a listening socket with `accept()` or `accept4()`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcceptEvent {
+    pub ktime_ns: u64,
+    /// The accepting process (tgid) and thread.
+    pub pid: u32,
+    pub tid: u32,
+    pub cgroup_id: u64,
+    /// Kernel socket address, the `sock` of the connection's [`TcpEventKind::Accepted`] event.
+    pub sock: u64,
+    /// The new file descriptor.
+    pub fd: u32,
+    /// Network namespace inode of the socket, 0 when unknown.
+    pub netns: u32,
+    /// Local (server) address of the connection.
+    pub local: SocketAddr,
+    /// Remote (client) address of the connection.
+    pub remote: SocketAddr,
+    /// The accepting process's lineage.
+    pub lineage: Option<Lineage>,
+    /// The accepting process runs an executable that was deleted after it started (or a memfd).
+    pub exe_unlinked: bool,
 }
 
 /// System call that changed a process's credentials.
@@ -140,7 +165,8 @@ pub enum TcpEventKind {
     /// A socket started listening in `pid`.
     Listen,
     /// An incoming connection was established on a listener. The kernel completes the handshake
-    /// outside any process, so `pid` is 0 and the agent attributes it to the listener's owner.
+    /// outside any process, so `pid` is 0; the [`AcceptEvent`] with the same `sock` names the
+    /// process that accepts it.
     Accepted,
     /// An established connection closed.
     Close,

@@ -16,7 +16,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use agent_common::{
-    CgroupHook, CgroupProgramSpec, KernelOffsets, ProgramSpec, CGROUP_PROGRAMS, GLOBAL_AGENT_TGID, GLOBAL_KERNEL_OFFSETS, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
+    AcceptOffsets, CgroupHook, CgroupProgramSpec, KernelOffsets, ProgramSpec, CGROUP_PROGRAMS, GLOBAL_ACCEPT_OFFSETS,
+    GLOBAL_AGENT_TGID, GLOBAL_KERNEL_OFFSETS, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
     GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL, GLOBAL_SCOPE_ENABLED,
     MAP_EVENTS, PROGRAMS,
 };
@@ -57,6 +58,7 @@ pub struct LoadParameters<'a> {
     pub scope: Option<&'a CgroupScope>,
     pub netns_offsets: Option<NetnsOffsets>,
     pub kernel_offsets: KernelOffsets,
+    pub accept_offsets: AcceptOffsets,
     pub ring_buffer_bytes: u32,
 }
 
@@ -151,6 +153,7 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
         .set_global(GLOBAL_OFFSET_SKC_NET, &skc_net, true)
         .set_global(GLOBAL_OFFSET_NET_INUM, &net_inum, true)
         .set_global(GLOBAL_KERNEL_OFFSETS, &parameters.kernel_offsets, true)
+        .set_global(GLOBAL_ACCEPT_OFFSETS, &parameters.accept_offsets, true)
         .set_max_entries(MAP_EVENTS, parameters.ring_buffer_bytes);
     let mut ebpf = loader.load(BPF_OBJECT).map_err(classify_load_error)?;
 

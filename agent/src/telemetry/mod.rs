@@ -19,8 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use agent_common::{Counter, DEFAULT_RING_BUFFER_BYTES, MAP_COUNTERS, MAP_EVENTS};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use agent_common::{
+    ConnectionKey, Counter, ListenerKey, ListenerOwner, SockOwner, DEFAULT_RING_BUFFER_BYTES, MAP_COUNTERS,
+    MAP_EVENTS, MAP_LISTENERS, MAP_SEEDED_CONNECTIONS,
+};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -156,6 +159,8 @@ pub struct Telemetry {
     cancel: CancellationToken,
     scope: Option<CgroupScope>,
     support: Vec<HookSupport>,
+    /// True when the accept offsets resolved, so the accept programs write records.
+    accept_offsets_valid: bool,
 }
 
 impl Telemetry {
@@ -193,11 +198,13 @@ impl Telemetry {
                 Some(error) => tracing::info!(kind = kind.kind, %error, "hook kind unavailable"),
             }
         }
+        let accept_offsets = resolve_accept_offsets(kernel_btf.as_ref());
         let parameters = loader::LoadParameters {
             agent_tgid: std::process::id(),
             scope: scope.as_ref(),
             netns_offsets,
             kernel_offsets,
+            accept_offsets,
             ring_buffer_bytes: config.ring_buffer_bytes,
         };
         let (mut ebpf, hooks) = loader::load(&parameters)?;
@@ -243,6 +250,7 @@ impl Telemetry {
                 cancel,
                 scope,
                 support,
+                accept_offsets_valid: accept_offsets.valid != 0,
             },
             receiver,
         ))
@@ -259,6 +267,68 @@ impl Telemetry {
             error: kind.error.clone(),
         });
         self.hooks.iter().cloned().chain(kinds).collect()
+    }
+
+    /// Adds listening sockets that existed before the programs were attached to the kernel's
+    /// listener map, as (network namespace inode, port, owner pid). Under a cgroup scope the
+    /// kernel reports accepts only on listeners in that map, so without this, connections
+    /// accepted on them would be missing. An entry the programs made meanwhile is kept. Returns
+    /// how many entries were added.
+    pub fn seed_listeners(&mut self, listeners: &[(u32, u16, u32)]) -> Result<usize, TelemetryError> {
+        let map_error = |source| TelemetryError::Map { name: MAP_LISTENERS, source };
+        let map = self.ebpf.map_mut(MAP_LISTENERS).ok_or_else(|| {
+            map_error(aya::maps::MapError::InvalidName { name: MAP_LISTENERS.to_string() })
+        })?;
+        let mut map: BpfHashMap<&mut MapData, ListenerKey, ListenerOwner> =
+            BpfHashMap::try_from(map).map_err(map_error)?;
+        let mut counts: std::collections::HashMap<(u32, u16), ListenerOwner> = std::collections::HashMap::new();
+        for &(netns, port, pid) in listeners {
+            let owner = counts.entry((netns, port)).or_insert(ListenerOwner { pid, flags: 0, sockets: 0, _reserved: 0 });
+            owner.sockets += 1;
+        }
+        let mut added = 0;
+        for ((netns, port), owner) in counts {
+            let key = ListenerKey { netns, port, _reserved: 0 };
+            // A listener the programs recorded since they were attached is newer: keep it.
+            match map.insert(key, owner, BPF_NOEXIST) {
+                Ok(()) => added += 1,
+                Err(aya::maps::MapError::SyscallError(error)) if error.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(error) => return Err(map_error(error)),
+            }
+        }
+        Ok(added)
+    }
+
+    /// Adds TCP connections that existed before the programs were attached, as (network
+    /// namespace inode, local address, remote address, owner pid), so that the kernel reports
+    /// their close with the owner, also under a cgroup scope. Returns how many were added; the
+    /// rest are not attributed when the map is full.
+    pub fn seed_connections(
+        &mut self,
+        connections: &[(u32, std::net::SocketAddr, std::net::SocketAddr, u32)],
+    ) -> Result<usize, TelemetryError> {
+        let map_error = |source| TelemetryError::Map { name: MAP_SEEDED_CONNECTIONS, source };
+        let map = self.ebpf.map_mut(MAP_SEEDED_CONNECTIONS).ok_or_else(|| {
+            map_error(aya::maps::MapError::InvalidName { name: MAP_SEEDED_CONNECTIONS.to_string() })
+        })?;
+        let mut map: BpfHashMap<&mut MapData, ConnectionKey, SockOwner> =
+            BpfHashMap::try_from(map).map_err(map_error)?;
+        let mut added = 0;
+        for &(netns, local, remote, pid) in connections {
+            for (saddr, daddr) in kernel_address_forms(local.ip(), remote.ip()) {
+                let key = ConnectionKey { netns, sport: local.port(), dport: remote.port(), saddr, daddr };
+                map.insert(key, SockOwner { pid, flags: 0 }, 0).map_err(map_error)?;
+            }
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// Returns true when accepted connections are reported with the process that accepts them:
+    /// both accept programs attached and their offsets resolved.
+    pub fn reports_acceptors(&self) -> bool {
+        let attached = |name: &str| self.hooks.iter().any(|hook| hook.name == name && hook.attached);
+        self.accept_offsets_valid && attached("sys_exit_accept") && attached("sys_exit_accept4")
     }
 
     /// Returns the hook kinds this kernel accepts, as probed at start-up.
@@ -366,6 +436,50 @@ fn resolve_offsets(
     (netns, offsets)
 }
 
+/// Returns the address pairs under which `inet_sock_set_state` can show a connection: an IPv4
+/// connection appears with IPv4 addresses on an IPv4 socket and IPv4-mapped on a dual-stack one.
+fn kernel_address_forms(local: std::net::IpAddr, remote: std::net::IpAddr) -> Vec<([u8; 16], [u8; 16])> {
+    use std::net::IpAddr;
+    match (local, remote) {
+        (IpAddr::V4(local), IpAddr::V4(remote)) => {
+            let widen = |address: std::net::Ipv4Addr| {
+                let mut bytes = [0u8; 16];
+                bytes[..4].copy_from_slice(&address.octets());
+                bytes
+            };
+            vec![
+                (widen(local), widen(remote)),
+                (local.to_ipv6_mapped().octets(), remote.to_ipv6_mapped().octets()),
+            ]
+        }
+        (local, remote) => {
+            let v6 = |address: IpAddr| match address {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            };
+            vec![(v6(local), v6(remote))]
+        }
+    }
+}
+
+/// Reads the offsets the accept programs need. Without them the programs write nothing, and
+/// accepted connections are attributed to the listener's owner.
+fn resolve_accept_offsets(kernel_btf: Result<&btf::Btf, &btf::BtfError>) -> agent_common::AcceptOffsets {
+    let Ok(parsed) = kernel_btf else {
+        return agent_common::AcceptOffsets::default();
+    };
+    match btf::accept_offsets(parsed) {
+        Ok(offsets) => offsets,
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "cannot resolve the file table offsets from kernel BTF; accepted connections are attributed to the listener's owner"
+            );
+            agent_common::AcceptOffsets::default()
+        }
+    }
+}
+
 fn resolve_scope(path: &Path) -> Result<CgroupScope, TelemetryError> {
     let scope_error = |source| TelemetryError::Scope {
         path: path.to_path_buf(),
@@ -380,6 +494,9 @@ fn page_size() -> u32 {
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u32::try_from(size).unwrap_or(4096)
 }
+
+/// `bpf_map_update_elem` flag: fail with `EEXIST` instead of replacing an entry.
+const BPF_NOEXIST: u64 = 1;
 
 /// How often the reader drains the ring buffer when no wakeup came.
 const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);

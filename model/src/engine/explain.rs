@@ -8,9 +8,26 @@ use super::endpoint::{Resolved, Side};
 use crate::model::{Attribution, Component, Model};
 use crate::observation::{ProcessInfo, Protocol};
 
-/// `/bin/bash (pid 4242)`.
+/// `/bin/bash (pid 4242)`, with how the program was started when that is unusual:
+/// `/tmp/x (pid 4242, deleted binary)`.
 pub(crate) fn process_label(process: &ProcessInfo) -> String {
-    format!("{} (pid {})", process.exe, process.pid)
+    let exec = &process.exec;
+    let mut notes = Vec::new();
+    if exec.fileless {
+        notes.push("fileless".to_string());
+    } else if exec.exe_deleted {
+        notes.push("deleted binary".to_string());
+    }
+    if let Some(interpreter) = &exec.interpreter {
+        notes.push(format!("run by {interpreter}"));
+    }
+    let mut label = format!("{} (pid {}", process.exe, process.pid);
+    for note in notes {
+        label.push_str(", ");
+        label.push_str(&note);
+    }
+    label.push(')');
+    label
 }
 
 /// Explains how a process came to be in its component, when it is not by its own selectors.

@@ -89,6 +89,7 @@ pub fn process(pid: u32, exe: &str, cgroup: &str) -> ProcessInfo {
             .collect(),
         ancestry: vec![(1, "/usr/lib/systemd/systemd".to_owned())],
         container: None,
+        exec: Default::default(),
     }
 }
 

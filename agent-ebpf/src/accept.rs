@@ -1,0 +1,166 @@
+//! Accepted connections attributed to the process that accepts them, from the exit of the
+//! `accept` and `accept4` system calls.
+//!
+//! The kernel completes a handshake in softirq, outside any process, so the `Accepted` record of
+//! `inet_sock_set_state` names no process. Whoever takes the connection off the listening socket
+//! does so through `accept()`: a prefork worker, one of several SO_REUSEPORT listeners, or a
+//! process that received the listening socket over a Unix socket. At the system call's exit the
+//! new descriptor leads to the `struct sock` (`task->files->fdt->fd[n]->private_data->sk`), whose
+//! address pairs this record with the `Accepted` one in userspace.
+//!
+//! io_uring's accept does not pass through these system calls, so its connections keep the
+//! listener's owner as their process.
+
+use agent_common::{
+    AcceptOffsets, AcceptRecord, Counter, RecordHeader, RecordKind, SockOwner, FAMILY_INET, FAMILY_INET6,
+    SOCKET_FLAG_AGENT, TCP_FLAG_EXE_UNLINKED,
+};
+use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
+use core::ptr::{addr_of, read_volatile};
+
+use crate::{
+    count, current_cgroup_id, current_ids, current_in_scope, is_agent, kernel, ktime_ns, tcp, ACCEPT_OFFSETS, EVENTS,
+    SOCKETS,
+};
+
+// Offset of `ret` in every sys_exit_* record, from events/syscalls/sys_exit_*/format in tracefs.
+const SYS_EXIT_RET_OFFSET: usize = 16;
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let _ = try_accept(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    let _ = try_accept(&ctx);
+    0
+}
+
+fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offset of `ret` in this tracepoint's record.
+    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET)? };
+    if ret < 0 {
+        return Ok(());
+    }
+    // SAFETY: a plain read of a static that the loader initialised.
+    let offsets = unsafe { read_volatile(addr_of!(ACCEPT_OFFSETS)) };
+    if offsets.valid == 0 {
+        return Ok(());
+    }
+    let (tgid, tid) = current_ids();
+    let task = kernel::current_task();
+    let Some(sock) = socket_of_fd(&offsets, task, ret as u64) else {
+        return Ok(());
+    };
+    if is_agent(tgid) {
+        remember_owner(sock, tgid, SOCKET_FLAG_AGENT);
+        return Ok(());
+    }
+    if !current_in_scope() {
+        return Ok(());
+    }
+    // A Unix domain socket or another family's accept goes through the same system call.
+    let family: u16 = read_at(sock, offsets.skc_family).ok_or(0i64)?;
+    let (saddr, daddr) = match family {
+        FAMILY_INET => {
+            let local: [u8; 4] = read_at(sock, offsets.skc_rcv_saddr).ok_or(0i64)?;
+            let remote: [u8; 4] = read_at(sock, offsets.skc_daddr).ok_or(0i64)?;
+            (tcp::widen_ipv4(local), tcp::widen_ipv4(remote))
+        }
+        FAMILY_INET6 => (
+            read_at(sock, offsets.skc_v6_rcv_saddr).ok_or(0i64)?,
+            read_at(sock, offsets.skc_v6_daddr).ok_or(0i64)?,
+        ),
+        _ => return Ok(()),
+    };
+    let sport: u16 = read_at(sock, offsets.skc_num).ok_or(0i64)?;
+    let dport: u16 = read_at::<u16>(sock, offsets.skc_dport).ok_or(0i64)?;
+    // From now on the connection's Close record names this process.
+    remember_owner(sock, tgid, 0);
+
+    let mut flags = 0;
+    if let Some(dentry) = kernel::exe_dentry(task) {
+        if kernel::dentry_unlinked(dentry) == Some(true) {
+            flags |= TCP_FLAG_EXE_UNLINKED;
+        }
+    }
+    let Some(mut entry) = EVENTS.reserve::<AcceptRecord>(0) else {
+        count(Counter::AcceptRingBufferFull);
+        return Ok(());
+    };
+    entry.write(AcceptRecord {
+        header: RecordHeader {
+            kind: RecordKind::Accept as u32,
+            pid: tgid,
+            tid,
+            _reserved: 0,
+            ktime_ns: ktime_ns(),
+            cgroup_id: current_cgroup_id(),
+        },
+        skaddr: sock,
+        fd: ret as u32,
+        flags,
+        netns: tcp::socket_netns(sock),
+        family,
+        sport,
+        dport: u16::from_be(dport),
+        _reserved: 0,
+        _reserved2: 0,
+        saddr,
+        daddr,
+        lineage: kernel::lineage(task).unwrap_or_default(),
+    });
+    entry.submit(crate::submit_flags());
+    Ok(())
+}
+
+/// Returns the `struct sock` behind descriptor `fd` of `task`, or `None` when the descriptor is
+/// out of range, empty, not a socket, or a read fails.
+#[inline(always)]
+fn socket_of_fd(offsets: &AcceptOffsets, task: u64, fd: u64) -> Option<u64> {
+    let files: u64 = read_at(task, offsets.task_files)?;
+    let table: u64 = read_at(files, offsets.files_fdt)?;
+    let max_fds: u32 = read_at(table, offsets.fdtable_max_fds)?;
+    if fd >= u64::from(max_fds) {
+        return None;
+    }
+    let array: u64 = read_at(table, offsets.fdtable_fd)?;
+    let file: u64 = read_pointer(array + fd * 8)?;
+    let socket: u64 = read_at(file, offsets.file_private_data)?;
+    // Only a socket's private data points back to its file.
+    let back: u64 = read_at(socket, offsets.socket_file)?;
+    if back != file {
+        return None;
+    }
+    read_at(socket, offsets.socket_sk)
+}
+
+/// Records `pid` as the owner of the socket, so that its later records carry the process.
+#[inline(always)]
+fn remember_owner(sock: u64, pid: u32, flags: u32) {
+    if SOCKETS.insert(&sock, &SockOwner { pid, flags }, 0).is_err() {
+        count(Counter::TcpSocketMapFull);
+    }
+}
+
+#[inline(always)]
+fn read_pointer(address: u64) -> Option<u64> {
+    if address == 0 {
+        return None;
+    }
+    // SAFETY: a fault-handling probe read.
+    let value = unsafe { bpf_probe_read_kernel(address as *const u64) }.ok()?;
+    (value != 0).then_some(value)
+}
+
+/// Reads a `T` at `base + offset`; `None` when `base` is null or the read fails.
+#[inline(always)]
+fn read_at<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: a fault-handling probe read.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
+}

@@ -1,0 +1,364 @@
+//! Accepted connections attributed to the process that accepts them, asserted on the agent's
+//! gRPC stream: prefork workers sharing one listening socket, two SO_REUSEPORT listeners on one
+//! port, and a listening socket handed to another process over a Unix socket. A process that
+//! renames itself with `prctl(PR_SET_NAME)` is still identified by its executable path.
+//!
+//! Every server replies to a connection with the pid of the process that accepted it, so each test
+//! can tell exactly which process the agent must name. Servers and clients run in a network
+//! namespace of the test's own and talk over its loopback; the clients stay outside the agent's
+//! scope, so each flow reaches the engine with its server end only.
+//!
+//! They need root and `DRIFTWATCH_BIN` (set by `cargo xtask test`).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use driftwatch_e2e::{
+    require_root, spawn_in, unique_suffix, wait_until, AgentUnderTest, Cgroup,
+    DeviationWatcher, NetNs, ProcessGuard,
+};
+use driftwatch_proto::v1::{Category, Deviation, Evidence, ProcessInfo};
+
+/// How long the agent may take to turn a kernel event into a deviation.
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a server may take to listen, or a client to finish.
+const RUN_TIMEOUT: Duration = Duration::from_secs(20);
+
+const PROBE: &str = env!("CARGO_BIN_EXE_driftwatch-accept-probe");
+
+/// Components selected by cgroup, then two selected by executable path: a decoy that a process
+/// renamed to `sshd` must not match, and the probe's own path. `{ROOT}` becomes the test's cgroup.
+const MODEL: &str = r#"version: 1
+zones:
+  - { id: internet, trust: 0, match: { cidrs: ["0.0.0.0/0", "::/0"] } }
+  - { id: inside, trust: 50 }
+components:
+  - { id: prefork, zone: inside, match: { cgroup: ["{ROOT}/prefork"] } }
+  - { id: reuse-a, zone: inside, match: { cgroup: ["{ROOT}/reuse-a"] } }
+  - { id: reuse-b, zone: inside, match: { cgroup: ["{ROOT}/reuse-b"] } }
+  - { id: passer, zone: inside, match: { cgroup: ["{ROOT}/passer"] } }
+  - { id: receiver, zone: inside, match: { cgroup: ["{ROOT}/receiver"] } }
+  - { id: seeded, zone: inside, match: { cgroup: ["{ROOT}/seeded"] } }
+  - { id: scripted, zone: inside, match: { cgroup: ["{ROOT}/scripted"] }, executables: ["/bin/true"] }
+  - { id: decoy, zone: inside, match: { exe: ["**/sshd"] } }
+  - { id: probe, zone: inside, match: { exe: ["**/driftwatch-accept-probe"] } }
+flows: []
+exceptions: []
+"#;
+
+const CGROUPS: [&str; 8] = ["prefork", "reuse-a", "reuse-b", "passer", "receiver", "seeded", "scripted", "renamed"];
+
+static AGENT_TESTS: Mutex<()> = Mutex::new(());
+
+/// One connection as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Served {
+    /// The pid the server wrote back: the process that accepted the connection.
+    pid: u32,
+    client: SocketAddr,
+    server: SocketAddr,
+}
+
+/// A test's namespace, cgroups, agent and subscription. Fields drop in declaration order, so
+/// processes end before the agent, the cgroups and the namespace.
+struct World {
+    watcher: Option<DeviationWatcher>,
+    processes: Vec<ProcessGuard>,
+    agent: Option<AgentUnderTest>,
+    cgroups: Vec<(String, Cgroup)>,
+    root: Cgroup,
+    netns: NetNs,
+    model: tempfile::NamedTempFile,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl World {
+    /// Creates the namespace, the cgroups and the model, then starts the agent.
+    fn start() -> World {
+        let mut world = World::prepare();
+        world.start_agent();
+        world
+    }
+
+    /// Creates the namespace, the cgroups and the model; the agent starts with
+    /// [`World::start_agent`].
+    fn prepare() -> World {
+        let serial = AGENT_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        require_root().unwrap();
+        let suffix = unique_suffix();
+        let netns = NetNs::create(&format!("dwhD{suffix}")).unwrap();
+        let root = Cgroup::create(&format!("dw-hD-accept-{suffix}")).unwrap();
+        let cgroups = CGROUPS
+            .iter()
+            .map(|name| (name.to_string(), root.child(name).unwrap()))
+            .collect();
+        let model = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+        fs::write(model.path(), MODEL.replace("{ROOT}", root.relative_path())).unwrap();
+        World {
+            watcher: None,
+            processes: Vec::new(),
+            agent: None,
+            cgroups,
+            root,
+            netns,
+            model,
+            _serial: serial,
+        }
+    }
+
+    fn start_agent(&mut self) {
+        let agent = AgentUnderTest::start(self.model.path(), self.root.path()).unwrap();
+        self.watcher = Some(DeviationWatcher::subscribe(agent.api_addr()).unwrap());
+        self.agent = Some(agent);
+    }
+
+    fn watcher(&self) -> &DeviationWatcher {
+        self.watcher.as_ref().expect("the agent runs")
+    }
+
+    fn cgroup(&self, name: &str) -> &Cgroup {
+        let found = self.cgroups.iter().find(|(cgroup, _)| cgroup == name);
+        &found.unwrap_or_else(|| panic!("no cgroup {name:?} in the test world")).1
+    }
+
+    /// Starts the probe with `args` in cgroup `cgroup` and waits for a stdout line starting with
+    /// `ready_prefix`. Returns the process's index in `processes` and that line.
+    fn start_probe(&mut self, cgroup: &str, args: &[&str], ready_prefix: &str) -> (usize, String) {
+        let mut command = Command::new(PROBE);
+        command.args(args);
+        let process = spawn_in(Some(&self.netns), Some(self.cgroup(cgroup)), command).unwrap();
+        let line = process
+            .wait_for_line(RUN_TIMEOUT, |line| line.starts_with(ready_prefix))
+            .unwrap();
+        self.processes.push(process);
+        (self.processes.len() - 1, line)
+    }
+
+    /// Starts a listening probe and returns its pid and listening address.
+    fn listen(&mut self, cgroup: &str, args: &[&str]) -> (u32, SocketAddr) {
+        let (index, line) = self.start_probe(cgroup, args, "listening ");
+        let addr = line["listening ".len()..].parse().unwrap();
+        (self.processes[index].pid(), addr)
+    }
+
+    /// Connects once from outside the agent's scope and returns who served the connection.
+    fn connect(&self, server: SocketAddr) -> Served {
+        let mut command = Command::new(PROBE);
+        command.args(["connect", &server.to_string()]);
+        let mut client = spawn_in(Some(&self.netns), None, command).unwrap();
+        let lines = client.wait_success(RUN_TIMEOUT).unwrap();
+        parse_served(lines.iter().find(|line| line.starts_with("served ")).unwrap())
+    }
+
+    /// Connects from outside the agent's scope and keeps the connection open while the returned
+    /// client runs.
+    fn hold(&self, server: SocketAddr) -> (ProcessGuard, Served) {
+        let mut command = Command::new(PROBE);
+        command.args(["hold", &server.to_string()]);
+        let client = spawn_in(Some(&self.netns), None, command).unwrap();
+        let line = client.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("served ")).unwrap();
+        (client, parse_served(&line))
+    }
+
+    /// Waits for the unexpected-flow deviation into `component` on `port`.
+    fn wait_for_flow(&self, component: &str, port: u16) -> Deviation {
+        let id = format!("unexpected-flow@internet@{component}@tcp/{port}");
+        self.wait_for(&id, |deviation| deviation.id == id)
+    }
+
+    fn wait_for(&self, what: &str, accept: impl Fn(&Deviation) -> bool) -> Deviation {
+        let agent = self.agent.as_ref().expect("the agent runs");
+        self.watcher()
+            .wait_for(what, OBSERVE_TIMEOUT, accept)
+            .unwrap_or_else(|error| panic!("{error:#}\nagent log:\n{}", agent.log()))
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.processes.clear();
+        // Prefork workers die with their parent, but a failed assertion can leave others behind.
+        for (_, cgroup) in &self.cgroups {
+            let _ = cgroup.kill_remaining();
+        }
+        let _ = self.root.kill_remaining();
+    }
+}
+
+/// Parses `served <pid> <client addr> <server addr>`.
+fn parse_served(line: &str) -> Served {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    Served {
+        pid: fields[1].parse().unwrap(),
+        client: fields[2].parse().unwrap(),
+        server: fields[3].parse().unwrap(),
+    }
+}
+
+fn evidence(deviation: &Deviation) -> &Evidence {
+    deviation.evidence.as_ref().expect("a flow deviation has evidence")
+}
+
+fn process(deviation: &Deviation) -> &ProcessInfo {
+    evidence(deviation).process.as_ref().expect("the accepting process is in the evidence")
+}
+
+/// Asserts the evidence names the process `pid` with parent `ppid`, running the probe, on the
+/// connection `served`.
+fn assert_accepted_by(deviation: &Deviation, served: &Served, pid: u32, ppid: u32) {
+    let process = process(deviation);
+    assert_eq!(process.pid, pid, "accepting pid in {deviation:#?}");
+    assert_eq!(process.namespace_pid, Some(pid), "pid in the host's pid namespace");
+    assert_eq!(process.ppid, ppid, "parent of the accepting process in {deviation:#?}");
+    assert_eq!(process.exe, PROBE, "executable in {deviation:#?}");
+    assert_eq!(evidence(deviation).local_addr, served.client.to_string(), "client end");
+    assert_eq!(evidence(deviation).remote_addr, served.server.to_string(), "server end");
+    assert_eq!(evidence(deviation).peer_process, None, "the client is outside the scope");
+}
+
+#[test]
+fn prefork_worker_is_named_not_listener_owner() {
+    let mut world = World::start();
+    let (parent, addr) = world.listen("prefork", &["prefork", "3"]);
+    let server = world.processes.last().unwrap();
+    let workers: BTreeSet<u32> = wait_until(RUN_TIMEOUT, || {
+        let workers: BTreeSet<u32> = server
+            .stdout_lines()
+            .iter()
+            .filter_map(|line| line.strip_prefix("worker "))
+            .map(|pid| pid.parse().unwrap())
+            .collect();
+        (workers.len() == 3).then_some(workers)
+    })
+    .unwrap_or_else(|| panic!("the prefork server did not start 3 workers: {:?}", server.stdout_lines()));
+
+    let served = world.connect(addr);
+    assert!(workers.contains(&served.pid), "served by {} and not by a worker of {workers:?}", served.pid);
+    assert_ne!(served.pid, parent);
+    let deviation = world.wait_for_flow("prefork", addr.port());
+    assert_accepted_by(&deviation, &served, served.pid, parent);
+}
+
+#[test]
+fn reuseport_listeners_each_name_themselves() {
+    let mut world = World::start();
+    let (first, addr) = world.listen("reuse-a", &["reuseport", "0"]);
+    let (second, second_addr) = world.listen("reuse-b", &["reuseport", &addr.port().to_string()]);
+    assert_eq!(second_addr, addr);
+
+    // The kernel picks the listener by a hash of the client's address and port, so new
+    // connections reach both sooner or later.
+    let mut first_served = None;
+    let mut second_served = None;
+    for _ in 0..64 {
+        let served = world.connect(addr);
+        match served.pid {
+            pid if pid == first => first_served = first_served.or(Some(served)),
+            pid if pid == second => second_served = second_served.or(Some(served)),
+            other => panic!("served by pid {other}, neither listener ({first}, {second})"),
+        }
+        if first_served.is_some() && second_served.is_some() {
+            break;
+        }
+    }
+    let first_served = first_served.expect("64 connections never reached the first listener");
+    let second_served = second_served.expect("64 connections never reached the second listener");
+
+    let test_pid = std::process::id();
+    let deviation = world.wait_for_flow("reuse-a", addr.port());
+    assert_accepted_by(&deviation, &first_served, first, test_pid);
+    let deviation = world.wait_for_flow("reuse-b", addr.port());
+    assert_accepted_by(&deviation, &second_served, second, test_pid);
+}
+
+#[test]
+fn listener_passed_over_unix_socket_names_receiver() {
+    let mut world = World::start();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let path = socket_dir.path().join("listener.sock");
+    let path = path.to_str().unwrap();
+    let (receiver_index, _) = world.start_probe("receiver", &["receive-listener", path], "ready");
+    let receiver = world.processes[receiver_index].pid();
+    let (sender, addr) = world.listen("passer", &["pass-listener", path]);
+    world.processes[receiver_index]
+        .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received "))
+        .unwrap();
+    world.processes.last().unwrap().wait_for_line(RUN_TIMEOUT, |line| line == "passed").unwrap();
+
+    let served = world.connect(addr);
+    assert_eq!(served.pid, receiver, "the sender ({sender}) closed its copy of the socket");
+    let deviation = world.wait_for_flow("receiver", addr.port());
+    assert_accepted_by(&deviation, &served, receiver, std::process::id());
+    let passer = world.watcher().deviations().into_iter().find(|deviation| deviation.id.contains("@passer@tcp/"));
+    assert_eq!(passer, None, "no flow may be attributed to the process that only listened");
+}
+
+#[test]
+fn renamed_process_is_identified_by_executable() {
+    let mut world = World::start();
+    let (pid, addr) = world.listen("renamed", &["renamed-listen", "sshd"]);
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "sshd", "the probe renamed itself");
+
+    let deviation = world.wait_for(&format!("new-listener of pid {pid}"), |deviation| {
+        deviation.category == Category::NewListener as i32
+            && deviation.evidence.as_ref().and_then(|evidence| evidence.process.as_ref()).map(|process| process.pid) == Some(pid)
+    });
+    assert_eq!(deviation.source, "probe", "component by executable path, not the sshd decoy: {}", deviation.id);
+    assert!(deviation.id.starts_with("new-listener@probe@"), "{}", deviation.id);
+    let process = process(&deviation);
+    assert_eq!(process.exe, PROBE);
+    assert_eq!(process.ppid, std::process::id());
+    assert_eq!(evidence(&deviation).local_addr, addr.to_string());
+    // A process of the host's pid namespace has the same pid there, and no unit or container.
+    assert_eq!(process.namespace_pid, Some(pid));
+    assert_eq!(process.pid_namespace_level, 0);
+    assert_eq!(process.systemd_unit, None);
+    assert_eq!(process.container_id, "");
+    assert_eq!(process.pod_uid, "");
+    assert!(!process.fileless);
+    assert!(!process.exe_deleted);
+}
+
+#[test]
+fn script_names_its_interpreter_on_stream() {
+    let mut world = World::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("job.sh");
+    fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = script.to_str().unwrap().to_string();
+
+    let mut process = spawn_in(Some(&world.netns), Some(world.cgroup("scripted")), Command::new(&script)).unwrap();
+    process.wait_success(RUN_TIMEOUT).unwrap();
+    let pid = process.pid();
+    world.processes.push(process);
+
+    let deviation = world.wait_for(&format!("unexpected-executable for {script}"), |deviation| {
+        deviation.category == Category::UnexpectedExecutable as i32
+            && deviation.evidence.as_ref().and_then(|evidence| evidence.process.as_ref()).map(|process| process.pid) == Some(pid)
+    });
+    let process = self::process(&deviation);
+    assert_eq!(process.exe, script);
+    assert_eq!(process.interpreter.as_deref(), Some("/bin/sh"));
+    assert_eq!(process.ppid, std::process::id());
+    assert!(!process.fileless);
+    assert!(!process.from_descriptor);
+    assert!(deviation.summary.contains(&format!("{script} (pid {pid}, run by /bin/sh)")), "{}", deviation.summary);
+}
+
+#[test]
+fn connection_opened_before_agent_is_seeded() {
+    let mut world = World::prepare();
+    let (server, addr) = world.listen("seeded", &["reuseport", "0"]);
+    let (_client, served) = world.hold(addr);
+    assert_eq!(served.pid, server);
+
+    world.start_agent();
+    let deviation = world.wait_for_flow("seeded", addr.port());
+    assert_accepted_by(&deviation, &served, server, std::process::id());
+}
