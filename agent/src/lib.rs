@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod commands;
+pub mod jsonl;
+pub mod metrics;
 pub mod pipeline;
 pub mod report;
 pub mod state;

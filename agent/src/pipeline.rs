@@ -50,6 +50,7 @@ pub struct PipelineStats {
     pub forks: u64,
     pub exits: u64,
     pub tcp_events: u64,
+    pub credential_changes: u64,
     pub connect_failures: u64,
     pub flows: u64,
     /// Flows neither of whose ends the process table knew.
@@ -74,6 +75,7 @@ impl PipelineStats {
             ("pipeline_forks", self.forks),
             ("pipeline_exits", self.exits),
             ("pipeline_tcp_events", self.tcp_events),
+            ("pipeline_credential_changes", self.credential_changes),
             ("pipeline_connect_failures", self.connect_failures),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
@@ -262,6 +264,7 @@ impl Pipeline {
                 self.handle_tcp(tcp);
             }
             Event::Credentials(change) => {
+                self.stats.credential_changes += 1;
                 tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
                 if let (Some(after), true) = (change.after, change.pid == change.tid) {
                     self.processes.on_credentials(change.pid, after.uid, after.gid);
