@@ -67,7 +67,7 @@ fn assert_flags_exist(pairs: &[(String, Option<String>)], known: &BTreeSet<Strin
     }
 }
 
-/// The unit's directives as (key, value), continuation lines joined.
+/// Returns the unit's directives as (key, value), continuation lines joined.
 fn unit_directives(text: &str) -> Vec<(String, String)> {
     let joined = text.replace("\\\n", " ");
     joined
@@ -140,8 +140,8 @@ fn systemd_analyze_verifies_unit() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    // Units this one orders itself after may be missing where systemd is not the init system,
-    // which verify reports but which says nothing about this file.
+    // Units this one orders itself after may be missing where systemd is not the init system.
+    // verify reports them, but they are no fault of this file.
     let complaints: Vec<&str> = stderr
         .lines()
         .filter(|line| line.contains("driftwatch-agent.service"))
@@ -179,7 +179,7 @@ fn to_json(node: &YamlOwned) -> Value {
     }
 }
 
-/// Every document of every manifest, keyed by (kind, name).
+/// Parses every document of every manifest, keyed by (kind, name).
 fn manifests() -> BTreeMap<(String, String), Value> {
     let mut objects = BTreeMap::new();
     for entry in fs::read_dir(deploy_dir().join("kubernetes")).unwrap() {
