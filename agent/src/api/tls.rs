@@ -446,8 +446,40 @@ pub fn find_tls_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a rus
 /// Explains a client's failed TLS connection in terms of the driftwatch flags that fix it, or
 /// returns `None` when `error` contains no TLS error.
 pub fn explain(error: &(dyn StdError + 'static)) -> Option<&'static str> {
+    if let Some(tls) = find_tls_error(error) {
+        return advice(tls);
+    }
+    // rustls reports an alert that arrives after the handshake, such as a TLS 1.3 server rejecting
+    // the client certificate, as an io::Error with the message text only, so the text is matched
+    // against what the same errors display.
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let text = error.to_string();
+        if let Some(tls) = text_matched_errors().into_iter().find(|tls| text.contains(&tls.to_string())) {
+            return advice(&tls);
+        }
+        current = error.source();
+    }
+    None
+}
+
+fn text_matched_errors() -> Vec<rustls::Error> {
     use rustls::{AlertDescription, CertificateError};
-    let advice = match find_tls_error(error)? {
+    vec![
+        rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+        rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+        rustls::Error::AlertReceived(AlertDescription::BadCertificate),
+        rustls::Error::AlertReceived(AlertDescription::DecryptError),
+        rustls::Error::AlertReceived(AlertDescription::CertificateExpired),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+        rustls::Error::InvalidCertificate(CertificateError::Expired),
+    ]
+}
+
+fn advice(error: &rustls::Error) -> Option<&'static str> {
+    use rustls::{AlertDescription, CertificateError};
+    let advice = match error {
         rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
             "the server requires a client certificate: pass --tls-cert and --tls-key"
         }
