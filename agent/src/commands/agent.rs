@@ -163,6 +163,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
+    let signals = StopSignals::install()?;
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
         if let Err(error) = write_ready_file(path, &address.to_string()) {
@@ -173,7 +174,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    wait_for_stop_signal(|| agent_metrics.count_reload(reload_model(&args.model, &shared, &view))).await?;
+    signals.wait(|| agent_metrics.count_reload(reload_model(&args.model, &shared, &view))).await;
     tracing::info!("stopping");
     if let Some(path) = &args.ready_file {
         let _ = std::fs::remove_file(path);
@@ -264,17 +265,32 @@ fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
     std::fs::rename(&partial, path).with_context(|| format!("failed to write {}", path.display()))
 }
 
-/// Waits for SIGTERM or SIGINT, calling `on_hangup` for each SIGHUP meanwhile.
-async fn wait_for_stop_signal(mut on_hangup: impl FnMut()) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
-            _ = hangup.recv() => on_hangup(),
+/// The signals the agent handles, installed before it reports ready so that a SIGHUP sent right
+/// after the ready file appears reloads the model instead of killing the agent.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT, calling `on_hangup` for each SIGHUP meanwhile.
+    async fn wait(mut self, mut on_hangup: impl FnMut()) {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return,
+                _ = self.interrupt.recv() => return,
+                _ = self.hangup.recv() => on_hangup(),
+            }
         }
     }
 }
