@@ -5,6 +5,8 @@ pub mod api;
 pub mod commands;
 pub mod dns;
 pub mod labels;
+pub mod jsonl;
+pub mod metrics;
 pub mod pipeline;
 pub mod report;
 pub mod state;

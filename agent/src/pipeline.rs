@@ -75,6 +75,7 @@ pub struct PipelineStats {
     pub exits: u64,
     pub tcp_events: u64,
     pub accepts: u64,
+    pub credential_changes: u64,
     pub connect_failures: u64,
     /// New UDP flows (first datagrams and UDP connects) reported by the kernel.
     pub udp_flows: u64,
@@ -109,6 +110,7 @@ impl PipelineStats {
             ("pipeline_exits", self.exits),
             ("pipeline_tcp_events", self.tcp_events),
             ("pipeline_accepts", self.accepts),
+            ("pipeline_credential_changes", self.credential_changes),
             ("pipeline_connect_failures", self.connect_failures),
             ("pipeline_udp_flows", self.udp_flows),
             ("pipeline_flows", self.flows),
@@ -515,6 +517,7 @@ impl Pipeline {
                 self.handle_accept(accept);
             }
             Event::Credentials(change) => {
+                self.stats.credential_changes += 1;
                 tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
                 if let (Some(after), true) = (change.after, change.pid == change.tid) {
                     self.processes.on_credentials(change.pid, after.uid, after.gid);

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod stream;
 

@@ -597,8 +597,9 @@ async fn watch_command_exits_cleanly_on_agent_shutdown() {
         exclude_categories: vec![],
         replay: false,
         from_sequence: None,
-        output: OutputFormat::Json,
+        format: OutputFormat::Jsonl,
         show_resolution: false,
+        tls: Default::default(),
     };
     let watcher = tokio::spawn(watch::run(args));
 

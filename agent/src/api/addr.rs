@@ -1,4 +1,4 @@
-//! API addresses: a unix socket, or a TCP port on a loopback address.
+//! API addresses: a unix socket or a TCP address.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -8,10 +8,11 @@ use std::str::FromStr;
 /// Socket path used when no address is given.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/driftwatch/api.sock";
 
-/// An API address: `unix:/path/to.sock`, `127.0.0.1:PORT` or `[::1]:PORT`.
+/// An API address: `unix:/path/to.sock`, `IP:PORT` or `[IPv6]:PORT`.
 ///
-/// TCP addresses must be loopback because the API has no TLS yet, so anyone who can reach the
-/// port could read the deviations and the graph.
+/// Any TCP address parses. Whether plaintext is allowed on it is the caller's decision
+/// ([`ListenAddr::is_local`]): the agent requires TLS on non-loopback addresses unless told
+/// otherwise, because anyone who reaches the port could read the deviations and the graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     Unix(PathBuf),
@@ -22,16 +23,11 @@ pub enum ListenAddr {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ListenAddrError {
     #[error(
-        "invalid API address {0:?}: expected unix:/path/to.sock, 127.0.0.1:PORT or [::1]:PORT"
+        "invalid API address {0:?}: expected unix:/path/to.sock, IP:PORT or [IPv6]:PORT"
     )]
     Invalid(String),
     #[error("invalid API address {0:?}: the unix socket path must be absolute")]
     RelativeSocketPath(String),
-    #[error(
-        "API address {0} is not a loopback address; the API has no TLS yet, so listen on a unix \
-         socket, 127.0.0.1 or [::1]"
-    )]
-    NotLoopback(SocketAddr),
 }
 
 impl Default for ListenAddr {
@@ -55,10 +51,17 @@ impl FromStr for ListenAddr {
         let addr: SocketAddr = text
             .parse()
             .map_err(|_| ListenAddrError::Invalid(text.to_owned()))?;
-        if !addr.ip().is_loopback() {
-            return Err(ListenAddrError::NotLoopback(addr));
-        }
         Ok(ListenAddr::Tcp(addr))
+    }
+}
+
+impl ListenAddr {
+    /// Returns true for a unix socket or a loopback TCP address, which only this host can reach.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ListenAddr::Unix(_) => true,
+            ListenAddr::Tcp(addr) => addr.ip().is_loopback(),
+        }
     }
 }
 
@@ -91,14 +94,14 @@ mod tests {
     }
 
     #[test]
-    fn rejects_non_loopback_tcp() {
+    fn only_unix_and_loopback_are_local() {
         for text in ["0.0.0.0:7070", "192.168.1.4:7070", "[::]:7070"] {
-            let err = text.parse::<ListenAddr>().unwrap_err();
-            assert!(
-                matches!(err, ListenAddrError::NotLoopback(_)),
-                "{text}: {err}"
-            );
-            assert!(err.to_string().contains("no TLS"), "{err}");
+            let addr: ListenAddr = text.parse().unwrap();
+            assert!(!addr.is_local(), "{text}");
+        }
+        for text in ["unix:/run/x.sock", "127.0.0.1:7070", "127.3.4.5:1", "[::1]:7070"] {
+            let addr: ListenAddr = text.parse().unwrap();
+            assert!(addr.is_local(), "{text}");
         }
     }
 

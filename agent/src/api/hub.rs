@@ -152,6 +152,8 @@ struct History {
 #[derive(Default)]
 struct Counters {
     published: AtomicU64,
+    /// Published deviations by [`Category::ALL`] index, then [`Severity::ALL`] index.
+    published_by_kind: [[AtomicU64; Severity::ALL.len()]; Category::ALL.len()],
     evicted: AtomicU64,
     dropped_slow: AtomicU64,
     subscribers: AtomicU64,
@@ -204,8 +206,11 @@ impl DeviationHub {
         // Sending under the history lock keeps the channel in sequence order and lets `subscribe`
         // take a history snapshot and a receiver that neither overlap nor leave a gap.
         // An error only means there is no subscriber right now.
+        let (category, severity) = (published.1.category, published.1.severity);
         let _ = self.sender.send(published);
         self.counters.published.fetch_add(1, Ordering::Relaxed);
+        self.counters.published_by_kind[category_index(category)][severity_index(severity)]
+            .fetch_add(1, Ordering::Relaxed);
         sequence
     }
 
@@ -288,6 +293,18 @@ impl DeviationHub {
         }
     }
 
+    /// Returns the number of deviations published for every category and severity, zeros
+    /// included, in the order of [`Category::ALL`] and [`Severity::ALL`].
+    pub fn published_by_kind(&self) -> Vec<(Category, Severity, u64)> {
+        let mut counts = Vec::with_capacity(Category::ALL.len() * Severity::ALL.len());
+        for (category, row) in Category::ALL.iter().zip(&self.counters.published_by_kind) {
+            for (severity, count) in Severity::ALL.iter().zip(row) {
+                counts.push((*category, *severity, count.load(Ordering::Relaxed)));
+            }
+        }
+        counts
+    }
+
     fn lock_history(&self) -> MutexGuard<'_, History> {
         // A panic while holding the lock cannot leave the history half-updated in a way that
         // matters to readers: at worst one deviation is missing from the ring.
@@ -301,6 +318,20 @@ impl Default for DeviationHub {
     fn default() -> Self {
         DeviationHub::new(HubConfig::default())
     }
+}
+
+fn category_index(category: Category) -> usize {
+    Category::ALL
+        .iter()
+        .position(|known| *known == category)
+        .expect("Category::ALL lists every category")
+}
+
+fn severity_index(severity: Severity) -> usize {
+    Severity::ALL
+        .iter()
+        .position(|known| *known == severity)
+        .expect("Severity::ALL lists every severity")
 }
 
 /// A stream of [`HubMessage`]s for one subscriber, from [`DeviationHub::subscribe`].

@@ -11,12 +11,15 @@ mod convert_container;
 pub mod hub;
 pub mod server;
 pub mod status;
+pub mod tls;
+pub mod tls_args;
 
 pub use addr::{ListenAddr, ListenAddrError, DEFAULT_SOCKET_PATH};
-pub use client::connect;
+pub use client::{connect, connect_with};
+pub use tls_args::{ClientTlsArgs, ServerTlsArgs};
 pub use hub::{
     DeviationFilter, DeviationHub, HubConfig, HubCounters, HubMessage, LossNotice, LossReason,
     Subscription,
 };
-pub use server::{serve, serve_on, AgentView, ApiListener};
+pub use server::{serve, serve_on, AgentView, ApiListener, SocketAccess};
 pub use status::{HookStatus, ModelInfo, StatusSnapshot};

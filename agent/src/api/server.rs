@@ -29,9 +29,27 @@ use super::addr::ListenAddr;
 use super::convert;
 use super::hub::{DeviationFilter, DeviationHub, HubMessage, SubscribeError};
 use super::status::StatusSnapshot;
+use super::tls::ServerTls;
 
-/// Mode of the unix socket: the owner (root) and the group may connect, others may not.
-const SOCKET_MODE: u32 = 0o660;
+/// Default mode of the unix socket: the owner (root) and the group may connect, others may not.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+/// Who may connect to a unix socket: its mode and, when set, the group it is handed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub mode: u32,
+    /// Group id the socket file is given to; `None` keeps the agent's own group.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: DEFAULT_SOCKET_MODE,
+            group: None,
+        }
+    }
+}
 
 /// The API's read access to the running agent for everything except deviations.
 pub trait AgentView: Send + Sync + 'static {
@@ -52,6 +70,10 @@ enum BoundSocket {
         path: PathBuf,
     },
     Tcp(TcpListener),
+    Tls {
+        listener: TcpListener,
+        tls: ServerTls,
+    },
 }
 
 impl ApiListener {
@@ -63,9 +85,19 @@ impl ApiListener {
     /// Fails when the address is in use (including a socket file another process serves), when the
     /// path exists and is not a socket, or when the directory or socket cannot be created.
     pub async fn bind(addr: &ListenAddr) -> anyhow::Result<ApiListener> {
+        ApiListener::bind_with_access(addr, SocketAccess::default()).await
+    }
+
+    /// Binds `addr` like [`ApiListener::bind`], giving a unix socket `access` instead of the
+    /// default mode. `access` does not apply to TCP.
+    ///
+    /// # Errors
+    ///
+    /// As [`ApiListener::bind`], and when the socket's mode or group cannot be set.
+    pub async fn bind_with_access(addr: &ListenAddr, access: SocketAccess) -> anyhow::Result<ApiListener> {
         let inner = match addr {
             ListenAddr::Unix(path) => BoundSocket::Unix {
-                listener: bind_unix(path).await?,
+                listener: bind_unix(path, access).await?,
                 path: path.clone(),
             },
             ListenAddr::Tcp(socket_addr) => {
@@ -78,17 +110,42 @@ impl ApiListener {
         Ok(ApiListener { inner })
     }
 
+    /// Serves TLS on this TCP listener: every connection must complete a mutual TLS handshake
+    /// before it reaches the API.
+    ///
+    /// # Errors
+    ///
+    /// Fails for a unix socket, whose access is controlled by file permissions instead.
+    pub fn with_tls(self, tls: ServerTls) -> anyhow::Result<ApiListener> {
+        let inner = match self.inner {
+            BoundSocket::Tcp(listener) | BoundSocket::Tls { listener, .. } => BoundSocket::Tls { listener, tls },
+            BoundSocket::Unix { path, .. } => bail!(
+                "TLS needs a TCP API address, but the API listens on unix:{}; drop the --tls-* flags \
+                 or listen on IP:PORT",
+                path.display()
+            ),
+        };
+        Ok(ApiListener { inner })
+    }
+
+    /// Returns true when connections must complete a TLS handshake.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.inner, BoundSocket::Tls { .. })
+    }
+
     /// Returns the address clients connect to. For TCP it carries the port the system chose when
     /// the requested port was 0.
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match &self.inner {
             BoundSocket::Unix { path, .. } => Ok(ListenAddr::Unix(path.clone())),
-            BoundSocket::Tcp(listener) => listener.local_addr().map(ListenAddr::Tcp),
+            BoundSocket::Tcp(listener) | BoundSocket::Tls { listener, .. } => {
+                listener.local_addr().map(ListenAddr::Tcp)
+            }
         }
     }
 }
 
-async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+async fn bind_unix(path: &Path, access: SocketAccess) -> anyhow::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).with_context(|| {
             format!("failed to create the socket directory {}", parent.display())
@@ -100,8 +157,13 @@ async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         .with_context(|| format!("failed to listen on unix socket {}", path.display()))?;
     // NOTE: until this call the socket has the mode the umask gives, so a client of another group
     // could connect in that short window if the umask is permissive.
-    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE))
-        .with_context(|| format!("failed to set mode {SOCKET_MODE:o} on {}", path.display()))?;
+    let mode = access.mode;
+    if let Some(group) = access.group {
+        std::os::unix::fs::chown(path, None, Some(group))
+            .with_context(|| format!("failed to give {} to group {group}", path.display()))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("failed to set mode {mode:o} on {}", path.display()))?;
     Ok(listener)
 }
 
@@ -165,7 +227,7 @@ pub async fn serve_on(
         shutdown: shutdown.clone(),
     });
     let router = tonic::transport::Server::builder().add_service(service);
-    tracing::info!(addr = %local_addr, "API listening");
+    tracing::info!(addr = %local_addr, tls = listener.is_tls(), "API listening");
 
     let result = match listener.inner {
         BoundSocket::Unix { listener, path } => {
@@ -186,6 +248,12 @@ pub async fn serve_on(
                     TcpListenerStream::new(listener),
                     shutdown.cancelled(),
                 )
+                .await
+        }
+        BoundSocket::Tls { listener, tls } => {
+            let incoming = tls.incoming(listener, shutdown.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
                 .await
         }
     };

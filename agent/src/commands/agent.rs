@@ -1,5 +1,7 @@
 //! `driftwatch agent`: the daemon. Loads the kernel programs, runs the pipeline and serves the API.
 
+use std::ffi::CString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -11,10 +13,12 @@ use driftwatch_model::Model;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::hub::{DeviationHub, HubConfig};
-use crate::api::server::{self, ApiListener};
-use crate::api::ListenAddr;
+use crate::api::hub::{DeviationFilter, DeviationHub, HubConfig};
+use crate::api::server::{self, ApiListener, SocketAccess, DEFAULT_SOCKET_MODE};
+use crate::api::{ListenAddr, ServerTlsArgs};
 use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
+use crate::jsonl::{self, JsonlTarget, JsonlWriter};
+use crate::metrics::{self, AgentCollector, AgentMetrics, MetricsRegistry};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
@@ -28,10 +32,40 @@ pub struct AgentArgs {
     #[arg(long)]
     pub model: PathBuf,
 
-    /// Address of the gRPC API: `unix:/path/to.sock`, or a loopback `IP:PORT` (port 0 picks a free
-    /// one).
+    /// Address of the gRPC API: `unix:/path/to.sock` or `IP:PORT` (port 0 picks a free one). A TCP
+    /// address that is not loopback needs mutual TLS (--tls-cert, --tls-key, --tls-client-ca) or
+    /// --insecure.
     #[arg(long, default_value = "unix:/run/driftwatch/api.sock")]
     pub api: ListenAddr,
+
+    /// Mode of the API's unix socket, in octal: who may connect besides root.
+    #[arg(long, value_name = "MODE", default_value = "0660", value_parser = parse_mode)]
+    pub api_mode: u32,
+
+    /// Group, by name or id, given the API's unix socket, so that its members may connect.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub api_group: Option<u32>,
+
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    /// Write every deviation and loss notice as one JSON object per line to FILE, or to stdout
+    /// with `-`. A file is rotated by size (--jsonl-max-size-mib, --jsonl-keep).
+    #[arg(long, value_name = "FILE|-")]
+    pub jsonl: Option<PathBuf>,
+
+    /// Size in MiB at which the --jsonl file is rotated to FILE.1.
+    #[arg(long, value_name = "MIB", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jsonl_max_size_mib: u64,
+
+    /// Rotated --jsonl files kept (FILE.1 is the newest); 0 truncates the file in place.
+    #[arg(long, value_name = "COUNT", default_value_t = 5)]
+    pub jsonl_keep: u32,
+
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, such as 127.0.0.1:9464 (port 0
+    /// picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 
     /// Observe only processes inside this cgroup v2 directory (an absolute path under the cgroup2
     /// mount, or a path relative to the mount such as `/system.slice/nginx.service`).
@@ -81,6 +115,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let scope_cgroup = args.scope_cgroup.as_deref().map(resolve_scope).transpose()?;
+    let api_tls = args.tls.load().context("failed to load the API's TLS files")?;
+    if api_tls.is_none() {
+        args.tls.check_plaintext_allowed(&args.api)?;
+    }
+    let jsonl_writer = args.jsonl.as_deref().map(|path| open_jsonl(path, &args)).transpose()?;
 
     // Kernel side first: nothing else is worth starting if the programs do not load.
     let config = TelemetryConfig {
@@ -93,6 +132,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
     let cancel = CancellationToken::new();
+    // Subscribed before the pipeline starts, so the file gets every deviation from the first.
+    let jsonl_task = jsonl_writer.map(|writer| {
+        let subscription = hub.subscribe(DeviationFilter::default(), None).expect("a live-only subscription cannot fail");
+        tokio::spawn(jsonl::run_writer(subscription, writer, cancel.clone()))
+    });
 
     // Label lookups run in a task of their own, so that a slow runtime never stalls the pipeline.
     let pipeline_config = PipelineConfig::default();
@@ -149,10 +193,31 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
     let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info));
+    let registry = Arc::new(MetricsRegistry::default());
+    let agent_metrics = AgentMetrics::register(&registry);
+    registry.register_collector(Box::new(AgentCollector {
+        telemetry: telemetry.clone(),
+        shared: shared.clone(),
+        hub: hub.clone(),
+        api_tls: api_tls.clone(),
+    }));
+    let metrics_task = match args.metrics {
+        Some(addr) => {
+            let listener = metrics::bind_metrics(addr).await?;
+            Some(tokio::spawn(metrics::serve_metrics(listener, registry.clone(), cancel.clone())))
+        }
+        None => None,
+    };
+
     // The listener's own error names the address.
-    let listener = ApiListener::bind(&args.api).await?;
+    let access = SocketAccess { mode: args.api_mode, group: args.api_group };
+    let mut listener = ApiListener::bind_with_access(&args.api, access).await?;
+    if let Some(tls) = api_tls {
+        listener = listener.with_tls(tls)?;
+    }
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
+    let signals = StopSignals::install()?;
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
         if let Err(error) = write_ready_file(path, &address.to_string()) {
@@ -163,7 +228,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    wait_for_stop_signal(|| reload_model(&args.model, &shared, &view)).await?;
+    signals.wait(|| agent_metrics.count_reload(reload_model(&args.model, &shared, &view))).await;
     tracing::info!("stopping");
     if let Some(path) = &args.ready_file {
         let _ = std::fs::remove_file(path);
@@ -174,6 +239,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         let _ = pipeline_task.await;
         let _ = server_task.await;
         let _ = lookup_task.await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        if let Some(task) = jsonl_task {
+            let _ = task.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -192,6 +263,50 @@ fn scope_relative_path(path: &Path) -> String {
         .and_then(|mount| path.strip_prefix(mount).ok().map(Path::to_path_buf))
         .unwrap_or_else(|| path.to_path_buf());
     format!("/{}", relative.display().to_string().trim_start_matches('/'))
+}
+
+fn open_jsonl(path: &Path, args: &AgentArgs) -> anyhow::Result<JsonlWriter> {
+    let target = if path == Path::new("-") {
+        JsonlTarget::Stdout
+    } else {
+        JsonlTarget::File {
+            path: path.to_path_buf(),
+            max_bytes: args.jsonl_max_size_mib.saturating_mul(1024 * 1024),
+            keep: args.jsonl_keep,
+        }
+    };
+    JsonlWriter::open(target).with_context(|| format!("failed to open the --jsonl output {}", path.display()))
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("expected an octal mode such as {DEFAULT_SOCKET_MODE:04o}"))?;
+    if mode > 0o777 {
+        return Err(format!("{text} has bits above 0777; a socket mode takes permission bits only"));
+    }
+    Ok(mode)
+}
+
+/// Resolves a group name or a numeric gid.
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = CString::new(text).map_err(|_| "a group name cannot contain a NUL byte".to_string())?;
+    // SAFETY: libc::group is plain data (integers and pointers), for which all zeros is valid.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live memory of the size passed, and getgrnam_r writes only
+    // into `group`, `buffer` and `result`.
+    let status = unsafe { libc::getgrnam_r(name.as_ptr(), &mut group, buffer.as_mut_ptr(), buffer.len(), &mut result) };
+    if status != 0 {
+        return Err(format!("failed to look up group {text:?}: {}", std::io::Error::from_raw_os_error(status)));
+    }
+    if result.is_null() {
+        return Err(format!("group {text:?} not found in the group database"));
+    }
+    Ok(group.gr_gid)
 }
 
 /// Accepts a directory under the cgroup2 mount or a path relative to the mount.
@@ -215,36 +330,53 @@ fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
     std::fs::rename(&partial, path).with_context(|| format!("failed to write {}", path.display()))
 }
 
-/// Waits for SIGTERM or SIGINT, calling `on_hangup` for each SIGHUP meanwhile.
-async fn wait_for_stop_signal(mut on_hangup: impl FnMut()) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
-            _ = hangup.recv() => on_hangup(),
+/// The signals the agent handles, installed before it reports ready so that a SIGHUP sent right
+/// after the ready file appears reloads the model instead of killing the agent.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT, calling `on_hangup` for each SIGHUP meanwhile.
+    async fn wait(mut self, mut on_hangup: impl FnMut()) {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return,
+                _ = self.interrupt.recv() => return,
+                _ = self.hangup.recv() => on_hangup(),
+            }
         }
     }
 }
 
-/// Reads the model file again and puts it in force. An invalid model is rejected with its errors
-/// and the one in force stays.
-fn reload_model(path: &Path, shared: &Shared, view: &AgentStatusView) {
+/// Reads the model file again and puts it in force, and returns whether it did. An invalid model
+/// is rejected with its errors and the one in force stays.
+fn reload_model(path: &Path, shared: &Shared, view: &AgentStatusView) -> bool {
     match Model::load(path) {
         Ok(model) => {
             let info = view::model_info(path, &model, SystemTime::now());
             shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace_model(model);
             view.set_model(info);
             tracing::info!(model = %path.display(), "model reloaded");
+            true
         }
         Err(errors) => {
             for error in &errors.errors {
                 tracing::error!(%error, "invalid model");
             }
             tracing::error!(model = %path.display(), errors = errors.errors.len(), "model reload rejected; the previous model stays in force");
+            false
         }
     }
 }

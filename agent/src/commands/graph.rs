@@ -7,14 +7,18 @@ use driftwatch_model::graph::GraphSnapshot;
 use driftwatch_proto::v1 as pb;
 
 use super::watch::times_to_rfc3339;
-use crate::api::{connect, convert, ListenAddr};
+use crate::api::client::with_tls_advice;
+use crate::api::{connect_with, convert, ClientTlsArgs, ListenAddr};
 
 /// Arguments of `driftwatch graph`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GraphArgs {
-    /// Agent API address: unix:/path/to.sock, 127.0.0.1:PORT or [::1]:PORT.
+    /// Agent API address: unix:/path/to.sock, IP:PORT or [IPv6]:PORT.
     #[arg(long, value_name = "ADDR", default_value_t = ListenAddr::default())]
     pub api: ListenAddr,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 
     /// Output format: json, or dot for Graphviz (`driftwatch graph --format dot | dot -Tsvg`).
     #[arg(long, value_enum, default_value_t = GraphFormat::Json)]
@@ -33,11 +37,12 @@ pub enum GraphFormat {
 ///
 /// Fails when the agent cannot be reached, sends a graph this build cannot read, or stdout fails.
 pub async fn run(args: GraphArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.api).await?;
+    let mut client = connect_with(&args.api, &args.tls).await?;
     let graph = client
         .get_graph(pb::GetGraphRequest {})
         .await
-        .with_context(|| format!("failed to get the graph from the agent at {}", args.api))?
+        .with_context(|| format!("failed to get the graph from the agent at {}", args.api))
+        .map_err(|error| with_tls_advice(error, &args.api))?
         .into_inner();
     let graph = convert::graph_from_proto(graph).with_context(|| {
         format!(

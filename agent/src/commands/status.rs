@@ -7,14 +7,18 @@ use anyhow::Context as _;
 use driftwatch_proto::v1 as pb;
 
 use super::watch::format_time;
-use crate::api::{connect, ListenAddr};
+use crate::api::client::with_tls_advice;
+use crate::api::{connect_with, ClientTlsArgs, ListenAddr};
 
 /// Arguments of `driftwatch status`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
-    /// Agent API address: unix:/path/to.sock, 127.0.0.1:PORT or [::1]:PORT.
+    /// Agent API address: unix:/path/to.sock, IP:PORT or [IPv6]:PORT.
     #[arg(long, value_name = "ADDR", default_value_t = ListenAddr::default())]
     pub api: ListenAddr,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 /// Fetches the agent's status and prints it to stdout.
@@ -23,11 +27,12 @@ pub struct StatusArgs {
 ///
 /// Fails when the agent cannot be reached or stdout fails.
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.api).await?;
+    let mut client = connect_with(&args.api, &args.tls).await?;
     let status = client
         .get_status(pb::GetStatusRequest {})
         .await
-        .with_context(|| format!("failed to get the status of the agent at {}", args.api))?
+        .with_context(|| format!("failed to get the status of the agent at {}", args.api))
+        .map_err(|error| with_tls_advice(error, &args.api))?
         .into_inner();
 
     let mut stdout = io::stdout().lock();

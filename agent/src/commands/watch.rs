@@ -8,19 +8,24 @@ use driftwatch_model::deviation::{Category, Deviation, Severity};
 use driftwatch_model::observation::ProcessInfo;
 use driftwatch_proto::v1 as pb;
 use pb::stream_deviations_response::Payload;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tonic::Code;
 
 use crate::api::convert::{self, category_to_proto, severity_to_proto};
+use crate::jsonl;
 use crate::terminal::escape_controls;
-use crate::api::{connect, ListenAddr};
+use crate::api::client::with_tls_advice;
+use crate::api::{connect_with, ClientTlsArgs, ListenAddr};
 
 /// Arguments of `driftwatch watch`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
-    /// Agent API address: unix:/path/to.sock, 127.0.0.1:PORT or [::1]:PORT.
+    /// Agent API address: unix:/path/to.sock, IP:PORT or [IPv6]:PORT.
     #[arg(long, value_name = "ADDR", default_value_t = ListenAddr::default())]
     pub api: ListenAddr,
+
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 
     /// Show only deviations at this severity or above: low, medium, elevated, high or critical.
     #[arg(long, value_name = "SEVERITY", value_parser = parse_severity)]
@@ -42,12 +47,13 @@ pub struct WatchArgs {
     #[arg(long, value_name = "SEQUENCE")]
     pub from_sequence: Option<u64>,
 
-    /// Output format: text for a terminal, or json for one JSON object per line.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub output: OutputFormat,
+    /// Output format: text for a terminal, or jsonl for one JSON object per deviation or loss
+    /// notice, with the fields docs/jsonl.md lists (`--output json` is an older spelling).
+    #[arg(long = "format", visible_alias = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
 
     /// Print the model YAML that would declare each deviation (text output only, because JSON
-    /// always carries it).
+    /// lines always carry it).
     #[arg(long)]
     pub show_resolution: bool,
 }
@@ -55,7 +61,8 @@ pub struct WatchArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     Text,
-    Json,
+    #[value(alias = "json")]
+    Jsonl,
 }
 
 fn parse_severity(text: &str) -> Result<Severity, String> {
@@ -85,7 +92,7 @@ fn parse_category(text: &str) -> Result<Category, String> {
 /// Fails when the agent cannot be reached or rejects the request, or when writing to stdout fails
 /// for another reason than a closed pipe.
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.api).await?;
+    let mut client = connect_with(&args.api, &args.tls).await?;
     let request = pb::StreamDeviationsRequest {
         min_severity: args
             .min_severity
@@ -109,11 +116,12 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut stream = client
         .stream_deviations(request)
         .await
-        .with_context(|| format!("the agent at {} rejected the subscription", args.api))?
+        .with_context(|| format!("the agent at {} rejected the subscription", args.api))
+        .map_err(|error| with_tls_advice(error, &args.api))?
         .into_inner();
 
     let printer = Printer {
-        format: args.output,
+        format: args.format,
         colour: io::stdout().is_terminal(),
         show_resolution: args.show_resolution,
     };
@@ -173,8 +181,8 @@ impl Printer {
             Some(Payload::Deviation(deviation)) => match convert::deviation_from_proto(deviation) {
                 Ok(deviation) => match self.format {
                     OutputFormat::Text => self.print_deviation_text(out, sequence, &deviation),
-                    OutputFormat::Json => {
-                        print_json_line(out, &deviation_json(sequence, &deviation))
+                    OutputFormat::Jsonl => {
+                        print_json_line(out, &jsonl::deviation_record(sequence, &deviation))
                     }
                 },
                 Err(err) => {
@@ -184,7 +192,7 @@ impl Printer {
             },
             Some(Payload::Loss(notice)) => match self.format {
                 OutputFormat::Text => self.print_loss_text(out, &notice),
-                OutputFormat::Json => print_json_line(out, &loss_json(sequence, &notice)),
+                OutputFormat::Jsonl => print_json_line(out, &loss_record(&notice)),
             },
             None => {
                 eprintln!("driftwatch: skipping message {sequence} with a payload this build does not know");
@@ -400,27 +408,15 @@ pub(crate) fn times_to_rfc3339(value: &mut Value) {
     }
 }
 
-fn deviation_json(sequence: u64, deviation: &Deviation) -> Value {
-    let mut deviation = serde_json::to_value(deviation).unwrap_or(Value::Null);
-    times_to_rfc3339(&mut deviation);
-    json!({ "sequence": sequence, "deviation": deviation })
-}
-
-fn loss_json(sequence: u64, notice: &pb::LossNotice) -> Value {
+/// Builds the JSON lines record of a loss notice from the stream; a reason this build does not
+/// know is written as `unknown` rather than dropping the record.
+fn loss_record(notice: &pb::LossNotice) -> Value {
     let reason = match pb::LossReason::try_from(notice.reason) {
         Ok(pb::LossReason::SubscriberLagged) => "subscriber-lagged",
         Ok(pb::LossReason::HistoryEvicted) => "history-evicted",
         _ => "unknown",
     };
-    json!({
-        "sequence": sequence,
-        "loss": {
-            "missed": notice.missed,
-            "first_sequence": notice.first_sequence,
-            "last_sequence": notice.last_sequence,
-            "reason": reason,
-        }
-    })
+    jsonl::loss_range_record(notice.first_sequence, notice.last_sequence, reason)
 }
 
 fn print_json_line(out: &mut impl Write, value: &Value) -> io::Result<()> {
