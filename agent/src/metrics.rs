@@ -169,6 +169,9 @@ impl Collector for AgentCollector {
             ("exit", stats.exits),
             ("tcp", stats.tcp_events),
             ("credentials", stats.credential_changes),
+            ("accept", stats.accepts),
+            ("udp", stats.udp_flows),
+            ("dns", stats.dns.messages),
         ];
         encode_counters(&mut encoder, "events", "Kernel events handled by the pipeline, by kind", "kind", &events)?;
 
