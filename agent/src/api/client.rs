@@ -18,7 +18,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// Fails when nothing accepts connections at `addr` within five seconds.
 pub async fn connect(addr: &ListenAddr) -> anyhow::Result<AgentServiceClient<Channel>> {
-    let channel = match addr {
+    let channel = connect_channel(addr).await.with_context(|| {
+        format!("failed to connect to the driftwatch agent at {addr}; is the agent running?")
+    })?;
+    Ok(AgentServiceClient::new(channel))
+}
+
+/// Opens a gRPC channel to `addr`, for any driftwatch service served there.
+///
+/// # Errors
+///
+/// The transport error when nothing accepts connections at `addr` within five seconds.
+pub async fn connect_channel(addr: &ListenAddr) -> Result<Channel, tonic::transport::Error> {
+    match addr {
         ListenAddr::Tcp(socket_addr) => {
             Endpoint::from_shared(format!("http://{socket_addr}"))?
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -37,9 +49,5 @@ pub async fn connect(addr: &ListenAddr) -> anyhow::Result<AgentServiceClient<Cha
                 }))
                 .await
         }
-    };
-    let channel = channel.with_context(|| {
-        format!("failed to connect to the driftwatch agent at {addr}; is the agent running?")
-    })?;
-    Ok(AgentServiceClient::new(channel))
+    }
 }

@@ -7,15 +7,18 @@
 pub mod addr;
 pub mod client;
 pub mod convert;
+pub mod filter;
 pub mod hub;
+pub mod request;
 pub mod server;
 pub mod status;
 
 pub use addr::{ListenAddr, ListenAddrError, DEFAULT_SOCKET_PATH};
 pub use client::connect;
+pub use filter::{DeviationFilter, FilterSet};
 pub use hub::{
-    DeviationFilter, DeviationHub, HubConfig, HubCounters, HubMessage, LossNotice, LossReason,
+    DeviationHub, HubConfig, HubCounters, HubMessage, LossNotice, LossReason, Replay,
     Subscription,
 };
 pub use server::{serve, serve_on, AgentView, ApiListener};
-pub use status::{HookStatus, ModelInfo, StatusSnapshot};
+pub use status::{HookStatus, ModelInfo, NodeStatus, StatusSnapshot};
