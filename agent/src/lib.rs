@@ -1,8 +1,10 @@
 //! The driftwatch agent: kernel telemetry, process and socket state, the pipeline into the model
-//! engine, and the gRPC API.
+//! engine, the gRPC API, pushing to a collector, and the collector itself.
 
 pub mod api;
+pub mod collector;
 pub mod commands;
+pub mod fleet;
 pub mod pipeline;
 pub mod report;
 pub mod state;

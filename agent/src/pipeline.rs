@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
+use crate::fleet::endpoints::{EndpointTable, PeerConnection};
+use driftwatch_model::fleet::PeerRole;
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
 use crate::telemetry::event::{Event, TcpEvent, TcpEventKind};
@@ -148,6 +150,8 @@ pub struct Pipeline {
     shared: Arc<Shared>,
     hub: Arc<DeviationHub>,
     stats: PipelineStats,
+    /// Remote ends and listeners for a collector, when the agent pushes to one.
+    endpoints: Option<Arc<Mutex<EndpointTable>>>,
 }
 
 impl Pipeline {
@@ -161,8 +165,14 @@ impl Pipeline {
             shared,
             hub,
             stats: PipelineStats::default(),
+            endpoints: None,
             config,
         }
+    }
+
+    /// Records remote ends of flows and listeners in `table` from now on, for a collector.
+    pub fn track_endpoints(&mut self, table: Arc<Mutex<EndpointTable>>) {
+        self.endpoints = Some(table);
     }
 
     /// Seeds the process table, and the listeners that were open before the agent started, from
@@ -313,6 +323,10 @@ impl Pipeline {
                     self.stats.listens_without_process += 1;
                     return;
                 };
+                if let Some(endpoints) = &self.endpoints {
+                    let node = self.engine().process_node(&process).id;
+                    lock(endpoints).on_listen(tcp.sock, node, tcp.local, Protocol::Tcp);
+                }
                 let observation = ListenObservation {
                     time: self.clock.to_system(tcp.ktime_ns),
                     process,
@@ -323,7 +337,12 @@ impl Pipeline {
                 let deviations = self.engine().observe_listen(&observation);
                 self.publish(deviations);
             }
-            TcpEventKind::Close => self.sockets.on_close(tcp.sock),
+            TcpEventKind::Close => {
+                self.sockets.on_close(tcp.sock);
+                if let Some(endpoints) = &self.endpoints {
+                    lock(endpoints).on_close(tcp.sock);
+                }
+            }
         }
     }
 
@@ -351,8 +370,29 @@ impl Pipeline {
             server_addr: flow.server_addr,
             netns,
         };
+        self.record_peer(&observation);
         let deviations = self.engine().observe_flow(&observation);
         self.publish(deviations);
+    }
+
+    /// Records the remote end of a flow with exactly one end on this host.
+    fn record_peer(&self, observation: &FlowObservation) {
+        let Some(endpoints) = &self.endpoints else { return };
+        let (role, remote_ip) = match (&observation.client, &observation.server) {
+            (Some(_), None) => (PeerRole::Client, observation.server_addr.ip()),
+            (None, Some(_)) => (PeerRole::Server, observation.client_addr.ip()),
+            _ => return,
+        };
+        let (source, destination) = self.engine().flow_nodes(observation);
+        lock(endpoints).record_peer(PeerConnection {
+            source: &source.id,
+            destination: &destination.id,
+            protocol: observation.protocol,
+            port: observation.server_addr.port(),
+            role,
+            remote_ip,
+            time: observation.time,
+        });
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
@@ -404,6 +444,10 @@ impl Pipeline {
         self.stats.sockets = self.sockets.stats();
         *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

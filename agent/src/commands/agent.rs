@@ -1,5 +1,6 @@
 //! `driftwatch agent`: the daemon. Loads the kernel programs, runs the pipeline and serves the API.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::api::hub::{DeviationHub, HubConfig};
 use crate::api::server::{self, ApiListener};
 use crate::api::ListenAddr;
+use crate::fleet::endpoints::{EndpointLimits, EndpointTable};
+use crate::fleet::host;
+use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
@@ -44,9 +48,30 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 8192)]
     pub ring_buffer_kib: u32,
 
-    /// Deviations kept for replay to new subscribers.
+    /// Deviations kept for replay to new subscribers. With --collector it is also the buffer of
+    /// deviations the collector has not acknowledged: what overflows it while the collector is
+    /// unreachable is lost, counted and reported on both sides.
     #[arg(long, default_value_t = 4096)]
     pub history: usize,
+
+    /// Name of this node in the fleet, carried by every deviation it streams. Defaults to the
+    /// host name.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// Push deviations, the graph and endpoints to the collector at this address:
+    /// `unix:/path/to.sock` or a loopback `IP:PORT`.
+    #[arg(long, value_name = "ADDR")]
+    pub collector: Option<ListenAddr>,
+
+    /// An address of this node that the collector resolves flows from other nodes to. Repeat for
+    /// several. Defaults to the addresses of the interfaces in the agent's network namespace.
+    #[arg(long = "advertise-address", value_name = "IP")]
+    pub advertise_addresses: Vec<IpAddr>,
+
+    /// Seconds between the graph snapshots pushed to the collector.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub snapshot_interval: f64,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -68,6 +93,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let scope_cgroup = args.scope_cgroup.as_deref().map(resolve_scope).transpose()?;
+    let node = match &args.node {
+        Some(node) if node.is_empty() => anyhow::bail!("--node must not be empty"),
+        Some(node) => node.clone(),
+        None => host::host_name().context("failed to read the host name; name this node with --node")?,
+    };
+    if !(args.snapshot_interval > 0.0 && args.snapshot_interval.is_finite()) {
+        anyhow::bail!("--snapshot-interval {} is not a positive number of seconds", args.snapshot_interval);
+    }
 
     // Kernel side first: nothing else is worth starting if the programs do not load.
     let config = TelemetryConfig {
@@ -79,10 +112,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let telemetry = Arc::new(telemetry);
 
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
-    let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
+    let hub = Arc::new(DeviationHub::with_node(HubConfig { history_capacity: args.history, ..HubConfig::default() }, &node));
     let cancel = CancellationToken::new();
 
     let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub.clone(), cgroup_resolver());
+    let endpoints = Arc::new(Mutex::new(EndpointTable::new(EndpointLimits::default())));
+    if args.collector.is_some() {
+        pipeline.track_endpoints(endpoints.clone());
+    }
     let seeded = pipeline.seed_processes();
     tracing::info!(processes = seeded, "process table seeded from /proc");
     let lost = {
@@ -99,6 +136,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let listener = ApiListener::bind(&args.api).await?;
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
+    let push_task = match &args.collector {
+        Some(collector) => {
+            let addresses = if args.advertise_addresses.is_empty() {
+                host::interface_addresses().context("failed to list this node's addresses; give them with --advertise-address")?
+            } else {
+                args.advertise_addresses.clone()
+            };
+            let config = PushConfig {
+                collector: collector.clone(),
+                node: node.clone(),
+                run_id: host::random_run_id(),
+                snapshot_interval: Duration::from_secs_f64(args.snapshot_interval),
+                addresses,
+            };
+            let counters = Arc::new(PushCounters::default());
+            view.attach_push_counters(counters.clone());
+            let source = PushSource { hub: hub.clone(), view: view.clone(), endpoints };
+            tracing::info!(collector = %collector, node = %node, "pushing to a collector");
+            Some(tokio::spawn(run_pusher(config, source, counters, cancel.clone())))
+        }
+        None => None,
+    };
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
         if let Err(error) = write_ready_file(path, &address.to_string()) {
@@ -119,6 +178,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let _ = pipeline_task.await;
         let _ = server_task.await;
+        if let Some(push_task) = push_task {
+            let _ = push_task.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -143,7 +205,8 @@ fn resolve_scope(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(full)
 }
 
-fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
+/// Writes `address` and a newline to `path` so that a reader never sees part of it.
+pub(crate) fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
     // Written whole under another name, then renamed, so a reader never sees half of it.
     let partial = path.with_extension("partial");
     std::fs::write(&partial, format!("{address}\n")).with_context(|| format!("failed to write {}", partial.display()))?;

@@ -11,6 +11,7 @@ use pb::stream_deviations_response::Payload;
 use serde_json::{json, Value};
 use tonic::Code;
 
+use super::watch_filter::parse_filter_spec;
 use crate::api::convert::{self, category_to_proto, severity_to_proto};
 use crate::terminal::escape_controls;
 use crate::api::{connect, ListenAddr};
@@ -39,8 +40,29 @@ pub struct WatchArgs {
     pub replay: bool,
 
     /// Resume a stream: print retained deviations from this sequence number on, then follow.
-    #[arg(long, value_name = "SEQUENCE")]
+    #[arg(long, value_name = "SEQUENCE", conflicts_with_all = ["since", "last"])]
     pub from_sequence: Option<u64>,
+
+    /// Print retained deviations published since this time, then follow: an RFC 3339 time such as
+    /// 2026-01-31T12:00:00Z, or a duration before now such as 15m or 2h.
+    #[arg(long, value_name = "TIME", value_parser = parse_since, conflicts_with_all = ["replay", "last"])]
+    pub since: Option<SystemTime>,
+
+    /// Print the latest N retained deviations that pass the filters, then follow.
+    #[arg(long, value_name = "N", conflicts_with = "replay")]
+    pub last: Option<u64>,
+
+    /// Show deviations that match this filter; repeat for several, which combine with OR. A filter
+    /// is comma-separated key=value conditions that must all hold, with the keys category,
+    /// min-severity, component, zone, exe (a glob) and node; a key given twice accepts either
+    /// value. Example: --allow category=unexpected-flow,min-severity=high,node=web-1
+    #[arg(long = "allow", value_name = "FILTER", value_parser = parse_filter_spec)]
+    pub allow: Vec<pb::DeviationFilter>,
+
+    /// Hide deviations that match this filter, even when an --allow filter matches them; repeat
+    /// for several. Same syntax as --allow.
+    #[arg(long = "deny", value_name = "FILTER", value_parser = parse_filter_spec)]
+    pub deny: Vec<pb::DeviationFilter>,
 
     /// Output format: text for a terminal, or json for one JSON object per line.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
@@ -68,6 +90,19 @@ fn parse_severity(text: &str) -> Result<Severity, String> {
     })
 }
 
+/// Parses an RFC 3339 time, or a duration before now such as `15m`.
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+        return Ok(time);
+    }
+    let ago = humantime::parse_duration(text).map_err(|_| {
+        "expected an RFC 3339 time such as 2026-01-31T12:00:00Z or a duration such as 15m".to_string()
+    })?;
+    SystemTime::now()
+        .checked_sub(ago)
+        .ok_or_else(|| format!("{text} before now is before the epoch"))
+}
+
 fn parse_category(text: &str) -> Result<Category, String> {
     Category::parse(text).ok_or_else(|| {
         let names: Vec<_> = Category::ALL
@@ -86,6 +121,7 @@ fn parse_category(text: &str) -> Result<Category, String> {
 /// for another reason than a closed pipe.
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.api).await?;
+    #[allow(deprecated, reason = "these flags map to the fields that predate the filter lists")]
     let request = pb::StreamDeviationsRequest {
         min_severity: args
             .min_severity
@@ -105,6 +141,10 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         } else {
             args.from_sequence
         },
+        allow: args.allow.clone(),
+        deny: args.deny.clone(),
+        since: args.since.map(Into::into),
+        last: args.last,
     };
     let mut stream = client
         .stream_deviations(request)
@@ -169,12 +209,15 @@ impl Printer {
         response: pb::StreamDeviationsResponse,
     ) -> io::Result<()> {
         let sequence = response.sequence;
+        let node = response.node;
         match response.payload {
             Some(Payload::Deviation(deviation)) => match convert::deviation_from_proto(deviation) {
                 Ok(deviation) => match self.format {
-                    OutputFormat::Text => self.print_deviation_text(out, sequence, &deviation),
+                    OutputFormat::Text => {
+                        self.print_deviation_text(out, sequence, &node, &deviation)
+                    }
                     OutputFormat::Json => {
-                        print_json_line(out, &deviation_json(sequence, &deviation))
+                        print_json_line(out, &deviation_json(sequence, &node, &deviation))
                     }
                 },
                 Err(err) => {
@@ -183,8 +226,8 @@ impl Printer {
                 }
             },
             Some(Payload::Loss(notice)) => match self.format {
-                OutputFormat::Text => self.print_loss_text(out, &notice),
-                OutputFormat::Json => print_json_line(out, &loss_json(sequence, &notice)),
+                OutputFormat::Text => self.print_loss_text(out, &node, &notice),
+                OutputFormat::Json => print_json_line(out, &loss_json(sequence, &node, &notice)),
             },
             None => {
                 eprintln!("driftwatch: skipping message {sequence} with a payload this build does not know");
@@ -197,6 +240,7 @@ impl Printer {
         &self,
         out: &mut impl Write,
         sequence: u64,
+        node: &str,
         deviation: &Deviation,
     ) -> io::Result<()> {
         let severity = deviation.severity.as_str().to_uppercase();
@@ -204,9 +248,14 @@ impl Printer {
             severity_colour(deviation.severity),
             &format!("{severity:<8}"),
         );
+        let node = if node.is_empty() {
+            String::new()
+        } else {
+            format!("  node {}", escape_controls(node))
+        };
         writeln!(
             out,
-            "{}  {}  {}  #{}",
+            "{}  {}  {}  #{}{node}",
             format_time(deviation.last_seen),
             severity,
             deviation.category.as_str(),
@@ -257,12 +306,25 @@ impl Printer {
         writeln!(out)
     }
 
-    fn print_loss_text(&self, out: &mut impl Write, notice: &pb::LossNotice) -> io::Result<()> {
+    fn print_loss_text(
+        &self,
+        out: &mut impl Write,
+        node: &str,
+        notice: &pb::LossNotice,
+    ) -> io::Result<()> {
+        let overflow;
         let cause = match pb::LossReason::try_from(notice.reason) {
             Ok(pb::LossReason::SubscriberLagged) => {
                 "this client read too slowly and the agent dropped them"
             }
             Ok(pb::LossReason::HistoryEvicted) => "the agent no longer retains them for replay",
+            Ok(pb::LossReason::NodeBufferOverflow) => {
+                overflow = format!(
+                    "node {} overflowed its buffer before pushing them to the collector (node sequences)",
+                    escape_controls(node)
+                );
+                &overflow
+            }
             _ => "the agent gave no known reason",
         };
         let line = format!(
@@ -356,20 +418,22 @@ pub(crate) fn times_to_rfc3339(value: &mut Value) {
     }
 }
 
-fn deviation_json(sequence: u64, deviation: &Deviation) -> Value {
+fn deviation_json(sequence: u64, node: &str, deviation: &Deviation) -> Value {
     let mut deviation = serde_json::to_value(deviation).unwrap_or(Value::Null);
     times_to_rfc3339(&mut deviation);
-    json!({ "sequence": sequence, "deviation": deviation })
+    json!({ "sequence": sequence, "node": node, "deviation": deviation })
 }
 
-fn loss_json(sequence: u64, notice: &pb::LossNotice) -> Value {
+fn loss_json(sequence: u64, node: &str, notice: &pb::LossNotice) -> Value {
     let reason = match pb::LossReason::try_from(notice.reason) {
         Ok(pb::LossReason::SubscriberLagged) => "subscriber-lagged",
         Ok(pb::LossReason::HistoryEvicted) => "history-evicted",
+        Ok(pb::LossReason::NodeBufferOverflow) => "node-buffer-overflow",
         _ => "unknown",
     };
     json!({
         "sequence": sequence,
+        "node": node,
         "loss": {
             "missed": notice.missed,
             "first_sequence": notice.first_sequence,
