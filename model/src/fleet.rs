@@ -1,8 +1,8 @@
 //! Merging the observed graphs of several hosts into one graph of the fleet.
 //!
-//! Each host's agent sees only its own end of a connection to another host: the client's agent
-//! records an edge to the server's address (resolved to a zone or `external:<ip>`), the server's
-//! agent an edge from the client's address. With each graph a host reports its listeners, its
+//! Each host's agent observes only its own end of a connection to another host. The client's agent
+//! records an edge to the server's address (resolved to a zone or `external:<ip>`), and the
+//! server's agent records an edge from the client's address. With each graph a host reports its listeners, its
 //! addresses and, for every edge with a remote end, the remote IP ([`PeerFlow`]). The merge
 //! resolves a client's remote end through the listener that serves it on another host, so the
 //! connection becomes one edge between the two graph nodes, and drops the server's half of a
@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use crate::graph::{EdgeKey, EdgeSnapshot, GraphSnapshot, NodeKind, NodeSnapshot, MAX_EXAMPLES};
 use crate::observation::Protocol;
 
-/// Which end of a flow is on the reporting host.
+/// End of a flow that is on the reporting host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PeerRole {
     /// The host's process connected; the remote address is the server's.
@@ -50,7 +50,7 @@ pub struct NodeListener {
     pub protocol: Protocol,
 }
 
-/// What one host reports for the merge.
+/// Report of one host for the merge.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostGraph {
     /// Host (agent node) name.
@@ -363,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn server_half_stays_when_client_host_is_not_in_the_fleet() {
+    fn server_half_stays_without_client_host() {
         let mut hosts = web_and_db();
         hosts.remove(0);
         let (graph, stats) = merge(&hosts, |_| false);
@@ -372,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn listener_on_a_specific_address_resolves_only_that_address() {
+    fn specific_listener_address_resolves_alone() {
         let mut hosts = web_and_db();
         hosts[1].listeners[0].addr = "198.18.4.11:5432".parse().unwrap();
         let (graph, stats) = merge(&hosts, |_| false);

@@ -236,7 +236,7 @@ fn is_new_listener_on(entry: &StreamEntry, node: &str) -> bool {
 }
 
 #[test]
-fn cross_host_flow_is_one_edge_in_the_collector_graph() {
+fn cross_host_flow_is_one_edge() {
     let mut fleet = Fleet::start();
     fleet.serve("db", &["db", "--listen", "0.0.0.0:5432"]);
     fleet.run(
@@ -266,7 +266,7 @@ fn cross_host_flow_is_one_edge_in_the_collector_graph() {
         .collect();
     assert!(external.is_empty(), "external nodes left in the merged graph: {external:?}");
 
-    // Each agent alone sees only its end: the client's agent an edge to db's address.
+    // Each agent alone records only its end, so the client's agent has an edge to db's address.
     let web_graph = stream::graph(fleet.agents["web"].api_addr()).unwrap();
     let web_edge = web_graph.edges.iter().find(|edge| edge.port == 5432).unwrap();
     assert_eq!(web_edge.destination, format!("external:{DB_V4}"));
@@ -297,7 +297,7 @@ fn collector_restart_loses_and_duplicates_nothing() {
     for port in 7011..=7020 {
         fleet.serve("ops", &["sink", "--listen", &format!("0.0.0.0:{port}")]);
     }
-    // The agent holds them while the collector is down.
+    // The agent buffers them while the collector is down.
     let ops_api = fleet.agents["ops"].api_addr();
     let buffered = wait_until(OBSERVE_TIMEOUT, || {
         let status = stream::status(ops_api).ok()?;

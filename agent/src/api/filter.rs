@@ -1,7 +1,7 @@
 //! Typed stream filters: allow and deny lists of [`DeviationFilter`]s.
 //!
-//! A filter is a conjunction of optional conditions (category, minimum severity, component, zone,
-//! executable glob, node); each condition that lists several values holds when any of them does.
+//! A filter is a conjunction of optional conditions: category, minimum severity, component, zone,
+//! executable glob and node. A condition that lists several values holds when any of them does.
 //! A [`FilterSet`] sends a deviation when it matches any allow filter (or the allow list is empty)
 //! and no deny filter, so deny always wins.
 
@@ -136,7 +136,7 @@ pub struct FilterSet {
 }
 
 impl FilterSet {
-    /// A set that lets every deviation through.
+    /// Returns a set that lets every deviation through.
     pub fn all() -> FilterSet {
         FilterSet::default()
     }

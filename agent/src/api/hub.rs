@@ -7,9 +7,9 @@
 //! instead of a silent gap. Publishing never waits for a subscriber to read. It holds the history
 //! lock only while it appends and sends.
 //!
-//! Every entry names the node that raised it, so one hub serves an agent (every entry from its own
-//! node) and a collector (entries from the whole fleet, plus a gap entry where a node lost
-//! deviations before it could push them).
+//! Every entry names the node that raised it. An agent's hub holds only its own node's entries. A
+//! collector's hub holds the whole fleet's, plus a gap entry wherever a node lost deviations
+//! before it could push them.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -45,7 +45,7 @@ impl Default for HubConfig {
     }
 }
 
-/// Where a subscription starts.
+/// Start of a subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Replay {
     /// Live deviations only.
@@ -130,7 +130,7 @@ impl NodeGap {
     }
 }
 
-/// What one history entry carries.
+/// Payload of one history entry.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EntryItem {
     Deviation {

@@ -1,8 +1,8 @@
 //! The collector's journal: one JSON object per line in `<data-dir>/journal.jsonl`.
 //!
-//! It keeps what a restarted collector needs to continue without loss or duplicates: its next
-//! stream sequence, the retained history it replays to clients, and per node the run id and the
-//! last agent sequence stored (the cursor an agent resumes after). Live entries are appended one
+//! It keeps what a restarted collector needs to continue without loss or duplicates. That is its
+//! next stream sequence, the retained history it replays to clients, and a cursor per node: the
+//! run id and the last agent sequence stored, which the agent resumes after. Live entries are appended one
 //! line per write. Once enough lines have accumulated, the file is rewritten whole under a temporary
 //! name and renamed over the old one, holding only the header, the cursors and the retained
 //! history, so its size stays bounded by the history capacity.
@@ -21,7 +21,7 @@ use crate::api::hub::{Entry, EntryItem, NodeGap};
 
 const FILE_NAME: &str = "journal.jsonl";
 
-/// Where a node's pushes stand.
+/// Position of a node's pushes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     /// Random id of the agent process whose sequences `acknowledged` counts.
@@ -34,7 +34,7 @@ pub struct Cursor {
     pub lost: u64,
 }
 
-/// What one journal line holds.
+/// Content of one journal line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 enum Record {
@@ -81,7 +81,7 @@ pub enum JournalError {
     Open { path: PathBuf, source: io::Error },
 }
 
-/// What a journal held when it was opened.
+/// Content of a journal when it was opened.
 #[derive(Debug, Default)]
 pub struct Recovered {
     /// Sequence the next entry gets, at least 1.

@@ -4,7 +4,7 @@
 //! All nodes' deviations go through one lock, in which each is checked against its node's cursor
 //! (dropped when already stored), written to the journal, and only then published and
 //! acknowledged. A restarted collector reads the journal back, so it continues its own sequence,
-//! replays its history to clients and tells each agent where to resume.
+//! replays its history to clients and sends each agent the sequence to resume after.
 
 pub mod journal;
 pub mod server;
@@ -30,12 +30,12 @@ pub use server::serve_collector;
 /// Settings of a [`Collector`].
 #[derive(Debug, Clone)]
 pub struct CollectorConfig {
-    /// Directory of the journal; `None` keeps everything in memory, so a restart forgets it.
+    /// Directory of the journal. `None` keeps everything in memory, so a restart loses it.
     pub data_dir: Option<PathBuf>,
     pub hub: HubConfig,
 }
 
-/// A node as the collector knows it.
+/// The collector's state of one node.
 #[derive(Debug, Default)]
 struct NodeState {
     cursor: Cursor,
@@ -64,7 +64,7 @@ pub struct Collector {
     compact_after: usize,
 }
 
-/// Who a push stream belongs to, as [`Collector::open_stream`] returns it.
+/// Identity of a push stream, from [`Collector::open_stream`].
 #[derive(Debug, Clone)]
 pub struct StreamId {
     pub node: Arc<str>,
@@ -269,7 +269,7 @@ impl Collector {
             .collect();
         if let Err(error) = journal.compact(self.hub.next_sequence(), &cursors, &self.hub.retained()) {
             inner.journal_errors += 1;
-            // Appending goes on to the old file, which still holds everything.
+            // Appending goes on to the old file, which still contains everything.
             tracing::error!(%error, "failed to rewrite the journal; it keeps growing until a rewrite succeeds");
         }
     }

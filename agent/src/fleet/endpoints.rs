@@ -104,7 +104,7 @@ impl EndpointTable {
         }
         if self.peers.len() >= self.limits.max_peers {
             // NOTE: a linear scan, so a flood of distinct remote IPs at the bound costs
-            // max_peers steps per new pair; an ordered index would end that if it shows in profiles.
+            // max_peers steps per new pair. An index ordered by last_seen would remove that cost.
             let oldest = self
                 .peers
                 .iter()

@@ -1,8 +1,8 @@
 //! Pushing this agent's deviations and graph to a collector.
 //!
 //! The hub's replay history is the buffer of deviations not yet acknowledged: the pusher reads
-//! from it and never copies. Each stream opens with the node's name and run id; the collector
-//! answers with the last agent sequence it stored for that run, and the pusher replays from the
+//! from it and never copies. Each stream opens with the node's name and run id. The collector
+//! replies with the last agent sequence it stored for that run, and the pusher replays from the
 //! one after it. A reconnect therefore resends exactly what the collector lacks. When the history
 //! evicted some of that before it could be pushed, the pusher sends the range as a gap, counts it
 //! and logs it, so both sides report the loss.
@@ -33,7 +33,7 @@ const OUTBOUND_QUEUE: usize = 256;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
-/// Where and as whom the agent pushes.
+/// Collector address and node identity of a pusher.
 #[derive(Debug, Clone)]
 pub struct PushConfig {
     pub collector: ListenAddr,
@@ -80,14 +80,14 @@ impl PushCounters {
     }
 }
 
-/// What the pusher reads from the agent.
+/// Agent state the pusher reads.
 pub struct PushSource {
     pub hub: Arc<DeviationHub>,
     pub view: Arc<dyn AgentView>,
     pub endpoints: Arc<Mutex<EndpointTable>>,
 }
 
-/// Why a push stream ended.
+/// Cause of a push stream's end.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("failed to connect: {0}")]
@@ -222,8 +222,8 @@ fn subscribe_from(hub: &DeviationHub, next: u64) -> crate::api::Subscription {
     match hub.subscribe_with(FilterSet::all(), Replay::FromSequence(next)) {
         Ok(subscription) => subscription,
         Err(error) => {
-            // The collector acknowledged a sequence this run has not reached, which only a
-            // collector bug or a reused run id explains; push what comes from now on.
+            // The collector acknowledged a sequence this run has not reached. Only a collector bug
+            // or a reused run id explains that, so push what comes from now on.
             tracing::error!(%error, "the collector's resume point is ahead of this agent; pushing new deviations only");
             hub.subscribe_with(FilterSet::all(), Replay::None)
                 .expect("a subscription without replay cannot fail")

@@ -109,8 +109,8 @@ pub fn run(setup: &Setup, plan: &Plan) -> anyhow::Result<Value> {
     println!("  drained {backlog} deviations from three agents at {rate:.0} per second");
 
     // Latency: a fresh set of ports, so every sample raises a fresh deviation. The server runs
-    // inside the first agent's scope, so the agent sees both ends at once instead of waiting out
-    // its join window for a partner that another host would have.
+    // inside the first agent's scope, so the agent observes both ends at once instead of waiting
+    // out its join window for a partner end that another host would have.
     let local_servers = cgroups[0].child("server")?;
     let latency_ports = accept_server(setup, &local_servers, u64::from(plan.latency_samples))?;
     let mut probe_command = Command::new(&setup.bench);
