@@ -4,7 +4,7 @@
 use std::path::Path;
 
 const PROTO_ROOT: &str = "proto";
-const PROTOS: &[&str] = &["driftwatch/v1/agent.proto", "cri/runtime/v1/labels.proto"];
+const PROTOS: &[&str] = &["driftwatch/v1/agent.proto", "driftwatch/v1/collector.proto", "cri/runtime/v1/labels.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

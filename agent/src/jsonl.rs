@@ -225,10 +225,16 @@ pub async fn run_writer(mut subscription: Subscription, mut writer: JsonlWriter,
             },
         };
         let record = match &message {
-            HubMessage::Deviation { sequence, deviation } => deviation_record(*sequence, deviation),
+            HubMessage::Deviation { sequence, deviation, .. } => deviation_record(*sequence, deviation),
             HubMessage::Loss(notice) => {
                 tracing::warn!(missed = notice.missed(), "the JSON lines writer fell behind; it wrote a loss record");
                 loss_record(notice)
+            }
+            // Only a collector's hub carries node gaps; the range is in the node's numbering.
+            HubMessage::NodeGap { gap, .. } => {
+                let mut record = loss_range_record(gap.first_sequence, gap.last_sequence, "node-buffer-overflow");
+                record["node"] = Value::String(gap.node.to_string());
+                record
             }
         };
         // NOTE: the write blocks this runtime worker. One line to a local file or stdout is short,

@@ -1,11 +1,13 @@
 //! The driftwatch agent: kernel telemetry, process and socket state, the pipeline into the model
-//! engine, and the gRPC API.
+//! engine, the gRPC API, pushing to a collector, and the collector itself.
 
 pub mod api;
+pub mod collector;
 pub mod commands;
 pub mod dns;
-pub mod labels;
+pub mod fleet;
 pub mod jsonl;
+pub mod labels;
 pub mod metrics;
 pub mod pipeline;
 pub mod report;

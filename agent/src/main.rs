@@ -4,7 +4,7 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use driftwatch::commands::{agent, check, graph, model, status, watch};
+use driftwatch::commands::{agent, check, collector, graph, model, status, watch};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -28,7 +28,9 @@ enum LogFormat {
 enum Command {
     /// Run the agent: load the kernel programs, compare with the model, serve the API.
     Agent(agent::AgentArgs),
-    /// Stream deviations from a running agent.
+    /// Receive the pushes of many agents and serve the fleet's deviations, graph and status.
+    Collector(collector::CollectorArgs),
+    /// Stream deviations from a running agent or collector.
     Watch(watch::WatchArgs),
     /// Print the observed graph of a running agent.
     Graph(graph::GraphArgs),
@@ -45,12 +47,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon reports its lifecycle at info; the clients and `check` stay quiet unless
     // something goes wrong, so their output is the report.
-    let default_level = if matches!(cli.command, Command::Agent(_)) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Agent(_) | Command::Collector(_)) { "info" } else { "warn" };
     init_logging(cli.log_format, default_level);
     let result = match cli.command {
         Command::Model(command) => model::run(command),
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Check(args) => block_on(check::run(args)),
+        Command::Collector(args) => block_on(collector::run(args)),
         Command::Watch(args) => block_on(async { watch::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Graph(args) => block_on(async { graph::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Status(args) => block_on(async { status::run(args).await.map(|()| ExitCode::SUCCESS) }),

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::hub::DeviationHub;
 use crate::labels::{HoldQueue, HoldStats, LabelReply, LabelRequest, LabelStats, LabelTracker, TrackerConfig};
 use crate::dns::{DnsConfig, DnsNames, DnsSocket, DnsStats};
+use crate::fleet::endpoints::{EndpointTable, PeerConnection};
+use driftwatch_model::fleet::PeerRole;
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::seed::{SeededSocket, SeededState};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
@@ -263,6 +265,8 @@ pub struct Pipeline {
     shared: Arc<Shared>,
     hub: Arc<DeviationHub>,
     stats: PipelineStats,
+    /// Remote ends and listeners for a collector, when the agent pushes to one.
+    endpoints: Option<Arc<Mutex<EndpointTable>>>,
 }
 
 impl Pipeline {
@@ -280,8 +284,14 @@ impl Pipeline {
             shared,
             hub,
             stats: PipelineStats::default(),
+            endpoints: None,
             config,
         }
+    }
+
+    /// Records remote ends of flows and listeners in `table` from now on, for a collector.
+    pub fn track_endpoints(&mut self, table: Arc<Mutex<EndpointTable>>) {
+        self.endpoints = Some(table);
     }
 
     /// Connects the pipeline to a label lookup task: misses go to `requests`, outcomes come back
@@ -471,7 +481,10 @@ impl Pipeline {
         let deviations = match observation {
             Observation::Exec(exec) => self.engine().observe_exec(&exec),
             Observation::Listen(listen) => self.engine().observe_listen(&listen),
-            Observation::Flow(flow) => self.engine().observe_flow(&flow),
+            Observation::Flow(flow) => {
+                self.record_peer(&flow);
+                self.engine().observe_flow(&flow)
+            }
             Observation::FailedConnect(flow) => {
                 self.engine().observe_failed_connect(&flow);
                 Vec::new()
@@ -570,6 +583,10 @@ impl Pipeline {
                     self.stats.listens_without_process += 1;
                     return;
                 };
+                if let Some(endpoints) = &self.endpoints {
+                    let node = self.engine().process_node(&process).id;
+                    lock(endpoints).on_listen(tcp.sock, node, tcp.local, Protocol::Tcp);
+                }
                 let observation = ListenObservation {
                     time: self.clock.to_system(tcp.ktime_ns),
                     process,
@@ -579,7 +596,12 @@ impl Pipeline {
                 };
                 self.submit(Observation::Listen(observation));
             }
-            TcpEventKind::Close => self.sockets.on_close(tcp.sock),
+            TcpEventKind::Close => {
+                self.sockets.on_close(tcp.sock);
+                if let Some(endpoints) = &self.endpoints {
+                    lock(endpoints).on_close(tcp.sock);
+                }
+            }
         }
     }
 
@@ -670,6 +692,26 @@ impl Pipeline {
         self.submit(Observation::Flow(observation));
     }
 
+    /// Records the remote end of a flow with exactly one end on this host.
+    fn record_peer(&self, observation: &FlowObservation) {
+        let Some(endpoints) = &self.endpoints else { return };
+        let (role, remote_ip) = match (&observation.client, &observation.server) {
+            (Some(_), None) => (PeerRole::Client, observation.server_addr.ip()),
+            (None, Some(_)) => (PeerRole::Server, observation.client_addr.ip()),
+            _ => return,
+        };
+        let (source, destination) = self.engine().flow_nodes(observation);
+        lock(endpoints).record_peer(PeerConnection {
+            source: &source.id,
+            destination: &destination.id,
+            protocol: observation.protocol,
+            port: observation.server_addr.port(),
+            role,
+            remote_ip,
+            time: observation.time,
+        });
+    }
+
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -723,6 +765,10 @@ impl Pipeline {
         self.stats.dns = self.dns.stats();
         *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

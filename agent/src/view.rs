@@ -9,6 +9,7 @@ use driftwatch_model::Model;
 
 use crate::api::server::AgentView;
 use crate::api::status::{HookStatus, ModelInfo, StatusSnapshot};
+use crate::fleet::push::PushCounters;
 use crate::pipeline::Shared;
 use crate::telemetry::Telemetry;
 
@@ -29,11 +30,17 @@ pub struct AgentStatusView {
     telemetry: Arc<Telemetry>,
     model: Mutex<ModelInfo>,
     started_at: SystemTime,
+    push: Mutex<Option<Arc<PushCounters>>>,
 }
 
 impl AgentStatusView {
     pub fn new(shared: Arc<Shared>, telemetry: Arc<Telemetry>, model: ModelInfo) -> Self {
-        AgentStatusView { shared, telemetry, model: Mutex::new(model), started_at: SystemTime::now() }
+        AgentStatusView { shared, telemetry, model: Mutex::new(model), started_at: SystemTime::now(), push: Mutex::new(None) }
+    }
+
+    /// Adds the collector pusher's counters to the status from now on.
+    pub fn attach_push_counters(&self, counters: Arc<PushCounters>) {
+        *self.push.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(counters);
     }
 
     /// Records the model put in force by a reload.
@@ -59,6 +66,9 @@ impl AgentView for AgentStatusView {
         counters.extend(stats.named());
         let engine = self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).stats();
         counters.extend(engine.named());
+        if let Some(push) = &*self.push.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            counters.extend(push.named());
+        }
         StatusSnapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: self.started_at,

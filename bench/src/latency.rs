@@ -60,6 +60,26 @@ pub fn accept_server(args: &AcceptServerArgs) -> anyhow::Result<String> {
     Ok(serde_json::json!({ "ports": ports.len() }).to_string())
 }
 
+#[derive(clap::Args, Debug)]
+pub struct ConnectPortsArgs {
+    /// Loopback ports to connect to once each, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ports: Vec<u16>,
+}
+
+/// Connects once to each port on 127.0.0.1 and waits for the server to close, so each connection
+/// is a complete flow; the fleet benchmark runs it under each agent to raise deviations.
+pub fn connect_ports(args: &ConnectPortsArgs) -> anyhow::Result<String> {
+    let started = Instant::now();
+    for &port in &args.ports {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut client = TcpStream::connect(address).with_context(|| format!("failed to connect to {address}"))?;
+        let mut byte = [0u8; 1];
+        let _ = client.read(&mut byte);
+    }
+    Ok(json!({ "connections": args.ports.len(), "seconds": started.elapsed().as_secs_f64() }).to_string())
+}
+
 /// How long one sample may wait for its deviation before it counts as missed.
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,6 +95,7 @@ async fn measure(args: &LatencyArgs) -> anyhow::Result<String> {
     let mut client = AgentServiceClient::connect(format!("http://{}", args.api))
         .await
         .with_context(|| format!("failed to connect to the agent API at {}", args.api))?;
+    #[allow(deprecated, reason = "an older field still honoured by agents of every version")]
     let request = StreamDeviationsRequest { exclude_categories: vec![Category::NewListener as i32], ..Default::default() };
     let mut stream = client.stream_deviations(request).await.context("StreamDeviations failed")?.into_inner();
 

@@ -31,6 +31,8 @@ enum Command {
     Latency(latency::LatencyArgs),
     /// Listen on many loopback ports and accept and close every connection, for `latency`.
     AcceptServer(latency::AcceptServerArgs),
+    /// Connect once to each of the given loopback ports, for the fleet benchmark.
+    ConnectPorts(latency::ConnectPortsArgs),
     /// Replay synthetic events through the agent's pipeline: throughput, loss point, memory.
     Pipeline(pipeline::PipelineArgs),
 }
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Latency(args) => latency::run(&args),
         Command::AcceptServer(args) => latency::accept_server(&args),
         Command::Pipeline(args) => pipeline::run(&args),
+        Command::ConnectPorts(args) => latency::connect_ports(&args),
     };
     match result {
         Ok(report) => {

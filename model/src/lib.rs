@@ -8,6 +8,7 @@
 pub mod deviation;
 pub mod engine;
 pub mod error;
+pub mod fleet;
 pub mod graph;
 pub mod import;
 pub mod learn;

@@ -1,6 +1,8 @@
-//! The driftwatch.v1 gRPC API: the messages, the `AgentService` client and server traits that
-//! tonic generates from `proto/driftwatch/v1/agent.proto`. Also the subset of the Kubernetes CRI
-//! that the agent reads container and pod labels with (`proto/cri/runtime/v1/labels.proto`).
+//! The driftwatch.v1 gRPC API: the messages and the client and server traits that tonic generates
+//! for `AgentService` (`proto/driftwatch/v1/agent.proto`), which agents and the collector serve,
+//! and for `CollectorService` (`proto/driftwatch/v1/collector.proto`), which agents push to. Also
+//! the subset of the Kubernetes CRI that the agent reads container and pod labels with
+//! (`proto/cri/runtime/v1/labels.proto`).
 
 /// Version 1 of the API, package `driftwatch.v1`.
 #[allow(

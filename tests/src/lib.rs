@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod collector;
 pub mod netns;
 pub mod pki;
 pub mod process;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use agent::AgentUnderTest;
 pub use cgroup::{cgroup2_mount, Cgroup};
+pub use collector::CollectorUnderTest;
 pub use netns::{Host, NetNs, Topology};
 pub use process::{spawn_in, ProcessGuard};
 pub use stream::{graph, DeviationWatcher};

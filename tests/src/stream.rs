@@ -38,9 +38,19 @@ struct Shared {
     changed: Condvar,
 }
 
+/// One deviation as a stream delivered it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEntry {
+    pub sequence: u64,
+    /// Node that raised it, empty from an agent without a node name.
+    pub node: String,
+    pub deviation: Deviation,
+}
+
 #[derive(Default)]
 struct Received {
     deviations: Vec<Deviation>,
+    entries: Vec<StreamEntry>,
     losses: Vec<LossNotice>,
     /// Highest sequence received, 0 before the first message.
     last_sequence: u64,
@@ -53,6 +63,15 @@ impl DeviationWatcher {
     ///
     /// Returns once the subscription is accepted, or the error that prevented it.
     pub fn subscribe(api: SocketAddr) -> Result<DeviationWatcher> {
+        let request = StreamDeviationsRequest {
+            from_sequence: Some(0),
+            ..Default::default()
+        };
+        DeviationWatcher::subscribe_with(api, request)
+    }
+
+    /// Subscribes with `request`, such as one with filters or a resume point.
+    pub fn subscribe_with(api: SocketAddr, request: StreamDeviationsRequest) -> Result<DeviationWatcher> {
         let shared = Arc::new(Shared::default());
         let (stop, stopped) = oneshot::channel();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -71,7 +90,7 @@ impl DeviationWatcher {
                             return;
                         }
                     };
-                    runtime.block_on(follow(api, shared, started_tx, stopped));
+                    runtime.block_on(follow(api, request, shared, started_tx, stopped));
                 })?
         };
         let watcher = DeviationWatcher {
@@ -97,6 +116,16 @@ impl DeviationWatcher {
             .expect("watcher lock")
             .deviations
             .clone()
+    }
+
+    /// Deviations received so far with their sequence and node, in stream order.
+    pub fn entries(&self) -> Vec<StreamEntry> {
+        self.shared.state.lock().expect("watcher lock").entries.clone()
+    }
+
+    /// Returns why the stream ended, or `None` while it runs.
+    pub fn ended(&self) -> Option<String> {
+        self.shared.state.lock().expect("watcher lock").ended.clone()
     }
 
     /// Loss notices received so far.
@@ -169,14 +198,11 @@ impl Drop for DeviationWatcher {
 
 async fn follow(
     api: SocketAddr,
+    request: StreamDeviationsRequest,
     shared: Arc<Shared>,
     started: std::sync::mpsc::Sender<Result<()>>,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let request = StreamDeviationsRequest {
-        from_sequence: Some(0),
-        ..Default::default()
-    };
     let subscribed = async {
         let mut client = connect(api).await?;
         let stream = client
@@ -209,7 +235,14 @@ async fn follow(
         let mut state = shared.state.lock().expect("watcher lock");
         state.last_sequence = state.last_sequence.max(response.sequence);
         match response.payload {
-            Some(Payload::Deviation(deviation)) => state.deviations.push(deviation),
+            Some(Payload::Deviation(deviation)) => {
+                state.entries.push(StreamEntry {
+                    sequence: response.sequence,
+                    node: response.node.clone(),
+                    deviation: deviation.clone(),
+                });
+                state.deviations.push(deviation);
+            }
             Some(Payload::Loss(loss)) => state.losses.push(loss),
             None => {}
         }
@@ -423,6 +456,7 @@ mod tests {
         Ok(StreamDeviationsResponse {
             payload: Some(Payload::Deviation(deviation)),
             sequence,
+            node: String::new(),
         })
     }
 

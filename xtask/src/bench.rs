@@ -10,6 +10,7 @@
 //! latency from a connect to its deviation on the gRPC stream, and memory with many live
 //! processes and a full graph. Results go to the terminal and to `target/bench/results.json`.
 
+mod fleet;
 mod observer;
 mod overhead;
 mod report;
@@ -51,6 +52,14 @@ pub struct BenchOptions {
     /// Also rewrite the results section of docs/benchmarks.md.
     #[arg(long)]
     pub update_docs: bool,
+    /// Measure only the collector with three agents: its deviation throughput and the latency to
+    /// its stream. Writes target/bench/fleet.json.
+    #[arg(long)]
+    pub fleet: bool,
+    /// Deviations each agent raises for the collector's throughput, one loopback listener each
+    /// (default 2000, quick 500).
+    #[arg(long)]
+    pub fleet_connections: Option<u64>,
 }
 
 /// The sizes one run uses, after `--quick` and the explicit options are applied.
@@ -65,6 +74,7 @@ pub struct Plan {
     pub edges: u64,
     pub pipeline_step_seconds: f64,
     pub pipeline_flood_events: u64,
+    pub fleet_connections: u64,
 }
 
 impl Plan {
@@ -81,6 +91,7 @@ impl Plan {
             edges: pick(options.edges, 100_000, 10_000),
             pipeline_step_seconds: if quick { 1.0 } else { 3.0 },
             pipeline_flood_events: pick(None, 2_000_000, 300_000),
+            fleet_connections: pick(options.fleet_connections, 2_000, 500),
         }
     }
 }
@@ -109,6 +120,16 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<()> {
     let workdir = out_dir.join("work");
     std::fs::create_dir_all(&workdir).with_context(|| format!("failed to create {}", workdir.display()))?;
     let setup = Setup { agent, bench, model: root.join("demo/model.yaml"), workdir };
+
+    if options.fleet {
+        let result = fleet::run(&setup, &plan)?;
+        let json_path = out_dir.join("fleet.json");
+        std::fs::write(&json_path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("failed to write {}", json_path.display()))?;
+        println!("{}
+wrote {}", serde_json::to_string_pretty(&result)?, json_path.display());
+        return Ok(());
+    }
 
     let peers = observer::prepare_peers(&setup);
     let machine = report::Machine::read();

@@ -20,7 +20,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// Fails when nothing accepts connections at `addr` within five seconds.
 pub async fn connect(addr: &ListenAddr) -> anyhow::Result<AgentServiceClient<Channel>> {
-    let channel = plaintext_channel(addr).await.with_context(|| {
+    let channel = connect_channel(addr).await.with_context(|| {
         format!("failed to connect to the driftwatch agent at {addr}; is the agent running?")
     })?;
     Ok(AgentServiceClient::new(channel))
@@ -68,7 +68,12 @@ pub fn with_tls_advice(error: anyhow::Error, addr: &ListenAddr) -> anyhow::Error
     }
 }
 
-async fn plaintext_channel(addr: &ListenAddr) -> Result<Channel, tonic::transport::Error> {
+/// Opens a plaintext gRPC channel to `addr`, for any driftwatch service served there.
+///
+/// # Errors
+///
+/// The transport error when nothing accepts connections at `addr` within five seconds.
+pub async fn connect_channel(addr: &ListenAddr) -> Result<Channel, tonic::transport::Error> {
     match addr {
         ListenAddr::Tcp(socket_addr) => {
             Endpoint::from_shared(format!("http://{socket_addr}"))?

@@ -15,7 +15,7 @@ use driftwatch_proto::v1 as pb;
 
 use super::convert_container::{container_from_proto, container_to_proto};
 use super::hub::{HubCounters, HubMessage, LossNotice, LossReason};
-use super::status::StatusSnapshot;
+use super::status::{NodeStatus, StatusSnapshot};
 
 /// Errors from converting a protobuf message into a model type.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -316,15 +316,28 @@ pub fn loss_to_proto(notice: &LossNotice) -> pb::LossNotice {
 pub fn hub_message_to_proto(message: &HubMessage) -> pb::StreamDeviationsResponse {
     use pb::stream_deviations_response::Payload;
 
-    let payload = match message {
-        HubMessage::Deviation { deviation, .. } => {
-            Payload::Deviation(deviation_to_proto(deviation))
+    let (payload, node) = match message {
+        HubMessage::Deviation {
+            deviation, node, ..
+        } => (
+            Payload::Deviation(deviation_to_proto(deviation)),
+            node.to_string(),
+        ),
+        HubMessage::Loss(notice) => (Payload::Loss(loss_to_proto(notice)), String::new()),
+        HubMessage::NodeGap { gap, .. } => {
+            let notice = pb::LossNotice {
+                missed: gap.missed(),
+                first_sequence: gap.first_sequence,
+                last_sequence: gap.last_sequence,
+                reason: pb::LossReason::NodeBufferOverflow as i32,
+            };
+            (Payload::Loss(notice), gap.node.to_string())
         }
-        HubMessage::Loss(notice) => Payload::Loss(loss_to_proto(notice)),
     };
     pb::StreamDeviationsResponse {
         sequence: message.sequence(),
         payload: Some(payload),
+        node,
     }
 }
 
@@ -461,6 +474,20 @@ pub fn status_to_proto(
         model,
         last_sequence: hub.last_sequence,
         oldest_retained_sequence: hub.oldest_retained_sequence,
+        nodes: Vec::new(),
+    }
+}
+
+pub fn node_status_to_proto(node: &NodeStatus) -> pb::NodeStatus {
+    pb::NodeStatus {
+        name: node.name.clone(),
+        connected: node.connected,
+        acknowledged_sequence: node.acknowledged_sequence,
+        received: node.received,
+        duplicates: node.duplicates,
+        lost: node.lost,
+        connected_at: node.connected_at.map(Into::into),
+        version: node.version.clone(),
     }
 }
 

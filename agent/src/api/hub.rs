@@ -6,18 +6,25 @@
 //! and loses the oldest messages. It then receives a [`LossNotice`] with the exact range it missed
 //! instead of a silent gap. Publishing never waits for a subscriber to read. It holds the history
 //! lock only while it appends and sends.
+//!
+//! Every entry names the node that raised it. An agent's hub holds only its own node's entries. A
+//! collector's hub holds the whole fleet's, plus a gap entry wherever a node lost deviations
+//! before it could push them.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use driftwatch_model::deviation::{Category, Deviation, Severity};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::Stream;
+
+pub use super::filter::{DeviationFilter, FilterSet};
 
 /// Bounds of a [`DeviationHub`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,31 +45,18 @@ impl Default for HubConfig {
     }
 }
 
-/// Conditions a deviation must meet to reach a subscriber. Every condition must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviationFilter {
-    /// Lowest severity sent; `None` sends every severity.
-    pub min_severity: Option<Severity>,
-    /// Categories sent; empty sends every category.
-    pub categories: Vec<Category>,
-    /// Categories never sent, even when `categories` lists them.
-    pub exclude_categories: Vec<Category>,
-}
-
-impl DeviationFilter {
-    /// Returns true when `deviation` passes every condition of the filter.
-    pub fn matches(&self, deviation: &Deviation) -> bool {
-        if self
-            .min_severity
-            .is_some_and(|min| deviation.severity < min)
-        {
-            return false;
-        }
-        if !self.categories.is_empty() && !self.categories.contains(&deviation.category) {
-            return false;
-        }
-        !self.exclude_categories.contains(&deviation.category)
-    }
+/// Start of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replay {
+    /// Live deviations only.
+    #[default]
+    None,
+    /// Retained history from this sequence on; 0 means all of it.
+    FromSequence(u64),
+    /// Retained entries published at or after this time.
+    Since(SystemTime),
+    /// The latest this many retained deviations that pass the filters.
+    Last(u64),
 }
 
 /// Cause of a gap in a subscription.
@@ -97,9 +91,14 @@ impl LossNotice {
 pub enum HubMessage {
     Deviation {
         sequence: u64,
+        /// Node that raised it.
+        node: Arc<str>,
         deviation: Arc<Deviation>,
     },
+    /// Messages this subscriber did not receive from the hub.
     Loss(LossNotice),
+    /// Deviations a node lost before it pushed them to this hub's collector.
+    NodeGap { sequence: u64, gap: NodeGap },
 }
 
 impl HubMessage {
@@ -109,6 +108,68 @@ impl HubMessage {
         match self {
             HubMessage::Deviation { sequence, .. } => *sequence,
             HubMessage::Loss(notice) => notice.last_sequence,
+            HubMessage::NodeGap { sequence, .. } => *sequence,
+        }
+    }
+}
+
+/// A range of a node's own sequences that the node lost before pushing them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeGap {
+    pub node: Arc<str>,
+    /// First lost sequence, in the node's numbering.
+    pub first_sequence: u64,
+    /// Last lost sequence, in the node's numbering.
+    pub last_sequence: u64,
+}
+
+impl NodeGap {
+    /// Number of deviations in the range.
+    pub fn missed(&self) -> u64 {
+        self.last_sequence - self.first_sequence + 1
+    }
+}
+
+/// Payload of one history entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryItem {
+    Deviation {
+        node: Arc<str>,
+        deviation: Arc<Deviation>,
+    },
+    NodeGap(NodeGap),
+}
+
+/// One entry of the hub's sequence, as it is retained and as a collector journals it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub sequence: u64,
+    /// When the hub published it; `since` replays compare with this time.
+    pub published_at: SystemTime,
+    pub item: EntryItem,
+}
+
+impl Entry {
+    fn to_message(&self) -> HubMessage {
+        match &self.item {
+            EntryItem::Deviation { node, deviation } => HubMessage::Deviation {
+                sequence: self.sequence,
+                node: Arc::clone(node),
+                deviation: Arc::clone(deviation),
+            },
+            EntryItem::NodeGap(gap) => HubMessage::NodeGap {
+                sequence: self.sequence,
+                gap: gap.clone(),
+            },
+        }
+    }
+
+    /// Returns true when a subscriber with `filter` receives the entry. Gaps always pass, because a
+    /// loss is never filtered away.
+    fn passes(&self, filter: &FilterSet) -> bool {
+        match &self.item {
+            EntryItem::Deviation { node, deviation } => filter.matches(node, deviation),
+            EntryItem::NodeGap(_) => true,
         }
     }
 }
@@ -140,10 +201,10 @@ pub enum SubscribeError {
     FromSequenceAhead { requested: u64, next: u64 },
 }
 
-type Published = (u64, Arc<Deviation>);
+type Published = Arc<Entry>;
 
 struct History {
-    /// Sequence the next published deviation gets. Sequences start at 1.
+    /// Sequence the next published entry gets. Sequences start at 1.
     next_sequence: u64,
     entries: VecDeque<Published>,
 }
@@ -162,24 +223,49 @@ struct Counters {
 /// Sequences deviations, retains the most recent for replay and fans them out to subscribers.
 pub struct DeviationHub {
     config: HubConfig,
+    /// Node name that [`DeviationHub::publish`] gives its entries.
+    node: Arc<str>,
     history: Mutex<History>,
     sender: broadcast::Sender<Published>,
     counters: Arc<Counters>,
 }
 
 impl DeviationHub {
-    /// Creates a hub with the given bounds. Capacities of 0 are raised to 1.
+    /// Creates a hub with the given bounds whose own entries carry an empty node name.
+    /// Capacities of 0 are raised to 1.
     pub fn new(config: HubConfig) -> DeviationHub {
+        DeviationHub::with_node(config, "")
+    }
+
+    /// Creates a hub whose [`DeviationHub::publish`] names `node` as the origin of each entry.
+    pub fn with_node(config: HubConfig, node: &str) -> DeviationHub {
+        DeviationHub::restore(config, node, 1, Vec::new())
+    }
+
+    /// Creates a hub that continues a sequence: the next entry gets `next_sequence` (at least 1),
+    /// and `entries` (oldest first, below `next_sequence`) are retained for replay. A collector
+    /// calls it with what its journal kept, so its sequence survives a restart. Entries beyond the
+    /// history capacity are dropped from the oldest end.
+    pub fn restore(
+        config: HubConfig,
+        node: &str,
+        next_sequence: u64,
+        entries: Vec<Entry>,
+    ) -> DeviationHub {
         let config = HubConfig {
             history_capacity: config.history_capacity.max(1),
             subscriber_capacity: config.subscriber_capacity.max(1),
         };
         let (sender, _) = broadcast::channel(config.subscriber_capacity);
+        let skip = entries.len().saturating_sub(config.history_capacity);
+        let mut retained = VecDeque::with_capacity(config.history_capacity);
+        retained.extend(entries.into_iter().skip(skip).map(Arc::new));
         DeviationHub {
             config,
+            node: Arc::from(node),
             history: Mutex::new(History {
-                next_sequence: 1,
-                entries: VecDeque::with_capacity(config.history_capacity),
+                next_sequence: next_sequence.max(1),
+                entries: retained,
             }),
             sender,
             counters: Arc::new(Counters::default()),
@@ -190,77 +276,169 @@ impl DeviationHub {
         self.config
     }
 
-    /// Publishes a deviation to the history and to every subscriber, and returns its sequence.
+    /// Node name this hub gives its own deviations.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Returns the sequence the next published entry gets.
+    pub fn next_sequence(&self) -> u64 {
+        self.lock_history().next_sequence
+    }
+
+    /// Publishes a deviation of this hub's node to the history and to every subscriber, and
+    /// returns its sequence.
     pub fn publish(&self, deviation: Deviation) -> u64 {
+        let node = Arc::clone(&self.node);
+        self.publish_item(
+            EntryItem::Deviation {
+                node,
+                deviation: Arc::new(deviation),
+            },
+            SystemTime::now(),
+        )
+    }
+
+    /// Publishes a deviation that `node` raised, as a collector does for each node it receives
+    /// from, and returns its sequence.
+    pub fn publish_from(&self, node: Arc<str>, deviation: Deviation, published_at: SystemTime) -> u64 {
+        let item = EntryItem::Deviation {
+            node,
+            deviation: Arc::new(deviation),
+        };
+        self.publish_item(item, published_at)
+    }
+
+    /// Publishes a gap in a node's deviations and returns its sequence in this hub.
+    pub fn publish_node_gap(&self, gap: NodeGap, published_at: SystemTime) -> u64 {
+        self.publish_item(EntryItem::NodeGap(gap), published_at)
+    }
+
+    fn publish_item(&self, item: EntryItem, published_at: SystemTime) -> u64 {
         let mut history = self.lock_history();
         let sequence = history.next_sequence;
         history.next_sequence += 1;
-        let published = (sequence, Arc::new(deviation));
+        let published = Arc::new(Entry {
+            sequence,
+            published_at,
+            item,
+        });
 
         if history.entries.len() == self.config.history_capacity {
             history.entries.pop_front();
             self.counters.evicted.fetch_add(1, Ordering::Relaxed);
         }
-        history.entries.push_back(published.clone());
+        history.entries.push_back(Arc::clone(&published));
 
         // Sending under the history lock keeps the channel in sequence order and lets `subscribe`
         // take a history snapshot and a receiver that neither overlap nor leave a gap.
         // An error only means there is no subscriber right now.
-        let (category, severity) = (published.1.category, published.1.severity);
+        let kind = match &published.item {
+            EntryItem::Deviation { deviation, .. } => Some((deviation.category, deviation.severity)),
+            EntryItem::NodeGap(_) => None,
+        };
         let _ = self.sender.send(published);
         self.counters.published.fetch_add(1, Ordering::Relaxed);
-        self.counters.published_by_kind[category_index(category)][severity_index(severity)]
-            .fetch_add(1, Ordering::Relaxed);
+        if let Some((category, severity)) = kind {
+            self.counters.published_by_kind[category_index(category)][severity_index(severity)]
+                .fetch_add(1, Ordering::Relaxed);
+        }
         sequence
     }
 
-    /// Subscribes to deviations that match `filter`.
-    ///
-    /// With `from_sequence` set, the subscription first yields the retained deviations with a
-    /// sequence at or above it, preceded by a [`LossReason::HistoryEvicted`] notice when some of
-    /// them were already evicted, and then follows live deviations. Without it, the subscription
-    /// follows live deviations only.
+    /// Returns the retained entries, oldest first, for a collector's journal compaction.
+    pub fn retained(&self) -> Vec<Entry> {
+        self.lock_history()
+            .entries
+            .iter()
+            .map(|entry| Entry::clone(entry))
+            .collect()
+    }
+
+    /// Subscribes to deviations that match `filter`, replaying retained history from
+    /// `from_sequence` when it is set; see [`DeviationHub::subscribe_with`].
     ///
     /// # Errors
     ///
-    /// [`SubscribeError::FromSequenceAhead`] when `from_sequence` is past the next sequence, which
-    /// happens when a client resumes against an agent that has restarted.
+    /// As [`DeviationHub::subscribe_with`].
     pub fn subscribe(
         &self,
-        filter: DeviationFilter,
+        filter: impl Into<FilterSet>,
         from_sequence: Option<u64>,
+    ) -> Result<Subscription, SubscribeError> {
+        let replay = from_sequence.map_or(Replay::None, Replay::FromSequence);
+        self.subscribe_with(filter.into(), replay)
+    }
+
+    /// Subscribes to deviations that pass `filter`.
+    ///
+    /// The subscription first yields the retained entries that `replay` selects and then follows
+    /// live ones. A [`Replay::FromSequence`] start older than the oldest retained entry is
+    /// preceded by a [`LossReason::HistoryEvicted`] notice.
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::FromSequenceAhead`] when a [`Replay::FromSequence`] start is past the next
+    /// sequence, which happens when a client resumes against an agent that has restarted.
+    pub fn subscribe_with(
+        &self,
+        filter: FilterSet,
+        replay: Replay,
     ) -> Result<Subscription, SubscribeError> {
         let history = self.lock_history();
         let mut pending = VecDeque::new();
         let last_sequence = history.next_sequence - 1;
+        let passing = |entry: &&Published| entry.passes(&filter);
 
-        if let Some(from) = from_sequence {
-            if from > history.next_sequence {
-                return Err(SubscribeError::FromSequenceAhead {
-                    requested: from,
-                    next: history.next_sequence,
-                });
-            }
-            // Sequence 0 is never assigned, so a start of 0 means the same as 1.
-            let from = from.max(1);
-            let oldest = history
-                .entries
-                .front()
-                .map_or(history.next_sequence, |(seq, _)| *seq);
-            if from < oldest {
-                pending.push_back(HubMessage::Loss(LossNotice {
-                    first_sequence: from,
-                    last_sequence: oldest - 1,
-                    reason: LossReason::HistoryEvicted,
-                }));
-            }
-            for (sequence, deviation) in history.entries.iter() {
-                if *sequence >= from && filter.matches(deviation) {
-                    pending.push_back(HubMessage::Deviation {
-                        sequence: *sequence,
-                        deviation: Arc::clone(deviation),
+        match replay {
+            Replay::None => {}
+            Replay::FromSequence(from) => {
+                if from > history.next_sequence {
+                    return Err(SubscribeError::FromSequenceAhead {
+                        requested: from,
+                        next: history.next_sequence,
                     });
                 }
+                // Sequence 0 is never assigned, so a start of 0 means the same as 1.
+                let from = from.max(1);
+                let oldest = history
+                    .entries
+                    .front()
+                    .map_or(history.next_sequence, |entry| entry.sequence);
+                if from < oldest {
+                    pending.push_back(HubMessage::Loss(LossNotice {
+                        first_sequence: from,
+                        last_sequence: oldest - 1,
+                        reason: LossReason::HistoryEvicted,
+                    }));
+                }
+                let replayed = history
+                    .entries
+                    .iter()
+                    .filter(|entry| entry.sequence >= from)
+                    .filter(passing);
+                pending.extend(replayed.map(|entry| entry.to_message()));
+            }
+            Replay::Since(since) => {
+                let replayed = history
+                    .entries
+                    .iter()
+                    .filter(|entry| entry.published_at >= since)
+                    .filter(passing);
+                pending.extend(replayed.map(|entry| entry.to_message()));
+            }
+            Replay::Last(count) => {
+                let count = usize::try_from(count).unwrap_or(usize::MAX);
+                let mut latest: Vec<HubMessage> = history
+                    .entries
+                    .iter()
+                    .rev()
+                    .filter(passing)
+                    .take(count)
+                    .map(|entry| entry.to_message())
+                    .collect();
+                latest.reverse();
+                pending.extend(latest);
             }
         }
         let receiver = self.sender.subscribe();
@@ -280,7 +458,7 @@ impl DeviationHub {
     pub fn counters(&self) -> HubCounters {
         let (last_sequence, oldest_retained_sequence) = {
             let history = self.lock_history();
-            let oldest = history.entries.front().map_or(0, |(seq, _)| *seq);
+            let oldest = history.entries.front().map_or(0, |entry| entry.sequence);
             (history.next_sequence - 1, oldest)
         };
         HubCounters {
@@ -338,7 +516,7 @@ fn severity_index(severity: Severity) -> usize {
 ///
 /// The stream ends when the hub is dropped. Sequences in it strictly increase.
 pub struct Subscription {
-    filter: DeviationFilter,
+    filter: FilterSet,
     /// Replayed history, yielded before any live message.
     pending: VecDeque<HubMessage>,
     live: BroadcastStream<Published>,
@@ -373,13 +551,10 @@ impl Stream for Subscription {
                     this.last_sequence = notice.last_sequence;
                     return Poll::Ready(Some(HubMessage::Loss(notice)));
                 }
-                Poll::Ready(Some(Ok((sequence, deviation)))) => {
-                    this.last_sequence = sequence;
-                    if this.filter.matches(&deviation) {
-                        return Poll::Ready(Some(HubMessage::Deviation {
-                            sequence,
-                            deviation,
-                        }));
+                Poll::Ready(Some(Ok(entry))) => {
+                    this.last_sequence = entry.sequence;
+                    if entry.passes(&this.filter) {
+                        return Poll::Ready(Some(entry.to_message()));
                     }
                 }
             }

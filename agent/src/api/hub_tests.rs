@@ -3,6 +3,8 @@ use std::time::{Duration, SystemTime};
 use driftwatch_model::deviation::{Evidence, Stride};
 use tokio_stream::StreamExt;
 
+use driftwatch_model::deviation::{Category, Severity};
+
 use super::*;
 
 fn deviation(n: u64, category: Category, severity: Severity) -> Deviation {
@@ -217,7 +219,7 @@ async fn filter_applies_to_replay_and_live() {
     let filter = DeviationFilter {
         min_severity: Some(Severity::Elevated),
         categories: vec![Category::UnexpectedFlow],
-        exclude_categories: vec![],
+        ..DeviationFilter::default()
     };
     let mut subscription = hub.subscribe(filter, Some(1)).unwrap();
     hub.publish(deviation(4, Category::UnexpectedFlow, Severity::Critical));
@@ -225,18 +227,6 @@ async fn filter_applies_to_replay_and_live() {
     hub.publish(deviation(6, Category::TelemetryGap, Severity::Critical));
 
     assert_eq!(sequences(&drain_ready(&mut subscription).await), vec![2, 4]);
-}
-
-#[test]
-fn filter_exclusion_wins_over_inclusion() {
-    let filter = DeviationFilter {
-        min_severity: None,
-        categories: vec![Category::UnexpectedFlow, Category::NewListener],
-        exclude_categories: vec![Category::NewListener],
-    };
-    assert!(filter.matches(&deviation(1, Category::UnexpectedFlow, Severity::Low)));
-    assert!(!filter.matches(&deviation(2, Category::NewListener, Severity::Critical)));
-    assert!(!filter.matches(&deviation(3, Category::TelemetryGap, Severity::Critical)));
 }
 
 #[tokio::test]
@@ -277,4 +267,87 @@ async fn subscription_ends_when_hub_is_dropped() {
     drop(hub);
     assert_eq!(subscription.next().await.map(|m| m.sequence()), Some(1));
     assert_eq!(subscription.next().await, None);
+}
+
+#[tokio::test]
+async fn replay_last_takes_latest_passing_entries() {
+    let hub = hub(16, 16);
+    hub.publish(deviation(1, Category::UnexpectedFlow, Severity::High));
+    hub.publish(deviation(2, Category::NewListener, Severity::High));
+    hub.publish(deviation(3, Category::UnexpectedFlow, Severity::High));
+    hub.publish(deviation(4, Category::UnexpectedFlow, Severity::High));
+    let filter = DeviationFilter {
+        categories: vec![Category::UnexpectedFlow],
+        ..DeviationFilter::default()
+    };
+    let mut subscription = hub.subscribe_with(filter.into(), Replay::Last(2)).unwrap();
+    hub.publish(deviation(5, Category::UnexpectedFlow, Severity::High));
+
+    assert_eq!(sequences(&drain_ready(&mut subscription).await), vec![3, 4, 5]);
+}
+
+#[tokio::test]
+async fn replay_since_compares_publish_time() {
+    let hub = hub(16, 16);
+    let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    for n in 1..=4 {
+        hub.publish_from(Arc::from("a"), flow(n), base + Duration::from_secs(n));
+    }
+    let since = Replay::Since(base + Duration::from_secs(3));
+    let mut subscription = hub.subscribe_with(FilterSet::all(), since).unwrap();
+
+    assert_eq!(sequences(&drain_ready(&mut subscription).await), vec![3, 4]);
+}
+
+#[tokio::test]
+async fn node_filter_uses_the_publishing_node() {
+    let hub = DeviationHub::with_node(HubConfig::default(), "local");
+    hub.publish(flow(1));
+    hub.publish_from(Arc::from("b"), flow(2), SystemTime::now());
+    let filter = DeviationFilter {
+        nodes: vec!["local".into()],
+        ..DeviationFilter::default()
+    };
+    let mut subscription = hub.subscribe(filter, Some(0)).unwrap();
+
+    let messages = drain_ready(&mut subscription).await;
+    assert_eq!(sequences(&messages), vec![1]);
+    let HubMessage::Deviation { node, .. } = &messages[0] else {
+        panic!("{messages:?}")
+    };
+    assert_eq!(&**node, "local");
+}
+
+#[tokio::test]
+async fn node_gap_passes_every_filter() {
+    let hub = hub(16, 16);
+    let gap = NodeGap {
+        node: Arc::from("b"),
+        first_sequence: 4,
+        last_sequence: 9,
+    };
+    hub.publish_node_gap(gap.clone(), SystemTime::now());
+    let filter = DeviationFilter {
+        nodes: vec!["a".into()],
+        ..DeviationFilter::default()
+    };
+    let mut subscription = hub.subscribe(filter, Some(0)).unwrap();
+
+    let messages = drain_ready(&mut subscription).await;
+    assert_eq!(messages, vec![HubMessage::NodeGap { sequence: 1, gap }]);
+}
+
+#[tokio::test]
+async fn restored_hub_continues_the_sequence() {
+    let first = hub(4, 4);
+    for n in 1..=6 {
+        first.publish(flow(n));
+    }
+    let restored = DeviationHub::restore(first.config(), "", first.next_sequence(), first.retained());
+    assert_eq!(restored.publish(flow(7)), 7);
+
+    let mut subscription = restored.subscribe(FilterSet::all(), Some(1)).unwrap();
+    let messages = drain_ready(&mut subscription).await;
+    assert_eq!(sequences(&messages), vec![3, 4, 5, 6, 7]);
+    assert!(matches!(messages[0], HubMessage::Loss(notice) if notice.last_sequence == 3));
 }

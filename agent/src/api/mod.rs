@@ -8,7 +8,9 @@ pub mod addr;
 pub mod client;
 pub mod convert;
 mod convert_container;
+pub mod filter;
 pub mod hub;
+pub mod request;
 pub mod server;
 pub mod status;
 pub mod tls;
@@ -16,10 +18,11 @@ pub mod tls_args;
 
 pub use addr::{ListenAddr, ListenAddrError, DEFAULT_SOCKET_PATH};
 pub use client::{connect, connect_with};
+pub use filter::{DeviationFilter, FilterSet};
 pub use tls_args::{ClientTlsArgs, ServerTlsArgs};
 pub use hub::{
-    DeviationFilter, DeviationHub, HubConfig, HubCounters, HubMessage, LossNotice, LossReason,
+    DeviationHub, HubConfig, HubCounters, HubMessage, LossNotice, LossReason, Replay,
     Subscription,
 };
 pub use server::{serve, serve_on, AgentView, ApiListener, SocketAccess};
-pub use status::{HookStatus, ModelInfo, StatusSnapshot};
+pub use status::{HookStatus, ModelInfo, NodeStatus, StatusSnapshot};

@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _};
 use driftwatch_model::graph::GraphSnapshot;
 use driftwatch_proto::v1 as pb;
 use pb::agent_service_server::{AgentService, AgentServiceServer};
+use tonic::transport::server::Router;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
@@ -27,8 +28,9 @@ use tonic::{Request, Response, Status};
 
 use super::addr::ListenAddr;
 use super::convert;
-use super::hub::{DeviationFilter, DeviationHub, HubMessage, SubscribeError};
-use super::status::StatusSnapshot;
+use super::hub::{DeviationHub, HubMessage, SubscribeError};
+use super::request::subscription_from_request;
+use super::status::{NodeStatus, StatusSnapshot};
 use super::tls::ServerTls;
 
 /// Default mode of the unix socket: the owner (root) and the group may connect, others may not.
@@ -57,6 +59,10 @@ pub trait AgentView: Send + Sync + 'static {
     fn graph(&self) -> GraphSnapshot;
     /// Returns the agent's status.
     fn status(&self) -> StatusSnapshot;
+    /// Returns the nodes that push to this process; only a collector has any.
+    fn nodes(&self) -> Vec<NodeStatus> {
+        Vec::new()
+    }
 }
 
 /// A bound API socket, ready to accept connections.
@@ -218,15 +224,35 @@ pub async fn serve_on(
     view: Arc<dyn AgentView>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let service = agent_service(hub, view, shutdown.clone());
+    let router = tonic::transport::Server::builder().add_service(service);
+    serve_router_on(listener, router, shutdown).await
+}
+
+/// Builds the `AgentService` that an agent serves about itself and a collector about the fleet.
+/// Its deviation streams end when `shutdown` is cancelled.
+pub fn agent_service(
+    hub: Arc<DeviationHub>,
+    view: Arc<dyn AgentView>,
+    shutdown: CancellationToken,
+) -> AgentServiceServer<impl AgentService> {
+    AgentServiceServer::new(AgentApi {
+        hub,
+        view,
+        shutdown,
+    })
+}
+
+/// Serves `router` on a bound listener until `shutdown` is cancelled, and removes a unix socket
+/// file on the way out.
+pub async fn serve_router_on(
+    listener: ApiListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let local_addr = listener
         .local_addr()
         .context("failed to read the API listener's address")?;
-    let service = AgentServiceServer::new(AgentApi {
-        hub,
-        view,
-        shutdown: shutdown.clone(),
-    });
-    let router = tonic::transport::Server::builder().add_service(service);
     tracing::info!(addr = %local_addr, tls = listener.is_tls(), "API listening");
 
     let result = match listener.inner {
@@ -280,16 +306,17 @@ impl AgentService for AgentApi {
         request: Request<pb::StreamDeviationsRequest>,
     ) -> Result<Response<DeviationStream>, Status> {
         let request = request.into_inner();
-        let filter = filter_from_request(&request)?;
+        let (filter, replay) = subscription_from_request(&request)
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
         let subscription = self
             .hub
-            .subscribe(filter.clone(), request.from_sequence)
+            .subscribe_with(filter.clone(), replay)
             .map_err(|err| match err {
                 SubscribeError::FromSequenceAhead { .. } => {
                     Status::invalid_argument(err.to_string())
                 }
             })?;
-        tracing::debug!(?filter, from_sequence = ?request.from_sequence, "deviation subscriber joined");
+        tracing::debug!(?filter, ?replay, "deviation subscriber joined");
 
         let messages = subscription.map(|message| {
             if let HubMessage::Loss(notice) = &message {
@@ -328,37 +355,15 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::AgentStatus>, Status> {
         let status = self.view.status();
         let hub = self.hub.counters();
-        Ok(Response::new(convert::status_to_proto(
-            &status,
-            &hub,
-            SystemTime::now(),
-        )))
+        let mut response = convert::status_to_proto(&status, &hub, SystemTime::now());
+        response.nodes = self
+            .view
+            .nodes()
+            .iter()
+            .map(convert::node_status_to_proto)
+            .collect();
+        Ok(Response::new(response))
     }
-}
-
-fn filter_from_request(request: &pb::StreamDeviationsRequest) -> Result<DeviationFilter, Status> {
-    let invalid = |err: convert::ConvertError| Status::invalid_argument(err.to_string());
-    let min_severity = match request.min_severity {
-        0 => None,
-        value => Some(convert::severity_from_proto(value).map_err(invalid)?),
-    };
-    let categories = request
-        .categories
-        .iter()
-        .map(|value| convert::category_from_proto(*value))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(invalid)?;
-    let exclude_categories = request
-        .exclude_categories
-        .iter()
-        .map(|value| convert::category_from_proto(*value))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(invalid)?;
-    Ok(DeviationFilter {
-        min_severity,
-        categories,
-        exclude_categories,
-    })
 }
 
 /// Ends a stream when a token is cancelled. tonic's graceful shutdown waits for open responses,

@@ -38,3 +38,23 @@ pub struct ModelInfo {
     pub components: usize,
     pub flows: usize,
 }
+
+/// A collector's view of one node that pushes to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub name: String,
+    /// True while the node's push stream is open.
+    pub connected: bool,
+    /// Agent sequence of the latest deviation accepted from the node's current run.
+    pub acknowledged_sequence: u64,
+    /// Deviations accepted from the node over every run.
+    pub received: u64,
+    /// Deviations sent again after a reconnect and dropped.
+    pub duplicates: u64,
+    /// Deviations the node lost before pushing them.
+    pub lost: u64,
+    /// When the node's stream last opened, `None` before the first since the collector started.
+    pub connected_at: Option<SystemTime>,
+    /// Agent version the node reported.
+    pub version: String,
+}

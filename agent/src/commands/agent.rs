@@ -2,6 +2,7 @@
 
 use std::ffi::CString;
 use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,9 @@ use crate::api::{ListenAddr, ServerTlsArgs};
 use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
 use crate::jsonl::{self, JsonlTarget, JsonlWriter};
 use crate::metrics::{self, AgentCollector, AgentMetrics, MetricsRegistry};
+use crate::fleet::endpoints::{EndpointLimits, EndpointTable};
+use crate::fleet::host;
+use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
@@ -80,7 +84,9 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 8192)]
     pub ring_buffer_kib: u32,
 
-    /// Deviations kept for replay to new subscribers.
+    /// Deviations kept for replay to new subscribers. With --collector it is also the buffer of
+    /// deviations the collector has not acknowledged: what overflows it while the collector is
+    /// unreachable is lost, counted and reported on both sides.
     #[arg(long, default_value_t = 4096)]
     pub history: usize,
 
@@ -94,6 +100,24 @@ pub struct AgentArgs {
     /// exists.
     #[arg(long)]
     pub cri_socket: Option<PathBuf>,
+    /// Name of this node in the fleet, carried by every deviation it streams. Defaults to the
+    /// host name.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// Push deviations, the graph and endpoints to the collector at this address:
+    /// `unix:/path/to.sock` or a loopback `IP:PORT`.
+    #[arg(long, value_name = "ADDR")]
+    pub collector: Option<ListenAddr>,
+
+    /// An address of this node that the collector resolves flows from other nodes to. Repeat for
+    /// several. Defaults to the addresses of the interfaces in the agent's network namespace.
+    #[arg(long = "advertise-address", value_name = "IP")]
+    pub advertise_addresses: Vec<IpAddr>,
+
+    /// Seconds between the graph snapshots pushed to the collector.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub snapshot_interval: f64,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -120,6 +144,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         args.tls.check_plaintext_allowed(&args.api)?;
     }
     let jsonl_writer = args.jsonl.as_deref().map(|path| open_jsonl(path, &args)).transpose()?;
+    let node = match &args.node {
+        Some(node) if node.is_empty() => anyhow::bail!("--node must not be empty"),
+        Some(node) => node.clone(),
+        None => host::host_name().context("failed to read the host name; name this node with --node")?,
+    };
+    if !(args.snapshot_interval > 0.0 && args.snapshot_interval.is_finite()) {
+        anyhow::bail!("--snapshot-interval {} is not a positive number of seconds", args.snapshot_interval);
+    }
 
     // Kernel side first: nothing else is worth starting if the programs do not load.
     let config = TelemetryConfig {
@@ -130,7 +162,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let (mut telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
 
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
-    let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
+    let hub = Arc::new(DeviationHub::with_node(HubConfig { history_capacity: args.history, ..HubConfig::default() }, &node));
     let cancel = CancellationToken::new();
     // Subscribed before the pipeline starts, so the file gets every deviation from the first.
     let jsonl_task = jsonl_writer.map(|writer| {
@@ -153,6 +185,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
     let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub.clone(), cgroup_resolver())
         .with_label_lookups(label_requests, label_replies);
+    let endpoints = Arc::new(Mutex::new(EndpointTable::new(EndpointLimits::default())));
+    if args.collector.is_some() {
+        pipeline.track_endpoints(endpoints.clone());
+    }
     if telemetry.reports_acceptors() {
         pipeline.await_acceptors();
     } else {
@@ -218,6 +254,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
     let signals = StopSignals::install()?;
+    let push_task = match &args.collector {
+        Some(collector) => {
+            let addresses = if args.advertise_addresses.is_empty() {
+                host::interface_addresses().context("failed to list this node's addresses; give them with --advertise-address")?
+            } else {
+                args.advertise_addresses.clone()
+            };
+            let config = PushConfig {
+                collector: collector.clone(),
+                node: node.clone(),
+                run_id: host::random_run_id(),
+                snapshot_interval: Duration::from_secs_f64(args.snapshot_interval),
+                addresses,
+            };
+            let counters = Arc::new(PushCounters::default());
+            view.attach_push_counters(counters.clone());
+            let source = PushSource { hub: hub.clone(), view: view.clone(), endpoints };
+            tracing::info!(collector = %collector, node = %node, "pushing to a collector");
+            Some(tokio::spawn(run_pusher(config, source, counters, cancel.clone())))
+        }
+        None => None,
+    };
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
         if let Err(error) = write_ready_file(path, &address.to_string()) {
@@ -244,6 +302,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(task) = jsonl_task {
             let _ = task.await;
+        }
+        if let Some(push_task) = push_task {
+            let _ = push_task.await;
         }
     })
     .await;
@@ -323,7 +384,8 @@ fn resolve_scope(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(full)
 }
 
-fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
+/// Writes `address` and a newline to `path` so that a reader never sees part of it.
+pub(crate) fn write_ready_file(path: &Path, address: &str) -> anyhow::Result<()> {
     // Written whole under another name, then renamed, so a reader never sees half of it.
     let partial = path.with_extension("partial");
     std::fs::write(&partial, format!("{address}\n")).with_context(|| format!("failed to write {}", partial.display()))?;

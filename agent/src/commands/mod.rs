@@ -2,8 +2,10 @@
 
 pub mod agent;
 pub mod check;
+pub mod collector;
 pub mod diff;
 pub mod graph;
 pub mod model;
 pub mod status;
 pub mod watch;
+mod watch_filter;

@@ -1,4 +1,5 @@
-//! `driftwatch status`: print an agent's version, kernel hooks, counters and model in force.
+//! `driftwatch status`: print an agent's version, kernel hooks, counters and model in force, and
+//! a collector's nodes.
 
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime};
@@ -93,6 +94,18 @@ pub fn write_status(out: &mut impl Write, status: &pb::AgentStatus) -> io::Resul
         }
     }
 
+    if !status.nodes.is_empty() {
+        writeln!(out, "\nnodes")?;
+        for node in &status.nodes {
+            let state = if node.connected { "connected" } else { "disconnected" };
+            writeln!(
+                out,
+                "  {:<12}  {} {state}, acknowledged {}, received {}, duplicates {}, lost {}",
+                node.name, node.version, node.acknowledged_sequence, node.received, node.duplicates, node.lost
+            )?;
+        }
+    }
+
     writeln!(out, "\ncounters")?;
     let width = status
         .counters
@@ -149,6 +162,16 @@ mod tests {
             model: None,
             last_sequence: 2,
             oldest_retained_sequence: 1,
+            nodes: vec![pb::NodeStatus {
+                name: "db-1".into(),
+                connected: true,
+                acknowledged_sequence: 40,
+                received: 41,
+                duplicates: 3,
+                lost: 1,
+                connected_at: None,
+                version: "0.1.0".into(),
+            }],
         };
         let mut out = Vec::new();
         write_status(&mut out, &status).unwrap();
@@ -169,5 +192,11 @@ mod tests {
         );
         assert!(text.contains("  events         10\n"), "{text}");
         assert!(text.contains("  api_published  2\n"), "{text}");
+        assert!(
+            text.contains(
+                "\nnodes\n  db-1          0.1.0 connected, acknowledged 40, received 41, duplicates 3, lost 1\n"
+            ),
+            "{text}"
+        );
     }
 }

@@ -11,6 +11,7 @@ use pb::stream_deviations_response::Payload;
 use serde_json::Value;
 use tonic::Code;
 
+use super::watch_filter::parse_filter_spec;
 use crate::api::convert::{self, category_to_proto, severity_to_proto};
 use crate::jsonl;
 use crate::terminal::escape_controls;
@@ -44,13 +45,34 @@ pub struct WatchArgs {
     pub replay: bool,
 
     /// Resume a stream: print retained deviations from this sequence number on, then follow.
-    #[arg(long, value_name = "SEQUENCE")]
+    #[arg(long, value_name = "SEQUENCE", conflicts_with_all = ["since", "last"])]
     pub from_sequence: Option<u64>,
 
     /// Output format: text for a terminal, or jsonl for one JSON object per deviation or loss
     /// notice, with the fields docs/jsonl.md lists (`--output json` is an older spelling).
     #[arg(long = "format", visible_alias = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+
+    /// Print retained deviations published since this time, then follow: an RFC 3339 time such as
+    /// 2026-01-31T12:00:00Z, or a duration before now such as 15m or 2h.
+    #[arg(long, value_name = "TIME", value_parser = parse_since, conflicts_with_all = ["replay", "last"])]
+    pub since: Option<SystemTime>,
+
+    /// Print the latest N retained deviations that pass the filters, then follow.
+    #[arg(long, value_name = "N", conflicts_with = "replay")]
+    pub last: Option<u64>,
+
+    /// Show deviations that match this filter; repeat for several, which combine with OR. A filter
+    /// is comma-separated key=value conditions that must all hold, with the keys category,
+    /// min-severity, component, zone, exe (a glob) and node; a key given twice accepts either
+    /// value. Example: --allow category=unexpected-flow,min-severity=high,node=web-1
+    #[arg(long = "allow", value_name = "FILTER", value_parser = parse_filter_spec)]
+    pub allow: Vec<pb::DeviationFilter>,
+
+    /// Hide deviations that match this filter, even when an --allow filter matches them; repeat
+    /// for several. Same syntax as --allow.
+    #[arg(long = "deny", value_name = "FILTER", value_parser = parse_filter_spec)]
+    pub deny: Vec<pb::DeviationFilter>,
 
     /// Print the model YAML that would declare each deviation (text output only, because JSON
     /// lines always carry it).
@@ -75,6 +97,19 @@ fn parse_severity(text: &str) -> Result<Severity, String> {
     })
 }
 
+/// Parses an RFC 3339 time, or a duration before now such as `15m`.
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+        return Ok(time);
+    }
+    let ago = humantime::parse_duration(text).map_err(|_| {
+        "expected an RFC 3339 time such as 2026-01-31T12:00:00Z or a duration such as 15m".to_string()
+    })?;
+    SystemTime::now()
+        .checked_sub(ago)
+        .ok_or_else(|| format!("{text} before now is before the epoch"))
+}
+
 fn parse_category(text: &str) -> Result<Category, String> {
     Category::parse(text).ok_or_else(|| {
         let names: Vec<_> = Category::ALL
@@ -93,6 +128,7 @@ fn parse_category(text: &str) -> Result<Category, String> {
 /// for another reason than a closed pipe.
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut client = connect_with(&args.api, &args.tls).await?;
+    #[allow(deprecated, reason = "these flags map to the fields that predate the filter lists")]
     let request = pb::StreamDeviationsRequest {
         min_severity: args
             .min_severity
@@ -112,6 +148,10 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         } else {
             args.from_sequence
         },
+        allow: args.allow.clone(),
+        deny: args.deny.clone(),
+        since: args.since.map(Into::into),
+        last: args.last,
     };
     let mut stream = client
         .stream_deviations(request)
@@ -177,12 +217,15 @@ impl Printer {
         response: pb::StreamDeviationsResponse,
     ) -> io::Result<()> {
         let sequence = response.sequence;
+        let node = response.node;
         match response.payload {
             Some(Payload::Deviation(deviation)) => match convert::deviation_from_proto(deviation) {
                 Ok(deviation) => match self.format {
-                    OutputFormat::Text => self.print_deviation_text(out, sequence, &deviation),
+                    OutputFormat::Text => {
+                        self.print_deviation_text(out, sequence, &node, &deviation)
+                    }
                     OutputFormat::Jsonl => {
-                        print_json_line(out, &jsonl::deviation_record(sequence, &deviation))
+                        print_json_line(out, &with_node(jsonl::deviation_record(sequence, &deviation), &node))
                     }
                 },
                 Err(err) => {
@@ -191,8 +234,8 @@ impl Printer {
                 }
             },
             Some(Payload::Loss(notice)) => match self.format {
-                OutputFormat::Text => self.print_loss_text(out, &notice),
-                OutputFormat::Jsonl => print_json_line(out, &loss_record(&notice)),
+                OutputFormat::Text => self.print_loss_text(out, &node, &notice),
+                OutputFormat::Jsonl => print_json_line(out, &with_node(loss_record(&notice), &node)),
             },
             None => {
                 eprintln!("driftwatch: skipping message {sequence} with a payload this build does not know");
@@ -205,6 +248,7 @@ impl Printer {
         &self,
         out: &mut impl Write,
         sequence: u64,
+        node: &str,
         deviation: &Deviation,
     ) -> io::Result<()> {
         let severity = deviation.severity.as_str().to_uppercase();
@@ -212,9 +256,14 @@ impl Printer {
             severity_colour(deviation.severity),
             &format!("{severity:<8}"),
         );
+        let node = if node.is_empty() {
+            String::new()
+        } else {
+            format!("  node {}", escape_controls(node))
+        };
         writeln!(
             out,
-            "{}  {}  {}  #{}",
+            "{}  {}  {}  #{}{node}",
             format_time(deviation.last_seen),
             severity,
             deviation.category.as_str(),
@@ -265,12 +314,25 @@ impl Printer {
         writeln!(out)
     }
 
-    fn print_loss_text(&self, out: &mut impl Write, notice: &pb::LossNotice) -> io::Result<()> {
+    fn print_loss_text(
+        &self,
+        out: &mut impl Write,
+        node: &str,
+        notice: &pb::LossNotice,
+    ) -> io::Result<()> {
+        let overflow;
         let cause = match pb::LossReason::try_from(notice.reason) {
             Ok(pb::LossReason::SubscriberLagged) => {
                 "this client read too slowly and the agent dropped them"
             }
             Ok(pb::LossReason::HistoryEvicted) => "the agent no longer retains them for replay",
+            Ok(pb::LossReason::NodeBufferOverflow) => {
+                overflow = format!(
+                    "node {} overflowed its buffer before pushing them to the collector (node sequences)",
+                    escape_controls(node)
+                );
+                &overflow
+            }
             _ => "the agent gave no known reason",
         };
         let line = format!(
@@ -408,12 +470,23 @@ pub(crate) fn times_to_rfc3339(value: &mut Value) {
     }
 }
 
+/// Adds the node that raised a record to it, when the stream names one (a collector's does).
+fn with_node(mut record: Value, node: &str) -> Value {
+    if !node.is_empty() {
+        if let Value::Object(fields) = &mut record {
+            fields.insert("node".to_string(), Value::String(node.to_string()));
+        }
+    }
+    record
+}
+
 /// Builds the JSON lines record of a loss notice from the stream; a reason this build does not
 /// know is written as `unknown` rather than dropping the record.
 fn loss_record(notice: &pb::LossNotice) -> Value {
     let reason = match pb::LossReason::try_from(notice.reason) {
         Ok(pb::LossReason::SubscriberLagged) => "subscriber-lagged",
         Ok(pb::LossReason::HistoryEvicted) => "history-evicted",
+        Ok(pb::LossReason::NodeBufferOverflow) => "node-buffer-overflow",
         _ => "unknown",
     };
     jsonl::loss_range_record(notice.first_sequence, notice.last_sequence, reason)

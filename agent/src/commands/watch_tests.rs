@@ -59,6 +59,7 @@ fn deviation_response(sequence: u64) -> pb::StreamDeviationsResponse {
     pb::StreamDeviationsResponse {
         sequence,
         payload: Some(Payload::Deviation(deviation_to_proto(&sample()))),
+        node: String::new(),
     }
 }
 
@@ -121,6 +122,7 @@ fn loss_notice_prints_warning_line() {
             last_sequence: 9,
             reason: pb::LossReason::SubscriberLagged as i32,
         })),
+        node: String::new(),
     };
     assert_eq!(
         render(&printer, response),
@@ -155,6 +157,7 @@ fn json_output_is_one_object_per_line() {
             last_sequence: 3,
             reason: pb::LossReason::HistoryEvicted as i32,
         })),
+        node: String::new(),
     };
     let value: Value = serde_json::from_str(&render(&printer, loss)).unwrap();
     assert_eq!(value["type"], "loss");
@@ -253,4 +256,55 @@ fn text_block_shows_how_the_program_started() {
     assert!(text.contains("\n    pidns      pid 7 in its pid namespace (level 1)\n"), "{text}");
     assert!(text.contains("\n    unit       docker-0123.scope\n"), "{text}");
     assert!(text.contains("\n    container  docker 0123\n"), "{text}");
+}
+
+#[test]
+fn command_line_parses_filters_and_replay() {
+    use clap::Parser as _;
+
+    let cli = WatchCli::try_parse_from([
+        "watch",
+        "--allow",
+        "category=unexpected-flow,node=a",
+        "--allow",
+        "component=db",
+        "--deny",
+        "exe=/usr/bin/curl",
+        "--last",
+        "20",
+    ])
+    .unwrap();
+    assert_eq!(cli.args.allow.len(), 2);
+    assert_eq!(cli.args.allow[0].nodes, vec!["a".to_string()]);
+    assert_eq!(cli.args.deny[0].executables, vec!["/usr/bin/curl".to_string()]);
+    assert_eq!(cli.args.last, Some(20));
+
+    let conflict = WatchCli::try_parse_from(["watch", "--last", "5", "--since", "10m"]);
+    assert!(conflict.is_err());
+    let bad = WatchCli::try_parse_from(["watch", "--allow", "colour=red"]).unwrap_err();
+    assert!(bad.to_string().contains("unknown key \"colour\""), "{bad}");
+}
+
+#[test]
+fn node_overflow_notice_names_the_node() {
+    let printer = Printer {
+        format: OutputFormat::Text,
+        colour: false,
+        show_resolution: false,
+    };
+    let response = pb::StreamDeviationsResponse {
+        sequence: 12,
+        payload: Some(Payload::Loss(pb::LossNotice {
+            missed: 5,
+            first_sequence: 40,
+            last_sequence: 44,
+            reason: pb::LossReason::NodeBufferOverflow as i32,
+        })),
+        node: "db-1".into(),
+    };
+    assert_eq!(
+        render(&printer, response),
+        "warning: missed 5 deviation(s), sequences 40 to 44: node db-1 overflowed its buffer \
+         before pushing them to the collector (node sequences)\n\n"
+    );
 }

@@ -17,6 +17,7 @@ mod table;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use self::endpoint::{Resolved, Side};
 use self::table::{DeviationTable, Offer};
 use crate::deviation::{Category, Deviation, Evidence};
-use crate::graph::{AttackPath, Connection, EdgeKey, GraphSnapshot, ObservedGraph};
+use crate::graph::{AttackPath, Connection, EdgeKey, GraphSnapshot, NodeRef, ObservedGraph};
 use crate::model::Model;
 use crate::observation::{
     ExecObservation, FlowObservation, ListenObservation, ProcessInfo, Protocol,
@@ -426,6 +427,19 @@ impl Engine {
         if self.watch_since.is_none_or(|since| time < since) {
             self.watch_since = Some(time);
         }
+    }
+
+    /// Returns the graph nodes that the client and the server of `observation` resolve to, as
+    /// [`Engine::observe_flow`] records them, without recording anything.
+    pub fn flow_nodes(&self, observation: &FlowObservation) -> (NodeRef, NodeRef) {
+        let (source, destination) = resolve_flow(&self.model, observation);
+        (source.node_ref(), destination.node_ref())
+    }
+
+    /// Returns the graph node a process on this host resolves to: its component, or
+    /// `unknown:<exe>`.
+    pub fn process_node(&self, process: &Arc<ProcessInfo>) -> NodeRef {
+        endpoint::local(&self.model, process, SocketAddr::from(([0, 0, 0, 0], 0))).node_ref()
     }
 
     pub fn graph_snapshot(&self) -> GraphSnapshot {

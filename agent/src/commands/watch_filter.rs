@@ -1,0 +1,103 @@
+//! The `--allow` and `--deny` filter specs of `driftwatch watch`.
+//!
+//! A spec is comma-separated `key=value` conditions, all of which must hold; a key given more than
+//! once accepts any of its values. Keys: `category`, `min-severity`, `component`, `zone`, `exe`
+//! (a glob on the executable of the process or its peer) and `node`. Example:
+//! `category=unexpected-flow,category=new-listener,min-severity=high,exe=/usr/bin/*`.
+
+use driftwatch_model::deviation::{Category, Severity};
+use driftwatch_proto::v1 as pb;
+
+use crate::api::convert::{category_to_proto, severity_to_proto};
+use crate::api::filter::ExecutableGlob;
+
+/// Parses one spec into the filter message the API takes.
+///
+/// # Errors
+///
+/// A message naming the condition that is malformed, an unknown key or value, or a malformed glob.
+pub fn parse_filter_spec(spec: &str) -> Result<pb::DeviationFilter, String> {
+    let mut filter = pb::DeviationFilter::default();
+    if spec.trim().is_empty() {
+        return Err("empty filter; give conditions such as category=unexpected-flow,min-severity=high".into());
+    }
+    for condition in spec.split(',') {
+        let Some((key, value)) = condition.split_once('=') else {
+            return Err(format!("condition {condition:?} is not key=value"));
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if value.is_empty() {
+            return Err(format!("condition {condition:?} has no value"));
+        }
+        match key {
+            "category" => {
+                let category = Category::parse(value).ok_or_else(|| {
+                    let names: Vec<&str> = Category::ALL.iter().map(|c| c.as_str()).collect();
+                    format!("unknown category {value:?}; expected one of {}", names.join(", "))
+                })?;
+                filter.categories.push(category_to_proto(category) as i32);
+            }
+            "min-severity" => {
+                if filter.min_severity != 0 {
+                    return Err("min-severity is given twice".into());
+                }
+                let severity = Severity::parse(value).ok_or_else(|| {
+                    let names: Vec<&str> = Severity::ALL.iter().map(|s| s.as_str()).collect();
+                    format!("unknown severity {value:?}; expected one of {}", names.join(", "))
+                })?;
+                filter.min_severity = severity_to_proto(severity) as i32;
+            }
+            "component" => filter.components.push(value.to_owned()),
+            "zone" => filter.zones.push(value.to_owned()),
+            "exe" => {
+                ExecutableGlob::new(value).map_err(|err| format!("invalid exe glob {value:?}: {}", err.kind()))?;
+                filter.executables.push(value.to_owned());
+            }
+            "node" => filter.nodes.push(value.to_owned()),
+            other => {
+                return Err(format!(
+                    "unknown key {other:?}; expected category, min-severity, component, zone, exe or node"
+                ))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_with_repeated_keys_parses() {
+        let filter =
+            parse_filter_spec("category=unexpected-flow,category=new-listener,min-severity=high,component=web,zone=dmz,exe=/usr/bin/*,node=a").unwrap();
+        assert_eq!(
+            filter,
+            pb::DeviationFilter {
+                categories: vec![pb::Category::UnexpectedFlow as i32, pb::Category::NewListener as i32],
+                min_severity: pb::Severity::High as i32,
+                components: vec!["web".into()],
+                zones: vec!["dmz".into()],
+                executables: vec!["/usr/bin/*".into()],
+                nodes: vec!["a".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_specs_name_the_condition() {
+        let cases = [
+            ("category", "condition \"category\" is not key=value"),
+            ("zone=", "condition \"zone=\" has no value"),
+            ("colour=red", "unknown key \"colour\""),
+            ("category=flow", "unknown category \"flow\""),
+            ("min-severity=low,min-severity=high", "min-severity is given twice"),
+            ("exe=/usr/[bin", "invalid exe glob \"/usr/[bin\""),
+        ];
+        for (spec, expected) in cases {
+            let error = parse_filter_spec(spec).unwrap_err();
+            assert!(error.starts_with(expected), "{spec}: {error}");
+        }
+    }
+}
