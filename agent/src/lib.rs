@@ -1,5 +1,5 @@
 //! The driftwatch agent: kernel telemetry, process and socket state, the pipeline into the model
-//! engine, and the gRPC API.
+//! engine, the gRPC API and the live view in the browser.
 
 pub mod api;
 pub mod commands;
@@ -9,3 +9,4 @@ pub mod state;
 pub mod telemetry;
 pub mod terminal;
 pub mod view;
+pub mod web;

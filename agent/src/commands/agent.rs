@@ -16,6 +16,7 @@ use crate::api::ListenAddr;
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
+use crate::web::{self, LiveView, LiveViewConfig, WebAddr, WebListener};
 
 /// How long the agent waits for its tasks to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +48,11 @@ pub struct AgentArgs {
     /// Deviations kept for replay to new subscribers.
     #[arg(long, default_value_t = 4096)]
     pub history: usize,
+
+    /// Serve the live view in the browser on this loopback `IP:PORT` (port 0 picks a free one);
+    /// `--web` alone serves it on 127.0.0.1:9180.
+    #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
+    pub web: Option<WebAddr>,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -99,6 +105,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let listener = ApiListener::bind(&args.api).await?;
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
+    let web_task = match &args.web {
+        Some(addr) => {
+            let listener = WebListener::bind(addr).await?;
+            let live_view = LiveView::new(view.clone(), hub.clone(), LiveViewConfig::default());
+            Some(tokio::spawn(web::serve_on(listener, live_view, cancel.clone())))
+        }
+        None => None,
+    };
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
         if let Err(error) = write_ready_file(path, &address.to_string()) {
@@ -119,6 +133,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let _ = pipeline_task.await;
         let _ = server_task.await;
+        if let Some(web_task) = web_task {
+            let _ = web_task.await;
+        }
     })
     .await;
     if drained.is_err() {
