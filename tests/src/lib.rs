@@ -1,6 +1,6 @@
 //! Test hosts for the end-to-end tests and the demo: network namespaces joined by a router,
 //! cgroup v2 directories, processes started inside both, the agent under test and a client of its
-//! deviation stream.
+//! deviation stream, and a WebDriver client for the browser tests.
 //!
 //! Everything here needs root. Each helper owns what it creates and removes it on drop, so a failing
 //! test leaves no namespace, cgroup or process behind. Names carry a per-run suffix from
@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod netns;
 pub mod process;
 pub mod stream;
+pub mod webdriver;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,6 +24,7 @@ pub use cgroup::{cgroup2_mount, Cgroup};
 pub use netns::{Host, NetNs, Topology};
 pub use process::{spawn_in, ProcessGuard};
 pub use stream::{graph, DeviationWatcher};
+pub use webdriver::WebDriver;
 
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 

@@ -7,8 +7,8 @@
 //! - `deviation`: one deviation, with its sequence number as the event id;
 //! - `loss`: a range of sequences the page will never receive (a slow page, an evicted history),
 //!   with the last one as the event id;
-//! - `reset`: the requested resume point is past the agent's next sequence, which happens after an
-//!   agent restart; the page drops what it shows and receives a fresh replay.
+//! - `reset`: the requested resume point is past the agent's next sequence, as after an agent
+//!   restart. The page drops what it shows and receives a fresh replay.
 //!
 //! A page resumes with `?from=SEQUENCE` or the `Last-Event-ID` header that browsers send on their
 //! own reconnects; the header names the last id received, so the stream starts one past it.
@@ -49,7 +49,7 @@ struct GraphJson<'a> {
     topology: &'a Topology,
 }
 
-/// Builds the topology from a [`LiveSource`] and tells open pages when it changed.
+/// Builds the topology from a [`LiveSource`] and notifies open pages when it changes.
 pub struct GraphFeed {
     source: Arc<dyn LiveSource>,
     limits: TopologyLimits,
@@ -63,7 +63,7 @@ impl GraphFeed {
         GraphFeed { source, limits, sender }
     }
 
-    /// Builds the topology now and publishes it when it differs from the last one; returns the
+    /// Builds the topology now, publishes it when it differs from the last one, and returns the
     /// document in force afterwards.
     ///
     /// # Errors
@@ -116,7 +116,7 @@ impl GraphFeed {
     }
 }
 
-/// Where a stream starts.
+/// The first deviation a stream sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Resume {
     /// The most recent deviations, up to [`super::LiveViewConfig::initial_replay`].
@@ -147,14 +147,14 @@ fn resume_point(headers: &HeaderMap, uri: &Uri) -> Result<Resume, String> {
     Ok(Resume::Recent)
 }
 
-/// Answers `GET /api/events`.
+/// Handles `GET /api/events`.
 pub(super) async fn handle(view: &Arc<LiveView>, headers: &HeaderMap, uri: &Uri, shutdown: CancellationToken) -> Response {
     let resume = match resume_point(headers, uri) {
         Ok(resume) => resume,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
-    // Subscribed before the build, so a change published in between is not missed; the page
-    // ignores a version it already has.
+    // Subscribed before the build, so a change published in between is not missed. At worst the
+    // page draws one version twice.
     let graph_updates = view.feed.subscribe();
     let document = match view.feed.refresh().await {
         Ok(document) => document,

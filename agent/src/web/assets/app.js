@@ -338,7 +338,7 @@
 
     const zoneLayer = svgElement("g", { class: "zones" });
     for (const column of columns) {
-      const group = svgElement("g", { class: "zone", "data-zone": column.zone.id });
+      const group = svgElement("g", { class: "zone-box", "data-zone": column.zone.id });
       group.append(
         svgElement("rect", {
           x: column.x,
