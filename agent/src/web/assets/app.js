@@ -362,7 +362,8 @@
       const from = positions.get(edge.source);
       const to = positions.get(edge.destination);
       if (!from || !to) continue;
-      const pair = edge.source + "\u0000" + edge.destination;
+      // Both directions share one count, so a flow and its reverse do not overlap.
+      const pair = [edge.source, edge.destination].sort().join("\u0000");
       const index = pairCounts.get(pair) || 0;
       pairCounts.set(pair, index + 1);
       const offset = (index % 2 === 0 ? 1 : -1) * Math.ceil(index / 2) * 8;
