@@ -1,5 +1,6 @@
 //! The driftwatch agent: kernel telemetry, process and socket state, the pipeline into the model
-//! engine, the gRPC API, pushing to a collector, and the collector itself.
+//! engine, the gRPC API, pushing to a collector, the collector itself, and the live view in the
+//! browser.
 
 pub mod api;
 pub mod collector;
@@ -15,3 +16,4 @@ pub mod state;
 pub mod telemetry;
 pub mod terminal;
 pub mod view;
+pub mod web;

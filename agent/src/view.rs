@@ -12,6 +12,7 @@ use crate::api::status::{HookStatus, ModelInfo, StatusSnapshot};
 use crate::fleet::push::PushCounters;
 use crate::pipeline::Shared;
 use crate::telemetry::Telemetry;
+use crate::web::{DeclaredModel, LiveSource};
 
 /// Builds [`ModelInfo`] for a model loaded from `path`.
 pub fn model_info(path: &Path, model: &Model, loaded_at: SystemTime) -> ModelInfo {
@@ -76,6 +77,16 @@ impl AgentView for AgentStatusView {
             counters,
             model: Some(self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()),
         }
+    }
+}
+
+impl LiveSource for AgentStatusView {
+    fn graph(&self) -> GraphSnapshot {
+        AgentView::graph(self)
+    }
+
+    fn declared(&self) -> DeclaredModel {
+        DeclaredModel::from_model(self.shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).model())
     }
 }
 

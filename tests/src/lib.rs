@@ -1,6 +1,6 @@
 //! Test hosts for the end-to-end tests and the demo: network namespaces joined by a router,
 //! cgroup v2 directories, processes started inside both, the agent under test and a client of its
-//! deviation stream.
+//! deviation stream, and a WebDriver client for the browser tests.
 //!
 //! Everything here needs root. Each helper owns what it creates and removes it on drop, so a failing
 //! test leaves no namespace, cgroup or process behind. Names carry a per-run suffix from
@@ -15,6 +15,7 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod stream;
+pub mod webdriver;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -26,6 +27,7 @@ pub use collector::CollectorUnderTest;
 pub use netns::{Host, NetNs, Topology};
 pub use process::{spawn_in, ProcessGuard};
 pub use stream::{graph, DeviationWatcher};
+pub use webdriver::WebDriver;
 
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 

@@ -74,7 +74,7 @@ pub fn build_all(options: &BuildOptions) -> anyhow::Result<Artifacts> {
 /// Builds everything, then runs `cargo test --workspace --release` with `DRIFTWATCH_BIN` set.
 pub fn test(options: &TestOptions) -> anyhow::Result<()> {
     require_root("the tests load eBPF programs and create cgroups and network namespaces")?;
-    crate::prereq::ensure_tools()?;
+    crate::prereq::ensure_test_tools()?;
     let artifacts = build_all(&BuildOptions { debug: false })?;
     // Built here too so that `cargo xtask test --test NAME`, which builds one target only, finds it.
     let demo_service = crate::demo::build_demo_service()?;

@@ -14,10 +14,23 @@ struct Tool {
 /// `ip` builds the test hosts (network namespaces, veth pairs); `bash` plays the intrusion.
 const TOOLS: [Tool; 2] = [Tool { program: "ip", package: "iproute2" }, Tool { program: "bash", package: "bash" }];
 
-/// Checks for the tools the demo and the tests run; installs the missing ones with apt-get where
-/// it exists, and otherwise fails naming each missing package.
+/// The live view's test drives a headless chromium through chromedriver.
+const BROWSER_TOOLS: [Tool; 2] =
+    [Tool { program: "chromium", package: "chromium" }, Tool { program: "chromedriver", package: "chromium-driver" }];
+
+/// Checks for the tools the demo runs; installs the missing ones with apt-get where it exists,
+/// and otherwise fails naming each missing package.
 pub fn ensure_tools() -> anyhow::Result<()> {
-    let missing: Vec<&Tool> = TOOLS.iter().filter(|tool| find_in_path(tool.program).is_none()).collect();
+    ensure(&TOOLS.iter().collect::<Vec<_>>())
+}
+
+/// Like [`ensure_tools`], plus the browser that the tests of the live view drive.
+pub fn ensure_test_tools() -> anyhow::Result<()> {
+    ensure(&TOOLS.iter().chain(BROWSER_TOOLS.iter()).collect::<Vec<_>>())
+}
+
+fn ensure(tools: &[&Tool]) -> anyhow::Result<()> {
+    let missing: Vec<&Tool> = tools.iter().copied().filter(|tool| find_in_path(tool.program).is_none()).collect();
     if missing.is_empty() {
         return Ok(());
     }

@@ -26,6 +26,7 @@ use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
+use crate::web::{self, LiveView, LiveViewConfig, WebAddr, WebListener};
 
 /// How long the agent waits for its tasks to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -118,6 +119,10 @@ pub struct AgentArgs {
     /// Seconds between the graph snapshots pushed to the collector.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub snapshot_interval: f64,
+    /// Serve the live view in the browser on this loopback `IP:PORT` (port 0 picks a free one);
+    /// `--web` alone serves it on 127.0.0.1:9180.
+    #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
+    pub web: Option<WebAddr>,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -276,6 +281,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let web_task = match &args.web {
+        Some(addr) => {
+            let listener = WebListener::bind(addr).await?;
+            let live_view = LiveView::new(view.clone(), hub.clone(), LiveViewConfig::default());
+            Some(tokio::spawn(web::serve_on(listener, live_view, cancel.clone())))
+        }
+        None => None,
+    };
     tracing::info!(api = %address, "agent ready");
     if let Some(path) = &args.ready_file {
         if let Err(error) = write_ready_file(path, &address.to_string()) {
@@ -305,6 +318,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(push_task) = push_task {
             let _ = push_task.await;
+        }
+        if let Some(web_task) = web_task {
+            let _ = web_task.await;
         }
     })
     .await;
