@@ -3,9 +3,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::graph::{NodeKind, NodeRef};
+use crate::graph::{NodeKind, NodeProcess, NodeRef};
 use crate::model::{Attribution, Component, Model, Zone};
 use crate::observation::{ProcessInfo, Protocol};
+use crate::workload::workload_cgroup;
 
 /// The resolution of one end of a flow or a listener.
 #[derive(Debug, Clone)]
@@ -67,13 +68,19 @@ impl<'m> Side<'m, '_> {
             id: self.node.clone(),
             kind,
             zone: self.zone_id().map(str::to_owned),
+            process: self.process.map(|process| NodeProcess::of(process)),
         }
     }
 }
 
-/// Names the graph node of a process that matches no component.
+/// Names the graph node of a process that matches no component: `unknown:cgroup:<path>` for a
+/// process in a workload's cgroup, so every program of one unmodelled service shares a node, and
+/// `unknown:<executable>` for the rest.
 pub(crate) fn unknown_node(process: &ProcessInfo) -> String {
-    format!("unknown:{}", process.exe)
+    match workload_cgroup(&process.cgroup) {
+        Some(workload) => format!("unknown:cgroup:{workload}"),
+        None => format!("unknown:{}", process.exe),
+    }
 }
 
 pub(crate) fn external_node(ip: IpAddr) -> String {
