@@ -4,6 +4,7 @@
 pub mod api;
 pub mod commands;
 pub mod pipeline;
+pub mod reload;
 pub mod report;
 pub mod state;
 pub mod telemetry;

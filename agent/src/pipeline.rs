@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use driftwatch_model::deviation::{Category, Deviation, Evidence, Severity, Stride};
 use driftwatch_model::Engine;
 use driftwatch_model::observation::{ExecObservation, FlowObservation, ListenObservation, Protocol};
-use tokio::sync::mpsc;
+use driftwatch_model::Model;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
@@ -132,6 +133,14 @@ impl Default for KernelClock {
     }
 }
 
+/// A request to the pipeline task from elsewhere in the agent.
+#[derive(Debug)]
+pub enum PipelineCommand {
+    /// Put a validated model in force, judge what was observed against it, and reply with the
+    /// number of deviations that raised.
+    ReplaceModel { model: Box<Model>, reply: oneshot::Sender<usize> },
+}
+
 /// Resolves a cgroup id from a kernel record to its cgroup v2 path.
 pub type CgroupResolver = Box<dyn FnMut(u64) -> String + Send>;
 
@@ -148,6 +157,7 @@ pub struct Pipeline {
     shared: Arc<Shared>,
     hub: Arc<DeviationHub>,
     stats: PipelineStats,
+    commands: Option<mpsc::Receiver<PipelineCommand>>,
 }
 
 impl Pipeline {
@@ -161,8 +171,15 @@ impl Pipeline {
             shared,
             hub,
             stats: PipelineStats::default(),
+            commands: None,
             config,
         }
+    }
+
+    /// Makes [`Pipeline::run`] serve requests from `commands` between events.
+    pub fn with_commands(mut self, commands: mpsc::Receiver<PipelineCommand>) -> Self {
+        self.commands = Some(commands);
+        self
     }
 
     /// Seeds the process table, and the listeners that were open before the agent started, from
@@ -189,6 +206,7 @@ impl Pipeline {
                     Some(event) => self.handle(event),
                     None => break,
                 },
+                Some(command) = next_command(&mut self.commands) => self.serve(command),
                 _ = sleep_until(join_deadline) => {
                     let flows = self.sockets.flush_expired(Instant::now());
                     self.observe_flows(flows);
@@ -268,6 +286,41 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    fn serve(&mut self, command: PipelineCommand) {
+        match command {
+            PipelineCommand::ReplaceModel { model, reply } => {
+                let raised = self.replace_model(*model);
+                // The requester may have given up waiting; the model is in force all the same.
+                let _ = reply.send(raised);
+            }
+        }
+    }
+
+    /// Puts `model` in force and publishes what it raises for the observed graph and for the
+    /// listeners open now. Returns the number of deviations published.
+    pub fn replace_model(&mut self, model: Model) -> usize {
+        let mut raised = self.engine().replace_model(model);
+        // The engine keeps no listeners, so the open ones are judged again here.
+        let now = SystemTime::now();
+        let listens: Vec<ListenObservation> = self
+            .sockets
+            .listeners()
+            .filter_map(|listener| {
+                let process = self.processes.get(listener.pid)?;
+                Some(ListenObservation { time: now, process, addr: listener.addr, protocol: Protocol::Tcp, netns: listener.netns })
+            })
+            .collect();
+        for listen in &listens {
+            raised.extend(self.engine().observe_listen(listen));
+        }
+        // NOTE: running programs are not judged again, so a new model that drops an executable
+        // raises unexpected-executable only when a process starts it again.
+        let count = raised.len();
+        self.publish(raised);
+        self.publish_stats();
+        count
     }
 
     fn handle_tcp(&mut self, tcp: TcpEvent) {
@@ -403,6 +456,17 @@ impl Pipeline {
         self.stats.processes = self.processes.stats();
         self.stats.sockets = self.sockets.stats();
         *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
+    }
+}
+
+/// Waits for the next command; never returns when there is no command channel or it closed.
+async fn next_command(commands: &mut Option<mpsc::Receiver<PipelineCommand>>) -> Option<PipelineCommand> {
+    match commands {
+        Some(receiver) => match receiver.recv().await {
+            Some(command) => Some(command),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

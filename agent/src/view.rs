@@ -10,6 +10,7 @@ use driftwatch_model::Model;
 use crate::api::server::AgentView;
 use crate::api::status::{HookStatus, ModelInfo, StatusSnapshot};
 use crate::pipeline::Shared;
+use crate::reload::ModelReloader;
 use crate::telemetry::Telemetry;
 
 /// Builds [`ModelInfo`] for a model loaded from `path`.
@@ -28,12 +29,20 @@ pub struct AgentStatusView {
     shared: Arc<Shared>,
     telemetry: Arc<Telemetry>,
     model: Mutex<ModelInfo>,
+    /// Reloads the model and then describes the model in force, when the agent reloads at all.
+    reloader: Option<Arc<ModelReloader>>,
     started_at: SystemTime,
 }
 
 impl AgentStatusView {
     pub fn new(shared: Arc<Shared>, telemetry: Arc<Telemetry>, model: ModelInfo) -> Self {
-        AgentStatusView { shared, telemetry, model: Mutex::new(model), started_at: SystemTime::now() }
+        AgentStatusView { shared, telemetry, model: Mutex::new(model), reloader: None, started_at: SystemTime::now() }
+    }
+
+    /// Serves `ReloadModel` through `reloader` and reports the model it put in force.
+    pub fn with_reloader(mut self, reloader: Arc<ModelReloader>) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 
     /// Records the model put in force by a reload.
@@ -64,8 +73,15 @@ impl AgentView for AgentStatusView {
             started_at: self.started_at,
             hooks,
             counters,
-            model: Some(self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()),
+            model: Some(match &self.reloader {
+                Some(reloader) => reloader.model_info(),
+                None => self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone(),
+            }),
         }
+    }
+
+    fn model_reloader(&self) -> Option<Arc<ModelReloader>> {
+        self.reloader.clone()
     }
 }
 

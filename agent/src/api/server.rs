@@ -29,6 +29,7 @@ use super::addr::ListenAddr;
 use super::convert;
 use super::hub::{DeviationFilter, DeviationHub, HubMessage, SubscribeError};
 use super::status::StatusSnapshot;
+use crate::reload::{ModelReloader, ReloadTrigger};
 
 /// Mode of the unix socket: the owner (root) and the group may connect, others may not.
 const SOCKET_MODE: u32 = 0o660;
@@ -39,6 +40,10 @@ pub trait AgentView: Send + Sync + 'static {
     fn graph(&self) -> GraphSnapshot;
     /// Returns the agent's status.
     fn status(&self) -> StatusSnapshot;
+    /// Returns what reloads the model, or `None` when this agent serves a fixed model.
+    fn model_reloader(&self) -> Option<Arc<ModelReloader>> {
+        None
+    }
 }
 
 /// A bound API socket, ready to accept connections.
@@ -265,6 +270,23 @@ impl AgentService for AgentApi {
             &hub,
             SystemTime::now(),
         )))
+    }
+
+    async fn reload_model(
+        &self,
+        _request: Request<pb::ReloadModelRequest>,
+    ) -> Result<Response<pb::ReloadModelResponse>, Status> {
+        let Some(reloader) = self.view.model_reloader() else {
+            return Err(Status::unimplemented(
+                "this agent serves a fixed model and does not reload it",
+            ));
+        };
+        tracing::info!(model = %reloader.path().display(), "model reload requested over the API");
+        let outcome = reloader
+            .reload(ReloadTrigger::Api)
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        Ok(Response::new(convert::reload_outcome_to_proto(&outcome)))
     }
 }
 

@@ -14,11 +14,14 @@ use crate::api::hub::{DeviationHub, HubConfig};
 use crate::api::server::{self, ApiListener};
 use crate::api::ListenAddr;
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
+use crate::reload::{self, ModelReloader, ReloadTrigger};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
 
 /// How long the agent waits for its tasks to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests waiting for the pipeline task; reloads are serialised, so one is enough in practice.
+const PIPELINE_COMMANDS: usize = 4;
 
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
@@ -47,11 +50,16 @@ pub struct AgentArgs {
     /// Deviations kept for replay to new subscribers.
     #[arg(long, default_value_t = 4096)]
     pub history: usize,
+
+    /// Do not reload the model when its file changes; SIGHUP and `driftwatch model reload` still
+    /// reload it.
+    #[arg(long)]
+    pub no_model_watch: bool,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let model = match Model::load(&args.model) {
-        Ok(model) => model,
+    let (model, model_text) = match Model::load_with_text(&args.model) {
+        Ok(loaded) => loaded,
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("error: the model {} is invalid; the agent did not start", args.model.display());
@@ -60,6 +68,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let model_info = view::model_info(&args.model, &model, SystemTime::now());
     tracing::info!(model = %args.model.display(), components = model.components.len(), flows = model.flows.len(), "model loaded");
+    for warning in model.warnings(SystemTime::now()) {
+        tracing::warn!(%warning, hint = %warning.hint, "model warning");
+    }
 
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -78,11 +89,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let (telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
     let telemetry = Arc::new(telemetry);
 
+    let (commands, command_receiver) = tokio::sync::mpsc::channel(PIPELINE_COMMANDS);
+    let reloader = Arc::new(ModelReloader::new(args.model.clone(), &model, &model_text, commands));
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: args.history, ..HubConfig::default() }));
     let cancel = CancellationToken::new();
 
-    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub.clone(), cgroup_resolver());
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub.clone(), cgroup_resolver())
+        .with_commands(command_receiver);
     let seeded = pipeline.seed_processes();
     tracing::info!(processes = seeded, "process table seeded from /proc");
     let lost = {
@@ -94,7 +108,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
-    let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info));
+    let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info).with_reloader(reloader.clone()));
+    // Set up before the agent reports ready, so a change made right after is seen.
+    let watch = if args.no_model_watch { None } else { Some(reload::watch_model_file(reloader.clone())) };
+    let watch_task = match watch {
+        None => None,
+        Some(Ok(watch)) => Some(tokio::spawn(watch.run(cancel.clone()))),
+        Some(Err(error)) => {
+            // SIGHUP and the API still reload, so this is no reason to stop.
+            tracing::warn!(error = %format!("{error:#}"), "model file changes are not watched; reload with SIGHUP or `driftwatch model reload`");
+            None
+        }
+    };
     // The listener's own error names the address.
     let listener = ApiListener::bind(&args.api).await?;
     let address = listener.local_addr().context("failed to read the API address")?;
@@ -109,7 +134,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    wait_for_stop_signal(|| reload_model(&args.model, &shared, &view)).await?;
+    wait_for_stop_signal(|| {
+        let reloader = reloader.clone();
+        // The reloader logs the outcome; an error means the agent is stopping anyway.
+        tokio::spawn(async move { reloader.reload(ReloadTrigger::Signal).await });
+    })
+    .await?;
     tracing::info!("stopping");
     if let Some(path) = &args.ready_file {
         let _ = std::fs::remove_file(path);
@@ -119,6 +149,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let _ = pipeline_task.await;
         let _ = server_task.await;
+        if let Some(watch_task) = watch_task {
+            let _ = watch_task.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -161,25 +194,6 @@ async fn wait_for_stop_signal(mut on_hangup: impl FnMut()) -> anyhow::Result<()>
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
             _ = hangup.recv() => on_hangup(),
-        }
-    }
-}
-
-/// Reads the model file again and puts it in force. An invalid model is rejected with its errors
-/// and the one in force stays.
-fn reload_model(path: &Path, shared: &Shared, view: &AgentStatusView) {
-    match Model::load(path) {
-        Ok(model) => {
-            let info = view::model_info(path, &model, SystemTime::now());
-            shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace_model(model);
-            view.set_model(info);
-            tracing::info!(model = %path.display(), "model reloaded");
-        }
-        Err(errors) => {
-            for error in &errors.errors {
-                tracing::error!(%error, "invalid model");
-            }
-            tracing::error!(model = %path.display(), errors = errors.errors.len(), "model reload rejected; the previous model stays in force");
         }
     }
 }

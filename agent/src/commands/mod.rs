@@ -5,5 +5,6 @@ pub mod check;
 pub mod diff;
 pub mod graph;
 pub mod model;
+pub mod reload;
 pub mod status;
 pub mod watch;
