@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod demo;
 pub mod netns;
 pub mod process;
 pub mod stream;

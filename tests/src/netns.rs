@@ -98,7 +98,13 @@ const BRIDGE: &str = "br0";
 impl Topology {
     /// Creates the router namespace and its bridge; names start with `dw` and a unique suffix.
     pub fn new() -> Result<Topology> {
-        let prefix = format!("dw{}", unique_suffix());
+        Topology::tagged("")
+    }
+
+    /// Like [`Topology::new`], with `tag` between `dw` and the suffix, so a reader of `ip netns`
+    /// can tell who created a namespace.
+    pub fn tagged(tag: &str) -> Result<Topology> {
+        let prefix = format!("dw{tag}{}", unique_suffix());
         let router = NetNs::create(&format!("{prefix}-rt"))?;
         router.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         router.ip(&["link", "set", BRIDGE, "up"])?;
