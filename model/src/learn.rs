@@ -81,7 +81,7 @@ pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
     }
     let mut out = String::new();
     if base.is_none() {
-        out.push_str("# Learned by driftwatch model learn from a recorded graph. Review every entry:\n# it declares what was observed, which may include what should not happen.\nversion: 1\n");
+        out.push_str("# Learned by driftwatch model learn from an observed graph. Review every entry:\n# it declares what was observed, which may include what should not happen.\nversion: 1\n");
     } else {
         out.push_str("# Learned by driftwatch model learn: append these entries to the base model's lists.\n");
     }
