@@ -41,7 +41,7 @@ pub struct NodeSnapshot {
     pub id: String,
     pub kind: NodeKind,
     pub zone: Option<String>,
-    /// Where the processes behind the node ran, up to [`MAX_NODE_PROCESSES`] distinct entries.
+    /// Executables and cgroups of the processes behind the node, up to [`MAX_NODE_PROCESSES`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<NodeProcess>,
 }
@@ -56,7 +56,7 @@ pub struct NodeProcess {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
     /// The container id the cgroup path names. The engine leaves it empty, and the agent fills
-    /// it in, because only the agent knows the container runtimes' cgroup layouts.
+    /// it in, because the container runtimes' cgroup layouts are classified in the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
 }

@@ -256,9 +256,9 @@ impl Engine {
     /// deviations the new model raises for the observed graph.
     ///
     /// The deviation table is emptied, because its entries were judged against the old model. The
-    /// graph is rebuilt by replaying the latest connection of every edge through the new model, so
-    /// both ends are attributed by the new selectors, edges are re-marked against the new flows,
-    /// and an edge the new model no longer allows is raised at once rather than at its next
+    /// graph is rebuilt by replaying the latest connection of every edge through the new model.
+    /// Both ends are then attributed by the new selectors, and edges are re-marked against the new
+    /// flows. An edge the new model no longer allows is raised at once rather than at its next
     /// connection. Edges keep their counts where their key did not change. Executions and
     /// listeners are not kept by the engine, so the caller observes the ones still relevant again.
     pub fn replace_model(&mut self, model: Model) -> Vec<Deviation> {
