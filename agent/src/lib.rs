@@ -11,6 +11,7 @@ pub mod jsonl;
 pub mod labels;
 pub mod metrics;
 pub mod pipeline;
+pub mod reload;
 pub mod report;
 pub mod state;
 pub mod telemetry;

@@ -132,7 +132,7 @@ impl AgentMetrics {
         let metrics = AgentMetrics::default();
         registry.register(
             "model_reloads",
-            "Model reloads requested with SIGHUP, by result; a failure keeps the previous model",
+            "Model reloads requested by SIGHUP, a file change or the API, by result; a failure keeps the previous model",
             metrics.model_reloads.clone(),
         );
         metrics

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 use driftwatch_model::deviation::{Category, Deviation, Evidence, Severity, Stride};
 use driftwatch_model::Engine;
 use driftwatch_model::observation::{ExecObservation, FlowObservation, ListenObservation, ProcessInfo, Protocol};
-use tokio::sync::mpsc;
+use driftwatch_model::Model;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
@@ -218,6 +219,14 @@ impl Default for KernelClock {
     }
 }
 
+/// A request to the pipeline task from elsewhere in the agent.
+#[derive(Debug)]
+pub enum PipelineCommand {
+    /// Put a validated model in force, judge what was observed against it, and reply with the
+    /// number of deviations that raised.
+    ReplaceModel { model: Box<Model>, reply: oneshot::Sender<usize> },
+}
+
 /// Resolves a cgroup id from a kernel record to its cgroup v2 path.
 pub type CgroupResolver = Box<dyn FnMut(u64) -> String + Send>;
 
@@ -267,6 +276,7 @@ pub struct Pipeline {
     stats: PipelineStats,
     /// Remote ends and listeners for a collector, when the agent pushes to one.
     endpoints: Option<Arc<Mutex<EndpointTable>>>,
+    commands: Option<mpsc::Receiver<PipelineCommand>>,
 }
 
 impl Pipeline {
@@ -285,8 +295,15 @@ impl Pipeline {
             hub,
             stats: PipelineStats::default(),
             endpoints: None,
+            commands: None,
             config,
         }
+    }
+
+    /// Makes [`Pipeline::run`] serve requests from `commands` between events.
+    pub fn with_commands(mut self, commands: mpsc::Receiver<PipelineCommand>) -> Self {
+        self.commands = Some(commands);
+        self
     }
 
     /// Records remote ends of flows and listeners in `table` from now on, for a collector.
@@ -357,6 +374,7 @@ impl Pipeline {
                 },
                 Some(reply) = recv_reply(&mut label_replies) => self.apply_label_reply(reply),
                 _ = sleep_until(hold_deadline) => self.release_held(Instant::now()),
+                Some(command) = next_command(&mut self.commands) => self.serve(command),
                 _ = sleep_until(join_deadline) => {
                     let flows = self.sockets.flush_expired(Instant::now());
                     self.observe_flows(flows);
@@ -537,6 +555,41 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    fn serve(&mut self, command: PipelineCommand) {
+        match command {
+            PipelineCommand::ReplaceModel { model, reply } => {
+                let raised = self.replace_model(*model);
+                // The requester may have given up waiting; the model is in force all the same.
+                let _ = reply.send(raised);
+            }
+        }
+    }
+
+    /// Puts `model` in force and publishes what it raises for the observed graph and for the
+    /// listeners open now. Returns the number of deviations published.
+    pub fn replace_model(&mut self, model: Model) -> usize {
+        let mut raised = self.engine().replace_model(model);
+        // The engine keeps no listeners, so the open ones are judged again here.
+        let now = SystemTime::now();
+        let listens: Vec<ListenObservation> = self
+            .sockets
+            .listeners()
+            .filter_map(|listener| {
+                let process = self.processes.get(listener.pid)?;
+                Some(ListenObservation { time: now, process, addr: listener.addr, protocol: Protocol::Tcp, netns: listener.netns })
+            })
+            .collect();
+        for listen in &listens {
+            raised.extend(self.engine().observe_listen(listen));
+        }
+        // NOTE: running programs are not judged again, so a new model that drops an executable
+        // raises unexpected-executable only when a process starts it again.
+        let count = raised.len();
+        self.publish(raised);
+        self.publish_stats();
+        count
     }
 
     fn handle_tcp(&mut self, tcp: TcpEvent) {
@@ -769,6 +822,17 @@ impl Pipeline {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits for the next command; never returns when there is no command channel or it closed.
+async fn next_command(commands: &mut Option<mpsc::Receiver<PipelineCommand>>) -> Option<PipelineCommand> {
+    match commands {
+        Some(receiver) => match receiver.recv().await {
+            Some(command) => Some(command),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -11,6 +11,7 @@ use crate::api::server::AgentView;
 use crate::api::status::{HookStatus, ModelInfo, StatusSnapshot};
 use crate::fleet::push::PushCounters;
 use crate::pipeline::Shared;
+use crate::reload::ModelReloader;
 use crate::telemetry::Telemetry;
 use crate::web::{DeclaredModel, LiveSource};
 
@@ -30,18 +31,26 @@ pub struct AgentStatusView {
     shared: Arc<Shared>,
     telemetry: Arc<Telemetry>,
     model: Mutex<ModelInfo>,
+    /// Reloads the model and then describes the model in force, when the agent reloads at all.
+    reloader: Option<Arc<ModelReloader>>,
     started_at: SystemTime,
     push: Mutex<Option<Arc<PushCounters>>>,
 }
 
 impl AgentStatusView {
     pub fn new(shared: Arc<Shared>, telemetry: Arc<Telemetry>, model: ModelInfo) -> Self {
-        AgentStatusView { shared, telemetry, model: Mutex::new(model), started_at: SystemTime::now(), push: Mutex::new(None) }
+        AgentStatusView { shared, telemetry, model: Mutex::new(model), reloader: None, started_at: SystemTime::now(), push: Mutex::new(None) }
     }
 
     /// Adds the collector pusher's counters to the status from now on.
     pub fn attach_push_counters(&self, counters: Arc<PushCounters>) {
         *self.push.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(counters);
+    }
+
+    /// Serves `ReloadModel` through `reloader` and reports the model it put in force.
+    pub fn with_reloader(mut self, reloader: Arc<ModelReloader>) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 
     /// Records the model put in force by a reload.
@@ -75,8 +84,15 @@ impl AgentView for AgentStatusView {
             started_at: self.started_at,
             hooks,
             counters,
-            model: Some(self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()),
+            model: Some(match &self.reloader {
+                Some(reloader) => reloader.model_info(),
+                None => self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone(),
+            }),
         }
+    }
+
+    fn model_reloader(&self) -> Option<Arc<ModelReloader>> {
+        self.reloader.clone()
     }
 }
 

@@ -275,6 +275,7 @@ mod tests {
             id: id.into(),
             kind,
             zone: None,
+            processes: Vec::new(),
         }
     }
 

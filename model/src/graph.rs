@@ -10,8 +10,8 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Model;
-use crate::observation::Protocol;
+use crate::model::{systemd_unit, Model};
+use crate::observation::{FlowObservation, ProcessInfo, Protocol};
 use crate::recency::{RecencyIndex, Stamp};
 
 /// How a graph node came to be.
@@ -20,7 +20,8 @@ use crate::recency::{RecencyIndex, Stamp};
 pub enum NodeKind {
     /// A component declared in the model.
     Declared,
-    /// Processes that match no declared component, grouped by executable.
+    /// Processes that match no declared component, grouped by workload (the cgroup of a systemd
+    /// unit, a container or another dedicated cgroup) or else by executable.
     Discovered,
     /// A remote endpoint, by zone or by address.
     External,
@@ -35,11 +36,45 @@ pub struct GraphSnapshot {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeSnapshot {
-    /// Component id, `unknown:<exe>` for a discovered node, or a zone id or address for an external one.
+    /// Component id; `unknown:cgroup:<path>` or `unknown:<exe>` for a discovered node; a zone id
+    /// or `external:<ip>` for an external one.
     pub id: String,
     pub kind: NodeKind,
     pub zone: Option<String>,
+    /// Executables and cgroups of the processes behind the node, up to [`MAX_NODE_PROCESSES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<NodeProcess>,
 }
+
+/// A program and the cgroup it ran in, for one of the processes behind a graph node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeProcess {
+    pub exe: String,
+    /// cgroup v2 path relative to the cgroup2 mount; empty when unknown.
+    pub cgroup: String,
+    /// The systemd unit the cgroup path names, such as `nginx.service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// The container id the cgroup path names. The engine leaves it empty, and the agent fills
+    /// it in, because the container runtimes' cgroup layouts are classified in the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+impl NodeProcess {
+    /// Describes `process` without a container id.
+    pub fn of(process: &ProcessInfo) -> NodeProcess {
+        NodeProcess {
+            exe: process.exe.clone(),
+            cgroup: process.cgroup.clone(),
+            unit: systemd_unit(&process.cgroup).map(str::to_owned),
+            container: None,
+        }
+    }
+}
+
+/// Distinct (executable, cgroup) pairs kept per node, so a node of many programs stays bounded.
+pub const MAX_NODE_PROCESSES: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EdgeSnapshot {
@@ -79,6 +114,7 @@ struct NodeData {
     id: String,
     kind: NodeKind,
     zone: Option<String>,
+    processes: Vec<NodeProcess>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +127,8 @@ struct EdgeData {
     examples: Vec<(u32, String)>,
     remote_names: Vec<String>,
     stamp: Stamp,
+    /// The latest connection on the edge, kept so a new model can judge the edge again.
+    last_observation: Option<FlowObservation>,
 }
 
 /// A node as the engine names it when recording a flow.
@@ -99,6 +137,8 @@ pub struct NodeRef {
     pub id: String,
     pub kind: NodeKind,
     pub zone: Option<String>,
+    /// The process on this end of the flow, when it is on this host.
+    pub process: Option<NodeProcess>,
 }
 
 /// One connection to record on an edge.
@@ -157,12 +197,68 @@ impl ObservedGraph {
         self.evictions
     }
 
+    /// Keeps `observation` as the latest connection on the edge `key`, for [`Self::observations`].
+    pub fn remember(&mut self, key: &EdgeKey, observation: FlowObservation) {
+        if let Some(&index) = self.edges.get(key) {
+            self.graph[index].last_observation = Some(observation);
+        }
+    }
+
+    /// Returns the latest connection kept on each edge, oldest first.
+    pub fn observations(&self) -> Vec<FlowObservation> {
+        let mut observations: Vec<FlowObservation> = self
+            .graph
+            .edge_weights()
+            .filter_map(|edge| edge.last_observation.clone())
+            .collect();
+        observations.sort_by_key(|observation| observation.time);
+        observations
+    }
+
+    /// Carries the counters of `previous` into this graph, which was rebuilt from the observations
+    /// of `previous`: the eviction count, and for each edge with the same key, its first sighting,
+    /// connection count and examples. An edge whose key changed (because the model now attributes
+    /// an end differently) starts its counts afresh.
+    pub fn inherit_history(&mut self, previous: &ObservedGraph) {
+        self.evictions += previous.evictions;
+        for (id, &index) in &self.nodes {
+            let Some(&old) = previous.nodes.get(id) else {
+                continue;
+            };
+            let processes = &mut self.graph[index].processes;
+            for process in &previous.graph[old].processes {
+                if processes.len() < MAX_NODE_PROCESSES && !processes.contains(process) {
+                    processes.push(process.clone());
+                }
+            }
+        }
+        for (key, &index) in &self.edges {
+            let Some(&old) = previous.edges.get(key) else {
+                continue;
+            };
+            let old = &previous.graph[old];
+            let edge = &mut self.graph[index];
+            edge.first_seen = edge.first_seen.min(old.first_seen);
+            edge.connections = edge.connections.max(old.connections);
+            for example in &old.examples {
+                if edge.examples.len() < MAX_EXAMPLES && !edge.examples.contains(example) {
+                    edge.examples.push(example.clone());
+                }
+            }
+        }
+    }
+
     /// Adds a node or updates the kind and zone of an existing one.
     pub fn upsert_node(&mut self, node: NodeRef) -> NodeIndex {
         if let Some(&index) = self.nodes.get(&node.id) {
             let data = &mut self.graph[index];
             data.kind = node.kind;
             data.zone = node.zone;
+            if let Some(process) = node.process {
+                if data.processes.len() < MAX_NODE_PROCESSES && !data.processes.contains(&process) {
+                    data.processes.push(process);
+                }
+            }
             return index;
         }
         let id = node.id.clone();
@@ -170,6 +266,7 @@ impl ObservedGraph {
             id: node.id,
             kind: node.kind,
             zone: node.zone,
+            processes: node.process.into_iter().collect(),
         });
         self.nodes.insert(id, index);
         index
@@ -235,6 +332,7 @@ impl ObservedGraph {
             examples: example.into_iter().collect(),
             remote_names: remote_name.into_iter().collect(),
             stamp: (time, 0),
+            last_observation: None,
         };
         let index = self.graph.add_edge(source_index, destination_index, data);
         self.graph[index].stamp = self.recency.touch(None, time, index);
@@ -301,6 +399,7 @@ impl ObservedGraph {
                 id: component.id.clone(),
                 kind: NodeKind::Declared,
                 zone: Some(component.zone.clone()),
+                process: None,
             };
             self.upsert_node(node);
         }
@@ -329,10 +428,15 @@ impl ObservedGraph {
         let mut nodes: Vec<NodeSnapshot> = self
             .graph
             .node_weights()
-            .map(|n| NodeSnapshot {
-                id: n.id.clone(),
-                kind: n.kind,
-                zone: n.zone.clone(),
+            .map(|n| {
+                let mut processes = n.processes.clone();
+                processes.sort();
+                NodeSnapshot {
+                    id: n.id.clone(),
+                    kind: n.kind,
+                    zone: n.zone.clone(),
+                    processes,
+                }
             })
             .collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));

@@ -1,20 +1,22 @@
 //! Writing a model, or a patch to one, from a recorded observed graph.
 //!
-//! The input is a [`GraphSnapshot`] as `driftwatch graph --format json` prints it. Processes that
-//! matched no component were already grouped by the engine into one `unknown:<executable>` node
-//! per executable, so each becomes one component that matches that executable, not one per pid.
-//! Remote addresses in no zone become single-address zones. Each edge becomes a flow, with the
-//! ports of one (source, destination, protocol) triple merged into one entry.
+//! The input is a [`GraphSnapshot`] as `driftwatch graph --format json` prints it. The engine
+//! already grouped processes that matched no component into one node per workload (the cgroup of
+//! a systemd unit, a container or another dedicated cgroup) and, outside any workload, one node
+//! per executable. Each such node becomes one component: selected by its unit or cgroup and
+//! listing the programs seen in it, or selected by its executable. Remote addresses in no zone
+//! become single-address zones. Each edge becomes a flow, with the ports of one (source,
+//! destination, protocol) triple merged into one entry. A learned component listens on the ports
+//! that other nodes reached it on, and is exposed when an address outside the host reached it.
 //!
-//! NOTE: a snapshot does not carry the cgroup or systemd unit of a discovered node, so learning
-//! cannot split one executable run by two services (the demo tiers share one binary). Those
-//! components need a base model that declares them, or a `cgroup`/`unit` selector added by hand.
+//! NOTE: a snapshot records only the programs and listeners that took part in a connection, so a
+//! program that ran without connecting, or a port that nobody connected to, is not learned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::graph::{GraphSnapshot, NodeKind};
+use crate::graph::{GraphSnapshot, NodeKind, NodeProcess};
 use crate::model::Model;
 use crate::observation::Protocol;
 
@@ -36,7 +38,24 @@ pub struct Learned {
 pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
     let mut names = Names::new(base);
     for node in &snapshot.nodes {
-        names.add(node.id.as_str(), node.kind, node.zone.as_deref());
+        names.add(node.id.as_str(), node.kind, node.zone.as_deref(), &node.processes);
+    }
+    let external: BTreeSet<&str> = snapshot
+        .nodes
+        .iter()
+        .filter(|node| node.kind == NodeKind::External)
+        .map(|node| node.id.as_str())
+        .collect();
+    for edge in &snapshot.edges {
+        let Some(to) = names.name_of(&edge.destination) else {
+            continue;
+        };
+        if let Some(component) = names.new_components.iter_mut().find(|c| c.id == to) {
+            component.listens.insert((edge.protocol, edge.port));
+            if external.contains(edge.source.as_str()) {
+                component.exposed = true;
+            }
+        }
     }
 
     // (source, destination, protocol) -> ports
@@ -62,7 +81,7 @@ pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
     }
     let mut out = String::new();
     if base.is_none() {
-        out.push_str("# Learned by driftwatch model learn from a recorded graph. Review every entry:\n# it declares what was observed, which may include what should not happen.\nversion: 1\n");
+        out.push_str("# Learned by driftwatch model learn from an observed graph. Review every entry:\n# it declares what was observed, which may include what should not happen.\nversion: 1\n");
     } else {
         out.push_str("# Learned by driftwatch model learn: append these entries to the base model's lists.\n");
     }
@@ -78,26 +97,7 @@ pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
 
     out.push_str("components:\n");
     for component in &names.new_components {
-        let _ = writeln!(
-            out,
-            "  - id: {}\n    zone: {}",
-            quote(&component.id),
-            quote(&component.zone)
-        );
-        if let Some(exe) = &component.exe {
-            let _ = writeln!(out, "    match: {{ exe: [{}] }}", quote(exe));
-        } else if let Some(workload) = &component.workload {
-            // NOTE: the graph node names the workload but does not carry its labels, so the
-            // selector is left for the reader to fill in.
-            let _ = writeln!(
-                out,
-                "    # container workload {workload}: select it with match.pod or match.container labels"
-            );
-        } else {
-            out.push_str(
-                "    # declared in the recording's model; copy its match selectors here\n",
-            );
-        }
+        write_component(&mut out, component);
     }
 
     out.push_str("flows:\n");
@@ -133,10 +133,70 @@ struct NewZone {
 struct NewComponent {
     id: String,
     zone: String,
-    exe: Option<String>,
-    /// The discovered container workload (`k8s:<namespace>/<workload>/<container>`, ...) when the
-    /// node stands for a container rather than an executable.
-    workload: Option<String>,
+    selector: Selector,
+    /// Programs seen in a workload; empty for a component selected by its executable.
+    executables: Vec<String>,
+    listens: BTreeSet<(Protocol, u16)>,
+    exposed: bool,
+}
+
+/// How a learned component selects its processes.
+enum Selector {
+    Exe(String),
+    Unit(String),
+    Cgroup(String),
+    /// A discovered container workload (`k8s:<namespace>/<workload>/<container>`, ...): the graph
+    /// node names it but does not carry its labels.
+    ContainerWorkload(String),
+    /// A component of the recording's model, whose selectors the snapshot does not carry.
+    FromRecording,
+}
+
+fn write_component(out: &mut String, component: &NewComponent) {
+    let _ = writeln!(
+        out,
+        "  - id: {}\n    zone: {}",
+        quote(&component.id),
+        quote(&component.zone)
+    );
+    if component.exposed {
+        out.push_str("    exposed: true\n");
+    }
+    match &component.selector {
+        Selector::Exe(exe) => {
+            let _ = writeln!(out, "    match: {{ exe: [{}] }}", quote(exe));
+        }
+        Selector::Unit(unit) => {
+            let _ = writeln!(out, "    match: {{ unit: [{}] }}", quote(unit));
+        }
+        Selector::Cgroup(cgroup) => {
+            let _ = writeln!(out, "    match: {{ cgroup: [{}] }}", quote(cgroup));
+        }
+        Selector::ContainerWorkload(workload) => {
+            let _ = writeln!(
+                out,
+                "    # container workload {workload}: select it with match.pod or match.container labels"
+            );
+        }
+        Selector::FromRecording => {
+            out.push_str("    # declared in the recording's model; copy its match selectors here\n");
+        }
+    }
+    if !component.listens.is_empty() {
+        let listens: Vec<String> = component
+            .listens
+            .iter()
+            .map(|(protocol, port)| match protocol {
+                Protocol::Tcp => format!("{{ port: {port} }}"),
+                Protocol::Udp => format!("{{ port: {port}, proto: udp }}"),
+            })
+            .collect();
+        let _ = writeln!(out, "    listens: [{}]", listens.join(", "));
+    }
+    if !component.executables.is_empty() {
+        let executables: Vec<String> = component.executables.iter().map(|exe| quote(exe)).collect();
+        let _ = writeln!(out, "    executables: [{}]", executables.join(", "));
+    }
 }
 
 /// Maps snapshot node ids to model ids and collects the zones and components to declare.
@@ -196,7 +256,7 @@ impl<'m> Names<'m> {
         }
     }
 
-    fn add(&mut self, node: &str, kind: NodeKind, zone: Option<&str>) {
+    fn add(&mut self, node: &str, kind: NodeKind, zone: Option<&str>, processes: &[NodeProcess]) {
         let known_component = self.base.is_some_and(|m| m.component(node).is_some());
         let known_zone = self.base.is_some_and(|m| m.zone(node).is_some());
         if known_component || known_zone {
@@ -205,16 +265,32 @@ impl<'m> Names<'m> {
         }
         match kind {
             NodeKind::Discovered => {
-                let rest = node.strip_prefix("unknown:").unwrap_or(node);
+                let name = node.strip_prefix("unknown:").unwrap_or(node);
+                let (wanted, selector, executables) = match name.strip_prefix("cgroup:") {
+                    Some(cgroup) => {
+                        let executables: BTreeSet<&str> =
+                            processes.iter().map(|p| p.exe.as_str()).collect();
+                        (
+                            workload_name(cgroup, processes),
+                            workload_selector(cgroup),
+                            executables.into_iter().map(str::to_owned).collect(),
+                        )
+                    }
+                    // Executables are absolute paths; anything else is a container workload name.
+                    None if name.starts_with('/') => {
+                        (component_name(name), Selector::Exe(name.to_owned()), Vec::new())
+                    }
+                    None => (component_name(name), Selector::ContainerWorkload(name.to_owned()), Vec::new()),
+                };
                 self.ensure_zone(LEARNED_ZONE, 50, None);
-                // Executables are absolute paths; anything else is a container workload name.
-                let is_path = rest.starts_with('/');
-                let id = self.unique(&component_name(rest));
+                let id = self.unique(&wanted);
                 self.new_components.push(NewComponent {
                     id: id.clone(),
                     zone: LEARNED_ZONE.to_owned(),
-                    exe: is_path.then(|| rest.to_owned()),
-                    workload: (!is_path).then(|| rest.to_owned()),
+                    selector,
+                    executables,
+                    listens: BTreeSet::new(),
+                    exposed: false,
                 });
                 self.by_node.insert(node.to_owned(), id);
             }
@@ -239,8 +315,10 @@ impl<'m> Names<'m> {
                 self.new_components.push(NewComponent {
                     id: node.to_owned(),
                     zone,
-                    exe: None,
-                    workload: None,
+                    selector: Selector::FromRecording,
+                    executables: Vec::new(),
+                    listens: BTreeSet::new(),
+                    exposed: false,
                 });
                 self.by_node.insert(node.to_owned(), node.to_owned());
             }
@@ -256,6 +334,47 @@ fn component_name(exe: &str) -> String {
         "learned-component".to_owned()
     } else {
         name
+    }
+}
+
+/// Names a workload's component: `container-<first 12 digits of the id>` for a container, else
+/// the cgroup's last segment without a unit suffix (`/system.slice/nginx.service` gives `nginx`).
+fn workload_name(cgroup: &str, processes: &[NodeProcess]) -> String {
+    let last = cgroup.rsplit('/').next().unwrap_or(cgroup);
+    let container = processes
+        .iter()
+        .find_map(|p| p.container.clone())
+        .or_else(|| container_id_in(last).map(str::to_owned));
+    if let Some(id) = container {
+        return format!("container-{}", &id[..id.len().min(12)]);
+    }
+    let unit = last
+        .strip_suffix(".service")
+        .or_else(|| last.strip_suffix(".scope"))
+        .unwrap_or(last);
+    let name = slug(unit);
+    if name.is_empty() {
+        "learned-component".to_owned()
+    } else {
+        name
+    }
+}
+
+/// Finds a 64-hex-digit container id in a cgroup segment such as `docker-<id>.scope`.
+fn container_id_in(segment: &str) -> Option<&str> {
+    let name = segment.strip_suffix(".scope").unwrap_or(segment);
+    let id = name.rsplit('-').next().unwrap_or(name);
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
+/// Selects a systemd service by its unit name, which holds wherever the unit's slice is, and any
+/// other workload by its exact cgroup.
+fn workload_selector(cgroup: &str) -> Selector {
+    let last = cgroup.rsplit('/').next().unwrap_or(cgroup);
+    if last.ends_with(".service") {
+        Selector::Unit(last.to_owned())
+    } else {
+        Selector::Cgroup(cgroup.to_owned())
     }
 }
 

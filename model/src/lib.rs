@@ -19,6 +19,7 @@ pub mod pattern;
 mod recency;
 pub mod severity;
 mod validate;
+pub mod workload;
 mod yaml;
 
 pub use engine::{Engine, EngineConfig, EngineStats};

@@ -88,6 +88,15 @@ impl Model {
     /// # Errors
     /// Every problem in the file, or a single error when it cannot be read.
     pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelErrors> {
+        Model::load_with_text(path).map(|(model, _)| model)
+    }
+
+    /// Like [`Model::load`], and also returns the text that was parsed, so a caller can digest
+    /// exactly what it put in force.
+    ///
+    /// # Errors
+    /// Every problem in the file, or a single error when it cannot be read.
+    pub fn load_with_text(path: impl AsRef<Path>) -> Result<(Model, String), ModelErrors> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let io_error = |message: String| {
@@ -107,7 +116,7 @@ impl Model {
             _ => {}
         }
         match std::fs::read_to_string(path) {
-            Ok(text) => Model::parse(&text, &name),
+            Ok(text) => Model::parse(&text, &name).map(|model| (model, text)),
             Err(e) => io_error(e.to_string()),
         }
     }

@@ -206,6 +206,83 @@ fn model_reload_rejudges_edges() {
 }
 
 #[test]
+fn model_reload_raises_edges_no_longer_declared() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    let web_to_api = flow(
+        at(0),
+        Some(nginx()),
+        "127.0.0.1:40000",
+        Some(api()),
+        "127.0.0.1:8080",
+    );
+    assert!(engine.observe_flow(&web_to_api).is_empty());
+    engine.observe_flow(&flow(
+        at(1),
+        Some(nginx()),
+        "127.0.0.1:40001",
+        Some(api()),
+        "127.0.0.1:8080",
+    ));
+
+    let narrowed = common::THREE_TIER.replace("  - { from: web, to: api, port: 8080 }\n", "");
+    let raised = engine.replace_model(common::model(&narrowed));
+    let ids: Vec<&str> = raised.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["unexpected-flow@web@api@tcp/8080"]);
+    // The replayed connection is the latest one, with its own time and processes.
+    assert_eq!(raised[0].first_seen, at(1));
+    assert_eq!(raised[0].evidence.local_addr, Some(common::addr("127.0.0.1:40001")));
+
+    let snapshot = engine.graph_snapshot();
+    assert_eq!(snapshot.edges.len(), 1);
+    let edge = &snapshot.edges[0];
+    assert!(!edge.declared);
+    assert_eq!(edge.connections, 2, "the edge keeps its count across the reload");
+    assert_eq!(edge.first_seen, at(0));
+    let stats = engine.stats();
+    assert_eq!(stats.flow_observations, 2, "the replay is not an observation");
+    assert_eq!(stats.model_reloads, 1);
+}
+
+#[test]
+fn model_reload_reattributes_processes() {
+    let model = common::THREE_TIER.replace(
+        "  - id: backup\n",
+        "  - id: worker\n    zone: core\n    match: { exe: [\"/usr/bin/worker\"] }\n  - id: backup\n",
+    );
+    let worker = process(900, "/usr/bin/worker", "/system.slice/worker.service");
+    let to_db = flow(
+        at(0),
+        Some(worker),
+        "10.20.0.9:40000",
+        None,
+        "10.20.0.5:5432",
+    );
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    let raised = engine.observe_flow(&to_db);
+    assert_eq!(
+        raised[0].id,
+        "unknown-component@unknown:cgroup:/system.slice/worker.service@db@tcp/5432"
+    );
+
+    let widened = model.replace(
+        "  - { from: api, to: db, port: 5432 }\n",
+        "  - { from: api, to: db, port: 5432 }\n  - { from: worker, to: db, port: 5432 }\n",
+    );
+    assert!(engine.replace_model(common::model(&widened)).is_empty());
+    let snapshot = engine.graph_snapshot();
+    let edges: Vec<(&str, &str, bool)> = snapshot
+        .edges
+        .iter()
+        .map(|e| (e.source.as_str(), e.destination.as_str(), e.declared))
+        .collect();
+    assert_eq!(edges, [("worker", "db", true)]);
+    assert!(snapshot
+        .nodes
+        .iter()
+        .all(|n| !n.id.starts_with("unknown:")));
+}
+
+#[test]
 fn table_lists_most_severe_first() {
     let mut engine = Engine::new(common::model(common::THREE_TIER));
     engine.observe_listen(&listen(at(0), api(), "127.0.0.1:9100"));

@@ -87,9 +87,10 @@ fn learned_patch_accepts_recorded_traffic_and_flags_intrusion() {
     }
     let learned = learn(&recorder.graph_snapshot(), Some(&base));
     assert_eq!(learned.components, 1, "{}", learned.yaml);
+    // curl ran in cron.service, so the unit is the component and curl one of its programs.
     assert!(
         learned.yaml.contains(
-            "  - id: \"curl\"\n    zone: \"learned\"\n    match: { exe: [\"/usr/bin/curl\"] }"
+            "  - id: \"cron\"\n    zone: \"learned\"\n    match: { unit: [\"cron.service\"] }\n    executables: [\"/usr/bin/curl\"]\n"
         ),
         "{}",
         learned.yaml
@@ -99,7 +100,7 @@ fn learned_patch_accepts_recorded_traffic_and_flags_intrusion() {
         .contains("{ from: \"web\", to: \"db\", ports: [5432] }"));
     assert!(learned
         .yaml
-        .contains("{ from: \"curl\", to: \"internet\", ports: [443, 8443] }"));
+        .contains("{ from: \"cron\", to: \"internet\", ports: [443, 8443] }"));
     assert!(
         !learned.yaml.contains("to: \"web\""),
         "declared flows stay out of the patch"
@@ -140,16 +141,19 @@ fn learned_model_without_base_loads() {
                 id: "external:198.51.100.7".into(),
                 kind: NodeKind::External,
                 zone: None,
+                processes: Vec::new(),
             },
             NodeSnapshot {
                 id: "unknown:/usr/bin/curl".into(),
                 kind: NodeKind::Discovered,
                 zone: None,
+                processes: Vec::new(),
             },
             NodeSnapshot {
                 id: "unknown:/opt/x/curl".into(),
                 kind: NodeKind::Discovered,
                 zone: None,
+                processes: Vec::new(),
             },
         ],
         edges: vec![
@@ -194,4 +198,34 @@ fn learned_model_without_base_loads() {
         .flows
         .iter()
         .any(|f| f.from == "curl" && f.to == "net-198-51-100-7" && f.protocol == Protocol::Udp));
+}
+
+#[test]
+fn learned_workloads_split_one_executable() {
+    let model = common::model("version: 1\nzones: []\ncomponents: []\nflows: []\n");
+    let service = "/opt/demo/bin/service";
+    let web = process(10, service, "/demo/web");
+    let api = process(20, service, "/demo/api");
+    let mut recorder = Engine::new(model);
+    recorder.observe_flow(&flow(at(0), None, "198.18.1.10:50000", Some(web.clone()), "198.18.2.10:8080"));
+    recorder.observe_flow(&flow(at(1), Some(web), "198.18.2.10:41000", Some(api), "198.18.3.10:8081"));
+    let snapshot = recorder.graph_snapshot();
+    let web_node = snapshot.nodes.iter().find(|n| n.id == "unknown:cgroup:/demo/web").unwrap();
+    assert_eq!(web_node.processes.len(), 1);
+    assert_eq!(web_node.processes[0].cgroup, "/demo/web");
+
+    let learned = learn(&snapshot, None);
+    assert_eq!((learned.zones, learned.components, learned.flows), (2, 2, 2), "{}", learned.yaml);
+    let expected_web = "  - id: \"web\"\n    zone: \"learned\"\n    exposed: true\n    match: { cgroup: [\"/demo/web\"] }\n    listens: [{ port: 8080 }]\n    executables: [\"/opt/demo/bin/service\"]\n";
+    assert!(learned.yaml.contains(expected_web), "{}", learned.yaml);
+    let expected_api = "  - id: \"api\"\n    zone: \"learned\"\n    match: { cgroup: [\"/demo/api\"] }\n    listens: [{ port: 8081 }]\n    executables: [\"/opt/demo/bin/service\"]\n";
+    assert!(learned.yaml.contains(expected_api), "{}", learned.yaml);
+
+    let learned_model = Model::parse(&learned.yaml, "learned.yaml").unwrap_or_else(|e| panic!("{e}\n{}", learned.yaml));
+    let mut engine = Engine::new(learned_model);
+    let shell = process(30, "/bin/bash", "/demo/web");
+    let raised = engine.observe_exec(&exec(at(2), shell.clone()));
+    assert_eq!(raised[0].id, "unexpected-executable@web@/bin/bash");
+    let raised = engine.observe_flow(&flow(at(3), Some(shell), "198.18.2.10:42000", Some(process(40, service, "/demo/api")), "198.18.3.10:9000"));
+    assert_eq!(raised[0].id, "unexpected-flow@web@api@tcp/9000");
 }

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod collector;
+pub mod demo;
 pub mod netns;
 pub mod pki;
 pub mod process;

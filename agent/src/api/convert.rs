@@ -9,13 +9,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use driftwatch_model::deviation::{Category, Deviation, Evidence, Severity, Stride};
-use driftwatch_model::graph::{EdgeSnapshot, GraphSnapshot, NodeKind, NodeSnapshot};
+use driftwatch_model::graph::{EdgeSnapshot, GraphSnapshot, NodeKind, NodeProcess, NodeSnapshot};
 use driftwatch_model::observation::{ExecFacts, ProcessInfo, Protocol};
 use driftwatch_proto::v1 as pb;
 
 use super::convert_container::{container_from_proto, container_to_proto};
 use super::hub::{HubCounters, HubMessage, LossNotice, LossReason};
-use super::status::{NodeStatus, StatusSnapshot};
+use super::status::{ModelInfo, NodeStatus, StatusSnapshot};
+use crate::reload::ReloadOutcome;
+use crate::state::container::classify_cgroup;
 
 /// Errors from converting a protobuf message into a model type.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -349,6 +351,22 @@ pub fn graph_to_proto(graph: &GraphSnapshot, taken_at: SystemTime) -> pb::Graph 
             id: node.id.clone(),
             kind: node_kind_to_proto(node.kind) as i32,
             zone: node.zone.clone(),
+            processes: node
+                .processes
+                .iter()
+                .map(|process| pb::NodeProcess {
+                    exe: process.exe.clone(),
+                    cgroup: process.cgroup.clone(),
+                    unit: process.unit.clone(),
+                    // The engine does not know container layouts, so the container id comes
+                    // from the agent's classification of the cgroup path.
+                    container: process.container.clone().or_else(|| {
+                        classify_cgroup(&process.cgroup)
+                            .container
+                            .map(|(_, id)| id)
+                    }),
+                })
+                .collect(),
         })
         .collect();
     let edges = graph
@@ -388,6 +406,16 @@ pub fn graph_from_proto(graph: pb::Graph) -> Result<GraphSnapshot, ConvertError>
                 id: node.id,
                 kind: node_kind_from_proto(node.kind)?,
                 zone: node.zone,
+                processes: node
+                    .processes
+                    .into_iter()
+                    .map(|process| NodeProcess {
+                        exe: process.exe,
+                        cgroup: process.cgroup,
+                        unit: process.unit,
+                        container: process.container,
+                    })
+                    .collect(),
             })
         })
         .collect::<Result<_, ConvertError>>()?;
@@ -457,13 +485,7 @@ pub fn status_to_proto(
         value,
     }));
 
-    let model = status.model.as_ref().map(|model| pb::ModelInfo {
-        path: model.path.display().to_string(),
-        loaded_at: Some(model.loaded_at.into()),
-        zones: saturate_u32(model.zones),
-        components: saturate_u32(model.components),
-        flows: saturate_u32(model.flows),
-    });
+    let model = status.model.as_ref().map(model_info_to_proto);
 
     pb::AgentStatus {
         version: status.version.clone(),
@@ -488,6 +510,56 @@ pub fn node_status_to_proto(node: &NodeStatus) -> pb::NodeStatus {
         lost: node.lost,
         connected_at: node.connected_at.map(Into::into),
         version: node.version.clone(),
+    }
+}
+
+pub fn model_info_to_proto(model: &ModelInfo) -> pb::ModelInfo {
+    pb::ModelInfo {
+        path: model.path.display().to_string(),
+        loaded_at: Some(model.loaded_at.into()),
+        zones: saturate_u32(model.zones),
+        components: saturate_u32(model.components),
+        flows: saturate_u32(model.flows),
+    }
+}
+
+/// Builds the `ReloadModel` response. A file whose content is that of the model in force is
+/// reported as accepted and unchanged.
+pub fn reload_outcome_to_proto(outcome: &ReloadOutcome) -> pb::ReloadModelResponse {
+    use pb::reload_model_response::Outcome;
+    let outcome = match outcome {
+        ReloadOutcome::Accepted(accepted) => Outcome::Accepted(pb::ModelAccepted {
+            model: Some(model_info_to_proto(&accepted.info)),
+            digest: accepted.digest.clone(),
+            exceptions: saturate_u32(accepted.exceptions),
+            deviations_raised: saturate_u32(accepted.deviations_raised),
+            warnings: accepted.warnings.iter().map(ToString::to_string).collect(),
+            unchanged: false,
+        }),
+        ReloadOutcome::Unchanged { info, digest, exceptions } => Outcome::Accepted(pb::ModelAccepted {
+            model: Some(model_info_to_proto(info)),
+            digest: digest.clone(),
+            exceptions: saturate_u32(*exceptions),
+            deviations_raised: 0,
+            warnings: Vec::new(),
+            unchanged: true,
+        }),
+        ReloadOutcome::Rejected { errors, in_force } => Outcome::Rejected(pb::ModelRejected {
+            errors: errors
+                .iter()
+                .map(|error| pb::ModelLocatedError {
+                    file: error.location.source.clone(),
+                    line: saturate_u32(error.location.line),
+                    column: saturate_u32(error.location.column),
+                    message: error.kind.to_string(),
+                    hint: error.kind.hint().unwrap_or_default(),
+                })
+                .collect(),
+            model_in_force: Some(model_info_to_proto(in_force)),
+        }),
+    };
+    pb::ReloadModelResponse {
+        outcome: Some(outcome),
     }
 }
 

@@ -167,16 +167,19 @@ fn graph_round_trips_through_proto() {
                 id: "web".into(),
                 kind: NodeKind::Declared,
                 zone: Some("dmz".into()),
+                processes: Vec::new(),
             },
             NodeSnapshot {
                 id: "unknown:/usr/bin/curl".into(),
                 kind: NodeKind::Discovered,
                 zone: None,
+                processes: Vec::new(),
             },
             NodeSnapshot {
                 id: "internet".into(),
                 kind: NodeKind::External,
                 zone: Some("internet".into()),
+                processes: Vec::new(),
             },
         ],
         edges: vec![EdgeSnapshot {

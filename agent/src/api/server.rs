@@ -32,6 +32,7 @@ use super::hub::{DeviationHub, HubMessage, SubscribeError};
 use super::request::subscription_from_request;
 use super::status::{NodeStatus, StatusSnapshot};
 use super::tls::ServerTls;
+use crate::reload::{ModelReloader, ReloadTrigger};
 
 /// Default mode of the unix socket: the owner (root) and the group may connect, others may not.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
@@ -62,6 +63,11 @@ pub trait AgentView: Send + Sync + 'static {
     /// Returns the nodes that push to this process; only a collector has any.
     fn nodes(&self) -> Vec<NodeStatus> {
         Vec::new()
+    }
+
+    /// Returns what reloads the model, or `None` when this agent serves a fixed model.
+    fn model_reloader(&self) -> Option<Arc<ModelReloader>> {
+        None
     }
 }
 
@@ -363,6 +369,23 @@ impl AgentService for AgentApi {
             .map(convert::node_status_to_proto)
             .collect();
         Ok(Response::new(response))
+    }
+
+    async fn reload_model(
+        &self,
+        _request: Request<pb::ReloadModelRequest>,
+    ) -> Result<Response<pb::ReloadModelResponse>, Status> {
+        let Some(reloader) = self.view.model_reloader() else {
+            return Err(Status::unimplemented(
+                "this agent serves a fixed model and does not reload it",
+            ));
+        };
+        tracing::info!(model = %reloader.path().display(), "model reload requested over the API");
+        let outcome = reloader
+            .reload(ReloadTrigger::Api)
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        Ok(Response::new(convert::reload_outcome_to_proto(&outcome)))
     }
 }
 

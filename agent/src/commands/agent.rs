@@ -24,12 +24,15 @@ use crate::fleet::endpoints::{EndpointLimits, EndpointTable};
 use crate::fleet::host;
 use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
+use crate::reload::{self, ModelReloader, ReloadTrigger};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
 use crate::web::{self, LiveView, LiveViewConfig, WebAddr, WebListener};
 
 /// How long the agent waits for its tasks to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests waiting for the pipeline task; reloads are serialised, so one is enough in practice.
+const PIPELINE_COMMANDS: usize = 4;
 
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
@@ -123,11 +126,16 @@ pub struct AgentArgs {
     /// `--web` alone serves it on 127.0.0.1:9180.
     #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
     pub web: Option<WebAddr>,
+
+    /// Do not reload the model when its file changes; SIGHUP and `driftwatch model reload` still
+    /// reload it.
+    #[arg(long)]
+    pub no_model_watch: bool,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let model = match Model::load(&args.model) {
-        Ok(model) => model,
+    let (model, model_text) = match Model::load_with_text(&args.model) {
+        Ok(loaded) => loaded,
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("error: the model {} is invalid; the agent did not start", args.model.display());
@@ -136,6 +144,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let model_info = view::model_info(&args.model, &model, SystemTime::now());
     tracing::info!(model = %args.model.display(), components = model.components.len(), flows = model.flows.len(), "model loaded");
+    for warning in model.warnings(SystemTime::now()) {
+        tracing::warn!(%warning, hint = %warning.hint, "model warning");
+    }
 
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -166,6 +177,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let (mut telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
 
+    let (commands, command_receiver) = tokio::sync::mpsc::channel(PIPELINE_COMMANDS);
+    let reloader = Arc::new(ModelReloader::new(args.model.clone(), &model, &model_text, commands));
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     let hub = Arc::new(DeviationHub::with_node(HubConfig { history_capacity: args.history, ..HubConfig::default() }, &node));
     let cancel = CancellationToken::new();
@@ -189,7 +202,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     ));
 
     let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub.clone(), cgroup_resolver())
-        .with_label_lookups(label_requests, label_replies);
+        .with_label_lookups(label_requests, label_replies)
+        .with_commands(command_receiver);
     let endpoints = Arc::new(Mutex::new(EndpointTable::new(EndpointLimits::default())));
     if args.collector.is_some() {
         pipeline.track_endpoints(endpoints.clone());
@@ -233,9 +247,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
-    let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info));
+    let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info).with_reloader(reloader.clone()));
     let registry = Arc::new(MetricsRegistry::default());
     let agent_metrics = AgentMetrics::register(&registry);
+    reloader.count_with(agent_metrics.clone());
     registry.register_collector(Box::new(AgentCollector {
         telemetry: telemetry.clone(),
         shared: shared.clone(),
@@ -250,6 +265,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
+    // Set up before the agent reports ready, so a change made right after is seen.
+    let watch = if args.no_model_watch { None } else { Some(reload::watch_model_file(reloader.clone())) };
+    let watch_task = match watch {
+        None => None,
+        Some(Ok(watch)) => Some(tokio::spawn(watch.run(cancel.clone()))),
+        Some(Err(error)) => {
+            // SIGHUP and the API still reload, so this is no reason to stop.
+            tracing::warn!(error = %format!("{error:#}"), "model file changes are not watched; reload with SIGHUP or `driftwatch model reload`");
+            None
+        }
+    };
     // The listener's own error names the address.
     let access = SocketAccess { mode: args.api_mode, group: args.api_group };
     let mut listener = ApiListener::bind_with_access(&args.api, access).await?;
@@ -299,7 +325,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    signals.wait(|| agent_metrics.count_reload(reload_model(&args.model, &shared, &view))).await;
+    signals
+        .wait(|| {
+            let reloader = reloader.clone();
+            // The reloader logs and counts the outcome; an error means the agent is stopping anyway.
+            tokio::spawn(async move { reloader.reload(ReloadTrigger::Signal).await });
+        })
+        .await;
     tracing::info!("stopping");
     if let Some(path) = &args.ready_file {
         let _ = std::fs::remove_file(path);
@@ -321,6 +353,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(web_task) = web_task {
             let _ = web_task.await;
+        }
+        if let Some(watch_task) = watch_task {
+            let _ = watch_task.await;
         }
     })
     .await;
@@ -434,27 +469,6 @@ impl StopSignals {
                 _ = self.interrupt.recv() => return,
                 _ = self.hangup.recv() => on_hangup(),
             }
-        }
-    }
-}
-
-/// Reads the model file again and puts it in force, and returns whether it did. An invalid model
-/// is rejected with its errors and the one in force stays.
-fn reload_model(path: &Path, shared: &Shared, view: &AgentStatusView) -> bool {
-    match Model::load(path) {
-        Ok(model) => {
-            let info = view::model_info(path, &model, SystemTime::now());
-            shared.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace_model(model);
-            view.set_model(info);
-            tracing::info!(model = %path.display(), "model reloaded");
-            true
-        }
-        Err(errors) => {
-            for error in &errors.errors {
-                tracing::error!(%error, "invalid model");
-            }
-            tracing::error!(model = %path.display(), errors = errors.errors.len(), "model reload rejected; the previous model stays in force");
-            false
         }
     }
 }

@@ -92,11 +92,13 @@ mod tests {
                     id: "web".into(),
                     kind: NodeKind::Declared,
                     zone: Some("dmz".into()),
+                    processes: Vec::new(),
                 },
                 NodeSnapshot {
                     id: "unknown:/usr/bin/cu\"rl".into(),
                     kind: NodeKind::Discovered,
                     zone: None,
+                    processes: Vec::new(),
                 },
             ],
             edges: vec![EdgeSnapshot {

@@ -6,6 +6,7 @@ pub mod collector;
 pub mod diff;
 pub mod graph;
 pub mod model;
+pub mod reload;
 pub mod status;
 pub mod watch;
 mod watch_filter;

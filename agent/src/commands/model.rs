@@ -1,13 +1,18 @@
 //! `driftwatch model ...`: work with model files without an agent.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use driftwatch_model::graph::GraphSnapshot;
 use driftwatch_model::import::{import, ImportFormat};
 use driftwatch_model::learn::learn;
 use driftwatch_model::Model;
+use driftwatch_proto::v1 as pb;
+
+use crate::api::convert::graph_from_proto;
+use crate::api::{connect, ListenAddr};
 
 /// Subcommands of `driftwatch model`.
 #[derive(clap::Subcommand, Debug)]
@@ -21,6 +26,8 @@ pub enum ModelCommand {
     Import(ImportArgs),
     /// Write a model, or a patch to one, that declares a recorded graph.
     Learn(LearnArgs),
+    /// Ask a running agent to read its model file again and put it in force if it is valid.
+    Reload(super::reload::ReloadArgs),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -45,10 +52,19 @@ pub struct ImportArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from_graph", "api"])))]
 pub struct LearnArgs {
     /// A graph as `driftwatch graph --format json` prints it.
     #[arg(long)]
-    pub from_graph: PathBuf,
+    pub from_graph: Option<PathBuf>,
+    /// Learn from a running agent's graph at this API address (unix:/path/to.sock, 127.0.0.1:PORT
+    /// or [::1]:PORT), read once `--duration` has passed.
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<ListenAddr>,
+    /// How long to let the agent observe before its graph is read, such as `10m` or `1h`. The
+    /// graph holds everything the agent observed since it started, within its edge bound.
+    #[arg(long, requires = "api", default_value = "0s")]
+    pub duration: humantime::Duration,
     /// An existing model: only what it does not declare is written, as entries to append.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -69,6 +85,13 @@ pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
         ModelCommand::Diff(args) => super::diff::run(args),
         ModelCommand::Import(args) => import_model(&args),
         ModelCommand::Learn(args) => learn_model(&args),
+        ModelCommand::Reload(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            runtime.block_on(super::reload::run(args))
+        }
     }
 }
 
@@ -113,14 +136,11 @@ fn import_model(args: &ImportArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn learn_model(args: &LearnArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.from_graph)
-        .with_context(|| format!("failed to read {}", args.from_graph.display()))?;
-    let snapshot: GraphSnapshot = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not a graph as `driftwatch graph --format json` prints it",
-            args.from_graph.display()
-        )
-    })?;
+    let snapshot = match (&args.from_graph, &args.api) {
+        (Some(path), _) => read_graph(path)?,
+        (None, Some(api)) => observe_graph(api, args.duration.into())?,
+        (None, None) => anyhow::bail!("give --from-graph FILE or --api ADDR"),
+    };
     let base = match &args.base {
         Some(path) => match Model::load(path) {
             Ok(model) => Some(model),
@@ -143,6 +163,43 @@ fn learn_model(args: &LearnArgs) -> anyhow::Result<ExitCode> {
     );
     write_output(args.output.as_ref(), &learned.yaml)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn read_graph(path: &Path) -> anyhow::Result<GraphSnapshot> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a graph as `driftwatch graph --format json` prints it",
+            path.display()
+        )
+    })
+}
+
+/// Waits `duration` while the agent at `api` observes, then reads its graph.
+fn observe_graph(api: &ListenAddr, duration: Duration) -> anyhow::Result<GraphSnapshot> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(async {
+        // Connect first, so a wrong address fails now rather than after the wait.
+        let mut client = connect(api).await?;
+        if !duration.is_zero() {
+            eprintln!(
+                "observing through the agent at {api} for {}",
+                humantime::format_duration(duration)
+            );
+            tokio::time::sleep(duration).await;
+        }
+        let graph = client
+            .get_graph(pb::GetGraphRequest {})
+            .await
+            .with_context(|| format!("failed to read the graph of the agent at {api}"))?
+            .into_inner();
+        graph_from_proto(graph)
+            .with_context(|| format!("the agent at {api} returned a graph this build cannot read"))
+    })
 }
 
 fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {

@@ -246,6 +246,11 @@ impl SocketState {
         }
     }
 
+    /// Returns every open listening socket.
+    pub fn listeners(&self) -> impl Iterator<Item = &Listener> {
+        self.listeners.values().flatten().map(|(_, listener)| listener)
+    }
+
     /// Returns the owner of the listener for a local address in a namespace: the socket bound to
     /// that address, else one bound to all addresses of its family, else any on the port.
     pub fn listener(&self, netns: u32, local: SocketAddr) -> Option<&Listener> {

@@ -378,7 +378,7 @@ mod tests {
     #[test]
     fn zones_are_ordered_by_trust_and_endpoints_get_nodes() {
         let graph = GraphSnapshot {
-            nodes: vec![NodeSnapshot { id: "unknown:/usr/bin/nc".into(), kind: NodeKind::Discovered, zone: None }],
+            nodes: vec![NodeSnapshot { id: "unknown:/usr/bin/nc".into(), kind: NodeKind::Discovered, zone: None, processes: Vec::new() }],
             edges: vec![],
         };
         let topology = Topology::build(&declared(), &graph, TopologyLimits::default());

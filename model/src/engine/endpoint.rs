@@ -3,9 +3,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::graph::{NodeKind, NodeRef};
+use crate::graph::{NodeKind, NodeProcess, NodeRef};
 use crate::model::{Attribution, Component, Model, Zone};
 use crate::observation::{ProcessInfo, Protocol};
+use crate::workload::workload_cgroup;
 
 /// The resolution of one end of a flow or a listener.
 #[derive(Debug, Clone)]
@@ -67,6 +68,7 @@ impl<'m> Side<'m, '_> {
             id: self.node.clone(),
             kind,
             zone: self.zone_id().map(str::to_owned),
+            process: self.process.map(|process| NodeProcess::of(process)),
         }
     }
 }
@@ -79,10 +81,15 @@ impl<'m> Side<'m, '_> {
 /// - another named container: `unknown:<runtime>:<name>`, where a Docker Compose container's
 ///   name is its `com.docker.compose.service` label, so its replicas share the node;
 /// - a container whose runtime has not (or not yet) named it: `unknown:container:<12-digit id>`;
+/// - a process in a workload's cgroup (a service, scope or other cgroup of its own):
+///   `unknown:cgroup:<path>`, so every program of one unmodelled service shares a node;
 /// - any other process: `unknown:<executable>`.
 pub(crate) fn unknown_node(process: &ProcessInfo) -> String {
     let Some(container) = process.container.as_deref() else {
-        return format!("unknown:{}", process.exe);
+        return match workload_cgroup(&process.cgroup) {
+            Some(workload) => format!("unknown:cgroup:{workload}"),
+            None => format!("unknown:{}", process.exe),
+        };
     };
     if let Some(pod) = container.pod.as_ref().filter(|pod| !pod.name.is_empty()) {
         let labels = pod.labels.as_ref();

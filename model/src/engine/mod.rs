@@ -253,15 +253,39 @@ impl Engine {
         &self.config
     }
 
-    /// Puts a new model in force. The graph keeps its edges, re-marked against the new flows. The
-    /// deviation table is emptied because its entries were judged against the old model, so a
-    /// deviation that persists is raised again as new.
-    pub fn replace_model(&mut self, model: Model) {
+    /// Puts a new model in force and judges what was already observed against it. Returns the
+    /// deviations the new model raises for the observed graph.
+    ///
+    /// The deviation table is emptied, because its entries were judged against the old model. The
+    /// graph is rebuilt by replaying the latest connection of every edge through the new model.
+    /// Both ends are then attributed by the new selectors, and edges are re-marked against the new
+    /// flows. An edge the new model no longer allows is raised at once rather than at its next
+    /// connection. Edges keep their counts where their key did not change. Executions and
+    /// listeners are not kept by the engine, so the caller observes the ones still relevant again.
+    pub fn replace_model(&mut self, model: Model) -> Vec<Deviation> {
         self.model = model;
         self.table.clear();
-        self.graph.apply_model(&self.model);
         self.reset_model_state();
+        let previous = std::mem::replace(
+            &mut self.graph,
+            ObservedGraph::new(self.config.max_edges),
+        );
+        self.graph.apply_model(&self.model);
+
+        // The replay judges old connections again; it observes nothing new, so it leaves the
+        // observation counters as they were.
+        let counted = self.stats.clone();
+        let mut raised = Vec::new();
+        for observation in previous.observations() {
+            raised.extend(self.observe_flow(&observation));
+        }
+        self.graph.inherit_history(&previous);
+        self.stats.flow_observations = counted.flow_observations;
+        // The unused-flow window of the new model starts with the next observation, not with the
+        // replayed ones.
+        self.watch_since = None;
         self.stats.model_reloads += 1;
+        raised
     }
 
     /// Checks a new program against the executables of the component it runs in.
@@ -316,6 +340,13 @@ impl Engine {
         let new_edge = self
             .graph
             .record(source.node_ref(), destination.node_ref(), connection);
+        let key = EdgeKey {
+            source: source.node.clone(),
+            destination: destination.node.clone(),
+            protocol,
+            port,
+        };
+        self.graph.remember(&key, observation.clone());
 
         let mut findings = match denied {
             Some(flow) => {
@@ -336,12 +367,6 @@ impl Engine {
             None => flow_findings(model, observation, &source, &destination, declared),
         };
         if new_edge {
-            let key = EdgeKey {
-                source: source.node.clone(),
-                destination: destination.node.clone(),
-                protocol,
-                port,
-            };
             let paths = self.graph.attack_paths_through(
                 &key,
                 |id| extra::is_path_entry(model, id),
