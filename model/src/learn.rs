@@ -22,6 +22,9 @@ use crate::observation::Protocol;
 
 /// Zone of the learned components when the base model does not place them.
 pub const LEARNED_ZONE: &str = "learned";
+/// Zone of the learned components that addresses outside the host reached. It trusts less than
+/// [`LEARNED_ZONE`], so an undeclared flow from an exposed component inward crosses a boundary.
+pub const LEARNED_EXPOSED_ZONE: &str = "learned-exposed";
 
 /// What [`learn`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +60,7 @@ pub fn learn(snapshot: &GraphSnapshot, base: Option<&Model>) -> Learned {
             }
         }
     }
+    names.separate_exposed();
 
     // (source, destination, protocol) -> ports
     let mut flows: BTreeMap<(String, String, Protocol), Vec<u16>> = BTreeMap::new();
@@ -242,6 +246,22 @@ impl<'m> Names<'m> {
             n += 1;
         }
         id
+    }
+
+    /// Moves the exposed components of [`LEARNED_ZONE`] into [`LEARNED_EXPOSED_ZONE`], and drops
+    /// [`LEARNED_ZONE`] when that leaves it empty.
+    fn separate_exposed(&mut self) {
+        let in_learned = |c: &NewComponent| c.zone == LEARNED_ZONE;
+        if !self.new_components.iter().any(|c| in_learned(c) && c.exposed) {
+            return;
+        }
+        self.ensure_zone(LEARNED_EXPOSED_ZONE, 30, None);
+        for component in self.new_components.iter_mut().filter(|c| c.zone == LEARNED_ZONE && c.exposed) {
+            component.zone = LEARNED_EXPOSED_ZONE.to_owned();
+        }
+        if !self.new_components.iter().any(in_learned) {
+            self.new_zones.retain(|zone| zone.id != LEARNED_ZONE);
+        }
     }
 
     fn ensure_zone(&mut self, id: &str, trust: u8, cidr: Option<String>) {

@@ -215,8 +215,8 @@ fn learned_workloads_split_one_executable() {
     assert_eq!(web_node.processes[0].cgroup, "/demo/web");
 
     let learned = learn(&snapshot, None);
-    assert_eq!((learned.zones, learned.components, learned.flows), (2, 2, 2), "{}", learned.yaml);
-    let expected_web = "  - id: \"web\"\n    zone: \"learned\"\n    exposed: true\n    match: { cgroup: [\"/demo/web\"] }\n    listens: [{ port: 8080 }]\n    executables: [\"/opt/demo/bin/service\"]\n";
+    assert_eq!((learned.zones, learned.components, learned.flows), (3, 2, 2), "{}", learned.yaml);
+    let expected_web = "  - id: \"web\"\n    zone: \"learned-exposed\"\n    exposed: true\n    match: { cgroup: [\"/demo/web\"] }\n    listens: [{ port: 8080 }]\n    executables: [\"/opt/demo/bin/service\"]\n";
     assert!(learned.yaml.contains(expected_web), "{}", learned.yaml);
     let expected_api = "  - id: \"api\"\n    zone: \"learned\"\n    match: { cgroup: [\"/demo/api\"] }\n    listens: [{ port: 8081 }]\n    executables: [\"/opt/demo/bin/service\"]\n";
     assert!(learned.yaml.contains(expected_api), "{}", learned.yaml);
@@ -228,4 +228,10 @@ fn learned_workloads_split_one_executable() {
     assert_eq!(raised[0].id, "unexpected-executable@web@/bin/bash");
     let raised = engine.observe_flow(&flow(at(3), Some(shell), "198.18.2.10:42000", Some(process(40, service, "/demo/api")), "198.18.3.10:9000"));
     assert_eq!(raised[0].id, "unexpected-flow@web@api@tcp/9000");
+    // The exposed web trusts less than api, so the undeclared flow inward also crosses a boundary.
+    assert!(
+        raised.iter().any(|d| d.id.starts_with("trust-boundary-crossing@web@api")),
+        "{:#?}",
+        raised.iter().map(|d| &d.id).collect::<Vec<_>>()
+    );
 }

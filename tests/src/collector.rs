@@ -22,17 +22,25 @@ pub struct CollectorUnderTest {
     addr: SocketAddr,
     workdir: tempfile::TempDir,
     starts: u32,
+    /// Arguments added to every start, such as the TLS flags.
+    extra_args: Vec<String>,
 }
 
 impl CollectorUnderTest {
     /// Starts a collector on a free loopback port and waits until it serves.
     pub fn start() -> Result<CollectorUnderTest> {
+        CollectorUnderTest::start_with(&[])
+    }
+
+    /// Like [`Self::start`], with `extra_args` after the collector's own on every start.
+    pub fn start_with(extra_args: &[&str]) -> Result<CollectorUnderTest> {
         let workdir = tempfile::Builder::new().prefix("driftwatch-collector-").tempdir()?;
         let mut collector = CollectorUnderTest {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             workdir,
             starts: 0,
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
         };
         collector.launch("127.0.0.1:0")?;
         Ok(collector)
@@ -56,6 +64,7 @@ impl CollectorUnderTest {
             .arg(self.data_dir())
             .arg("--ready-file")
             .arg(&ready_file)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

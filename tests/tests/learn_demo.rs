@@ -84,7 +84,7 @@ fn learned_demo_model_flags_only_intrusion() {
         assert!(output.status.success(), "{stderr}");
         println!("model learn: {stderr}");
         assert!(
-            stderr.contains("learned 2 zones, 3 components and 3 flows"),
+            stderr.contains("learned 3 zones, 3 components and 3 flows"),
             "{stderr}\n{}",
             fs::read_to_string(&learned_path).unwrap_or_default()
         );
@@ -143,6 +143,9 @@ fn learned_demo_model_flags_only_intrusion() {
             && process_of(d).is_some_and(|(_, exe)| exe.ends_with("/bash"))
     });
     wait("unexpected-flow web -> db", &|d| d.id == "unexpected-flow@web@db@tcp/5432");
+    wait("trust-boundary-crossing web -> db", &|d| {
+        is(d, Category::TrustBoundaryCrossing) && d.source == "web" && d.destination == "db"
+    });
     let ext = format!("{}:9999", ADDRESSES.ext);
     wait("unexpected-flow to the undeclared host", &|d| {
         is(d, Category::UnexpectedFlow)

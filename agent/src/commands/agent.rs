@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::{DeviationFilter, DeviationHub, HubConfig};
 use crate::api::server::{self, ApiListener, SocketAccess, DEFAULT_SOCKET_MODE};
+use crate::api::tls::{ClientTls, ClientTlsFiles};
 use crate::api::{ListenAddr, ServerTlsArgs};
 use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
 use crate::jsonl::{self, JsonlTarget, JsonlWriter};
@@ -122,6 +123,23 @@ pub struct AgentArgs {
     /// Seconds between the graph snapshots pushed to the collector.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub snapshot_interval: f64,
+
+    /// CA certificates the collector's certificate must chain to; turns on mutual TLS towards the
+    /// collector.
+    #[arg(long, value_name = "FILE", requires = "collector")]
+    pub collector_tls_ca: Option<PathBuf>,
+
+    /// This agent's client certificate chain for the collector.
+    #[arg(long, value_name = "FILE", requires = "collector_tls_ca", requires = "collector_tls_key")]
+    pub collector_tls_cert: Option<PathBuf>,
+
+    /// The private key of --collector-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "collector_tls_cert")]
+    pub collector_tls_key: Option<PathBuf>,
+
+    /// Name the collector's certificate must carry; by default the host or IP address dialled.
+    #[arg(long, value_name = "NAME", requires = "collector_tls_ca")]
+    pub collector_tls_server_name: Option<String>,
     /// Serve the live view in the browser on this loopback `IP:PORT` (port 0 picks a free one);
     /// `--web` alone serves it on 127.0.0.1:9180.
     #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
@@ -298,6 +316,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 run_id: host::random_run_id(),
                 snapshot_interval: Duration::from_secs_f64(args.snapshot_interval),
                 addresses,
+                tls: collector_tls(&args)?,
             };
             let counters = Arc::new(PushCounters::default());
             view.attach_push_counters(counters.clone());
@@ -375,6 +394,27 @@ fn scope_relative_path(path: &Path) -> String {
         .and_then(|mount| path.strip_prefix(mount).ok().map(Path::to_path_buf))
         .unwrap_or_else(|| path.to_path_buf());
     format!("/{}", relative.display().to_string().trim_start_matches('/'))
+}
+
+/// Loads the client TLS files for the collector, or returns `None` without --collector-tls-ca.
+/// Plaintext to a collector that is not on loopback or a unix socket is refused.
+fn collector_tls(args: &AgentArgs) -> anyhow::Result<Option<ClientTls>> {
+    let Some(ca) = &args.collector_tls_ca else {
+        if let Some(collector) = args.collector.as_ref().filter(|collector| !collector.is_local()) {
+            anyhow::bail!(
+                "refusing to push in plaintext to the collector at {collector}, which is not a loopback address: pass --collector-tls-ca, --collector-tls-cert and --collector-tls-key"
+            );
+        }
+        return Ok(None);
+    };
+    let files = ClientTlsFiles {
+        ca: ca.clone(),
+        cert: args.collector_tls_cert.clone(),
+        key: args.collector_tls_key.clone(),
+        server_name: args.collector_tls_server_name.clone(),
+    };
+    let tls = ClientTls::load(&files).context("failed to load the collector TLS files")?;
+    Ok(Some(tls))
 }
 
 fn open_jsonl(path: &Path, args: &AgentArgs) -> anyhow::Result<JsonlWriter> {

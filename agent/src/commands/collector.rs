@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::HubConfig;
-use crate::api::{ApiListener, ListenAddr};
+use crate::api::{ApiListener, ListenAddr, ServerTlsArgs};
 use crate::collector::{serve_collector, Collector, CollectorConfig};
 
 /// How long the collector waits for its server to finish after a stop signal.
@@ -36,6 +36,9 @@ pub struct CollectorArgs {
     /// Write the listen address to this file once the collector serves.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
 }
 
 pub async fn run(args: CollectorArgs) -> anyhow::Result<ExitCode> {
@@ -50,7 +53,14 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
 
     // The listener's own error names the address.
-    let listener = ApiListener::bind(&args.listen).await?;
+    let tls = args.tls.load().context("failed to load the collector's TLS files")?;
+    if tls.is_none() {
+        args.tls.check_plaintext_allowed(&args.listen)?;
+    }
+    let mut listener = ApiListener::bind(&args.listen).await?;
+    if let Some(tls) = tls {
+        listener = listener.with_tls(tls)?;
+    }
     let address = listener.local_addr().context("failed to read the listen address")?;
     let server = tokio::spawn(serve_collector(listener, Arc::clone(&collector), cancel.clone()));
     tracing::info!(listen = %address, "collector ready");

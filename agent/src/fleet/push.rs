@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::convert::snapshot_to_proto;
 use super::endpoints::EndpointTable;
 use crate::api::client::connect_channel;
+use crate::api::tls::ClientTls;
 use crate::api::convert::deviation_to_proto;
 use crate::api::hub::{DeviationHub, HubMessage, LossReason, Replay};
 use crate::api::{AgentView, FilterSet, ListenAddr};
@@ -45,6 +46,8 @@ pub struct PushConfig {
     pub snapshot_interval: Duration,
     /// Addresses listeners on an unspecified IP serve.
     pub addresses: Vec<IpAddr>,
+    /// Mutual TLS towards the collector; `None` connects in plaintext.
+    pub tls: Option<ClientTls>,
 }
 
 /// Counters of the pusher, shown in the agent's status.
@@ -137,6 +140,14 @@ pub async fn run_pusher(
     }
 }
 
+/// Opens the channel to the collector, with TLS when the agent has a client certificate for it.
+async fn collector_channel(config: &PushConfig) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    match (&config.tls, &config.collector) {
+        (Some(tls), ListenAddr::Tcp(addr)) => tls.channel(&addr.to_string()).await,
+        _ => connect_channel(&config.collector).await,
+    }
+}
+
 async fn push_session(
     config: &PushConfig,
     source: &PushSource,
@@ -145,7 +156,7 @@ async fn push_session(
 ) -> Result<(), SessionError> {
     let channel = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
-        channel = connect_channel(&config.collector) => channel?,
+        channel = collector_channel(config) => channel?,
     };
     let mut client = CollectorServiceClient::new(channel);
     let (outbound, queue) = mpsc::channel(OUTBOUND_QUEUE);
