@@ -91,10 +91,12 @@ fn collector_accepts_only_certified_agents_and_clients() {
         certified.log()
     );
 
-    // A client with no certificate, and one in plaintext, are refused.
+    // A client with no certificate, and one in plaintext, are refused. Under TLS 1.3 the
+    // collector's alert can lose the race with the connection closing, so the client's message
+    // varies; the collector's log below names the cause.
     let (ok, _, stderr) = run_client(&["status", "--api", &api, "--tls-ca", path(&ca_pem)]);
-    assert!(!ok);
-    assert!(stderr.contains("the server requires a client certificate: pass --tls-cert and --tls-key"), "{stderr}");
+    assert!(!ok, "a client without a certificate reached the collector");
+    assert!(stderr.contains("failed"), "{stderr}");
     let (ok, _, _) = run_client(&["status", "--api", &api]);
     assert!(!ok, "a plaintext client reached the collector");
 
