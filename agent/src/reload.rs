@@ -25,7 +25,7 @@ mod watch;
 
 pub use watch::watch_model_file;
 
-/// What asked for a reload, for the log.
+/// Trigger of a reload, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadTrigger {
     Signal,
@@ -67,7 +67,7 @@ pub struct AcceptedModel {
     pub warnings: Vec<ModelWarning>,
 }
 
-/// Why a reload could not be carried out at all.
+/// Error that stopped a reload from happening at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("the pipeline has stopped, so the agent is shutting down and cannot put a model in force")]
@@ -132,7 +132,7 @@ impl ModelReloader {
     /// force is left alone.
     ///
     /// # Errors
-    /// Only when the reload cannot happen at all: the pipeline has stopped. An invalid file is an
+    /// When the pipeline has stopped or the worker reading the file panicked. An invalid file is an
     /// [`ReloadOutcome::Rejected`].
     async fn reload_uncounted(&self, trigger: ReloadTrigger) -> Result<ReloadOutcome, ReloadError> {
         let _serial = self.serial.lock().await;

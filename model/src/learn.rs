@@ -144,7 +144,7 @@ struct NewComponent {
     exposed: bool,
 }
 
-/// How a learned component selects its processes.
+/// Selector of a learned component's processes.
 enum Selector {
     Exe(String),
     Unit(String),

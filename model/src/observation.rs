@@ -52,7 +52,7 @@ pub struct ContainerIdentity {
     /// Container labels, `None` until the runtime returned them.
     #[serde(default)]
     pub labels: Option<BTreeMap<String, String>>,
-    /// Why `labels` is what it is.
+    /// State of the lookup that fills `labels`.
     #[serde(default)]
     pub labels_state: LabelsState,
     /// The Kubernetes pod, when the cgroup path names one.
@@ -60,7 +60,7 @@ pub struct ContainerIdentity {
     pub pod: Option<PodIdentity>,
 }
 
-/// Where the lookup of a container's labels stands.
+/// Progress of the lookup of a container's labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LabelsState {

@@ -26,7 +26,7 @@ const MAX_NAME_BYTES: usize = 255;
 /// hold a handful.
 const MAX_RECORDS: usize = 256;
 
-/// Why a message could not be parsed.
+/// Reason a message could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
     #[error("message of {len} bytes is shorter than the 12-byte header")]
@@ -77,7 +77,7 @@ pub struct Message {
     pub question: Option<(String, u16)>,
     /// The answer section, up to the first record that could not be read.
     pub answers: Vec<Record>,
-    /// Why the answer section ended early, when it did (a cut capture, a malformed record).
+    /// Reason the answer section ended early, when it did (a cut capture, a malformed record).
     pub incomplete: Option<ParseError>,
 }
 

@@ -128,7 +128,7 @@ fn log_health(failing: &mut HashMap<&'static str, bool>, source: &'static str, r
         }
         LookupOutcome::Found(_) | LookupOutcome::NotFound if was_failing => {
             failing.insert(source, false);
-            tracing::info!(source, "label source answers again");
+            tracing::info!(source, "label source responds again");
         }
         _ => {}
     }

@@ -33,7 +33,7 @@ pub use tracker::{LabelStats, LabelTracker, TrackerConfig};
 
 use crate::state::container::Runtime;
 
-/// What a runtime returned about one container.
+/// Container facts that a runtime returned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerMetadata {
     /// Container name: the Docker name without its leading `/`, or the name in the pod spec.
@@ -43,7 +43,7 @@ pub struct ContainerMetadata {
     pub pod: Option<PodMetadata>,
 }
 
-/// What a CRI runtime returned about a pod sandbox.
+/// Pod sandbox facts that a CRI runtime returned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodMetadata {
     pub uid: String,
@@ -52,7 +52,7 @@ pub struct PodMetadata {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Why a label source could not answer.
+/// Error of a label source that could not respond.
 #[derive(Debug, thiserror::Error)]
 pub enum LabelError {
     #[error("failed to connect to {socket}: {source}")]

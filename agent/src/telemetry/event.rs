@@ -213,7 +213,7 @@ impl TcpEvent {
     }
 }
 
-/// How a UDP flow was seen.
+/// Hook that saw a UDP flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UdpEventKind {
     /// The first datagram sent to this destination with an address (`sendto`, `sendmsg`).

@@ -56,7 +56,7 @@ const STYLE_CSS: &str = include_str!("assets/style.css");
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// What the page draws, besides deviations.
+/// Content the page draws, besides deviations.
 pub trait LiveSource: Send + Sync + 'static {
     /// Returns a copy of the observed graph.
     fn graph(&self) -> GraphSnapshot;

@@ -99,7 +99,7 @@ impl Default for TopologyLimits {
     }
 }
 
-/// How the page draws an edge.
+/// Style of an edge on the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EdgeState {
