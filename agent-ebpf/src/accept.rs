@@ -39,8 +39,8 @@ pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
 }
 
 fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: offset of `ret` in this tracepoint's record.
-    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET)? };
+    // SAFETY: offset of `ret` in this tracepoint's record, aligned to its size.
+    let ret: i64 = unsafe { crate::tracepoint_field(ctx, SYS_EXIT_RET_OFFSET) };
     if ret < 0 {
         return Ok(());
     }

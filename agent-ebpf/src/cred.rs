@@ -58,7 +58,7 @@ fn try_cred_change(ctx: &TracePointContext, syscall: CredSyscall) -> Result<(), 
         return Ok(());
     }
     // SAFETY: offset of `ret` in this tracepoint's record.
-    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET)? };
+    let ret: i64 = unsafe { crate::tracepoint_field(ctx, SYS_EXIT_RET_OFFSET) };
     if ret != 0 {
         return Ok(());
     }

@@ -34,11 +34,13 @@ pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
 }
 
 fn try_dns_ingress(ctx: &SkBuffContext) -> Result<(), i64> {
-    let first: u8 = ctx.load(0)?;
+    // One load covers the version and both headers' protocol fields: this program runs on every
+    // packet the host receives, and most are not UDP.
+    let ip_header: [u8; 10] = ctx.load(0)?;
+    let first = ip_header[0];
     let (family, udp_offset, saddr) = match first >> 4 {
         4 => {
-            let protocol: u8 = ctx.load(9)?;
-            if protocol != IPPROTO_UDP {
+            if ip_header[9] != IPPROTO_UDP {
                 return Ok(());
             }
             let source: [u8; 4] = ctx.load(12)?;
@@ -47,8 +49,7 @@ fn try_dns_ingress(ctx: &SkBuffContext) -> Result<(), i64> {
             (FAMILY_INET, u32::from(first & 0x0f) * 4, saddr)
         }
         6 => {
-            let next_header: u8 = ctx.load(6)?;
-            if next_header != IPPROTO_UDP {
+            if ip_header[6] != IPPROTO_UDP {
                 return Ok(());
             }
             let saddr: [u8; 16] = ctx.load(8)?;

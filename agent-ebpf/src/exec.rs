@@ -150,8 +150,8 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // SAFETY: offsets of `filename` (a __data_loc: offset in the low 16 bits, length including
     // the NUL in the high 16) and `old_pid` in this tracepoint's record.
-    let filename_loc: u32 = unsafe { ctx.read_at(SCHED_EXEC_FILENAME_LOC_OFFSET)? };
-    let old_pid: i32 = unsafe { ctx.read_at(SCHED_EXEC_OLD_PID_OFFSET)? };
+    let filename_loc: u32 = unsafe { crate::tracepoint_field(ctx, SCHED_EXEC_FILENAME_LOC_OFFSET) };
+    let old_pid: i32 = unsafe { crate::tracepoint_field(ctx, SCHED_EXEC_OLD_PID_OFFSET) };
     let old_tid = old_pid as u32;
 
     let Some(mut entry) = EVENTS.reserve::<ExecRecord>(0) else {

@@ -33,6 +33,8 @@ use agent_common::{
     UdpFlowCounts, UdpFlowKey,
 };
 use aya_ebpf::{
+    programs::TracePointContext,
+    EbpfContext,
     helpers::{bpf_get_current_pid_tgid, r#gen::bpf_get_current_ancestor_cgroup_id},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -225,6 +227,31 @@ fn scope_enabled() -> bool {
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // Unreachable in a loaded program: the verifier rejects any object that links a panic path.
     loop {}
+}
+
+/// Reads the field at `offset` of a tracepoint's record with a plain load from the context.
+///
+/// The verifier lets a tracepoint program read its context directly at any offset aligned to the
+/// read's size, which costs a load, where `TracePointContext::read_at` calls a probe-read helper.
+/// The TCP program runs on every state change of every socket, so this matters there.
+///
+/// # Safety
+/// `offset` must be a field of the record, aligned to the size of `T`, and `T` at most 8 bytes.
+#[inline(always)]
+pub(crate) unsafe fn tracepoint_field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    read_volatile((ctx.as_ptr() as *const u8).add(offset) as *const T)
+}
+
+/// Reads a 16-byte address field of a tracepoint's record with two plain loads.
+///
+/// # Safety
+/// `offset` must be a 16-byte field of the record, aligned to 8 bytes.
+#[inline(always)]
+pub(crate) unsafe fn tracepoint_address(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    let low: u64 = tracepoint_field(ctx, offset);
+    let high: u64 = tracepoint_field(ctx, offset + 8);
+    // SAFETY: both types are 16 plain bytes; the halves stay in memory order.
+    core::mem::transmute::<[u64; 2], [u8; 16]>([low, high])
 }
 
 #[inline(always)]

@@ -41,7 +41,7 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
     // NOTE: the parent recorded is the forking process, which is wrong for CLONE_PARENT children
     // until their exec, exit or socket records bring the kernel's `real_parent`.
     // SAFETY: offset of `child_pid` in this tracepoint's record.
-    let child_pid: i32 = unsafe { ctx.read_at(SCHED_FORK_CHILD_PID_OFFSET)? };
+    let child_pid: i32 = unsafe { crate::tracepoint_field(ctx, SCHED_FORK_CHILD_PID_OFFSET) };
 
     let Some(mut entry) = EVENTS.reserve::<ForkRecord>(0) else {
         count(Counter::ForkRingBufferFull);
@@ -69,7 +69,7 @@ fn try_sys_enter_exit_group(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     // SAFETY: offset of `error_code` (the `exit_group` argument) in this tracepoint's record.
-    let code: u64 = unsafe { ctx.read_at(EXIT_GROUP_ERROR_CODE_OFFSET)? };
+    let code: u64 = unsafe { crate::tracepoint_field(ctx, EXIT_GROUP_ERROR_CODE_OFFSET) };
     // The kernel keeps the low 8 bits, shifted as wait(2) reports a normal exit.
     let status = ((code & 0xff) << 8) as i32;
     if EXIT_CODES.insert(&tgid, &status, 0).is_err() {
@@ -84,7 +84,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     // SAFETY: offset of `group_dead` in this tracepoint's record.
-    let group_dead: u8 = unsafe { ctx.read_at(SCHED_EXIT_GROUP_DEAD_OFFSET)? };
+    let group_dead: u8 = unsafe { crate::tracepoint_field(ctx, SCHED_EXIT_GROUP_DEAD_OFFSET) };
 
     // SAFETY: the value is copied out before the entry can be removed.
     let exit_code = unsafe { EXIT_CODES.get(&tgid) }.copied();

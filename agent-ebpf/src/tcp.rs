@@ -17,7 +17,7 @@ use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::Tra
 use core::ptr::read_volatile;
 
 use crate::{
-    count, current_cgroup_id, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
+    count, current_cgroup_id, tracepoint_address, tracepoint_field, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
     EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SEEDED_CONNECTIONS, SOCKETS,
 };
 
@@ -59,14 +59,18 @@ struct Owner {
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: offsets of this tracepoint's fields.
-    let protocol: u16 = unsafe { ctx.read_at(PROTOCOL_OFFSET)? };
+    // SAFETY: offsets of this tracepoint's fields, each aligned to its size.
+    let protocol: u16 = unsafe { tracepoint_field(ctx, PROTOCOL_OFFSET) };
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let old_state: i32 = unsafe { ctx.read_at(OLDSTATE_OFFSET)? };
-    let new_state: i32 = unsafe { ctx.read_at(NEWSTATE_OFFSET)? };
-    let skaddr: u64 = unsafe { ctx.read_at(SKADDR_OFFSET)? };
+    let (old_state, new_state, skaddr): (i32, i32, u64) = unsafe {
+        (
+            tracepoint_field(ctx, OLDSTATE_OFFSET),
+            tracepoint_field(ctx, NEWSTATE_OFFSET),
+            tracepoint_field(ctx, SKADDR_OFFSET),
+        )
+    };
 
     match (old_state, new_state) {
         (TCP_CLOSE, TCP_SYN_SENT) => on_connect(ctx, skaddr),
@@ -147,16 +151,16 @@ fn on_handshake_end(
 #[inline(never)]
 fn take_seeded(ctx: &TracePointContext, skaddr: u64) -> Option<SockOwner> {
     let mut key = ConnectionKey { netns: socket_netns(skaddr), sport: 0, dport: 0, saddr: [0; 16], daddr: [0; 16] };
-    // SAFETY: offsets of this tracepoint's fields.
+    // SAFETY: offsets of this tracepoint's fields, each aligned to its size.
     unsafe {
-        key.sport = ctx.read_at(SPORT_OFFSET).ok()?;
-        key.dport = ctx.read_at(DPORT_OFFSET).ok()?;
-        if ctx.read_at::<u16>(FAMILY_OFFSET).ok()? == FAMILY_INET6 {
-            key.saddr = ctx.read_at(SADDR_V6_OFFSET).ok()?;
-            key.daddr = ctx.read_at(DADDR_V6_OFFSET).ok()?;
+        key.sport = tracepoint_field(ctx, SPORT_OFFSET);
+        key.dport = tracepoint_field(ctx, DPORT_OFFSET);
+        if tracepoint_field::<u16>(ctx, FAMILY_OFFSET) == FAMILY_INET6 {
+            key.saddr = tracepoint_address(ctx, SADDR_V6_OFFSET);
+            key.daddr = tracepoint_address(ctx, DADDR_V6_OFFSET);
         } else {
-            key.saddr = widen_ipv4(ctx.read_at(SADDR_OFFSET).ok()?);
-            key.daddr = widen_ipv4(ctx.read_at(DADDR_OFFSET).ok()?);
+            key.saddr = widen_ipv4(tracepoint_field::<u32>(ctx, SADDR_OFFSET).to_ne_bytes());
+            key.daddr = widen_ipv4(tracepoint_field::<u32>(ctx, DADDR_OFFSET).to_ne_bytes());
         }
     }
     // SAFETY: the value is copied out before the entry is removed.
@@ -255,8 +259,8 @@ fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
 }
 
 fn listener_key(ctx: &TracePointContext, skaddr: u64) -> Result<ListenerKey, i64> {
-    // SAFETY: offset of `sport` in this tracepoint's record.
-    let port: u16 = unsafe { ctx.read_at(SPORT_OFFSET)? };
+    // SAFETY: offset of `sport` in this tracepoint's record, aligned to its size.
+    let port: u16 = unsafe { tracepoint_field(ctx, SPORT_OFFSET) };
     Ok(ListenerKey {
         netns: socket_netns(skaddr),
         port,
@@ -292,22 +296,32 @@ pub(crate) fn socket_netns(skaddr: u64) -> u32 {
 }
 
 fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> Result<(), i64> {
-    // SAFETY: offsets of this tracepoint's fields.
-    let family: u16 = unsafe { ctx.read_at(FAMILY_OFFSET)? };
-    let sport: u16 = unsafe { ctx.read_at(SPORT_OFFSET)? };
-    let dport: u16 = unsafe { ctx.read_at(DPORT_OFFSET)? };
+    // SAFETY: offsets of this tracepoint's fields, each aligned to its size.
+    let (family, sport, dport): (u16, u16, u16) = unsafe {
+        (
+            tracepoint_field(ctx, FAMILY_OFFSET),
+            tracepoint_field(ctx, SPORT_OFFSET),
+            tracepoint_field(ctx, DPORT_OFFSET),
+        )
+    };
     let (saddr, daddr): ([u8; 16], [u8; 16]) = if family == FAMILY_INET6 {
-        unsafe { (ctx.read_at(SADDR_V6_OFFSET)?, ctx.read_at(DADDR_V6_OFFSET)?) }
+        unsafe { (tracepoint_address(ctx, SADDR_V6_OFFSET), tracepoint_address(ctx, DADDR_V6_OFFSET)) }
     } else if family == FAMILY_INET {
-        let source: [u8; 4] = unsafe { ctx.read_at(SADDR_OFFSET)? };
-        let destination: [u8; 4] = unsafe { ctx.read_at(DADDR_OFFSET)? };
+        let source = unsafe { tracepoint_field::<u32>(ctx, SADDR_OFFSET) }.to_ne_bytes();
+        let destination = unsafe { tracepoint_field::<u32>(ctx, DADDR_OFFSET) }.to_ne_bytes();
         (widen_ipv4(source), widen_ipv4(destination))
     } else {
         return Ok(());
     };
     let netns = socket_netns(skaddr);
     let mut flags = 0;
-    let (bytes_sent, bytes_received, sk_err) = match kernel::tcp_socket_counters(skaddr) {
+    // Only the last record of a connection carries its byte counts and error. Reading them costs
+    // five probe reads, so the records before it leave them zero.
+    let counters = match kind {
+        TcpKind::Close | TcpKind::ConnectFailed => kernel::tcp_socket_counters(skaddr),
+        _ => None,
+    };
+    let (bytes_sent, bytes_received, sk_err) = match counters {
         Some(counters) => {
             flags |= TCP_FLAG_SOCKET_READ;
             counters

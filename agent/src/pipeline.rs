@@ -279,6 +279,9 @@ pub struct Pipeline {
     commands: Option<mpsc::Receiver<PipelineCommand>>,
 }
 
+/// Most events the pipeline handles between two looks at its timers and other inputs.
+const EVENT_BATCH: usize = 256;
+
 impl Pipeline {
     pub fn new(config: PipelineConfig, shared: Arc<Shared>, hub: Arc<DeviationHub>, resolve_cgroup: CgroupResolver) -> Self {
         let sockets = SocketState::new(config.join_window, config.max_pending_connections, config.max_listeners);
@@ -363,15 +366,22 @@ impl Pipeline {
         loss_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported_losses = lost_records();
         let mut label_replies = self.label_replies.take();
+        // Events are taken in batches: one pass of the select below (its timers and channels)
+        // costs more than handling a typical event.
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
         loop {
             let join_deadline = self.sockets.next_deadline();
             let hold_deadline = self.held.next_deadline();
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                event = events.recv() => match event {
-                    Some(event) => self.handle(event),
-                    None => break,
-                },
+                received = events.recv_many(&mut batch, EVENT_BATCH) => {
+                    if received == 0 {
+                        break;
+                    }
+                    for event in batch.drain(..) {
+                        self.handle(event);
+                    }
+                }
                 Some(reply) = recv_reply(&mut label_replies) => self.apply_label_reply(reply),
                 _ = sleep_until(hold_deadline) => self.release_held(Instant::now()),
                 Some(command) = next_command(&mut self.commands) => self.serve(command),

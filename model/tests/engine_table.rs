@@ -38,6 +38,10 @@ fn repeat_within_interval_is_counted_not_returned() {
     assert_eq!(unexpected.count, 3);
     assert_eq!(unexpected.first_seen, at(0));
     assert_eq!(unexpected.last_seen, at(59));
+    // Only the connection that made the edge found the attack path.
+    let path = table.iter().find(|d| d.category.as_str() == "new-attack-path").unwrap();
+    assert_eq!(path.count, 1);
+    assert_eq!(path.last_seen, at(0));
 
     let stats = engine.stats();
     assert_eq!(stats.deviations_raised, 3);
@@ -186,6 +190,27 @@ fn evicted_id_is_raised_as_new_again() {
     let again = engine.observe_listen(&listen(at(2), nginx(), "0.0.0.0:8001"));
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].count, 1);
+}
+
+#[test]
+fn repeat_of_an_evicted_id_is_raised_again() {
+    let mut engine = engine_with(EngineConfig {
+        max_deviations: 3,
+        ..EngineConfig::default()
+    });
+    assert_eq!(engine.observe_flow(&web_to_db(0)).len(), 3);
+    // The three ids of the edge were first seen together, unexpected-flow first; a listener's
+    // deviation takes its place.
+    assert_eq!(engine.observe_listen(&listen(at(1), nginx(), "0.0.0.0:8001")).len(), 1);
+    assert_eq!(engine.stats().deviation_evictions, 1);
+
+    // The repeat finds one of its ids gone, so it is judged in full and raises it as new (and,
+    // the table being full, the insertion pushes out the edge's other id, raised again too).
+    let again = engine.observe_flow(&web_to_db(2));
+    let unexpected = again.iter().find(|d| d.id == "unexpected-flow@web@db@tcp/5432");
+    assert_eq!(unexpected.map(|d| d.count), Some(1), "{again:?}");
+    // With both back in the table, the next repeat is only counted.
+    assert!(engine.observe_flow(&web_to_db(3)).is_empty());
 }
 
 #[test]

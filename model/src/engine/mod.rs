@@ -202,6 +202,17 @@ pub struct Engine {
     watch_since: Option<SystemTime>,
     /// Attack paths by deviation id, bounded by [`EngineConfig::max_deviations`].
     attack_paths: HashMap<String, AttackPath>,
+    /// The judgement of each edge when it was last judged in full, so that a repeat within the
+    /// repeat interval is only counted. Emptied with the model and when full.
+    judged_edges: HashMap<EdgeKey, JudgedEdge>,
+}
+
+/// The outcome of judging one edge in full: whether the model declares it and the ids of the
+/// deviations it raised, none of them covered by an exception, active or expired.
+#[derive(Debug, Clone)]
+struct JudgedEdge {
+    declared: bool,
+    deviation_ids: Vec<String>,
 }
 
 impl Engine {
@@ -223,6 +234,7 @@ impl Engine {
             flow_last_seen: Vec::new(),
             watch_since: None,
             attack_paths: HashMap::new(),
+            judged_edges: HashMap::new(),
         };
         engine.reset_model_state();
         engine
@@ -243,6 +255,7 @@ impl Engine {
         self.flow_last_seen = vec![None; self.model.flows.len()];
         self.watch_since = None;
         self.attack_paths.clear();
+        self.judged_edges.clear();
     }
 
     pub fn model(&self) -> &Model {
@@ -348,6 +361,19 @@ impl Engine {
         };
         self.graph.remember(&key, observation.clone());
 
+        // The same edge judged the same way raises the same ids, so a repeat that the table would
+        // only count needs none of the text below. Denied flows also count their control, and
+        // new edges search for attack paths, so they always take the full path.
+        if denied.is_none() && !new_edge {
+            if let Some(judged) = self.judged_edges.get(&key) {
+                if judged.declared == declared
+                    && self.table.count_quiet_repeats(&judged.deviation_ids, observation.time, self.config.repeat_interval)
+                {
+                    return Vec::new();
+                }
+            }
+        }
+
         let mut findings = match denied {
             Some(flow) => {
                 let check = self.controls.iter_mut().find(|c| c.flow == flow);
@@ -366,6 +392,11 @@ impl Engine {
             }
             None => flow_findings(model, observation, &source, &destination, declared),
         };
+        // Kept before the attack paths, which only a new edge raises.
+        if denied.is_none() {
+            let limit = self.config.max_edges;
+            remember_judgement(&mut self.judged_edges, limit, model, key.clone(), declared, &findings, observation.time);
+        }
         if new_edge {
             let paths = self.graph.attack_paths_through(
                 &key,
@@ -387,6 +418,7 @@ impl Engine {
         }
         self.emit_all(findings, observation.time)
     }
+
 
     /// Records a connection attempt that the network refused or dropped (a reset, an ICMP error or
     /// a timeout). When a `deny` flow covers it, the control held and is counted. It raises no
@@ -658,6 +690,32 @@ fn flow_evidence(
         netns: observation.netns,
         remote_name: observation.remote_name.clone(),
     }
+}
+
+/// Keeps the ids `findings` raise for the edge `key`, unless an exception covers one of them (an
+/// exception can expire between two connections, so those edges are judged in full each time).
+/// Holds at most `limit` edges; past it, every edge is judged in full once more.
+fn remember_judgement(
+    judged: &mut HashMap<EdgeKey, JudgedEdge>,
+    limit: usize,
+    model: &Model,
+    key: EdgeKey,
+    declared: bool,
+    findings: &[Finding],
+    time: SystemTime,
+) {
+    let deviation_ids: Vec<String> = findings.iter().map(Finding::id).collect();
+    let excepted = deviation_ids
+        .iter()
+        .any(|id| model.exception_for(id, time).is_some() || model.expired_exception_for(id, time).is_some());
+    if excepted {
+        judged.remove(&key);
+        return;
+    }
+    if judged.len() >= limit && !judged.contains_key(&key) {
+        judged.clear();
+    }
+    judged.insert(key, JudgedEdge { declared, deviation_ids });
 }
 
 fn flow_findings(

@@ -101,6 +101,32 @@ impl DeviationTable {
         Offer::New(candidate)
     }
 
+    /// Counts one more occurrence of each id in `ids` without rebuilding its text, when every one
+    /// of them is in the table and was returned less than `repeat_interval` before `time`. Returns
+    /// false, changing nothing, when any of them is missing or due to be returned again; the caller
+    /// then offers full candidates.
+    ///
+    /// A repeat counted this way keeps the summary and evidence of the occurrence last returned.
+    pub fn count_quiet_repeats(&mut self, ids: &[String], time: SystemTime, repeat_interval: Duration) -> bool {
+        let all_quiet = ids.iter().all(|id| {
+            self.entries.get(id).is_some_and(|entry| {
+                time.duration_since(entry.last_returned).unwrap_or(Duration::ZERO) < repeat_interval
+            })
+        });
+        if !all_quiet {
+            return false;
+        }
+        for id in ids {
+            let Some(entry) = self.entries.get_mut(id) else { continue };
+            entry.deviation.count += 1;
+            if time > entry.deviation.last_seen {
+                entry.deviation.last_seen = time;
+            }
+            entry.stamp = self.recency.touch(Some(entry.stamp), entry.deviation.last_seen, id.clone());
+        }
+        true
+    }
+
     /// Returns every entry in priority order ([`Deviation::priority_cmp`]).
     pub fn all(&self) -> Vec<Deviation> {
         let mut all: Vec<Deviation> = self.entries.values().map(|e| e.deviation.clone()).collect();
