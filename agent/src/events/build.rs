@@ -149,6 +149,9 @@ impl EventBuilder<'_> {
         } else {
             // The engine resolves both ends as it would for the flow; the local end is the server
             // for an accepted connection and is taken as the client otherwise.
+            // NOTE: the remote end resolves by its address only. A peer process on this host (in
+            // another network namespace) is not looked up, so it takes the zone its address
+            // matches, where the deviations of the joined flow name its component.
             let (client, server, client_addr, server_addr) = if socket.accepted {
                 (None, process.clone(), socket.remote, socket.local)
             } else {
