@@ -524,8 +524,8 @@ impl Pipeline {
     /// Applies one event to the state and the engine.
     pub fn handle(&mut self, event: Event) {
         self.stats.events += 1;
-        // The event is copied only when a subscriber wants its kind; its raw form is built after
-        // the state took it in, so an exec carries the new program.
+        // The event is copied only when a subscriber wants its kind. Its raw form is built after
+        // the state took the event in, so an exec carries the new program.
         let raw = self.events.as_ref().filter(|hub| EventBuilder::kind_of(&event).is_some_and(|kind| hub.wants(kind)));
         let raw = raw.map(|_| event.clone());
         match event {

@@ -29,7 +29,7 @@ const REQUEST_BYTES: u64 = 1000;
 const RESPONSE_BYTES: u64 = 500;
 const PERL: &str = "/usr/bin/perl";
 
-/// Accepts one connection on ARGV[0], reads exactly 1000 bytes, answers 500 and waits for the
+/// Accepts one connection on ARGV[0], reads exactly 1000 bytes, sends 500 back and waits for the
 /// client to close.
 const SERVER_SCRIPT: &str = r#"use IO::Socket::INET; $| = 1;
 my $listener = IO::Socket::INET->new(LocalAddr => $ARGV[0], Listen => 8, ReuseAddr => 1) or die "listen: $!";
@@ -42,7 +42,7 @@ while (sysread($connection, $buffer, 4096)) {}
 close $connection;"#;
 
 /// Connects to ARGV[0], prints its local port, sends exactly 1000 bytes, reads the 500-byte
-/// answer and closes.
+/// response and closes.
 const CLIENT_SCRIPT: &str = r#"use IO::Socket::INET; $| = 1;
 my $socket = IO::Socket::INET->new(PeerAddr => $ARGV[0], Proto => "tcp") or die "connect: $!";
 print "local ", $socket->sockport, "\n";

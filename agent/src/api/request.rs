@@ -42,7 +42,7 @@ pub enum RequestError {
     EventResumeWithoutEvents,
 }
 
-/// The raw events a subscription asks for.
+/// The raw events a subscription requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventRequest {
     pub kinds: EventKinds,
@@ -50,7 +50,8 @@ pub struct EventRequest {
     pub from_sequence: Option<u64>,
 }
 
-/// Reads the request's `events` and `from_event_sequence`; `None` when it asks for no event.
+/// Reads the request's `events` and `from_event_sequence`, or returns `None` when it requests no
+/// event.
 ///
 /// # Errors
 ///

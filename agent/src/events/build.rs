@@ -1,4 +1,4 @@
-//! Turning kernel events into [`RawEvent`]s with the process and placement the agent knows.
+//! Conversion of kernel events into [`RawEvent`]s with the process and placement the agent has.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

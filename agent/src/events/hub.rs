@@ -105,7 +105,7 @@ struct History {
     entries: VecDeque<Published>,
 }
 
-/// Which kinds subscribers want. `wanted` is read on every kernel event, the rest only when a
+/// Subscriber interest by kind. `wanted` is read on every kernel event, the rest only when a
 /// subscriber comes or goes or a kind lingers.
 struct Interest {
     /// Kinds recorded now: wanted by a subscriber or lingering.

@@ -128,9 +128,9 @@ pub struct RawEvent {
     pub kind: EventKind,
     /// Kernel time of the event, converted to wall-clock time.
     pub time: SystemTime,
-    /// The process that acted, when the process table knows it.
+    /// The process that acted, when the process table has it.
     pub process: Option<Arc<ProcessInfo>>,
-    /// Where the process resolves under the model in force; default when there is no process.
+    /// Component and zone of the process under the model in force; default when there is no process.
     pub placement: Placement,
     pub detail: EventDetail,
 }
@@ -168,6 +168,6 @@ pub struct SocketDetail {
     /// errno of a failed connect, 0 otherwise.
     pub error: i32,
     pub remote_name: Option<String>,
-    /// Where the remote address resolves; default for a listener.
+    /// Component and zone of the remote address; default for a listener.
     pub remote_placement: Placement,
 }
