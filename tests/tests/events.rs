@@ -402,3 +402,43 @@ fn event_resume_past_next_sequence_is_rejected() {
     let message = format!("{error:#}");
     assert!(message.contains("from_event_sequence: replay start 1000000 is past the next sequence 1"), "{message}");
 }
+
+#[test]
+fn watch_prints_events_as_text_and_jsonl() {
+    let world = World::start();
+    let watch = |format: &str| {
+        let mut command = Command::new(driftwatch_bin().unwrap());
+        command.args(["watch", "--api", &world.agent.api_arg(), "--events", "process-exec", "--format", format]);
+        spawn_in(None, None, command).unwrap()
+    };
+    let jsonl = watch("jsonl");
+    let text = watch("text");
+    let counter = |name: &str| {
+        let counters = status(world.agent.api_addr()).unwrap().counters;
+        counters.iter().find(|counter| counter.name == name).map(|counter| counter.value)
+    };
+    let subscribed = wait_until(OBSERVE_TIMEOUT, || (counter("events_subscribers") == Some(2)).then_some(()));
+    assert!(subscribed.is_some(), "both watch clients subscribe: {}{}", jsonl.stderr(), text.stderr());
+
+    let pid = world.run("client", PERL, &["-e", "exit 0"], 0);
+
+    let pid_field = format!("\"pid\":{pid},");
+    let line = jsonl
+        .wait_for_line(OBSERVE_TIMEOUT, |line| line.contains(&pid_field))
+        .unwrap_or_else(|error| panic!("{error:#}\nwatch stderr: {}", jsonl.stderr()));
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["type"], "event");
+    assert_eq!(record["kind"], "process-exec");
+    assert_eq!(record["process"]["pid"], pid);
+    assert_eq!(record["process"]["exe"], PERL);
+    assert_eq!(record["component"], "client");
+    assert!(record["sequence"].as_u64().is_some_and(|sequence| sequence >= 1), "{line}");
+
+    let header = text
+        .wait_for_line(OBSERVE_TIMEOUT, |line| line.contains("EVENT     process-exec"))
+        .unwrap_or_else(|error| panic!("{error:#}\nwatch stderr: {}", text.stderr()));
+    assert!(header.contains(" #e"), "{header}");
+    let process_line = format!("process    pid {pid} (ppid {}) {PERL}", std::process::id());
+    text.wait_for_line(OBSERVE_TIMEOUT, |line| line.trim() == process_line)
+        .unwrap_or_else(|error| panic!("{error:#}\nwatch output: {:?}", text.stdout_lines()));
+}
