@@ -18,6 +18,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::{HubMessage, LossNotice, LossReason, Subscription};
+use crate::events::{EventDetail, RawEvent};
 
 /// Version of the record layout, in every record's `version` field. It changes only when a field
 /// is removed or changes meaning; new fields keep it.
@@ -52,6 +53,55 @@ pub fn deviation_record(sequence: u64, deviation: &Deviation) -> Value {
         "netns": evidence.netns,
         "resolution": deviation.resolution,
     })
+}
+
+/// Builds the record for one raw event with its event sequence number. Fields that belong to
+/// other kinds are left out, so a process event has no addresses and a socket event no exit code.
+pub fn event_record(sequence: u64, event: &RawEvent) -> Value {
+    let mut record = json!({
+        "type": "event",
+        "version": RECORD_VERSION,
+        "sequence": sequence,
+        "kind": event.kind.as_str(),
+        "time": rfc3339(event.time),
+        "process": event.process.as_deref().map(process_record),
+        "component": event.placement.component,
+        "zone": event.placement.zone,
+    });
+    let detail = match &event.detail {
+        EventDetail::Exec => json!({}),
+        EventDetail::Fork { child_pid } => json!({ "child_pid": child_pid }),
+        EventDetail::Exit { exit_code } => json!({ "exit_code": exit_code }),
+        EventDetail::Socket(socket) => json!({
+            "protocol": socket.protocol.as_str(),
+            "local_addr": socket.local.to_string(),
+            "remote_addr": (!socket.remote.ip().is_unspecified()).then(|| socket.remote.to_string()),
+            "netns": socket.netns,
+            "bytes_sent": socket.bytes_sent,
+            "bytes_received": socket.bytes_received,
+            "error": socket.error,
+            "remote_name": socket.remote_name,
+            "remote_component": socket.remote_placement.component,
+            "remote_zone": socket.remote_placement.zone,
+        }),
+        EventDetail::DnsAnswer { name, addresses, server } => json!({
+            "dns_name": name,
+            "dns_addresses": addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "dns_server": server.to_string(),
+        }),
+    };
+    if let (Value::Object(fields), Value::Object(extra)) = (&mut record, detail) {
+        fields.extend(extra);
+    }
+    record
+}
+
+/// Builds the record for a range of event sequences a reader did not receive; `reason` as in
+/// [`loss_range_record`].
+pub fn event_loss_record(first_sequence: u64, last_sequence: u64, reason: &str) -> Value {
+    let mut record = loss_range_record(first_sequence, last_sequence, reason);
+    record["type"] = Value::String("event-loss".to_string());
+    record
 }
 
 /// Builds the record for a range of sequence numbers a reader did not receive.

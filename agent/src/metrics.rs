@@ -150,6 +150,8 @@ pub struct AgentCollector {
     pub telemetry: Arc<Telemetry>,
     pub shared: Arc<Shared>,
     pub hub: Arc<DeviationHub>,
+    /// The hub of raw events; `None` where none are recorded.
+    pub events: Option<Arc<crate::events::EventHub>>,
     /// The API's TLS, for its handshake failures; `None` without TLS.
     pub api_tls: Option<ServerTls>,
 }
@@ -213,6 +215,17 @@ impl Collector for AgentCollector {
             hub.evicted,
         )?;
         encode_gauge(&mut encoder, "subscribers", "Deviation stream subscribers connected now", hub.subscribers)?;
+        if let Some(events) = &self.events {
+            let events = events.counters();
+            encode_counter(&mut encoder, "raw_events_published", "Raw events recorded for subscribers that asked for them", events.published)?;
+            encode_counter(
+                &mut encoder,
+                "subscriber_raw_events_dropped",
+                "Raw events subscribers missed because they read too slowly, summed over subscribers",
+                events.dropped_slow,
+            )?;
+            encode_gauge(&mut encoder, "raw_event_subscribers", "Subscribers that asked for raw events, connected now", events.subscribers)?;
+        }
 
         let mut family = encoder.encode_descriptor(
             "deviations",

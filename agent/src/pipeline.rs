@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
+use crate::events::{EventBuilder, EventHub, EventKind};
 use crate::labels::{HoldQueue, HoldStats, LabelReply, LabelRequest, LabelStats, LabelTracker, TrackerConfig};
 use crate::dns::{DnsConfig, DnsNames, DnsSocket, DnsStats};
 use crate::fleet::endpoints::{EndpointTable, PeerConnection};
@@ -277,6 +278,8 @@ pub struct Pipeline {
     /// Remote ends and listeners for a collector, when the agent pushes to one.
     endpoints: Option<Arc<Mutex<EndpointTable>>>,
     commands: Option<mpsc::Receiver<PipelineCommand>>,
+    /// Raw events for subscribers that ask for them.
+    events: Option<Arc<EventHub>>,
 }
 
 /// Most events the pipeline handles between two looks at its timers and other inputs.
@@ -299,8 +302,15 @@ impl Pipeline {
             stats: PipelineStats::default(),
             endpoints: None,
             commands: None,
+            events: None,
             config,
         }
+    }
+
+    /// Publishes raw events of the kinds subscribers want to `events` from now on.
+    pub fn with_events(mut self, events: Arc<EventHub>) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Makes [`Pipeline::run`] serve requests from `commands` between events.
@@ -524,6 +534,10 @@ impl Pipeline {
     /// Applies one event to the state and the engine.
     pub fn handle(&mut self, event: Event) {
         self.stats.events += 1;
+        // The event is copied only when a subscriber wants its kind. Its raw form is built after
+        // the state took the event in, so an exec carries the new program.
+        let raw = self.events.as_ref().filter(|hub| EventBuilder::kind_of(&event).is_some_and(|kind| hub.wants(kind)));
+        let raw = raw.map(|_| event.clone());
         match event {
             Event::Exec(exec) => {
                 self.stats.execs += 1;
@@ -564,6 +578,18 @@ impl Pipeline {
                     self.processes.on_credentials(change.pid, after.uid, after.gid);
                 }
             }
+        }
+        if let Some(raw) = raw {
+            self.publish_raw(|builder| builder.build(&raw));
+        }
+    }
+
+    fn publish_raw(&self, build: impl FnOnce(&EventBuilder) -> Option<crate::events::RawEvent>) {
+        let Some(hub) = &self.events else { return };
+        let engine = self.engine();
+        let builder = EventBuilder { processes: &self.processes, engine: &engine, dns: &self.dns, clock: self.clock };
+        if let Some(event) = build(&builder) {
+            hub.publish(event);
         }
     }
 
@@ -703,6 +729,9 @@ impl Pipeline {
                 server = %dns.server,
                 "learned DNS name"
             );
+            if self.events.as_ref().is_some_and(|hub| hub.wants(EventKind::DnsAnswer)) {
+                self.publish_raw(|builder| Some(builder.dns_answer(dns, &learned)));
+            }
         }
     }
 

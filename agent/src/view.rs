@@ -9,6 +9,7 @@ use driftwatch_model::Model;
 
 use crate::api::server::AgentView;
 use crate::api::status::{HookStatus, ModelInfo, StatusSnapshot};
+use crate::events::EventHub;
 use crate::fleet::push::PushCounters;
 use crate::pipeline::Shared;
 use crate::reload::ModelReloader;
@@ -35,11 +36,12 @@ pub struct AgentStatusView {
     reloader: Option<Arc<ModelReloader>>,
     started_at: SystemTime,
     push: Mutex<Option<Arc<PushCounters>>>,
+    events: Option<Arc<EventHub>>,
 }
 
 impl AgentStatusView {
     pub fn new(shared: Arc<Shared>, telemetry: Arc<Telemetry>, model: ModelInfo) -> Self {
-        AgentStatusView { shared, telemetry, model: Mutex::new(model), reloader: None, started_at: SystemTime::now(), push: Mutex::new(None) }
+        AgentStatusView { shared, telemetry, model: Mutex::new(model), reloader: None, started_at: SystemTime::now(), push: Mutex::new(None), events: None }
     }
 
     /// Adds the collector pusher's counters to the status from now on.
@@ -50,6 +52,12 @@ impl AgentStatusView {
     /// Serves `ReloadModel` through `reloader` and reports the model it put in force.
     pub fn with_reloader(mut self, reloader: Arc<ModelReloader>) -> Self {
         self.reloader = Some(reloader);
+        self
+    }
+
+    /// Serves raw events from `events` and adds its counters to the status.
+    pub fn with_events(mut self, events: Arc<EventHub>) -> Self {
+        self.events = Some(events);
         self
     }
 
@@ -79,6 +87,9 @@ impl AgentView for AgentStatusView {
         if let Some(push) = &*self.push.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
             counters.extend(push.named());
         }
+        if let Some(events) = &self.events {
+            counters.extend(events.counters().named());
+        }
         StatusSnapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: self.started_at,
@@ -93,6 +104,10 @@ impl AgentView for AgentStatusView {
 
     fn model_reloader(&self) -> Option<Arc<ModelReloader>> {
         self.reloader.clone()
+    }
+
+    fn event_hub(&self) -> Option<Arc<EventHub>> {
+        self.events.clone()
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use driftwatch::api::hub::{DeviationHub, HubConfig};
+use driftwatch::events::{EventHub, EventHubConfig};
 use driftwatch::pipeline::{Pipeline, PipelineConfig, Shared};
 use driftwatch::telemetry::event::{Event, ExecEvent, ExitEvent, ForkEvent, TcpEvent, TcpEventKind};
 use driftwatch_model::{Engine, Model};
@@ -38,6 +39,10 @@ pub struct PipelineArgs {
     /// Distinct edges fed into the observed graph for the memory measurement.
     #[arg(long, default_value_t = 100_000)]
     pub edges: u64,
+    /// Run the pipeline without the raw event hub the agent attaches, to measure what the hub
+    /// costs when no client asked for events.
+    #[arg(long)]
+    pub no_event_hub: bool,
 }
 
 /// Capacity of the channel between the ring buffer reader and the pipeline in the agent.
@@ -53,7 +58,11 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<String> {
     let rss_start_kib = own_memory_kib("VmRSS");
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     let hub = Arc::new(DeviationHub::new(HubConfig::default()));
-    let pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, Box::new(|_| "/driftwatch-bench".to_string()));
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, Box::new(|_| "/driftwatch-bench".to_string()));
+    // As in the agent, with no subscriber: raw events are never built.
+    if !args.no_event_hub {
+        pipeline = pipeline.with_events(Arc::new(EventHub::new(EventHubConfig::default(), "")));
+    }
     let (sender, receiver) = mpsc::channel::<Event>(CHANNEL_CAPACITY);
     let cancel = CancellationToken::new();
     let task = runtime.spawn(pipeline.run(receiver, Box::new(|| 0), cancel.clone()));

@@ -27,7 +27,7 @@ pub use cgroup::{cgroup2_mount, Cgroup};
 pub use collector::CollectorUnderTest;
 pub use netns::{Host, NetNs, Topology};
 pub use process::{spawn_in, ProcessGuard};
-pub use stream::{graph, DeviationWatcher};
+pub use stream::{graph, DeviationWatcher, EventEntry};
 pub use webdriver::WebDriver;
 
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

@@ -13,7 +13,7 @@ use driftwatch_proto::v1::agent_service_client::AgentServiceClient;
 use driftwatch_proto::v1::stream_deviations_response::Payload;
 use driftwatch_proto::v1::{
     AgentStatus, Category, Deviation, GetGraphRequest, GetStatusRequest, Graph, LossNotice,
-    Severity, StreamDeviationsRequest,
+    RawEvent, Severity, StreamDeviationsRequest,
 };
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -47,11 +47,22 @@ pub struct StreamEntry {
     pub deviation: Deviation,
 }
 
+/// One raw event as a stream delivered it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventEntry {
+    /// The event's sequence, in the agent's numbering of events.
+    pub sequence: u64,
+    pub node: String,
+    pub event: RawEvent,
+}
+
 #[derive(Default)]
 struct Received {
     deviations: Vec<Deviation>,
     entries: Vec<StreamEntry>,
     losses: Vec<LossNotice>,
+    events: Vec<EventEntry>,
+    event_losses: Vec<LossNotice>,
     /// Highest sequence received, 0 before the first message.
     last_sequence: u64,
     /// Why the stream ended, once it has.
@@ -136,6 +147,44 @@ impl DeviationWatcher {
             .expect("watcher lock")
             .losses
             .clone()
+    }
+
+    /// Raw events received so far, in stream order.
+    pub fn events(&self) -> Vec<EventEntry> {
+        self.shared.state.lock().expect("watcher lock").events.clone()
+    }
+
+    /// Loss notices about raw events received so far.
+    pub fn event_losses(&self) -> Vec<LossNotice> {
+        self.shared.state.lock().expect("watcher lock").event_losses.clone()
+    }
+
+    /// Waits until a received raw event satisfies `accept` and returns it.
+    ///
+    /// Fails after `timeout` or when the stream ends, listing every event received.
+    pub fn wait_for_event(
+        &self,
+        expected: &str,
+        timeout: Duration,
+        accept: impl Fn(&RawEvent) -> bool,
+    ) -> Result<EventEntry> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.state.lock().expect("watcher lock");
+        loop {
+            if let Some(found) = state.events.iter().find(|entry| accept(&entry.event)) {
+                return Ok(found.clone());
+            }
+            let now = Instant::now();
+            if state.ended.is_some() || now >= deadline {
+                let reason = match &state.ended {
+                    Some(reason) => format!("the stream ended ({reason})"),
+                    None => format!("timed out after {timeout:?}"),
+                };
+                let received: Vec<String> = state.events.iter().map(|entry| format!("  #{} {:?}", entry.sequence, entry.event)).collect();
+                anyhow::bail!("no event matched {expected}: {reason}; received:\n{}", received.join("\n"));
+            }
+            state = self.shared.changed.wait_timeout(state, deadline - now).expect("watcher lock").0;
+        }
     }
 
     /// Returns the highest sequence received so far. Once it reaches the `last_sequence` of the
@@ -233,9 +282,9 @@ async fn follow(
             Err(status) => break format!("gRPC error: {status}"),
         };
         let mut state = shared.state.lock().expect("watcher lock");
-        state.last_sequence = state.last_sequence.max(response.sequence);
         match response.payload {
             Some(Payload::Deviation(deviation)) => {
+                state.last_sequence = state.last_sequence.max(response.sequence);
                 state.entries.push(StreamEntry {
                     sequence: response.sequence,
                     node: response.node.clone(),
@@ -243,8 +292,18 @@ async fn follow(
                 });
                 state.deviations.push(deviation);
             }
-            Some(Payload::Loss(loss)) => state.losses.push(loss),
-            None => {}
+            Some(Payload::Loss(loss)) => {
+                state.last_sequence = state.last_sequence.max(response.sequence);
+                state.losses.push(loss);
+            }
+            // Events count in a sequence of their own, which `last_sequence` does not follow.
+            Some(Payload::Event(event)) => state.events.push(EventEntry {
+                sequence: response.sequence,
+                node: response.node.clone(),
+                event,
+            }),
+            Some(Payload::EventLoss(loss)) => state.event_losses.push(loss),
+            None => state.last_sequence = state.last_sequence.max(response.sequence),
         }
         shared.changed.notify_all();
     };

@@ -485,6 +485,42 @@ async fn replay_from_future_sequence_is_invalid_argument() {
 }
 
 #[tokio::test]
+async fn events_without_event_hub_are_unimplemented() {
+    let agent = Agent::start_tcp().await;
+    let mut client = agent.client().await;
+    let request = pb::StreamDeviationsRequest {
+        events: vec![pb::EventKind::ProcessExec as i32],
+        ..Default::default()
+    };
+    let status = client
+        .stream_deviations(request)
+        .await
+        .expect_err("the request is rejected");
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert_eq!(status.message(), "this server records no raw events; leave events empty");
+}
+
+#[tokio::test]
+async fn mixed_filter_is_invalid_argument() {
+    let agent = Agent::start_tcp().await;
+    let mut client = agent.client().await;
+    let request = pb::StreamDeviationsRequest {
+        deny: vec![pb::DeviationFilter {
+            categories: vec![pb::Category::UnexpectedFlow as i32],
+            event_kinds: vec![pb::EventKind::TcpClose as i32],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let status = client
+        .stream_deviations(request)
+        .await
+        .expect_err("the request is rejected");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().starts_with("deny[0]: a filter concerns deviations"), "{}", status.message());
+}
+
+#[tokio::test]
 #[allow(deprecated, reason = "the fields that predate the filter lists are still validated")]
 async fn unknown_filter_category_is_invalid_argument() {
     let agent = Agent::start_tcp().await;
@@ -558,6 +594,9 @@ async fn slow_subscriber_gets_loss_notice_with_right_count() {
                 );
                 missed.extend(notice.first_sequence..=notice.last_sequence);
             }
+            Some(Payload::Event(_)) | Some(Payload::EventLoss(_)) => {
+                panic!("event at {} although none was requested", response.sequence)
+            }
             None => panic!("empty payload at {}", response.sequence),
         }
         previous = response.sequence;
@@ -610,6 +649,8 @@ async fn watch_command_exits_cleanly_on_agent_shutdown() {
         deny: vec![],
         show_resolution: false,
         tls: Default::default(),
+        events: None,
+        from_event_sequence: None,
     };
     let watcher = tokio::spawn(watch::run(args));
 

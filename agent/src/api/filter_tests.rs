@@ -88,6 +88,7 @@ fn conditions_in_one_filter_combine_with_and() {
         zones: vec!["dmz".into()],
         executables: vec![glob("/usr/bin/*")],
         nodes: vec!["a".into()],
+        event_kinds: Vec::new(),
     };
     assert!(filter.matches("a", &web_to_db()));
     assert!(!filter.matches("b", &web_to_db()), "node differs");
@@ -259,4 +260,19 @@ fn required_filter_applies_on_top_of_the_lists() {
 #[test]
 fn malformed_glob_is_an_error() {
     assert!(ExecutableGlob::new("/usr/[bin").is_err());
+}
+
+#[test]
+fn event_only_filters_leave_deviations_alone() {
+    let events_only = DeviationFilter {
+        event_kinds: vec![crate::events::EventKind::ProcessExec],
+        ..DeviationFilter::default()
+    };
+    assert!(!events_only.matches("a", &web_to_db()), "an event filter never matches a deviation");
+    let set = FilterSet {
+        allow: vec![events_only.clone()],
+        deny: vec![events_only],
+        required: None,
+    };
+    assert!(set.matches("a", &web_to_db()), "event filters neither allow nor deny deviations");
 }

@@ -8,6 +8,7 @@ pub mod addr;
 pub mod client;
 pub mod convert;
 mod convert_container;
+pub mod convert_events;
 pub mod filter;
 pub mod hub;
 pub mod request;

@@ -6,8 +6,10 @@ use std::time::SystemTime;
 use driftwatch_proto::v1 as pb;
 
 use super::convert::{self, ConvertError};
+use super::convert_events::event_kind_from_proto;
 use super::filter::{DeviationFilter, ExecutableGlob, FilterSet};
 use super::hub::Replay;
+use crate::events::{EventKind, EventKinds};
 
 /// Errors in a subscription request; the server returns them as INVALID_ARGUMENT.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +33,55 @@ pub enum RequestError {
         "set at most one of from_sequence, since and last; the request sets {0}"
     )]
     ConflictingReplay(String),
+    #[error(
+        "{field}: a filter concerns deviations (categories, min_severity) or events (event_kinds), \
+         not both; split it into two filters"
+    )]
+    MixedFilter { field: String },
+    #[error("from_event_sequence is set but events is empty; list the event kinds to resume")]
+    EventResumeWithoutEvents,
+}
+
+/// The raw events a subscription requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRequest {
+    pub kinds: EventKinds,
+    /// Event sequence to replay retained events from, when the client resumes.
+    pub from_sequence: Option<u64>,
+}
+
+/// Reads the request's `events` and `from_event_sequence`, or returns `None` when it requests no
+/// event.
+///
+/// # Errors
+///
+/// A [`RequestError`] for an unknown or unspecified kind, naming its index, and for
+/// `from_event_sequence` without any kind.
+pub fn events_from_request(request: &pb::StreamDeviationsRequest) -> Result<Option<EventRequest>, RequestError> {
+    let kinds: EventKinds = event_kinds_from_proto("events", &request.events)?.into_iter().collect();
+    if kinds.is_empty() {
+        if request.from_event_sequence.is_some() {
+            return Err(RequestError::EventResumeWithoutEvents);
+        }
+        return Ok(None);
+    }
+    Ok(Some(EventRequest {
+        kinds,
+        from_sequence: request.from_event_sequence,
+    }))
+}
+
+fn event_kinds_from_proto(field: &str, values: &[i32]) -> Result<Vec<EventKind>, RequestError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(index, value)| {
+            event_kind_from_proto(*value).map_err(|source| RequestError::Convert {
+                field: format!("{field}[{index}]"),
+                source,
+            })
+        })
+        .collect()
 }
 
 /// Builds the filter set and the replay start of a subscription.
@@ -131,14 +182,19 @@ pub fn filter_from_proto(place: &str, filter: &pb::DeviationFilter) -> Result<De
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(DeviationFilter {
+    let converted = DeviationFilter {
         categories: categories_from_proto(&format!("{place}.categories"), &filter.categories)?,
         min_severity: severity(format!("{place}.min_severity"), filter.min_severity)?,
         components: strings(&format!("{place}.components"), &filter.components)?,
         zones: strings(&format!("{place}.zones"), &filter.zones)?,
         executables,
         nodes: strings(&format!("{place}.nodes"), &filter.nodes)?,
-    })
+        event_kinds: event_kinds_from_proto(&format!("{place}.event_kinds"), &filter.event_kinds)?,
+    };
+    if !converted.concerns_deviations() && !converted.concerns_events() {
+        return Err(RequestError::MixedFilter { field: place.to_owned() });
+    }
+    Ok(converted)
 }
 
 fn severity(field: String, value: i32) -> Result<Option<driftwatch_model::deviation::Severity>, RequestError> {
@@ -219,6 +275,59 @@ mod tests {
             error.to_string(),
             "allow[0].categories[1]: field category has value 99, which this build does not know"
         );
+    }
+
+    #[test]
+    fn filter_for_deviations_and_events_is_rejected() {
+        let request = pb::StreamDeviationsRequest {
+            allow: vec![pb::DeviationFilter {
+                min_severity: pb::Severity::High as i32,
+                event_kinds: vec![pb::EventKind::ProcessExec as i32],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            subscription_from_request(&request).unwrap_err(),
+            RequestError::MixedFilter { field: "allow[0]".into() }
+        );
+    }
+
+    #[test]
+    fn unspecified_event_kind_names_its_index() {
+        let request = pb::StreamDeviationsRequest {
+            events: vec![pb::EventKind::TcpClose as i32, pb::EventKind::Unspecified as i32],
+            ..Default::default()
+        };
+        assert_eq!(
+            events_from_request(&request).unwrap_err().to_string(),
+            "events[1]: field event_kind has value 0, which this build does not know"
+        );
+    }
+
+    #[test]
+    fn event_resume_without_kinds_is_rejected() {
+        let request = pb::StreamDeviationsRequest {
+            from_event_sequence: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(
+            events_from_request(&request).unwrap_err(),
+            RequestError::EventResumeWithoutEvents
+        );
+    }
+
+    #[test]
+    fn events_request_reads_kinds_and_resume() {
+        let request = pb::StreamDeviationsRequest {
+            events: vec![pb::EventKind::ProcessExec as i32, pb::EventKind::TcpClose as i32],
+            from_event_sequence: Some(7),
+            ..Default::default()
+        };
+        let events = events_from_request(&request).unwrap().unwrap();
+        assert_eq!(events.kinds.iter().collect::<Vec<_>>(), vec![EventKind::ProcessExec, EventKind::TcpClose]);
+        assert_eq!(events.from_sequence, Some(7));
+        assert_eq!(events_from_request(&pb::StreamDeviationsRequest::default()).unwrap(), None);
     }
 
     #[test]

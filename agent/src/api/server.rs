@@ -28,8 +28,10 @@ use tonic::{Request, Response, Status};
 
 use super::addr::ListenAddr;
 use super::convert;
+use super::convert_events::event_message_to_proto;
 use super::hub::{DeviationHub, HubMessage, SubscribeError};
-use super::request::subscription_from_request;
+use super::request::{events_from_request, subscription_from_request};
+use crate::events::{EventHub, EventMessage};
 use super::status::{NodeStatus, StatusSnapshot};
 use super::tls::ServerTls;
 use crate::reload::{ModelReloader, ReloadTrigger};
@@ -67,6 +69,11 @@ pub trait AgentView: Send + Sync + 'static {
 
     /// Returns what reloads the model, or `None` when this agent serves a fixed model.
     fn model_reloader(&self) -> Option<Arc<ModelReloader>> {
+        None
+    }
+
+    /// Returns the hub of raw events, or `None` when this process records none (a collector).
+    fn event_hub(&self) -> Option<Arc<EventHub>> {
         None
     }
 }
@@ -314,6 +321,21 @@ impl AgentService for AgentApi {
         let request = request.into_inner();
         let (filter, replay) = subscription_from_request(&request)
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let events = events_from_request(&request).map_err(|err| Status::invalid_argument(err.to_string()))?;
+        // Subscribed before the deviations, so a rejected resume leaves no deviation subscriber.
+        let event_subscription = match events {
+            None => None,
+            Some(events) => {
+                let hub = self.view.event_hub().ok_or_else(|| {
+                    Status::unimplemented("this server records no raw events; leave events empty")
+                })?;
+                let subscription = hub
+                    .subscribe(filter.clone(), events.kinds, events.from_sequence)
+                    .map_err(|err| Status::invalid_argument(format!("from_event_sequence: {err}")))?;
+                tracing::debug!(kinds = ?events.kinds, from = ?events.from_sequence, "event subscriber joined");
+                Some(subscription)
+            }
+        };
         let subscription = self
             .hub
             .subscribe_with(filter.clone(), replay)
@@ -336,7 +358,24 @@ impl AgentService for AgentApi {
             }
             Ok(convert::hub_message_to_proto(&message))
         });
-        let stream = UntilCancelled::new(messages, self.shutdown.clone());
+        let Some(event_subscription) = event_subscription else {
+            let stream = UntilCancelled::new(messages, self.shutdown.clone());
+            return Ok(Response::new(Box::pin(stream)));
+        };
+        let events = event_subscription.map(|message| {
+            if let EventMessage::Loss(notice) = &message {
+                tracing::warn!(
+                    missed = notice.missed(),
+                    first_sequence = notice.first_sequence,
+                    last_sequence = notice.last_sequence,
+                    reason = ?notice.reason,
+                    "event subscriber missed events; it was sent a loss notice"
+                );
+            }
+            Ok(event_message_to_proto(&message))
+        });
+        // Each half keeps its own order; how the two interleave follows arrival.
+        let stream = UntilCancelled::new(messages.merge(events), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 

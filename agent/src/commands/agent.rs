@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::{DeviationFilter, DeviationHub, HubConfig};
 use crate::api::server::{self, ApiListener, SocketAccess, DEFAULT_SOCKET_MODE};
+use crate::events::{EventHub, EventHubConfig};
 use crate::api::tls::{ClientTls, ClientTlsFiles};
 use crate::api::{ListenAddr, ServerTlsArgs};
 use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
@@ -199,6 +200,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let reloader = Arc::new(ModelReloader::new(args.model.clone(), &model, &model_text, commands));
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     let hub = Arc::new(DeviationHub::with_node(HubConfig { history_capacity: args.history, ..HubConfig::default() }, &node));
+    let event_hub = Arc::new(EventHub::new(EventHubConfig::default(), &node));
     let cancel = CancellationToken::new();
     // Subscribed before the pipeline starts, so the file gets every deviation from the first.
     let jsonl_task = jsonl_writer.map(|writer| {
@@ -221,7 +223,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
     let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub.clone(), cgroup_resolver())
         .with_label_lookups(label_requests, label_replies)
-        .with_commands(command_receiver);
+        .with_commands(command_receiver)
+        .with_events(event_hub.clone());
     let endpoints = Arc::new(Mutex::new(EndpointTable::new(EndpointLimits::default())));
     if args.collector.is_some() {
         pipeline.track_endpoints(endpoints.clone());
@@ -265,7 +268,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
-    let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info).with_reloader(reloader.clone()));
+    let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info).with_reloader(reloader.clone()).with_events(event_hub.clone()));
     let registry = Arc::new(MetricsRegistry::default());
     let agent_metrics = AgentMetrics::register(&registry);
     reloader.count_with(agent_metrics.clone());
@@ -273,6 +276,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         telemetry: telemetry.clone(),
         shared: shared.clone(),
         hub: hub.clone(),
+        events: Some(event_hub.clone()),
         api_tls: api_tls.clone(),
     }));
     let metrics_task = match args.metrics {

@@ -9,4 +9,5 @@ pub mod model;
 pub mod reload;
 pub mod status;
 pub mod watch;
+mod watch_events;
 mod watch_filter;

@@ -11,7 +11,10 @@ use pb::stream_deviations_response::Payload;
 use serde_json::Value;
 use tonic::Code;
 
+use super::watch_events::{event_loss_text, parse_event_kinds, print_event_text};
 use super::watch_filter::parse_filter_spec;
+use crate::api::convert_events::{event_kind_to_proto, raw_event_from_proto};
+use crate::events::EventKinds;
 use crate::api::convert::{self, category_to_proto, severity_to_proto};
 use crate::jsonl;
 use crate::terminal::escape_controls;
@@ -78,6 +81,18 @@ pub struct WatchArgs {
     /// lines always carry it).
     #[arg(long)]
     pub show_resolution: bool,
+
+    /// Also print raw events of these kinds, comma-separated: process-exec, process-fork,
+    /// process-exit, tcp-connect, tcp-established, tcp-connect-failed, tcp-accept, tcp-listen,
+    /// tcp-close, udp-flow, dns-answer, the groups process, tcp, udp and dns, or all. --allow and
+    /// --deny apply to them too; an `event=KIND` condition makes a filter concern events only.
+    #[arg(long, value_name = "KINDS", value_parser = parse_event_kinds)]
+    pub events: Option<EventKinds>,
+
+    /// Resume events: print retained events from this event sequence on (the `#eN` or the
+    /// `sequence` of an event record), then follow. Needs --events.
+    #[arg(long, value_name = "SEQUENCE", requires = "events")]
+    pub from_event_sequence: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -152,6 +167,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         deny: args.deny.clone(),
         since: args.since.map(Into::into),
         last: args.last,
+        events: args
+            .events
+            .unwrap_or_default()
+            .iter()
+            .map(|kind| event_kind_to_proto(kind) as i32)
+            .collect(),
+        from_event_sequence: args.from_event_sequence,
     };
     let mut stream = client
         .stream_deviations(request)
@@ -236,6 +258,23 @@ impl Printer {
             Some(Payload::Loss(notice)) => match self.format {
                 OutputFormat::Text => self.print_loss_text(out, &node, &notice),
                 OutputFormat::Jsonl => print_json_line(out, &with_node(loss_record(&notice), &node)),
+            },
+            Some(Payload::Event(event)) => match raw_event_from_proto(event) {
+                Ok(event) => match self.format {
+                    OutputFormat::Text => print_event_text(out, sequence, &node, &event),
+                    OutputFormat::Jsonl => print_json_line(out, &with_node(jsonl::event_record(sequence, &event), &node)),
+                },
+                Err(err) => {
+                    eprintln!("driftwatch: skipping event {sequence} that this build cannot read: {err}");
+                    Ok(())
+                }
+            },
+            Some(Payload::EventLoss(notice)) => match self.format {
+                OutputFormat::Text => writeln!(out, "{}\n", self.paint(YELLOW, &event_loss_text(&notice))),
+                OutputFormat::Jsonl => {
+                    let reason = loss_record(&notice)["reason"].as_str().unwrap_or("unknown").to_string();
+                    print_json_line(out, &jsonl::event_loss_record(notice.first_sequence, notice.last_sequence, &reason))
+                }
             },
             None => {
                 eprintln!("driftwatch: skipping message {sequence} with a payload this build does not know");
@@ -364,7 +403,7 @@ fn severity_colour(severity: Severity) -> &'static str {
     }
 }
 
-fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo) -> io::Result<()> {
+pub(super) fn print_process_lines(out: &mut impl Write, label: &str, process: &ProcessInfo) -> io::Result<()> {
     writeln!(
         out,
         "    {label:<10} pid {} (ppid {}) {}",

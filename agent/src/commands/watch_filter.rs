@@ -2,14 +2,17 @@
 //!
 //! A spec is comma-separated `key=value` conditions, all of which must hold; a key given more than
 //! once accepts any of its values. Keys: `category`, `min-severity`, `component`, `zone`, `exe`
-//! (a glob on the executable of the process or its peer) and `node`. Example:
+//! (a glob on the executable of the process or its peer), `node` and `event` (an event kind, which
+//! makes the filter concern raw events only). Example:
 //! `category=unexpected-flow,category=new-listener,min-severity=high,exe=/usr/bin/*`.
 
 use driftwatch_model::deviation::{Category, Severity};
 use driftwatch_proto::v1 as pb;
 
 use crate::api::convert::{category_to_proto, severity_to_proto};
+use crate::api::convert_events::event_kind_to_proto;
 use crate::api::filter::ExecutableGlob;
+use crate::events::EventKind;
 
 /// Parses one spec into the filter message the API takes.
 ///
@@ -54,9 +57,16 @@ pub fn parse_filter_spec(spec: &str) -> Result<pb::DeviationFilter, String> {
                 filter.executables.push(value.to_owned());
             }
             "node" => filter.nodes.push(value.to_owned()),
+            "event" => {
+                let kind = EventKind::parse(value).ok_or_else(|| {
+                    let names: Vec<&str> = EventKind::ALL.iter().map(|kind| kind.as_str()).collect();
+                    format!("unknown event kind {value:?}; expected one of {}", names.join(", "))
+                })?;
+                filter.event_kinds.push(event_kind_to_proto(kind) as i32);
+            }
             other => {
                 return Err(format!(
-                    "unknown key {other:?}; expected category, min-severity, component, zone, exe or node"
+                    "unknown key {other:?}; expected category, min-severity, component, zone, exe, node or event"
                 ))
             }
         }
@@ -81,6 +91,7 @@ mod tests {
                 zones: vec!["dmz".into()],
                 executables: vec!["/usr/bin/*".into()],
                 nodes: vec!["a".into()],
+                event_kinds: Vec::new(),
             }
         );
     }
