@@ -266,6 +266,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
     let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info).with_reloader(reloader.clone()));
+    let push_counters = args.collector.as_ref().map(|_| Arc::new(PushCounters::default()));
     let registry = Arc::new(MetricsRegistry::default());
     let agent_metrics = AgentMetrics::register(&registry);
     reloader.count_with(agent_metrics.clone());
@@ -274,6 +275,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         shared: shared.clone(),
         hub: hub.clone(),
         api_tls: api_tls.clone(),
+        push: push_counters.clone(),
     }));
     let metrics_task = match args.metrics {
         Some(addr) => {
@@ -303,8 +305,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
     let signals = StopSignals::install()?;
-    let push_task = match &args.collector {
-        Some(collector) => {
+    let push_task = match (&args.collector, push_counters) {
+        (Some(collector), Some(counters)) => {
             let addresses = if args.advertise_addresses.is_empty() {
                 host::interface_addresses().context("failed to list this node's addresses; give them with --advertise-address")?
             } else {
@@ -318,13 +320,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 addresses,
                 tls: collector_tls(&args)?,
             };
-            let counters = Arc::new(PushCounters::default());
             view.attach_push_counters(counters.clone());
             let source = PushSource { hub: hub.clone(), view: view.clone(), endpoints };
             tracing::info!(collector = %collector, node = %node, "pushing to a collector");
             Some(tokio::spawn(run_pusher(config, source, counters, cancel.clone())))
         }
-        None => None,
+        _ => None,
     };
     let web_task = match &args.web {
         Some(addr) => {

@@ -67,6 +67,13 @@ pub struct PushCounters {
 }
 
 impl PushCounters {
+    /// Returns how many of the deviations `hub` published the collector has not acknowledged.
+    pub fn backlog(&self, hub: &DeviationHub) -> u64 {
+        hub.counters().last_sequence.saturating_sub(self.acknowledged.load(Ordering::Relaxed))
+    }
+}
+
+impl PushCounters {
     /// Lists the counters as (name, value) for the status call.
     pub fn named(&self) -> Vec<(String, u64)> {
         [
@@ -221,7 +228,9 @@ async fn push_session(
                 Err(status) => return Err(SessionError::Stream(status)),
             },
             _ = snapshots.tick() => {
-                send(&outbound, Payload::Snapshot(snapshot(config, source))).await?;
+                let mut snapshot = snapshot(config, source);
+                snapshot.unacknowledged = counters.backlog(&source.hub);
+                send(&outbound, Payload::Snapshot(snapshot)).await?;
                 counters.snapshots.fetch_add(1, Ordering::Relaxed);
             }
         }
