@@ -21,6 +21,7 @@ use crate::api::{ListenAddr, ServerTlsArgs};
 use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
 use crate::jsonl::{self, JsonlTarget, JsonlWriter};
 use crate::metrics::{self, AgentCollector, AgentMetrics, MetricsRegistry};
+use crate::fleet::addr::CollectorAddr;
 use crate::fleet::endpoints::{EndpointLimits, EndpointTable};
 use crate::fleet::host;
 use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
@@ -111,9 +112,11 @@ pub struct AgentArgs {
     pub node: Option<String>,
 
     /// Push deviations, the graph and endpoints to the collector at this address:
-    /// `unix:/path/to.sock` or a loopback `IP:PORT`.
+    /// `unix:/path/to.sock`, `IP:PORT` or `HOST:PORT` (such as a Kubernetes Service name). Anything
+    /// but a unix socket, a loopback address or `localhost` needs mutual TLS (--collector-tls-ca,
+    /// --collector-tls-cert, --collector-tls-key).
     #[arg(long, value_name = "ADDR")]
-    pub collector: Option<ListenAddr>,
+    pub collector: Option<CollectorAddr>,
 
     /// An address of this node that the collector resolves flows from other nodes to. Repeat for
     /// several. Defaults to the addresses of the interfaces in the agent's network namespace.
