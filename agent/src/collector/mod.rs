@@ -24,7 +24,7 @@ use std::time::SystemTime;
 
 use driftwatch_model::deviation::Deviation;
 use driftwatch_model::fleet::{self, HostGraph, MergeStats};
-use driftwatch_model::graph::{EdgeKey, GraphSnapshot, NodeKind};
+use driftwatch_model::graph::{EdgeKey, GraphSnapshot};
 use driftwatch_model::Model;
 use tonic::Status;
 
@@ -357,13 +357,15 @@ impl Collector {
         self.model.as_ref().map(|fleet_model| &fleet_model.model)
     }
 
-    /// Returns, for every component and discovered graph node, the names of the nodes whose latest snapshot contains it.
+    /// Returns, for every graph node with processes, the names of the fleet nodes whose latest
+    /// snapshot has processes behind it. Every agent's graph contains every declared component,
+    /// so a component with no process on a node does not name that node.
     pub fn hosts_by_graph_node(&self) -> BTreeMap<String, Vec<String>> {
         let inner = self.lock();
         let mut hosts: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, state) in &inner.nodes {
             let Some(snapshot) = &state.snapshot else { continue };
-            for node in snapshot.graph.nodes.iter().filter(|node| node.kind != NodeKind::External) {
+            for node in snapshot.graph.nodes.iter().filter(|node| !node.processes.is_empty()) {
                 hosts.entry(node.id.clone()).or_default().push(name.clone());
             }
         }

@@ -48,12 +48,13 @@ pub struct CollectorArgs {
     /// The fleet's threat model (the YAML the agents load). The collector uses it only to draw
     /// declared flows in the live view and to judge flows between nodes that no single agent can
     /// (a client on one node, its server on another). The agents still raise every deviation, with
-    /// their own model; the collector raises none.
+    /// their own model; the collector raises none. Read once at start-up: restart the collector
+    /// after a change.
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,
 
-    /// Serve the live view of the whole fleet in the browser on this loopback `IP:PORT` (port 0
-    /// picks a free one); `--web` alone serves it on 127.0.0.1:9180.
+    /// Serve the live view of the whole fleet in the browser on this loopback `IP:PORT`, where port
+    /// 0 picks a free one. `--web` alone serves it on 127.0.0.1:9180.
     #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
     pub web: Option<WebAddr>,
 
@@ -141,7 +142,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Loads the fleet's model, or returns its errors followed by a line that says the collector did
+/// Loads the fleet's model, or returns its errors and a last line stating that the collector did
 /// not start.
 fn load_model(path: &Path) -> Result<FleetModel, String> {
     match Model::load(path) {
