@@ -194,13 +194,16 @@ fn hosts_script(node: &str) -> String {
     format!("const node = document.querySelector('g.node[data-id=\"{node}\"]'); return node ? node.getAttribute('data-hosts') : null;")
 }
 
-/// Returns `[node, category, flow]` of each deviation in the list, newest first.
+/// Sets `list` to `[node, category, flow, executable, sequence]` of each deviation in the page,
+/// newest first.
 const LIST_SCRIPT: &str = "const list = Array.from(document.querySelectorAll('#deviations > li')).map(item => { \
      const rows = Array.from(item.querySelectorAll('dt')); \
      const flow = rows.find(row => row.textContent === 'flow'); \
+     const exe = rows.find(row => row.textContent === 'executable'); \
      const node = item.querySelector('.deviation-head .node'); \
      return [node ? node.textContent : null, item.querySelector('.category').textContent, \
-             flow ? flow.nextElementSibling.textContent : null]; });";
+             flow ? flow.nextElementSibling.textContent : null, exe ? exe.nextElementSibling.textContent : null, \
+             Number(item.dataset.sequence)]; });";
 
 #[test]
 fn collector_view_shows_live_fleet() {
@@ -209,7 +212,7 @@ fn collector_view_shows_live_fleet() {
     let service = demo_service_bin().unwrap();
     let workdir = tempfile::Builder::new().prefix("driftwatch-hI-colview-").tempdir().unwrap();
 
-    let mut topology = Topology::new().unwrap();
+    let mut topology = Topology::tagged("hI").unwrap();
     for (index, (host, v4, _)) in HOSTS.iter().enumerate() {
         topology.add_host(host, &format!("{v4}/24"), &format!("fd00:e9:{}::10/64", index + 1)).unwrap();
     }
@@ -259,7 +262,7 @@ fn collector_view_shows_live_fleet() {
     });
     assert!(connected.is_some(), "not every agent connected to the collector:\n{}", collector.log());
 
-    // The declared flow web -> db crosses hosts: only the collector sees both ends.
+    // The declared flow web -> db crosses hosts, so only the collector has both of its ends.
     let mut db_service = Command::new(&service);
     db_service.args(["db", "--listen", "0.0.0.0:5432"]);
     let db = spawn_in(Some(&topology.host("db").netns), Some(&cgroups["db"]), db_service).unwrap();
@@ -308,11 +311,33 @@ fn collector_view_shows_live_fleet() {
     );
     assert_eq!(row[0], "web-1", "{row}");
     assert_eq!(client.execute("return window.dwNotReloaded;").unwrap(), 42, "the page reloaded");
-    let nodes = client.execute(&format!("{LIST_SCRIPT} return Array.from(new Set(list.map(row => row[0]))).sort();")).unwrap();
-    assert!(
-        nodes.as_array().unwrap().iter().all(|node| node == "web-1" || node == "db-1"),
-        "deviations without a fleet node: {nodes}"
+
+    // After a reconnect the page resumes after the last sequence it received: a deviation from
+    // the other agent arrives once, with its node, and nothing already shown comes again.
+    let before = client.execute("return window.driftwatchLive.lastSequence();").unwrap().as_u64().unwrap();
+    client.execute("window.driftwatchLive.reconnectNow(); return null;").unwrap();
+    spawn_in(Some(&topology.host("db").netns), Some(&cgroups["db"]), Command::new("/usr/bin/id"))
+        .unwrap()
+        .wait_success(RUN_TIMEOUT)
+        .unwrap();
+    let id_row = wait_for_page(
+        &client,
+        &collector,
+        "the unexpected-executable deviation for /usr/bin/id on db",
+        &format!("{LIST_SCRIPT} return list.find(row => row[1] === 'unexpected-executable' && row[3] === '/usr/bin/id') || null;"),
     );
+    assert_eq!(id_row[0], "db-1", "{id_row}");
+    assert!(id_row[4].as_u64().unwrap() > before, "{id_row}, last sequence before the reconnect {before}");
+    let list = client.execute(&format!("{LIST_SCRIPT} return list;")).unwrap();
+    let sequences: Vec<u64> = list.as_array().unwrap().iter().map(|row| row[4].as_u64().unwrap()).collect();
+    assert!(
+        sequences.windows(2).all(|pair| pair[0] > pair[1]),
+        "the list is not in strictly decreasing sequence order, so a deviation came twice: {sequences:?}"
+    );
+    for row in list.as_array().unwrap() {
+        assert!(row[0] == "web-1" || row[0] == "db-1", "a deviation without its fleet node: {row}");
+    }
+    assert_eq!(client.execute("return window.dwNotReloaded;").unwrap(), 42, "the page reloaded");
     client.close().unwrap();
     drop(browser);
 
@@ -338,6 +363,8 @@ fn collector_view_shows_live_fleet() {
         let lag_count = sample(&samples, &format!("driftwatch_collector_lag_seconds_count{labels}"));
         // A node that raised nothing has no lag series yet.
         assert_eq!(lag_count.unwrap_or(0), raised, "{node}");
+        let lag_sum = samples.get(&format!("driftwatch_collector_lag_seconds_sum{labels}")).copied().unwrap_or(0.0);
+        eprintln!("{node}: {raised} deviations received, lag {lag_sum:.3} s in total");
     }
     let web_lag = sample(&samples, "driftwatch_collector_lag_seconds_bucket{le=\"+Inf\",node=\"web-1\"}")
         .or_else(|| sample(&samples, "driftwatch_collector_lag_seconds_bucket{node=\"web-1\",le=\"+Inf\"}"));

@@ -290,7 +290,7 @@ impl LiveSource for FleetSource {
 }
 
 #[tokio::test]
-async fn fleet_view_names_nodes_of_components_and_deviations() {
+async fn fleet_view_names_nodes() {
     let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: 16, subscriber_capacity: 16 }));
     hub.publish_from(Arc::from("node-b"), deviation(1, "/usr/bin/curl"), SystemTime::now());
     let view = LiveView::new(Arc::new(FleetSource), Arc::clone(&hub), LiveViewConfig::default());
