@@ -370,6 +370,8 @@ fn collector_view_shows_live_fleet() {
         .or_else(|| sample(&samples, "driftwatch_collector_lag_seconds_bucket{node=\"web-1\",le=\"+Inf\"}"));
     assert_eq!(web_lag, Some(statuses["web"].last_sequence), "{samples:#?}");
     assert_eq!(sample(&samples, "driftwatch_graph_edges").map(|edges| edges > 0), Some(true));
+    let journal_bytes = fs::metadata(collector.data_dir().join("journal.jsonl")).map(|metadata| metadata.len()).ok();
+    assert_eq!(sample(&samples, "driftwatch_collector_journal_bytes"), journal_bytes, "{:?}", fs::read_dir(collector.data_dir()).map(|dir| dir.count()));
 
     // The backlog each agent reports with its snapshots drains to 0 once everything is acknowledged.
     let drained = wait_until(OBSERVE_TIMEOUT, || {
