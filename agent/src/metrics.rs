@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::DeviationHub;
 use crate::api::tls::ServerTls;
+use crate::fleet::push::PushCounters;
 use crate::pipeline::Shared;
 use crate::telemetry::Telemetry;
 
@@ -154,6 +156,8 @@ pub struct AgentCollector {
     pub events: Option<Arc<crate::events::EventHub>>,
     /// The API's TLS, for its handshake failures; `None` without TLS.
     pub api_tls: Option<ServerTls>,
+    /// The pusher's counters; `None` without `--collector`.
+    pub push: Option<Arc<PushCounters>>,
 }
 
 impl fmt::Debug for AgentCollector {
@@ -243,6 +247,9 @@ impl Collector for AgentCollector {
         encode_gauge(&mut encoder, "graph_edges", "Edges of the observed graph", engine.graph_edges)?;
         encode_gauge(&mut encoder, "processes", "Live processes in the process table", stats.processes.live)?;
 
+        if let Some(push) = &self.push {
+            encode_push(&mut encoder, push, &self.hub)?;
+        }
         if let Some(tls) = &self.api_tls {
             encode_counter(
                 &mut encoder,
@@ -253,6 +260,29 @@ impl Collector for AgentCollector {
         }
         Ok(())
     }
+}
+
+/// Encodes the state of the push to the collector.
+fn encode_push(encoder: &mut DescriptorEncoder, push: &PushCounters, hub: &DeviationHub) -> Result<(), fmt::Error> {
+    encode_gauge(
+        encoder,
+        "push_backlog",
+        "Deviations published that the collector has not acknowledged yet; --history bounds them",
+        push.backlog(hub),
+    )?;
+    encode_gauge(
+        encoder,
+        "push_acknowledged_sequence",
+        "Latest sequence of this agent that the collector acknowledged",
+        push.acknowledged.load(Ordering::Relaxed),
+    )?;
+    encode_gauge(encoder, "push_connected", "1 while a push stream to the collector is open", push.connected.load(Ordering::Relaxed))?;
+    encode_counter(
+        encoder,
+        "push_deviations_lost",
+        "Deviations evicted from the buffer before the collector acknowledged them, reported to it as gaps",
+        push.lost.load(Ordering::Relaxed),
+    )
 }
 
 fn encode_counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), fmt::Error> {

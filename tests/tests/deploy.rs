@@ -340,12 +340,74 @@ fn collector_service_reaches_its_listener() {
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     object(&objects, "ServiceAccount", pod["serviceAccountName"].as_str().unwrap());
 
-    match help_flags("collector") {
-        Some(known) => assert_flags_exist(&pairs, &known, "the collector's args"),
-        // NOTE: the collector subcommand is built on another branch; until it is merged, only
-        // the wiring above is checked.
-        None => eprintln!("this driftwatch has no collector subcommand; its flags are not checked"),
+    assert_flags_exist(&pairs, &help_flags("collector").unwrap(), "the collector's args");
+}
+
+#[test]
+fn agent_daemonset_pushes_with_mutual_tls() {
+    let objects = manifests();
+    let pod = &object(&objects, "DaemonSet", "driftwatch-agent")["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args = strings(&container["args"]);
+    let pairs = flag_values(&args[1..]);
+
+    // The collector's address is its Service's DNS name and port.
+    let (host, port) = flag(&pairs, "collector").unwrap().rsplit_once(':').unwrap();
+    let service = object(&objects, "Service", "driftwatch-collector");
+    let expected_host = format!("{}.{}.svc", service["metadata"]["name"].as_str().unwrap(), service["metadata"]["namespace"].as_str().unwrap());
+    assert_eq!(host, expected_host);
+    assert_eq!(port.parse::<i64>().unwrap(), service["spec"]["ports"][0]["port"].as_i64().unwrap());
+
+    // Each TLS file is a key of a mounted Secret.
+    for (name, key) in [("collector-tls-ca", "ca.crt"), ("collector-tls-cert", "tls.crt"), ("collector-tls-key", "tls.key")] {
+        let path = Path::new(flag(&pairs, name).unwrap_or_else(|| panic!("the agent runs without --{name}")));
+        assert_eq!(path.file_name().unwrap(), key, "--{name}");
+        let volume = mounted_volume(pod, container, path.parent().unwrap().to_str().unwrap());
+        assert!(volume["secret"]["secretName"].is_string(), "--{name} is not read from a Secret: {volume}");
     }
+
+    // Every $(VAR) in the arguments is set in the container's environment, or the kubelet would
+    // pass it on literally.
+    let env: BTreeSet<String> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|variable| variable["name"].as_str().unwrap().to_string())
+        .collect();
+    for arg in &args {
+        for reference in arg.split("$(").skip(1) {
+            let name = reference.split(')').next().unwrap();
+            assert!(env.contains(name), "{arg} names ${name}, which the container does not set");
+        }
+    }
+    assert_eq!(flag(&pairs, "node"), Some("$(NODE_NAME)"));
+}
+
+#[test]
+fn collector_deployment_serves_view_and_metrics() {
+    let objects = manifests();
+    let deployment = object(&objects, "Deployment", "driftwatch-collector");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let pairs = flag_values(&strings(&container["args"])[1..]);
+
+    let metrics_port = port_of(flag(&pairs, "metrics").unwrap());
+    assert_eq!(container_port(container, "metrics"), metrics_port);
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], metrics_port.to_string());
+
+    // The view has no authentication, so it stays on the pod's loopback (kubectl port-forward).
+    assert!(flag(&pairs, "web").unwrap().starts_with("127.0.0.1:"));
+
+    // The collector reads the model the agents load.
+    let model = Path::new(flag(&pairs, "model").unwrap());
+    let volume = mounted_volume(pod, container, model.parent().unwrap().to_str().unwrap());
+    let agent_pod = &object(&objects, "DaemonSet", "driftwatch-agent")["spec"]["template"]["spec"];
+    let agent_container = &agent_pod["containers"][0];
+    let agent_model = Path::new(flag(&flag_values(&strings(&agent_container["args"])[1..]), "model").unwrap()).to_path_buf();
+    let agent_volume = mounted_volume(agent_pod, agent_container, agent_model.parent().unwrap().to_str().unwrap());
+    assert_eq!(volume["configMap"]["name"], agent_volume["configMap"]["name"]);
+    assert_eq!(model.file_name(), agent_model.file_name());
 }
 
 #[test]

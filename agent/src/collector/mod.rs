@@ -5,25 +5,34 @@
 //! (dropped when already stored), written to the journal, and only then published and
 //! acknowledged. A restarted collector reads the journal back, so it continues its own sequence,
 //! replays its history to clients and sends each agent the sequence to resume after.
+//!
+//! The collector may hold the fleet's model (the YAML the agents load). It uses the model only to
+//! judge the edges that no single agent could: a flow from a process on one node to a listener on
+//! another, which the merge rewrites to end at the listener's component. The agents still raise
+//! every deviation; the collector raises none, so none arrives twice.
 
 pub mod journal;
+pub mod metrics;
 pub mod server;
 mod service;
+mod web;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use driftwatch_model::deviation::Deviation;
 use driftwatch_model::fleet::{self, HostGraph, MergeStats};
-use driftwatch_model::graph::GraphSnapshot;
+use driftwatch_model::graph::{EdgeKey, GraphSnapshot};
+use driftwatch_model::Model;
 use tonic::Status;
 
 use crate::api::hub::{DeviationHub, Entry, EntryItem, HubConfig, NodeGap};
 use crate::api::server::AgentView;
-use crate::api::status::{NodeStatus, StatusSnapshot};
+use crate::api::status::{ModelInfo, NodeStatus, StatusSnapshot};
 use journal::{Cursor, Journal, JournalError};
+use metrics::LagHistograms;
 
 pub use server::serve_collector;
 
@@ -33,6 +42,15 @@ pub struct CollectorConfig {
     /// Directory of the journal. `None` keeps everything in memory, so a restart loses it.
     pub data_dir: Option<PathBuf>,
     pub hub: HubConfig,
+    /// The fleet's model, which judges edges between nodes; see the module documentation.
+    pub model: Option<FleetModel>,
+}
+
+/// The model the collector judges cross-node edges with, and what its status reports of it.
+#[derive(Debug, Clone)]
+pub struct FleetModel {
+    pub model: Model,
+    pub info: ModelInfo,
 }
 
 /// The collector's state of one node.
@@ -45,6 +63,9 @@ struct NodeState {
     connected_at: Option<SystemTime>,
     version: String,
     snapshot: Option<HostGraph>,
+    /// Deviations the agent had published but the collector had not acknowledged, as the agent
+    /// reported with its latest snapshot.
+    unacknowledged: u64,
 }
 
 struct Inner {
@@ -62,6 +83,8 @@ pub struct Collector {
     started_at: SystemTime,
     /// Lines after which the journal is rewritten; twice the history keeps rewrites rare.
     compact_after: usize,
+    model: Option<FleetModel>,
+    lag: LagHistograms,
 }
 
 /// Identity of a push stream, from [`Collector::open_stream`].
@@ -111,6 +134,8 @@ impl Collector {
             }),
             started_at: SystemTime::now(),
             compact_after: capacity.saturating_mul(2).max(1024),
+            model: config.model,
+            lag: LagHistograms::default(),
         })
     }
 
@@ -182,6 +207,7 @@ impl Collector {
             // The agent skipped sequences without a gap message; record them as lost all the same.
             self.store_gap(&mut inner, stream, acknowledged + 1, sequence - 1)?;
         }
+        let raised_at = deviation.last_seen;
         let entry = Entry {
             sequence: self.hub.next_sequence(),
             published_at: SystemTime::now(),
@@ -190,9 +216,11 @@ impl Collector {
                 deviation: Arc::new(deviation),
             },
         };
+        let stored_at = entry.published_at;
         self.store(&mut inner, stream, entry, sequence)?;
         let state = node_mut(&mut inner, stream);
         state.cursor.received += 1;
+        self.lag.observe(&stream.node, raised_at, stored_at);
         Ok(sequence)
     }
 
@@ -274,11 +302,13 @@ impl Collector {
         }
     }
 
-    /// Replaces the node's graph and endpoints.
-    pub fn accept_snapshot(&self, stream: &StreamId, snapshot: HostGraph) -> Result<(), Status> {
+    /// Replaces the node's graph and endpoints, and the backlog the agent reported with them.
+    pub fn accept_snapshot(&self, stream: &StreamId, snapshot: HostGraph, unacknowledged: u64) -> Result<(), Status> {
         let mut inner = self.lock();
         current(&inner, stream)?;
-        node_mut(&mut inner, stream).snapshot = Some(snapshot);
+        let state = node_mut(&mut inner, stream);
+        state.snapshot = Some(snapshot);
+        state.unacknowledged = unacknowledged;
         Ok(())
     }
 
@@ -294,6 +324,9 @@ impl Collector {
     }
 
     /// Returns the merged graph of every node's latest snapshot and what the merge resolved.
+    ///
+    /// An edge whose destination the merge rewrote is declared when the fleet's model allows it;
+    /// without a model every such edge is undeclared.
     pub fn merged_graph(&self) -> (GraphSnapshot, MergeStats) {
         let hosts: Vec<HostGraph> = self
             .lock()
@@ -301,9 +334,42 @@ impl Collector {
             .values()
             .filter_map(|state| state.snapshot.clone())
             .collect();
-        // NOTE: the collector has no model, so an edge whose destination the merge rewrote is
-        // reported as undeclared even where the model declares it.
-        fleet::merge(&hosts, |_| false)
+        let Some(fleet_model) = &self.model else {
+            return fleet::merge(&hosts, |_| false);
+        };
+        // The agents resolved every graph node to its zone, so the zones come from their graphs.
+        let zones: HashMap<&str, Option<&str>> = hosts
+            .iter()
+            .flat_map(|host| host.graph.nodes.iter())
+            .map(|node| (node.id.as_str(), node.zone.as_deref()))
+            .collect();
+        let zone_of = |id: &str| zones.get(id).copied().flatten();
+        let declared = |key: &EdgeKey| {
+            let source = (key.source.as_str(), zone_of(&key.source));
+            let destination = (key.destination.as_str(), zone_of(&key.destination));
+            fleet_model.model.flow_declared(source, destination, key.protocol, key.port)
+        };
+        fleet::merge(&hosts, declared)
+    }
+
+    /// Returns the fleet's model, when the collector was given one.
+    pub fn model(&self) -> Option<&Model> {
+        self.model.as_ref().map(|fleet_model| &fleet_model.model)
+    }
+
+    /// Returns, for every graph node with processes, the names of the fleet nodes whose latest
+    /// snapshot has processes behind it. Every agent's graph contains every declared component,
+    /// so a component with no process on a node does not name that node.
+    pub fn hosts_by_graph_node(&self) -> BTreeMap<String, Vec<String>> {
+        let inner = self.lock();
+        let mut hosts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, state) in &inner.nodes {
+            let Some(snapshot) = &state.snapshot else { continue };
+            for node in snapshot.graph.nodes.iter().filter(|node| !node.processes.is_empty()) {
+                hosts.entry(node.id.clone()).or_default().push(name.clone());
+            }
+        }
+        hosts
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -350,7 +416,7 @@ impl AgentView for Collector {
             started_at: self.started_at,
             hooks: Vec::new(),
             counters: counters.into_iter().map(|(name, value)| (name.to_string(), value)).collect(),
-            model: None,
+            model: self.model.as_ref().map(|fleet_model| fleet_model.info.clone()),
         }
     }
 

@@ -140,9 +140,10 @@ fn handle(collector: &Collector, stream: &StreamId, request: pb::PushRequest) ->
             collector.accept_gap(stream, gap.first_sequence, gap.last_sequence).map(Some)
         }
         Some(Payload::Snapshot(snapshot)) => {
+            let unacknowledged = snapshot.unacknowledged;
             let host = snapshot_from_proto(&stream.node, snapshot)
                 .map_err(|err| Status::invalid_argument(format!("snapshot: {err}")))?;
-            collector.accept_snapshot(stream, host)?;
+            collector.accept_snapshot(stream, host, unacknowledged)?;
             Ok(None)
         }
         Some(Payload::Hello(_)) => Err(Status::invalid_argument(

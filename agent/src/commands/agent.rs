@@ -22,6 +22,7 @@ use crate::api::{ListenAddr, ServerTlsArgs};
 use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
 use crate::jsonl::{self, JsonlTarget, JsonlWriter};
 use crate::metrics::{self, AgentCollector, AgentMetrics, MetricsRegistry};
+use crate::fleet::addr::CollectorAddr;
 use crate::fleet::endpoints::{EndpointLimits, EndpointTable};
 use crate::fleet::host;
 use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
@@ -112,9 +113,11 @@ pub struct AgentArgs {
     pub node: Option<String>,
 
     /// Push deviations, the graph and endpoints to the collector at this address:
-    /// `unix:/path/to.sock` or a loopback `IP:PORT`.
+    /// `unix:/path/to.sock`, `IP:PORT` or `HOST:PORT` (such as a Kubernetes Service name). Anything
+    /// but a unix socket, a loopback address or `localhost` needs mutual TLS (--collector-tls-ca,
+    /// --collector-tls-cert, --collector-tls-key).
     #[arg(long, value_name = "ADDR")]
-    pub collector: Option<ListenAddr>,
+    pub collector: Option<CollectorAddr>,
 
     /// An address of this node that the collector resolves flows from other nodes to. Repeat for
     /// several. Defaults to the addresses of the interfaces in the agent's network namespace.
@@ -269,6 +272,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let pipeline_task = tokio::spawn(pipeline.run(events, lost, cancel.clone()));
 
     let view = Arc::new(AgentStatusView::new(shared.clone(), telemetry.clone(), model_info).with_reloader(reloader.clone()).with_events(event_hub.clone()));
+    let push_counters = args.collector.as_ref().map(|_| Arc::new(PushCounters::default()));
     let registry = Arc::new(MetricsRegistry::default());
     let agent_metrics = AgentMetrics::register(&registry);
     reloader.count_with(agent_metrics.clone());
@@ -278,6 +282,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         hub: hub.clone(),
         events: Some(event_hub.clone()),
         api_tls: api_tls.clone(),
+        push: push_counters.clone(),
     }));
     let metrics_task = match args.metrics {
         Some(addr) => {
@@ -307,8 +312,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr().context("failed to read the API address")?;
     let server_task = tokio::spawn(server::serve_on(listener, hub.clone(), view.clone(), cancel.clone()));
     let signals = StopSignals::install()?;
-    let push_task = match &args.collector {
-        Some(collector) => {
+    let push_task = match (&args.collector, push_counters) {
+        (Some(collector), Some(counters)) => {
             let addresses = if args.advertise_addresses.is_empty() {
                 host::interface_addresses().context("failed to list this node's addresses; give them with --advertise-address")?
             } else {
@@ -322,13 +327,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 addresses,
                 tls: collector_tls(&args)?,
             };
-            let counters = Arc::new(PushCounters::default());
             view.attach_push_counters(counters.clone());
             let source = PushSource { hub: hub.clone(), view: view.clone(), endpoints };
             tracing::info!(collector = %collector, node = %node, "pushing to a collector");
             Some(tokio::spawn(run_pusher(config, source, counters, cancel.clone())))
         }
-        None => None,
+        _ => None,
     };
     let web_task = match &args.web {
         Some(addr) => {

@@ -1,17 +1,22 @@
 //! `driftwatch collector`: receives the pushes of a fleet's agents and serves the fleet's
 //! deviations, merged graph and status.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use driftwatch_model::Model;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::HubConfig;
 use crate::api::{ApiListener, ListenAddr, ServerTlsArgs};
-use crate::collector::{serve_collector, Collector, CollectorConfig};
+use crate::collector::{self, serve_collector, Collector, CollectorConfig, FleetModel};
+use crate::metrics::{self, MetricsRegistry};
+use crate::view;
+use crate::web::{self, LiveView, LiveViewConfig, WebAddr, WebListener};
 
 /// How long the collector waits for its server to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,18 +44,63 @@ pub struct CollectorArgs {
 
     #[command(flatten)]
     pub tls: ServerTlsArgs,
+
+    /// The fleet's threat model (the YAML the agents load). The collector uses it only to draw
+    /// declared flows in the live view and to judge flows between nodes that no single agent can
+    /// (a client on one node, its server on another). The agents still raise every deviation, with
+    /// their own model; the collector raises none. Read once at start-up: restart the collector
+    /// after a change.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+
+    /// Serve the live view of the whole fleet in the browser on this loopback `IP:PORT`, where port
+    /// 0 picks a free one. `--web` alone serves it on 127.0.0.1:9180.
+    #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
+    pub web: Option<WebAddr>,
+
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, such as 127.0.0.1:9465 (port 0
+    /// picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 pub async fn run(args: CollectorArgs) -> anyhow::Result<ExitCode> {
+    let model = match args.model.as_deref().map(load_model).transpose() {
+        Ok(model) => model,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let config = CollectorConfig {
         data_dir: args.data_dir.clone(),
         hub: HubConfig {
             history_capacity: args.history,
             ..HubConfig::default()
         },
+        model,
     };
     let collector = Arc::new(Collector::open(config).context("failed to open the collector's journal")?);
     let cancel = CancellationToken::new();
+
+    let metrics_task = match args.metrics {
+        Some(addr) => {
+            let registry = Arc::new(MetricsRegistry::default());
+            collector::metrics::register(&registry, &collector);
+            let listener = metrics::bind_metrics(addr).await?;
+            Some(tokio::spawn(metrics::serve_metrics(listener, registry, cancel.clone())))
+        }
+        None => None,
+    };
+    let web_task = match &args.web {
+        Some(addr) => {
+            let listener = WebListener::bind(addr).await?;
+            let source: Arc<dyn web::LiveSource> = Arc::clone(&collector) as Arc<dyn web::LiveSource>;
+            let live_view = LiveView::new(source, Arc::clone(collector.hub()), LiveViewConfig::default());
+            Some(tokio::spawn(web::serve_on(listener, live_view, cancel.clone())))
+        }
+        None => None,
+    };
 
     // The listener's own error names the address.
     let tls = args.tls.load().context("failed to load the collector's TLS files")?;
@@ -74,12 +124,35 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(path);
     }
     cancel.cancel();
-    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        // Only the gRPC server's error decides the exit status; the HTTP servers' are logged.
+        for task in [metrics_task, web_task].into_iter().flatten() {
+            if let Ok(Err(error)) = task.await {
+                tracing::error!(error = %format!("{error:#}"), "an HTTP server of the collector failed");
+            }
+        }
+        server.await
+    })
+    .await;
+    match drained {
         Ok(Ok(result)) => result?,
         Ok(Err(join_error)) => return Err(join_error).context("the collector's server task failed"),
-        Err(_) => tracing::warn!(timeout = ?DRAIN_TIMEOUT, "the server did not stop in time"),
+        Err(_) => tracing::warn!(timeout = ?DRAIN_TIMEOUT, "the servers did not stop in time"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the fleet's model, or returns its errors and a last line stating that the collector did
+/// not start.
+fn load_model(path: &Path) -> Result<FleetModel, String> {
+    match Model::load(path) {
+        Ok(model) => {
+            tracing::info!(model = %path.display(), components = model.components.len(), flows = model.flows.len(), "fleet model loaded");
+            let info = view::model_info(path, &model, SystemTime::now());
+            Ok(FleetModel { model, info })
+        }
+        Err(errors) => Err(format!("{errors}\nerror: the model {} is invalid; the collector did not start", path.display())),
+    }
 }
 
 async fn wait_for_stop() -> anyhow::Result<()> {

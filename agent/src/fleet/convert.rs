@@ -58,6 +58,8 @@ pub fn snapshot_to_proto(
             .collect(),
         addresses: addresses.iter().map(IpAddr::to_string).collect(),
         taken_at: Some(taken_at.into()),
+        // The pusher fills in its backlog.
+        unacknowledged: 0,
     }
 }
 

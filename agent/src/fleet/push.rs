@@ -26,6 +26,7 @@ use crate::api::client::connect_channel;
 use crate::api::tls::ClientTls;
 use crate::api::convert::deviation_to_proto;
 use crate::api::hub::{DeviationHub, HubMessage, LossReason, Replay};
+use super::addr::CollectorAddr;
 use crate::api::{AgentView, FilterSet, ListenAddr};
 
 /// Messages queued toward the collector before the pusher waits for the transport.
@@ -33,11 +34,13 @@ const OUTBOUND_QUEUE: usize = 256;
 /// First wait before reconnecting; it doubles per failed attempt up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How long a plaintext connect to a collector named by host may take.
+const PLAINTEXT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Collector address and node identity of a pusher.
 #[derive(Debug, Clone)]
 pub struct PushConfig {
-    pub collector: ListenAddr,
+    pub collector: CollectorAddr,
     /// Node name, unique in the fleet.
     pub node: String,
     /// Random id of this agent process.
@@ -64,6 +67,13 @@ pub struct PushCounters {
     /// Streams that ended or failed to open.
     pub disconnects: AtomicU64,
     pub snapshots: AtomicU64,
+}
+
+impl PushCounters {
+    /// Returns how many of the deviations `hub` published the collector has not acknowledged.
+    pub fn backlog(&self, hub: &DeviationHub) -> u64 {
+        hub.counters().last_sequence.saturating_sub(self.acknowledged.load(Ordering::Relaxed))
+    }
 }
 
 impl PushCounters {
@@ -143,8 +153,17 @@ pub async fn run_pusher(
 /// Opens the channel to the collector, with TLS when the agent has a client certificate for it.
 async fn collector_channel(config: &PushConfig) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     match (&config.tls, &config.collector) {
-        (Some(tls), ListenAddr::Tcp(addr)) => tls.channel(&addr.to_string()).await,
-        _ => connect_channel(&config.collector).await,
+        (Some(tls), CollectorAddr::Addr(ListenAddr::Tcp(_)) | CollectorAddr::Host { .. }) => {
+            tls.channel(&config.collector.to_string()).await
+        }
+        (_, CollectorAddr::Addr(addr)) => connect_channel(addr).await,
+        // Only `localhost` may be dialled by name without TLS.
+        (None, CollectorAddr::Host { host, port }) => {
+            tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))?
+                .connect_timeout(PLAINTEXT_CONNECT_TIMEOUT)
+                .connect()
+                .await
+        }
     }
 }
 
@@ -221,7 +240,9 @@ async fn push_session(
                 Err(status) => return Err(SessionError::Stream(status)),
             },
             _ = snapshots.tick() => {
-                send(&outbound, Payload::Snapshot(snapshot(config, source))).await?;
+                let mut snapshot = snapshot(config, source);
+                snapshot.unacknowledged = counters.backlog(&source.hub);
+                send(&outbound, Payload::Snapshot(snapshot)).await?;
                 counters.snapshots.fetch_add(1, Ordering::Relaxed);
             }
         }

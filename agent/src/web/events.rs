@@ -73,7 +73,9 @@ impl GraphFeed {
         let source = Arc::clone(&self.source);
         let limits = self.limits;
         // A large graph takes a while to copy, so it does not run on a runtime worker.
-        let topology = tokio::task::spawn_blocking(move || Topology::build(&source.declared(), &source.graph(), limits))
+        let topology = tokio::task::spawn_blocking(move || {
+            Topology::build(&source.declared(), &source.graph(), limits).with_hosts(source.hosts())
+        })
             .await
             .map_err(|error| format!("failed to build the graph for the live view: {error}"))?;
 
@@ -204,8 +206,8 @@ fn graph_event(document: &GraphDocument) -> Event {
 
 fn hub_event(message: &HubMessage) -> Event {
     match message {
-        HubMessage::Deviation { sequence, deviation, .. } => {
-            let json = serde_json::to_string(&DeviationJson::new(*sequence, deviation))
+        HubMessage::Deviation { sequence, node, deviation } => {
+            let json = serde_json::to_string(&DeviationJson::new(*sequence, node, deviation))
                 .expect("a deviation has only string keys and finite numbers");
             Event::default().event("deviation").id(sequence.to_string()).data(json)
         }
@@ -239,6 +241,8 @@ fn hub_event(message: &HubMessage) -> Event {
 #[derive(Serialize)]
 struct DeviationJson<'a> {
     sequence: u64,
+    /// Fleet node that raised it.
+    node: &'a str,
     id: &'a str,
     category: Category,
     severity: Severity,
@@ -261,10 +265,11 @@ struct DeviationJson<'a> {
 }
 
 impl<'a> DeviationJson<'a> {
-    fn new(sequence: u64, deviation: &'a Deviation) -> DeviationJson<'a> {
+    fn new(sequence: u64, node: &'a str, deviation: &'a Deviation) -> DeviationJson<'a> {
         let evidence = &deviation.evidence;
         DeviationJson {
             sequence,
+            node,
             id: &deviation.id,
             category: deviation.category,
             severity: deviation.severity,

@@ -25,6 +25,7 @@
 mod events;
 pub mod topology;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -62,6 +63,11 @@ pub trait LiveSource: Send + Sync + 'static {
     fn graph(&self) -> GraphSnapshot;
     /// Returns the zones, components and flows of the model in force.
     fn declared(&self) -> DeclaredModel;
+    /// Returns the fleet nodes (hosts) behind each graph node, by graph node id. A lone agent
+    /// has none to report; a collector names the agents whose graphs contain the node.
+    fn hosts(&self) -> BTreeMap<String, Vec<String>> {
+        BTreeMap::new()
+    }
 }
 
 /// Settings of a [`LiveView`].

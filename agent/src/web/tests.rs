@@ -271,3 +271,35 @@ fn web_addr_must_be_loopback() {
     );
     assert_eq!("localhost".parse::<WebAddr>(), Err(WebAddrError::Invalid("localhost".into())));
 }
+
+/// A collector-like source: the declared model of [`FixedSource`] and the fleet nodes behind `web`.
+struct FleetSource;
+
+impl LiveSource for FleetSource {
+    fn graph(&self) -> GraphSnapshot {
+        GraphSnapshot::default()
+    }
+
+    fn declared(&self) -> DeclaredModel {
+        FixedSource.declared()
+    }
+
+    fn hosts(&self) -> BTreeMap<String, Vec<String>> {
+        BTreeMap::from([("web".to_string(), vec!["node-a".to_string(), "node-b".to_string()])])
+    }
+}
+
+#[tokio::test]
+async fn fleet_view_names_nodes() {
+    let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: 16, subscriber_capacity: 16 }));
+    hub.publish_from(Arc::from("node-b"), deviation(1, "/usr/bin/curl"), SystemTime::now());
+    let view = LiveView::new(Arc::new(FleetSource), Arc::clone(&hub), LiveViewConfig::default());
+
+    let events = read_events(&view, "/api/events", None, 2).await;
+
+    let graph: serde_json::Value = serde_json::from_str(&events[0].data).unwrap();
+    let web = graph["nodes"].as_array().unwrap().iter().find(|node| node["id"] == "web").unwrap();
+    assert_eq!(web["hosts"], serde_json::json!(["node-a", "node-b"]));
+    let deviation: serde_json::Value = serde_json::from_str(&events[1].data).unwrap();
+    assert_eq!(deviation["node"], "node-b");
+}

@@ -139,6 +139,9 @@ pub struct TopologyNode {
     pub zone: Option<String>,
     pub exposed: bool,
     pub criticality: Option<&'static str>,
+    /// Fleet nodes whose graphs contain this node, when the source reports them (a collector).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -225,6 +228,18 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Names the fleet nodes behind each graph node, from [`super::LiveSource::hosts`].
+    pub fn with_hosts(mut self, mut hosts: BTreeMap<String, Vec<String>>) -> Topology {
+        for node in &mut self.nodes {
+            if let Some(names) = hosts.remove(&node.id) {
+                node.hosts = names;
+            }
+        }
+        self
+    }
+}
+
 /// Declared components first, then graph nodes, then zones named as flow endpoints, each id once.
 fn collect_nodes(declared: &DeclaredModel, graph: &GraphSnapshot, edges: &[TopologyEdge]) -> Vec<TopologyNode> {
     let zone_ids: BTreeSet<&str> = declared.zones.iter().map(|zone| zone.id.as_str()).collect();
@@ -238,6 +253,7 @@ fn collect_nodes(declared: &DeclaredModel, graph: &GraphSnapshot, edges: &[Topol
                 zone: Some(component.zone.clone()),
                 exposed: component.exposed,
                 criticality: Some(component.criticality),
+                hosts: Vec::new(),
             },
         );
     }
@@ -253,6 +269,7 @@ fn collect_nodes(declared: &DeclaredModel, graph: &GraphSnapshot, edges: &[Topol
             zone: node.zone.clone().or_else(|| zone_ids.contains(node.id.as_str()).then(|| node.id.clone())),
             exposed: false,
             criticality: None,
+            hosts: Vec::new(),
         });
     }
     for edge in edges {
@@ -267,6 +284,7 @@ fn collect_nodes(declared: &DeclaredModel, graph: &GraphSnapshot, edges: &[Topol
                         zone: is_zone.then(|| id.clone()),
                         exposed: false,
                         criticality: None,
+                        hosts: Vec::new(),
                     },
                 );
             }

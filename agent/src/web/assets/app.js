@@ -184,6 +184,7 @@
     const head = element("div", "deviation-head");
     head.append(element("span", "severity", deviation.severity));
     head.append(element("span", "category", deviation.category));
+    if (deviation.node) head.append(element("span", "node", deviation.node));
     head.append(element("span", "sequence", "#" + deviation.sequence));
     head.append(element("time", null, formatTime(deviation.last_seen_ms)));
     item.append(head);
@@ -400,6 +401,8 @@
         class: "node " + node.kind + (deviations > 0 ? " flagged" : ""),
         "data-id": node.id,
       });
+      const hosts = node.hosts || [];
+      if (hosts.length > 0) group.setAttribute("data-hosts", hosts.join(" "));
       group.append(
         svgElement("rect", { x: position.x, y: position.y, width: NODE_WIDTH, height: NODE_HEIGHT, rx: node.kind === "declared" ? 6 : 18 }),
       );
@@ -409,8 +412,12 @@
       if (node.exposed) tags.push("exposed");
       if (node.criticality === "high" || node.criticality === "critical") tags.push(node.criticality);
       if (deviations > 0) tags.push(deviations + " deviation(s)");
+      if (hosts.length === 1) tags.push("on " + hosts[0]);
+      if (hosts.length > 1) tags.push("on " + hosts.length + " nodes");
       group.append(svgText(position.x + 10, position.y + 36, "node-tags", tags.join(" \u00b7 ")));
-      group.append(svgTitle(node.id + (node.zone ? " (zone " + node.zone + ")" : "")));
+      let title = node.id + (node.zone ? " (zone " + node.zone + ")" : "");
+      if (hosts.length > 0) title += "\non " + hosts.join(", ");
+      group.append(svgTitle(title));
       nodeLayer.append(group);
     }
     svg.append(nodeLayer);
