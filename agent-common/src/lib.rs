@@ -800,6 +800,9 @@ pub struct SockOwner {
     pub pid: u32,
     /// `SOCKET_FLAG_*` bits.
     pub flags: u32,
+    /// Network namespace inode of the socket, read once when it is first tracked; 0 when unknown.
+    pub netns: u32,
+    pub _reserved: u32,
 }
 
 /// [`SockOwner::flags`] bit: the socket belongs to the agent; its records are not reported.
@@ -964,7 +967,7 @@ const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
 const _: () = assert!(size_of::<AcceptRecord>() == 32 + 32 + 32 + 24);
 const _: () = assert!(size_of::<AcceptOffsets>() == 16 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
-const _: () = assert!(size_of::<SockOwner>() == 8);
+const _: () = assert!(size_of::<SockOwner>() == 16);
 const _: () = assert!(size_of::<ListenerKey>() == 8);
 const _: () = assert!(size_of::<ListenerOwner>() == 16);
 const _: () = assert!(size_of::<UdpRecord>() == 32 + 24 + 32);

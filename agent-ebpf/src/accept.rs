@@ -55,7 +55,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     if is_agent(tgid) {
-        remember_owner(sock, tgid, SOCKET_FLAG_AGENT);
+        remember_owner(sock, tgid, SOCKET_FLAG_AGENT, 0);
         return Ok(());
     }
     if !current_in_scope() {
@@ -77,8 +77,12 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let sport: u16 = read_at(sock, offsets.skc_num).ok_or(0i64)?;
     let dport: u16 = read_at::<u16>(sock, offsets.skc_dport).ok_or(0i64)?;
+    // The entry the Accepted record left holds the socket's namespace.
+    // SAFETY: the value is copied out of the map.
+    let known_netns = unsafe { SOCKETS.get(&sock) }.map_or(0, |owner| owner.netns);
+    let netns = if known_netns != 0 { known_netns } else { tcp::socket_netns(sock) };
     // From now on the connection's Close record names this process.
-    remember_owner(sock, tgid, 0);
+    remember_owner(sock, tgid, 0, netns);
 
     let mut flags = 0;
     if let Some(dentry) = kernel::exe_dentry(task) {
@@ -102,7 +106,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
         skaddr: sock,
         fd: ret as u32,
         flags,
-        netns: tcp::socket_netns(sock),
+        netns,
         family,
         sport,
         dport: u16::from_be(dport),
@@ -139,8 +143,8 @@ fn socket_of_fd(offsets: &AcceptOffsets, task: u64, fd: u64) -> Option<u64> {
 
 /// Records `pid` as the owner of the socket, so that its later records carry the process.
 #[inline(always)]
-fn remember_owner(sock: u64, pid: u32, flags: u32) {
-    if SOCKETS.insert(&sock, &SockOwner { pid, flags }, 0).is_err() {
+fn remember_owner(sock: u64, pid: u32, flags: u32, netns: u32) {
+    if SOCKETS.insert(&sock, &SockOwner { pid, flags, netns, _reserved: 0 }, 0).is_err() {
         count(Counter::TcpSocketMapFull);
     }
 }

@@ -56,6 +56,8 @@ struct Owner {
     cgroup_id: u64,
     /// True when the record is written in the owner's own context, so its task can be read.
     current: bool,
+    /// Network namespace of the socket when already known, 0 to read it from the socket.
+    netns: u32,
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
@@ -89,18 +91,21 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 fn on_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
     let (tgid, tid) = current_ids();
     if is_agent(tgid) {
-        track_socket(skaddr, tgid, SOCKET_FLAG_AGENT);
+        track_socket(skaddr, tgid, SOCKET_FLAG_AGENT, 0);
         return Ok(());
     }
     if !current_in_scope() {
         return Ok(());
     }
-    track_socket(skaddr, tgid, 0);
+    // Read once here and kept with the owner, so that the socket's later records skip the read.
+    let netns = socket_netns(skaddr);
+    track_socket(skaddr, tgid, 0, netns);
     let owner = Owner {
         pid: tgid,
         tid,
         cgroup_id: current_cgroup_id(),
         current: true,
+        netns,
     };
     emit(ctx, skaddr, TcpKind::Connect, &owner)
 }
@@ -124,13 +129,13 @@ fn on_handshake_end(
         None if kind == TcpKind::Close => take_seeded(ctx, skaddr),
         known => known,
     };
-    let owner = match tracked {
+    let (owner, netns) = match tracked {
         Some(socket) if socket.flags & SOCKET_FLAG_AGENT != 0 => return Ok(()),
-        Some(socket) => socket.pid,
+        Some(socket) => (socket.pid, socket.netns),
         // Sockets lost to a full map, or opened before the agent and not seeded: unattributed,
         // and unknown to be in scope.
         None if scope_enabled() => return Ok(()),
-        None => 0,
+        None => (0, 0),
     };
     emit(
         ctx,
@@ -141,6 +146,7 @@ fn on_handshake_end(
             tid: 0,
             cgroup_id: 0,
             current: false,
+            netns,
         },
     )
 }
@@ -185,6 +191,8 @@ fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         tid,
         cgroup_id: current_cgroup_id(),
         current: true,
+        // The listener key carries the namespace, read from this socket.
+        netns: key.netns,
     };
     emit(ctx, skaddr, TcpKind::Listen, &owner)
 }
@@ -211,14 +219,15 @@ fn on_accepted(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
     let listener = unsafe { LISTENERS.get(&key) }.copied();
     match listener {
         Some(listener) if listener.flags & LISTENER_FLAG_AGENT != 0 => {
-            track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT);
+            track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0);
             return Ok(());
         }
         Some(_) => {}
         None if scope_enabled() => return Ok(()),
         None => {}
     }
-    track_socket(skaddr, 0, 0);
+    // The listener key carries the namespace, read from this socket.
+    track_socket(skaddr, 0, 0, key.netns);
     emit(
         ctx,
         skaddr,
@@ -228,13 +237,14 @@ fn on_accepted(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
             tid: 0,
             cgroup_id: 0,
             current: false,
+            netns: key.netns,
         },
     )
 }
 
-fn track_socket(skaddr: u64, pid: u32, flags: u32) {
+fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32) {
     if SOCKETS
-        .insert(&skaddr, &SockOwner { pid, flags }, 0)
+        .insert(&skaddr, &SockOwner { pid, flags, netns, _reserved: 0 }, 0)
         .is_err()
     {
         count(Counter::TcpSocketMapFull);
@@ -313,7 +323,7 @@ fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> R
     } else {
         return Ok(());
     };
-    let netns = socket_netns(skaddr);
+    let netns = if owner.netns != 0 { owner.netns } else { socket_netns(skaddr) };
     let mut flags = 0;
     // Only the last record of a connection carries its byte counts and error. Reading them costs
     // five probe reads, so the records before it leave them zero.

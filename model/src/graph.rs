@@ -2,6 +2,8 @@
 //! the model allows it.
 
 use std::collections::{HashMap, VecDeque};
+
+use crate::FastMap;
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
@@ -164,8 +166,8 @@ pub struct Connection {
 #[derive(Debug, Clone)]
 pub struct ObservedGraph {
     graph: StableDiGraph<NodeData, EdgeData>,
-    nodes: HashMap<String, NodeIndex>,
-    edges: HashMap<EdgeKey, EdgeIndex>,
+    nodes: FastMap<String, NodeIndex>,
+    edges: FastMap<EdgeKey, EdgeIndex>,
     recency: RecencyIndex<EdgeIndex>,
     max_edges: usize,
     evictions: u64,
@@ -176,8 +178,8 @@ impl ObservedGraph {
     pub fn new(max_edges: usize) -> ObservedGraph {
         ObservedGraph {
             graph: StableDiGraph::new(),
-            nodes: HashMap::new(),
-            edges: HashMap::new(),
+            nodes: FastMap::default(),
+            edges: FastMap::default(),
             recency: RecencyIndex::new(),
             max_edges: max_edges.max(1),
             evictions: 0,

@@ -317,7 +317,7 @@ impl Telemetry {
         for &(netns, local, remote, pid) in connections {
             for (saddr, daddr) in kernel_address_forms(local.ip(), remote.ip()) {
                 let key = ConnectionKey { netns, sport: local.port(), dport: remote.port(), saddr, daddr };
-                map.insert(key, SockOwner { pid, flags: 0 }, 0).map_err(map_error)?;
+                map.insert(key, SockOwner { pid, flags: 0, netns, _reserved: 0 }, 0).map_err(map_error)?;
             }
             added += 1;
         }

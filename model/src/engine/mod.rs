@@ -27,6 +27,7 @@ use self::table::{DeviationTable, Offer};
 use crate::deviation::{Category, Deviation, Evidence};
 use crate::graph::{AttackPath, Connection, EdgeKey, GraphSnapshot, NodeRef, ObservedGraph};
 use crate::model::Model;
+use crate::FastMap;
 use crate::observation::{
     ExecObservation, FlowObservation, ListenObservation, ProcessInfo, Protocol,
 };
@@ -204,7 +205,7 @@ pub struct Engine {
     attack_paths: HashMap<String, AttackPath>,
     /// The judgement of each edge when it was last judged in full, so that a repeat within the
     /// repeat interval is only counted. Emptied with the model and when full.
-    judged_edges: HashMap<EdgeKey, JudgedEdge>,
+    judged_edges: FastMap<EdgeKey, JudgedEdge>,
 }
 
 /// The outcome of judging one edge in full: whether the model declares it and the ids of the
@@ -234,7 +235,7 @@ impl Engine {
             flow_last_seen: Vec::new(),
             watch_since: None,
             attack_paths: HashMap::new(),
-            judged_edges: HashMap::new(),
+            judged_edges: FastMap::default(),
         };
         engine.reset_model_state();
         engine
@@ -696,7 +697,7 @@ fn flow_evidence(
 /// exception can expire between two connections, so those edges are judged in full each time).
 /// Holds at most `limit` edges; past it, every edge is judged in full once more.
 fn remember_judgement(
-    judged: &mut HashMap<EdgeKey, JudgedEdge>,
+    judged: &mut FastMap<EdgeKey, JudgedEdge>,
     limit: usize,
     model: &Model,
     key: EdgeKey,

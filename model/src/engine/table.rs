@@ -1,11 +1,11 @@
 //! The deviation table: one entry per deviation id, bounded, deciding which occurrences are
 //! returned to the caller and which only update the entry.
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use crate::deviation::Deviation;
 use crate::recency::{RecencyIndex, Stamp};
+use crate::FastMap;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -28,7 +28,7 @@ pub(crate) enum Offer {
 
 #[derive(Debug, Clone)]
 pub(crate) struct DeviationTable {
-    entries: HashMap<String, Entry>,
+    entries: FastMap<String, Entry>,
     recency: RecencyIndex<String>,
     max_entries: usize,
     evictions: u64,
@@ -37,7 +37,7 @@ pub(crate) struct DeviationTable {
 impl DeviationTable {
     pub fn new(max_entries: usize) -> DeviationTable {
         DeviationTable {
-            entries: HashMap::new(),
+            entries: FastMap::default(),
             recency: RecencyIndex::new(),
             max_entries: max_entries.max(1),
             evictions: 0,
