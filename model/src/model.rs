@@ -540,7 +540,13 @@ impl Model {
         })
     }
 
-    /// True when `flow` covers traffic from `source` to `destination`, whatever its `deny` flag.
+    /// True when `flow` covers traffic from `source` to `destination`.
+    ///
+    /// A side known only by its zone (a remote address for which the model names no component)
+    /// also matches an allowed flow's component that is declared in that zone. The agent on this
+    /// host cannot tell which of the zone's components the peer is; the peer's own agent judges
+    /// the flow by its process. A `deny` flow matches such a side only by the zone, so a control
+    /// is not reported as failed on a guess.
     pub fn flow_covers(
         &self,
         flow: &Flow,
@@ -553,6 +559,11 @@ impl Model {
             declared == node
                 || (self.zone_index.contains_key(declared)
                     && zone.is_some_and(|zone| self.zone_within(zone, declared)))
+                || (!flow.deny
+                    && self.zone_index.contains_key(node)
+                    && self
+                        .component(declared)
+                        .is_some_and(|component| self.zone_within(&component.zone, node)))
         };
         let forward = side_matches(&flow.from, source) && side_matches(&flow.to, destination);
         let reverse = flow.direction == Direction::Both
