@@ -658,12 +658,15 @@ impl Pipeline {
             }
             TcpEventKind::Connected => {
                 let process = self.processes.get(tcp.pid);
-                let flows = self.sockets.on_connected(process, tcp.pid, tcp.netns, tcp.local, tcp.remote, now);
+                let time = self.clock.to_system(tcp.ktime_ns);
+                let flows = self.sockets.on_connected(process, tcp.pid, tcp.netns, tcp.local, tcp.remote, now, time);
                 self.observe_flows(flows);
             }
             TcpEventKind::Accepted => {
                 let processes = &self.processes;
-                let flows = self.sockets.on_accepted(|pid| processes.get(pid), tcp.sock, tcp.netns, tcp.local, tcp.remote, now);
+                let time = self.clock.to_system(tcp.ktime_ns);
+                let flows =
+                    self.sockets.on_accepted(|pid| processes.get(pid), tcp.sock, tcp.netns, tcp.local, tcp.remote, now, time);
                 self.observe_flows(flows);
             }
             TcpEventKind::Listen => {
@@ -752,6 +755,7 @@ impl Pipeline {
             accept.local,
             accept.remote,
             Instant::now(),
+            self.clock.to_system(accept.ktime_ns),
         );
         self.observe_flows(flows);
     }
@@ -772,7 +776,7 @@ impl Pipeline {
         }
         let netns = flow.client.as_ref().or(flow.server.as_ref()).map_or(0, |end| end.netns);
         let observation = FlowObservation {
-            time: SystemTime::now(),
+            time: flow_time(&flow),
             protocol: Protocol::Tcp,
             client,
             server,
@@ -864,6 +868,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Waits for the next command; never returns when there is no command channel or it closed.
+/// When a joined connection happened: the time of its first end the kernel reported, not the end
+/// of the join window that handed it on.
+fn flow_time(flow: &JoinedFlow) -> SystemTime {
+    flow.client.iter().chain(flow.server.iter()).map(|end| end.time).min().unwrap_or_else(SystemTime::now)
+}
+
 async fn next_command(commands: &mut Option<mpsc::Receiver<PipelineCommand>>) -> Option<PipelineCommand> {
     match commands {
         Some(receiver) => match receiver.recv().await {
@@ -900,7 +910,22 @@ async fn recv_reply(replies: &mut Option<mpsc::Receiver<LabelReply>>) -> Option<
 
 #[cfg(test)]
 mod tests {
-    use super::cgroup_within;
+    use std::net::SocketAddr;
+    use std::time::{Duration, SystemTime};
+
+    use super::{cgroup_within, flow_time};
+    use crate::state::sockets::{JoinedFlow, PendingEnd};
+
+    #[test]
+    fn flow_time_is_the_first_end_reported() {
+        let at = |seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds);
+        let end = |time| PendingEnd { pid: 1, netns: 1, process: None, time };
+        let addr: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let flow = JoinedFlow { client_addr: addr, server_addr: addr, client: Some(end(at(20))), server: Some(end(at(10))) };
+        assert_eq!(flow_time(&flow), at(10));
+        let client_only = JoinedFlow { server: None, ..flow };
+        assert_eq!(flow_time(&client_only), at(20));
+    }
 
     #[test]
     fn cgroup_within_scope_needs_a_whole_component() {

@@ -17,7 +17,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use driftwatch_model::observation::ProcessInfo;
 
@@ -43,6 +43,8 @@ pub struct PendingEnd {
     /// ends, because a process that connects and then execs must be reported as the program that
     /// connected.
     pub process: Option<Arc<ProcessInfo>>,
+    /// When the kernel reported this end, on the wall clock.
+    pub time: SystemTime,
 }
 
 /// A connection ready for the engine, with whatever ends were seen.
@@ -215,7 +217,8 @@ impl SocketState {
             if socket.state != super::seed::SeededState::Established || socket.pid == 0 {
                 continue;
             }
-            let end = PendingEnd { pid: socket.pid, netns: socket.netns, process: resolve(socket.pid) };
+            // Opened before the agent started; it is first seen now.
+            let end = PendingEnd { pid: socket.pid, netns: socket.netns, process: resolve(socket.pid), time: SystemTime::now() };
             let accepted = self.listeners.contains_key(&(socket.netns, socket.local.port()));
             let out = if accepted {
                 let key = FlowKey::new(socket.remote, socket.local, socket.netns);
@@ -273,9 +276,10 @@ impl SocketState {
         local: SocketAddr,
         remote: SocketAddr,
         now: Instant,
+        time: SystemTime,
     ) -> Vec<JoinedFlow> {
         let key = FlowKey::new(local, remote, netns);
-        let end = PendingEnd { pid, netns, process };
+        let end = PendingEnd { pid, netns, process, time };
         self.add_end(key, now, None, |flow| flow.client = Some(end))
     }
 
@@ -290,6 +294,7 @@ impl SocketState {
         local: SocketAddr,
         remote: SocketAddr,
         now: Instant,
+        time: SystemTime,
     ) -> Vec<JoinedFlow> {
         if self.recent.get(&sock) == Some(&RecentSocket::Accepted) {
             self.recent.remove(&sock);
@@ -304,7 +309,7 @@ impl SocketState {
         };
         let key = FlowKey::new(remote, local, netns);
         let process = if pid == 0 { None } else { resolve(pid) };
-        let end = PendingEnd { pid, netns, process };
+        let end = PendingEnd { pid, netns, process, time };
         let awaiting = self.accept_window.map(|window| (sock, now + window));
         if awaiting.is_none() {
             self.stats.accepts_by_listener_owner += 1;
@@ -324,9 +329,10 @@ impl SocketState {
         local: SocketAddr,
         remote: SocketAddr,
         now: Instant,
+        time: SystemTime,
     ) -> Vec<JoinedFlow> {
         self.expire_recent(now);
-        let end = PendingEnd { pid, netns, process };
+        let end = PendingEnd { pid, netns, process, time };
         if let Some(key) = self.awaiting.remove(&sock) {
             return self.resolve_acceptor(key, end, now);
         }
@@ -489,6 +495,9 @@ impl SocketState {
 mod tests {
     use super::*;
 
+    /// The kernel time of every end in these tests; the join does not look at it.
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()
     }
@@ -502,11 +511,11 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         assert!(state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:5432"), netns: 2 }));
-        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:5432"), now).is_empty());
-        let joined = state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
+        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:5432"), now, T0).is_empty());
+        let joined = state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now, T0);
         assert_eq!(joined.len(), 1);
-        assert_eq!(joined[0].client, Some(PendingEnd { pid: 10, netns: 1, process: None }));
-        assert_eq!(joined[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
+        assert_eq!(joined[0].client, Some(PendingEnd { pid: 10, netns: 1, process: None, time: T0 }));
+        assert_eq!(joined[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None, time: T0 }));
         assert_eq!(joined[0].server_addr, addr("198.18.0.3:5432"));
         assert!(state.flush_expired(now + Duration::from_secs(1)).is_empty());
     }
@@ -516,8 +525,8 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         state.on_listen(1, Listener { pid: 20, addr: addr("[::]:443"), netns: 2 });
-        assert!(state.on_accepted(|_| None, 0x100, 2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now).is_empty());
-        let joined = state.on_connected(None, 10, 1, addr("[fd00::2]:5000"), addr("[fd00::3]:443"), now);
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("[fd00::3]:443"), addr("[fd00::2]:5000"), now, T0).is_empty());
+        let joined = state.on_connected(None, 10, 1, addr("[fd00::2]:5000"), addr("[fd00::3]:443"), now, T0);
         assert_eq!(joined.len(), 1);
     }
 
@@ -525,7 +534,7 @@ mod tests {
     fn lone_end_flushes_after_window() {
         let mut state = state();
         let now = Instant::now();
-        state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.9.9:443"), now);
+        state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.9.9:443"), now, T0);
         assert!(state.flush_expired(now + Duration::from_millis(50)).is_empty());
         let flushed = state.flush_expired(now + Duration::from_millis(150));
         assert_eq!(flushed.len(), 1);
@@ -537,15 +546,15 @@ mod tests {
     fn loopback_in_different_namespaces_does_not_join() {
         let mut state = state();
         let now = Instant::now();
-        state.on_connected(None, 10, 1, addr("127.0.0.1:40000"), addr("127.0.0.1:80"), now);
-        assert!(state.on_accepted(|_| None, 0x100, 2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now).is_empty());
+        state.on_connected(None, 10, 1, addr("127.0.0.1:40000"), addr("127.0.0.1:80"), now, T0);
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("127.0.0.1:80"), addr("127.0.0.1:40000"), now, T0).is_empty());
         assert_eq!(state.flush_expired(now + Duration::from_secs(1)).len(), 2);
     }
 
     #[test]
     fn accepted_without_listener_is_counted() {
         let mut state = state();
-        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:22"), addr("198.18.0.2:1"), Instant::now());
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:22"), addr("198.18.0.2:1"), Instant::now(), T0);
         assert_eq!(state.stats().accepted_without_listener, 1);
     }
 
@@ -554,9 +563,9 @@ mod tests {
         let mut state = state();
         let now = Instant::now();
         for port in 0..4 {
-            state.on_connected(None, 10, 1, addr(&format!("198.18.0.2:{}", 4000 + port)), addr("198.18.9.9:443"), now);
+            state.on_connected(None, 10, 1, addr(&format!("198.18.0.2:{}", 4000 + port)), addr("198.18.9.9:443"), now, T0);
         }
-        let out = state.on_connected(None, 10, 1, addr("198.18.0.2:5000"), addr("198.18.9.9:443"), now);
+        let out = state.on_connected(None, 10, 1, addr("198.18.0.2:5000"), addr("198.18.9.9:443"), now, T0);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].client_addr, addr("198.18.0.2:4000"));
         assert_eq!(state.stats().pending_overflow, 1);
@@ -570,9 +579,9 @@ mod tests {
         let sockets = [seeded(SeededState::Listen, 77, 20), seeded(SeededState::Established, 78, 21), seeded(SeededState::Listen, 79, 0)];
         assert_eq!(state.seed_listeners(&sockets), 1);
         let now = Instant::now();
-        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now);
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:5432"), addr("198.18.0.2:40000"), now, T0);
         let flushed = state.flush_expired(now + Duration::from_secs(1));
-        assert_eq!(flushed[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None }));
+        assert_eq!(flushed[0].server, Some(PendingEnd { pid: 20, netns: 2, process: None, time: T0 }));
         assert_eq!(state.stats().accepted_without_listener, 0);
     }
 
@@ -601,7 +610,7 @@ mod tests {
         let mut state = state();
         state.await_acceptors(Duration::from_millis(500));
         state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:80"), netns: 2 });
-        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:80"), now).is_empty());
+        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40000"), addr("198.18.0.3:80"), now, T0).is_empty());
         state
     }
 
@@ -609,13 +618,13 @@ mod tests {
     fn accepting_process_replaces_listener_owner() {
         let now = Instant::now();
         let mut state = prefork_state(now);
-        assert!(state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now).is_empty());
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now, T0).is_empty());
         // The join window passes while the worker has not accepted yet: nothing goes out.
         assert!(state.flush_expired(now + Duration::from_millis(200)).is_empty());
         let later = now + Duration::from_millis(300);
-        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), later);
+        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), later, T0);
         assert_eq!(joined.len(), 1);
-        assert_eq!(joined[0].server, Some(PendingEnd { pid: 21, netns: 2, process: None }));
+        assert_eq!(joined[0].server, Some(PendingEnd { pid: 21, netns: 2, process: None, time: T0 }));
         assert_eq!(joined[0].client.as_ref().map(|end| end.pid), Some(10));
         assert_eq!(state.stats().accepts_by_acceptor, 1);
         assert_eq!(state.stats().accepts_by_listener_owner, 0);
@@ -626,10 +635,10 @@ mod tests {
     fn accept_before_accepted_is_not_counted_twice() {
         let now = Instant::now();
         let mut state = prefork_state(now);
-        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now);
+        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now, T0);
         assert_eq!(joined.len(), 1);
         assert_eq!(joined[0].server.as_ref().map(|end| end.pid), Some(21));
-        assert!(state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now).is_empty());
+        assert!(state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now, T0).is_empty());
         assert!(state.flush_expired(now + Duration::from_secs(5)).is_empty());
     }
 
@@ -637,13 +646,13 @@ mod tests {
     fn missing_accept_falls_back_to_listener_owner() {
         let now = Instant::now();
         let mut state = prefork_state(now);
-        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now);
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now, T0);
         let flushed = state.flush_expired(now + Duration::from_millis(600));
         assert_eq!(flushed.len(), 1);
         assert_eq!(flushed[0].server.as_ref().map(|end| end.pid), Some(20));
         assert_eq!(state.stats().accepts_by_listener_owner, 1);
         // The accept that comes too late makes no second flow.
-        let late = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now + Duration::from_secs(1));
+        let late = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now + Duration::from_secs(1), T0);
         assert!(late.is_empty());
         assert_eq!(state.stats().late_accepts, 1);
         assert!(state.flush_expired(now + Duration::from_secs(5)).is_empty());
@@ -655,8 +664,8 @@ mod tests {
         state.await_acceptors(Duration::from_millis(500));
         state.on_listen(1, Listener { pid: 20, addr: addr("0.0.0.0:80"), netns: 2 });
         let now = Instant::now();
-        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("203.0.113.9:40000"), now);
-        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("203.0.113.9:40000"), now + Duration::from_millis(150));
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("203.0.113.9:40000"), now, T0);
+        let joined = state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("203.0.113.9:40000"), now + Duration::from_millis(150), T0);
         assert_eq!(joined.len(), 1, "the join window has passed, so no client end can come");
         assert_eq!(joined[0].client, None);
         assert_eq!(joined[0].server.as_ref().map(|end| end.pid), Some(21));
