@@ -58,7 +58,7 @@ pub fn run(args: &PipelineArgs) -> anyhow::Result<String> {
     let rss_start_kib = own_memory_kib("VmRSS");
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     let hub = Arc::new(DeviationHub::new(HubConfig::default()));
-    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, Box::new(|_| "/driftwatch-bench".to_string()));
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, Box::new(|id| format!("/driftwatch-bench/{id}")));
     // As in the agent, with no subscriber: raw events are never built.
     if !args.no_event_hub {
         pipeline = pipeline.with_events(Arc::new(EventHub::new(EventHubConfig::default(), "")));
@@ -234,8 +234,14 @@ impl SyntheticEvents {
         let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 30_000 + (index % 30_000) as u16);
         let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10)), 10_000 + (index % 100) as u16);
         let sock = 0xeeee_0000_0000_0000 | index;
+        // Processes that match no component are grouped by cgroup, so each program gets a cgroup
+        // of its own to make a node of its own.
+        let mut exec = exec(ktime_ns, pid, &program);
+        if let Event::Exec(event) = &mut exec {
+            event.cgroup_id = 2 + index / 100;
+        }
         [
-            exec(ktime_ns, pid, &program),
+            exec,
             Event::Tcp(tcp_event(ktime_ns, TcpEventKind::Connected, pid, local, remote, sock)),
             Event::Tcp(tcp_event(ktime_ns, TcpEventKind::Close, pid, local, remote, sock)),
         ]
