@@ -5,7 +5,7 @@
 //! ids are unique across zones and components, every reference points at a declared id, and every
 //! glob and CIDR compiled.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -25,8 +25,8 @@ pub struct Model {
     pub components: Vec<Component>,
     pub flows: Vec<Flow>,
     pub exceptions: Vec<Exception>,
-    pub(crate) zone_index: HashMap<String, usize>,
-    pub(crate) component_index: HashMap<String, usize>,
+    pub(crate) zone_index: crate::FastMap<String, usize>,
+    pub(crate) component_index: crate::FastMap<String, usize>,
     /// Every zone CIDR with its zone index, longest prefix first, so the first hit is the most
     /// specific one.
     pub(crate) cidr_table: Vec<(IpNet, usize)>,
@@ -555,6 +555,10 @@ impl Model {
         protocol: Protocol,
         port: u16,
     ) -> bool {
+        // The protocol and port are checked first: they are cheap and rule out most flows.
+        if flow.protocol != protocol || !flow.allows_port(port) {
+            return false;
+        }
         let side_matches = |declared: &str, (node, zone): (&str, Option<&str>)| {
             declared == node
                 || (self.zone_index.contains_key(declared)
@@ -569,7 +573,7 @@ impl Model {
         let reverse = flow.direction == Direction::Both
             && side_matches(&flow.from, destination)
             && side_matches(&flow.to, source);
-        flow.protocol == protocol && flow.allows_port(port) && (forward || reverse)
+        forward || reverse
     }
 
     /// Returns the first exception in force at `time` that covers `deviation_id`.
