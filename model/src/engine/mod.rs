@@ -208,6 +208,10 @@ pub struct Engine {
     judged_edges: FastMap<EdgeKey, JudgedEdge>,
 }
 
+/// Most edges whose judgement is kept. Repeats come from the edges in use, a small part of a large
+/// graph, and each entry holds a copy of its key and ids.
+const JUDGED_EDGES_MAX: usize = 16_384;
+
 /// The outcome of judging one edge in full: whether the model declares it and the ids of the
 /// deviations it raised, none of them covered by an exception, active or expired.
 #[derive(Debug, Clone)]
@@ -395,7 +399,7 @@ impl Engine {
         };
         // Kept before the attack paths, which only a new edge raises.
         if denied.is_none() {
-            let limit = self.config.max_edges;
+            let limit = self.config.max_edges.min(JUDGED_EDGES_MAX);
             remember_judgement(&mut self.judged_edges, limit, model, key.clone(), declared, &findings, observation.time);
         }
         if new_edge {
