@@ -83,6 +83,7 @@ pub fn event_record(sequence: u64, event: &RawEvent) -> Value {
             "remote_name": socket.remote_name,
             "remote_component": socket.remote_placement.component,
             "remote_zone": socket.remote_placement.zone,
+            "is_reply": socket.is_reply,
         }),
         EventDetail::DnsAnswer { name, addresses, server } => json!({
             "dns_name": name,

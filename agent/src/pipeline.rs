@@ -27,6 +27,7 @@ use driftwatch_model::fleet::PeerRole;
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::seed::{SeededSocket, SeededState};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
+use crate::state::udp_reply::{is_udp_reply, EphemeralPorts};
 use crate::telemetry::event::{AcceptEvent, DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent};
 
 /// Bounds and timing of the pipeline.
@@ -51,6 +52,9 @@ pub struct PipelineConfig {
     /// Observations held at most; beyond it the oldest is evaluated without waiting.
     pub max_held: usize,
     pub dns: DnsConfig,
+    /// The kernel's ephemeral port range, which separates a UDP server's reply from a client's
+    /// datagram. The agent reads it from the host with [`EphemeralPorts::read_or_default`].
+    pub ephemeral_ports: EphemeralPorts,
 }
 
 impl Default for PipelineConfig {
@@ -66,6 +70,7 @@ impl Default for PipelineConfig {
             label_hold: Duration::from_secs(3),
             max_held: 4096,
             dns: DnsConfig::default(),
+            ephemeral_ports: EphemeralPorts::LINUX_DEFAULT,
         }
     }
 }
@@ -83,6 +88,8 @@ pub struct PipelineStats {
     pub connect_failures: u64,
     /// New UDP flows (first datagrams and UDP connects) reported by the kernel.
     pub udp_flows: u64,
+    /// UDP flows whose first datagram was a server's reply, observed as flows from the client.
+    pub udp_replies: u64,
     pub flows: u64,
     /// Flows neither of whose ends the process table knew.
     pub flows_without_process: u64,
@@ -117,6 +124,7 @@ impl PipelineStats {
             ("pipeline_credential_changes", self.credential_changes),
             ("pipeline_connect_failures", self.connect_failures),
             ("pipeline_udp_flows", self.udp_flows),
+            ("pipeline_udp_replies", self.udp_replies),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
             ("pipeline_listens_without_process", self.listens_without_process),
@@ -587,7 +595,13 @@ impl Pipeline {
     fn publish_raw(&self, build: impl FnOnce(&EventBuilder) -> Option<crate::events::RawEvent>) {
         let Some(hub) = &self.events else { return };
         let engine = self.engine();
-        let builder = EventBuilder { processes: &self.processes, engine: &engine, dns: &self.dns, clock: self.clock };
+        let builder = EventBuilder {
+            processes: &self.processes,
+            engine: &engine,
+            dns: &self.dns,
+            clock: self.clock,
+            ephemeral_ports: self.config.ephemeral_ports,
+        };
         if let Some(event) = build(&builder) {
             hub.publish(event);
         }
@@ -697,9 +711,13 @@ impl Pipeline {
         }
     }
 
-    /// Hands a new UDP flow to the engine, seen from the sending process only.
+    /// Hands a new UDP flow to the engine, seen from the sending process only. A datagram that
+    /// [`is_udp_reply`] takes for a server's reply is handed over as the flow from the remote
+    /// client to the server's port, so a DNS server raises one udp/53 flow and not one flow per
+    /// client port.
     // NOTE: the receiving end of a UDP flow is not joined, even when it runs on this host, so a
-    // UDP flow between two observed processes is reported as a flow to the server's address.
+    // UDP flow between two observed processes is reported twice: as a flow to the server's address
+    // from the client, and as a flow from the client's address to the server from its reply.
     fn handle_udp(&mut self, udp: UdpEvent) {
         if udp.remote.port() == agent_common::DNS_PORT {
             self.dns.on_query_socket(udp.cookie, DnsSocket { pid: udp.pid, netns: udp.netns });
@@ -709,16 +727,27 @@ impl Pipeline {
             self.stats.flows_without_process += 1;
             return;
         };
-        tracing::trace!(pid = udp.pid, tid = udp.tid, kind = ?udp.kind, remote = %udp.remote, "udp flow");
+        let reply = is_udp_reply(udp.local.port(), udp.remote.port(), self.config.ephemeral_ports);
+        tracing::trace!(pid = udp.pid, tid = udp.tid, kind = ?udp.kind, remote = %udp.remote, reply, "udp flow");
+        // The kernel reports each client port of a reply flow once, so the engine counts a
+        // reply flow once per client socket, as it counts TCP connections.
+        // NOTE: a busy UDP server still costs one kernel record per new client port, until the
+        // kernel program keys a reply by its source port in place of the client's port.
+        let (client, server, client_addr, server_addr) = if reply {
+            self.stats.udp_replies += 1;
+            (None, Some(process), udp.remote, udp.local)
+        } else {
+            (Some(process), None, udp.local, udp.remote)
+        };
         let observation = FlowObservation {
             time: self.clock.to_system(udp.ktime_ns),
             protocol: Protocol::Udp,
-            client: Some(process),
-            server: None,
-            client_addr: udp.local,
-            server_addr: udp.remote,
+            client,
+            server,
+            client_addr,
+            server_addr,
             netns: udp.netns,
-            remote_name: self.dns.name_of(udp.remote.ip(), Instant::now()).map(str::to_owned),
+            remote_name: self.dns.name_of(server_addr.ip(), Instant::now()).map(str::to_owned),
         };
         self.submit(Observation::Flow(observation));
     }
@@ -907,6 +936,10 @@ async fn recv_reply(replies: &mut Option<mpsc::Receiver<LabelReply>>) -> Option<
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+#[path = "pipeline_udp_tests.rs"]
+mod udp_tests;
 
 #[cfg(test)]
 mod tests {

@@ -33,6 +33,7 @@ usage: driftwatch-demo-service <role> [options]
   connect-once --target ADDR             connect, then exit at once without sending anything
   udp-send --target ADDR [--bind ADDR] [--count N]     send N datagrams with sendto (default 1)
   udp-connect --target ADDR [--bind ADDR] [--count N]  connect a UDP socket, then send N datagrams
+  udp-echo --listen ADDR                               send every datagram back to its sender
   resolve-connect --server ADDR --name NAME --port N   ask a DNS server for NAME's A record, then
                                                        connect to that address over TCP
   uring-connect --target ADDR                          TCP connect through io_uring
@@ -87,6 +88,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             workload::udp_connect(options.target()?, options.bind()?, options.count.unwrap_or(1))
                 .map(|()| ExitCode::SUCCESS)
         }
+        "udp-echo" => workload::udp_echo(options.listen()?).map(|()| ExitCode::SUCCESS),
         "resolve-connect" => {
             let name = options.name.as_deref().ok_or_else(|| format!("missing --name NAME\n{USAGE}"))?;
             let port = options.port.ok_or_else(|| format!("missing --port N\n{USAGE}"))?;

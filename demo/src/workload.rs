@@ -54,6 +54,25 @@ pub fn udp_connect(target: SocketAddr, bind: Option<SocketAddr>, count: u32) -> 
     Ok(())
 }
 
+/// Sends every datagram that arrives on `listen` back to its sender, from the bound port, until
+/// the process is killed. Prints `listening ADDR` once bound and `echoed N to PEER` after each
+/// reply, so a test can wait for both.
+pub fn udp_echo(listen: SocketAddr) -> Result<(), String> {
+    let socket = UdpSocket::bind(listen).map_err(|error| format!("failed to bind a UDP socket to {listen}: {error}"))?;
+    println!("listening {}", local_of(&socket));
+    let mut buffer = [0u8; 2048];
+    let mut echoed = 0u64;
+    loop {
+        let (length, peer) =
+            socket.recv_from(&mut buffer).map_err(|error| format!("recvfrom on {listen} failed: {error}"))?;
+        socket
+            .send_to(&buffer[..length], peer)
+            .map_err(|error| format!("sendto {peer} failed: {error}"))?;
+        echoed += 1;
+        println!("echoed {echoed} to {peer}");
+    }
+}
+
 fn local_of(socket: &UdpSocket) -> String {
     socket.local_addr().map_or_else(|error| format!("<{error}>"), |addr| addr.to_string())
 }

@@ -2,11 +2,13 @@
 //! namespace of its own sends datagrams (with `sendto`, on a connected socket, over IPv6 and to
 //! an IPv4-mapped address), resolves a name at a DNS server written here and connects to the
 //! answer, and connects or sends through io_uring. Every test asserts the process, executable,
-//! addresses and DNS name the agent streams over gRPC.
+//! addresses and DNS name the agent streams over gRPC. A UDP server in scope replies to clients
+//! outside it, and its replies must count as flows to its own port.
 //!
 //! They need root, `DRIFTWATCH_BIN` and `DRIFTWATCH_DEMO_BIN` (set by `cargo xtask test`).
-//! Namespaces and cgroups carry the tag `hC`.
+//! Namespaces and cgroups carry the tag `hC`, or `hK` in the UDP reply tests.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -49,15 +51,35 @@ flows:
 exceptions: []
 "#;
 
+/// Declares one component, `resolver`, selected by cgroup, which serves UDP on port 53; `{FLOWS}`
+/// is the list of declared flows. The clients outside the agent's scope are in zone `internet`.
+const REPLY_MODEL: &str = r#"version: 1
+zones:
+  - { id: internet, trust: 0, match: { cidrs: ["0.0.0.0/0", "::/0"] } }
+  - { id: lab, trust: 50 }
+components:
+  - id: resolver
+    zone: lab
+    match: { cgroup: ["{ROOT}/resolver"] }
+    executables: ["**/driftwatch-demo-service"]
+flows: {FLOWS}
+exceptions: []
+"#;
+
+/// Queries the UDP reply tests send, each from a socket of its own and so from its own port.
+const QUERIES: usize = 5;
+
 static AGENT_TESTS: Mutex<()> = Mutex::new(());
 
-/// One test's world: hosts client, server and dns, the cgroup `client`, the agent scoped to its
-/// parent, and a subscription to every deviation. Fields drop in declaration order.
+/// One test's world: hosts client, server and dns, the cgroups `client` and `resolver`, the
+/// agent scoped to their parent, and a subscription to every deviation. Fields drop in
+/// declaration order.
 struct World {
     watcher: DeviationWatcher,
     processes: Vec<ProcessGuard>,
     agent: AgentUnderTest,
     client: Cgroup,
+    resolver: Cgroup,
     root: Cgroup,
     topology: Topology,
     service: PathBuf,
@@ -67,20 +89,27 @@ struct World {
 
 impl World {
     fn start() -> World {
+        World::start_with("hC", MODEL)
+    }
+
+    /// Starts a world whose namespaces and cgroups carry `tag`, with the agent on `model`, in
+    /// which `{ROOT}` stands for the agent's cgroup.
+    fn start_with(tag: &str, model_text: &str) -> World {
         let serial = AGENT_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         require_root().unwrap();
         let bin = driftwatch_bin().unwrap();
         let service = demo_service_bin().unwrap();
 
-        let mut topology = Topology::tagged("hC").unwrap();
+        let mut topology = Topology::tagged(tag).unwrap();
         topology.add_host("client", &format!("{CLIENT_V4}/24"), &format!("{CLIENT_V6}/64")).unwrap();
         topology.add_host("server", &format!("{SERVER_V4}/24"), &format!("{SERVER_V6}/64")).unwrap();
         topology.add_host("dns", &format!("{DNS_V4}/24"), "fd00:d5:3::53/64").unwrap();
 
-        let root = Cgroup::create(&format!("dw-udp-hC-{}", unique_suffix())).unwrap();
+        let root = Cgroup::create(&format!("dw-udp-{tag}-{}", unique_suffix())).unwrap();
         let client = root.child("client").unwrap();
+        let resolver = root.child("resolver").unwrap();
         let model = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
-        fs::write(model.path(), MODEL.replace("{ROOT}", root.relative_path())).unwrap();
+        fs::write(model.path(), model_text.replace("{ROOT}", root.relative_path())).unwrap();
         let agent = AgentUnderTest::start_with(&bin, model.path(), root.path(), &[]).unwrap();
         let watcher = DeviationWatcher::subscribe(agent.api_addr()).unwrap();
         World {
@@ -88,6 +117,7 @@ impl World {
             processes: Vec::new(),
             agent,
             client,
+            resolver,
             root,
             topology,
             service,
@@ -116,6 +146,33 @@ impl World {
         let process = spawn_in(Some(&self.topology.host("server").netns), None, command).unwrap();
         process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
         self.processes.push(process);
+    }
+
+    /// Starts a UDP echo server on `listen` on the server host, in the observed cgroup
+    /// `resolver`, and returns its pid.
+    fn serve_udp_in_scope(&mut self, listen: &str) -> u32 {
+        let mut command = Command::new(&self.service);
+        command.args(["udp-echo", "--listen", listen]);
+        let process =
+            spawn_in(Some(&self.topology.host("server").netns), Some(&self.resolver), command).unwrap();
+        process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+        let pid = process.pid();
+        self.processes.push(process);
+        pid
+    }
+
+    /// Waits until the graph has a UDP edge on `port` with `connections` connections, then
+    /// checks that it is the only UDP edge and returns it.
+    fn only_udp_edge(&self, port: u32, connections: u64) -> driftwatch_proto::v1::Edge {
+        let mut graph = Default::default();
+        let edge = wait_until(OBSERVE_TIMEOUT, || {
+            graph = stream::graph(self.agent.api_addr()).ok()?;
+            graph.edges.iter().find(|edge| edge.port == port && edge.connections == connections).cloned()
+        })
+        .unwrap_or_else(|| panic!("no UDP edge on port {port} with {connections} connections in {graph:#?}"));
+        let udp_edges: Vec<_> = graph.edges.iter().filter(|edge| edge.protocol == Protocol::Udp as i32).collect();
+        assert_eq!(udp_edges.len(), 1, "expected one UDP edge: {udp_edges:#?}");
+        edge
     }
 
     fn client_netns(&self) -> u32 {
@@ -326,6 +383,115 @@ fn resolved_name_appears_in_deviation() {
     world.assert_counter("dns_messages", 1);
     world.assert_counter("dns_unmatched", 0);
     world.assert_counter("dns_names_learned", 1);
+}
+
+#[test]
+fn udp_server_reply_is_flow_to_server_port() {
+    let model = REPLY_MODEL.replace("{FLOWS}", "[{ from: internet, to: resolver, port: 53, proto: udp }]");
+    let mut world = World::start_with("hK", &model);
+    world.serve_udp_in_scope(&format!("{SERVER_V4}:53"));
+
+    let server = SocketAddr::new(SERVER_V4.parse().unwrap(), 53);
+    let clients = query_from_fresh_sockets(&world.topology.host("client").netns, server, QUERIES);
+    assert_client_ports_ephemeral(&clients);
+
+    // The kernel reports the first datagram to each destination port, so the replies to five
+    // client ports are five flows, each one connection of the edge from the clients' zone.
+    world.assert_counter("pipeline_udp_flows", QUERIES as u64);
+    world.assert_counter("pipeline_udp_replies", QUERIES as u64);
+    let edge = world.only_udp_edge(53, QUERIES as u64);
+    assert_eq!(edge.source, "internet");
+    assert_eq!(edge.destination, "resolver");
+    assert!(edge.declared, "{edge:?}");
+
+    world.assert_counter("pipeline_deviations_published", 0);
+    let raised = world.watcher.deviations();
+    assert!(raised.is_empty(), "a declared UDP server raised:\n{}", describe_all(&raised));
+}
+
+#[test]
+fn undeclared_udp_server_raises_one_flow() {
+    let mut world = World::start_with("hK", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+    let pid = world.serve_udp_in_scope("0.0.0.0:53");
+
+    let server = SocketAddr::new(SERVER_V4.parse().unwrap(), 53);
+    let clients = query_from_fresh_sockets(&world.topology.host("client").netns, server, QUERIES);
+    assert_client_ports_ephemeral(&clients);
+
+    let flow = world.wait_for("unexpected-flow on udp/53", |deviation| {
+        deviation.category == Category::UnexpectedFlow as i32
+    });
+    assert_eq!(flow.id, "unexpected-flow@internet@resolver@udp/53");
+    assert_eq!(flow.protocol, Protocol::Udp as i32);
+    assert_eq!(flow.port, Some(53));
+    let (found_pid, exe) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
+    assert_eq!(found_pid, pid);
+    assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+    // The deviation keeps the evidence of the first reply: the first client and the server's
+    // unspecified bound address.
+    assert_eq!(evidence(&flow).local_addr, clients[0].to_string());
+    assert_eq!(evidence(&flow).remote_addr, "0.0.0.0:53");
+    world.wait_for("trust-boundary-crossing on udp/53", |deviation| {
+        deviation.category == Category::TrustBoundaryCrossing as i32
+    });
+
+    world.assert_counter("pipeline_udp_replies", QUERIES as u64);
+    let edge = world.only_udp_edge(53, QUERIES as u64);
+    assert_eq!(edge.source, "internet");
+    assert_eq!(edge.destination, "resolver");
+    assert!(!edge.declared, "{edge:?}");
+
+    // The first reply raises one unexpected-flow and one trust-boundary-crossing; the replies
+    // to the other client ports raise nothing new.
+    world.assert_counter("pipeline_deviations_published", 2);
+    let raised = world.watcher.deviations();
+    let ids: BTreeSet<&str> = raised.iter().map(|deviation| deviation.id.as_str()).collect();
+    let expected = BTreeSet::from([
+        "trust-boundary-crossing@internet@resolver@udp/53",
+        "unexpected-flow@internet@resolver@udp/53",
+    ]);
+    assert_eq!(ids, expected, "raised:\n{}", describe_all(&raised));
+}
+
+/// Sends `count` queries to the UDP echo server at `server` from a thread in `netns`, each from
+/// a new socket on an ephemeral port, and waits for each echo. Returns the sockets' addresses.
+fn query_from_fresh_sockets(netns: &NetNs, server: SocketAddr, count: usize) -> Vec<SocketAddr> {
+    let namespace = fs::File::open(netns.path()).unwrap();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
+        let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns failed: {}", std::io::Error::last_os_error());
+        let mut clients = Vec::new();
+        for index in 0..count {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(RUN_TIMEOUT)).unwrap();
+            let query = format!("query {index}");
+            socket.send_to(query.as_bytes(), server).unwrap();
+            let mut buffer = [0u8; 64];
+            let (length, from) = socket
+                .recv_from(&mut buffer)
+                .unwrap_or_else(|error| panic!("no answer from {server} to {query:?}: {error}"));
+            assert_eq!(from, server);
+            assert_eq!(&buffer[..length], query.as_bytes());
+            // The socket was unbound, so its address is known only after the send.
+            let local = socket.local_addr().unwrap();
+            clients.push(SocketAddr::new(CLIENT_V4.parse().unwrap(), local.port()));
+        }
+        clients
+    });
+    thread.join().expect("the UDP client thread panicked")
+}
+
+/// Checks that the client ports differ and lie in the ephemeral range of this namespace, which
+/// the agent reads at start-up.
+fn assert_client_ports_ephemeral(clients: &[SocketAddr]) {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let bounds: Vec<u16> = range.split_whitespace().map(|port| port.parse().unwrap()).collect();
+    let ports: BTreeSet<u16> = clients.iter().map(SocketAddr::port).collect();
+    assert_eq!(ports.len(), clients.len(), "client ports repeat: {clients:?}");
+    for port in ports {
+        assert!((bounds[0]..=bounds[1]).contains(&port), "client port {port} is outside {range:?}");
+    }
 }
 
 /// What the test's DNS server answers for a name.

@@ -27,6 +27,7 @@ use crate::fleet::endpoints::{EndpointLimits, EndpointTable};
 use crate::fleet::host;
 use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
+use crate::state::udp_reply::EphemeralPorts;
 use crate::reload::{self, ModelReloader, ReloadTrigger};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
@@ -212,7 +213,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     });
 
     // Label lookups run in a task of their own, so that a slow runtime never stalls the pipeline.
-    let pipeline_config = PipelineConfig::default();
+    let pipeline_config =
+        PipelineConfig { ephemeral_ports: EphemeralPorts::read_or_default(), ..PipelineConfig::default() };
     let (label_requests, label_requests_rx) = mpsc::channel(1024);
     let (label_replies_tx, label_replies) = mpsc::channel(1024);
     let label_sources = label_sources(&args.docker_socket, args.cri_socket.as_deref());

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::{DeviationHub, HubConfig};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
+use crate::state::udp_reply::EphemeralPorts;
 use crate::report::{CheckReport, CommandOutcome, ModelLocations, ReportFormat};
 use crate::telemetry::{self, CgroupPaths, Event, Telemetry, TelemetryConfig, TelemetryCounters};
 
@@ -194,7 +195,9 @@ async fn observe(args: &CheckArgs, model: Model) -> anyhow::Result<Observed> {
     let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
     // No client subscribes to the hub in CI mode, because the report reads the engine's table.
     let hub = Arc::new(DeviationHub::new(HubConfig::default()));
-    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, cgroup.resolver()?);
+    let pipeline_config =
+        PipelineConfig { ephemeral_ports: EphemeralPorts::read_or_default(), ..PipelineConfig::default() };
+    let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub, cgroup.resolver()?);
     if telemetry.reports_acceptors() {
         pipeline.await_acceptors();
     }

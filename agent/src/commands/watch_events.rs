@@ -63,6 +63,9 @@ pub fn print_event_text(out: &mut impl Write, sequence: u64, node: &str, event: 
                 format!("{} -> {}", socket.local, socket.remote)
             };
             writeln!(out, "    {:<10} {endpoints} ({}), netns {}", "endpoints", socket.protocol.as_str(), socket.netns)?;
+            if socket.is_reply {
+                writeln!(out, "    {:<10} reply to {}", "direction", socket.remote)?;
+            }
             if let Some(name) = &socket.remote_name {
                 writeln!(out, "    {:<10} {}", "name", escape_controls(name))?;
             }

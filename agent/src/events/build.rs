@@ -11,6 +11,7 @@ use super::{EventDetail, EventKind, Placement, RawEvent, SocketDetail};
 use crate::dns::{DnsNames, Learned};
 use crate::pipeline::KernelClock;
 use crate::state::process::ProcessTable;
+use crate::state::udp_reply::{is_udp_reply, EphemeralPorts};
 use crate::telemetry::event::{DnsEvent, Event, TcpEventKind};
 
 /// Borrowed pipeline state that a raw event reads its process and placement from.
@@ -19,6 +20,8 @@ pub struct EventBuilder<'a> {
     pub engine: &'a Engine,
     pub dns: &'a DnsNames,
     pub clock: KernelClock,
+    /// The range that separates a UDP server's reply from a client's datagram.
+    pub ephemeral_ports: EphemeralPorts,
 }
 
 impl EventBuilder<'_> {
@@ -65,7 +68,7 @@ impl EventBuilder<'_> {
                     local: tcp.local,
                     remote: tcp.remote,
                     netns: tcp.netns,
-                    accepted: false,
+                    local_is_server: false,
                 };
                 let mut raw = self.socket_event(kind, tcp.ktime_ns, tcp.pid, socket);
                 if let EventDetail::Socket(detail) = &mut raw.detail {
@@ -78,12 +81,14 @@ impl EventBuilder<'_> {
                 raw
             }
             Event::Udp(udp) => {
+                // The addresses stay as the kernel reported them, but a reply places the sender
+                // as the server, as the pipeline observes the flow.
                 let socket = Socket {
                     protocol: Protocol::Udp,
                     local: udp.local,
                     remote: udp.remote,
                     netns: udp.netns,
-                    accepted: false,
+                    local_is_server: is_udp_reply(udp.local.port(), udp.remote.port(), self.ephemeral_ports),
                 };
                 self.socket_event(kind, udp.ktime_ns, udp.pid, socket)
             }
@@ -93,7 +98,7 @@ impl EventBuilder<'_> {
                     local: accept.local,
                     remote: accept.remote,
                     netns: accept.netns,
-                    accepted: true,
+                    local_is_server: true,
                 };
                 self.socket_event(kind, accept.ktime_ns, accept.pid, socket)
             }
@@ -148,11 +153,11 @@ impl EventBuilder<'_> {
             (self.placement(process.as_ref()), Placement::default())
         } else {
             // The engine resolves both ends as it would for the flow; the local end is the server
-            // for an accepted connection and is taken as the client otherwise.
+            // for an accepted connection or a UDP reply and is taken as the client otherwise.
             // NOTE: the remote end resolves by its address only. A peer process on this host (in
             // another network namespace) is not looked up, so it takes the zone its address
             // matches, where the deviations of the joined flow name its component.
-            let (client, server, client_addr, server_addr) = if socket.accepted {
+            let (client, server, client_addr, server_addr) = if socket.local_is_server {
                 (None, process.clone(), socket.remote, socket.local)
             } else {
                 (process.clone(), None, socket.local, socket.remote)
@@ -168,7 +173,7 @@ impl EventBuilder<'_> {
                 remote_name: remote_name.clone(),
             };
             let (source, destination) = self.engine.flow_nodes(&flow);
-            let (local, remote) = if socket.accepted { (destination, source) } else { (source, destination) };
+            let (local, remote) = if socket.local_is_server { (destination, source) } else { (source, destination) };
             let local = match process {
                 Some(_) => Placement { component: local.id, zone: local.zone },
                 None => Placement::default(),
@@ -190,6 +195,7 @@ impl EventBuilder<'_> {
                 error: 0,
                 remote_name,
                 remote_placement,
+                is_reply: socket.protocol == Protocol::Udp && socket.local_is_server,
             }),
         }
     }
@@ -200,6 +206,6 @@ struct Socket {
     local: SocketAddr,
     remote: SocketAddr,
     netns: u32,
-    /// True when the local end accepted the connection, so it is the server.
-    accepted: bool,
+    /// True when the local end is the server: it accepted the connection or sent a UDP reply.
+    local_is_server: bool,
 }

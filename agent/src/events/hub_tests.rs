@@ -57,6 +57,7 @@ fn close(pid: u32, exe: &str, remote_component: &str, remote_zone: &str) -> RawE
                 component: remote_component.to_string(),
                 zone: Some(remote_zone.to_string()),
             },
+            is_reply: false,
         }),
     }
 }

@@ -170,4 +170,6 @@ pub struct SocketDetail {
     pub remote_name: Option<String>,
     /// Component and zone of the remote address; default for a listener.
     pub remote_placement: Placement,
+    /// True for a UDP flow whose first datagram was a server's reply to the remote client.
+    pub is_reply: bool,
 }

@@ -4,3 +4,4 @@ pub mod process;
 pub mod sockets;
 pub mod seed;
 pub mod container;
+pub mod udp_reply;

@@ -1,0 +1,146 @@
+//! The pipeline on synthetic UDP events: a server's replies to client ports become one flow from
+//! the clients to the server's port, and a client's datagram stays a flow to its destination.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use driftwatch_model::observation::Protocol;
+use driftwatch_model::{Engine, Model};
+
+use super::{CgroupResolver, Pipeline, PipelineConfig, Shared};
+use crate::api::hub::{DeviationHub, HubConfig};
+use crate::events::{EventBuilder, EventDetail};
+use crate::telemetry::event::{Event, ExecEvent, UdpEvent, UdpEventKind};
+
+const MODEL: &str = r#"version: 1
+zones:
+  - { id: internet, trust: 0, match: { cidrs: ["0.0.0.0/0", "::/0"] } }
+  - { id: lab, trust: 50 }
+components:
+  - id: resolver
+    zone: lab
+    match: { cgroup: ["/test/resolver"] }
+    executables: ["/usr/sbin/resolver"]
+flows: []
+exceptions: []
+"#;
+
+const RESOLVER_PID: u32 = 100;
+
+/// Builds a pipeline with the default ephemeral range and hands it the resolver's exec.
+fn pipeline() -> (Pipeline, Arc<Shared>) {
+    let model = Model::parse(MODEL, "model.yaml").expect("the test model is valid");
+    let shared = Arc::new(Shared { engine: Mutex::new(Engine::new(model)), stats: Mutex::new(Default::default()) });
+    let hub = Arc::new(DeviationHub::new(HubConfig::default()));
+    let resolve_cgroup: CgroupResolver = Box::new(|_| "/test/resolver".to_string());
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, resolve_cgroup);
+    pipeline.handle(Event::Exec(ExecEvent {
+        ktime_ns: 1_000,
+        pid: RESOLVER_PID,
+        tid: RESOLVER_PID,
+        filename: "/usr/sbin/resolver".to_string(),
+        argv: vec!["resolver".to_string()],
+        argv_truncated: false,
+        uid: 0,
+        gid: 0,
+        cgroup_id: 1,
+        comm: "resolver".to_string(),
+        lineage: None,
+        exe_name: "resolver".to_string(),
+        exe_unlinked: Some(false),
+        namespace_pid: None,
+    }));
+    (pipeline, shared)
+}
+
+fn udp_send(local: &str, remote: &str) -> Event {
+    Event::Udp(UdpEvent {
+        ktime_ns: 2_000,
+        kind: UdpEventKind::Send,
+        pid: RESOLVER_PID,
+        tid: RESOLVER_PID,
+        netns: 1,
+        cookie: 7,
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+    })
+}
+
+#[test]
+fn replies_to_client_ports_are_one_inbound_edge() {
+    let (mut pipeline, shared) = pipeline();
+
+    for port in [40001, 40002, 40003] {
+        pipeline.handle(udp_send("0.0.0.0:53", &format!("198.51.100.7:{port}")));
+    }
+
+    let engine = shared.engine.lock().unwrap();
+    let graph = engine.graph_snapshot();
+    let edges: Vec<_> = graph.edges.iter().filter(|edge| edge.protocol == Protocol::Udp).collect();
+    assert_eq!(edges.len(), 1, "{edges:#?}");
+    assert_eq!(edges[0].source, "internet");
+    assert_eq!(edges[0].destination, "resolver");
+    assert_eq!(edges[0].port, 53);
+    assert_eq!(edges[0].connections, 3);
+    assert_eq!(edges[0].examples, [(RESOLVER_PID, "/usr/sbin/resolver".to_string())]);
+    let ids: BTreeSet<String> = engine.deviations().into_iter().map(|deviation| deviation.id).collect();
+    let expected: BTreeSet<String> = [
+        "trust-boundary-crossing@internet@resolver@udp/53",
+        "unexpected-flow@internet@resolver@udp/53",
+    ]
+    .map(str::to_string)
+    .into();
+    assert_eq!(ids, expected);
+    assert_eq!(pipeline.stats.udp_replies, 3);
+}
+
+#[test]
+fn client_datagram_stays_outbound() {
+    let (mut pipeline, shared) = pipeline();
+
+    pipeline.handle(udp_send("0.0.0.0:40001", "198.51.100.7:53"));
+    pipeline.handle(udp_send("0.0.0.0:123", "198.51.100.7:123"));
+
+    let graph = shared.engine.lock().unwrap().graph_snapshot();
+    let mut edges: Vec<(String, String, u16)> = graph
+        .edges
+        .iter()
+        .filter(|edge| edge.protocol == Protocol::Udp)
+        .map(|edge| (edge.source.clone(), edge.destination.clone(), edge.port))
+        .collect();
+    edges.sort();
+    let expected = [
+        ("resolver".to_string(), "internet".to_string(), 53u16),
+        ("resolver".to_string(), "internet".to_string(), 123u16),
+    ];
+    assert_eq!(edges, expected);
+    assert_eq!(pipeline.stats.udp_replies, 0);
+}
+
+#[test]
+fn reply_raw_event_keeps_kernel_addresses() {
+    let (pipeline, _shared) = pipeline();
+    let engine = pipeline.engine();
+    let builder = EventBuilder {
+        processes: &pipeline.processes,
+        engine: &engine,
+        dns: &pipeline.dns,
+        clock: pipeline.clock,
+        ephemeral_ports: pipeline.config.ephemeral_ports,
+    };
+
+    let reply = builder.build(&udp_send("0.0.0.0:53", "198.51.100.7:40001")).unwrap();
+    assert_eq!(reply.placement.component, "resolver");
+    let EventDetail::Socket(socket) = &reply.detail else { panic!("not a socket event: {reply:?}") };
+    assert_eq!(socket.local, "0.0.0.0:53".parse::<SocketAddr>().unwrap());
+    assert_eq!(socket.remote, "198.51.100.7:40001".parse::<SocketAddr>().unwrap());
+    assert!(socket.is_reply);
+    assert_eq!(socket.remote_placement.component, "internet");
+
+    let query = builder.build(&udp_send("0.0.0.0:40001", "198.51.100.7:53")).unwrap();
+    let EventDetail::Socket(socket) = &query.detail else { panic!("not a socket event: {query:?}") };
+    assert!(!socket.is_reply);
+    assert_eq!(query.placement.component, "resolver");
+    assert_eq!(socket.remote_placement.component, "internet");
+}
