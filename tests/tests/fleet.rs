@@ -474,8 +474,9 @@ fn duplicate_node_is_rejected_until_first_stops() {
     for port in 7304..=7306 {
         fleet.serve("ops", &["sink", "--listen", &format!("0.0.0.0:{port}")]);
     }
-    let second_raised = wait_until(OBSERVE_TIMEOUT, || (stream::status(second.api_addr()).ok()?.last_sequence >= 6).then_some(()));
-    second_raised.unwrap_or_else(|| panic!("the second ops-1 agent never raised 6 new listeners\n{}", second.log()));
+    // The second agent found 7301..=7303 already listening when it started, so it raises only these.
+    let second_raised = wait_until(OBSERVE_TIMEOUT, || (stream::status(second.api_addr()).ok()?.last_sequence >= 3).then_some(()));
+    second_raised.unwrap_or_else(|| panic!("the second ops-1 agent never raised 3 new listeners\n{}", second.log()));
     let first_status = fleet.wait_all_acknowledged().remove("ops").unwrap();
     let first_last = first_status.last_sequence;
     assert!(first_last >= 6, "{first_status:?}");
