@@ -6,6 +6,7 @@ pub mod api;
 pub mod collector;
 pub mod commands;
 pub mod dns;
+pub mod errors;
 pub mod events;
 pub mod fleet;
 pub mod jsonl;

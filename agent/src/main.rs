@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", driftwatch::errors::chain_text(error.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -425,3 +425,113 @@ fn collector_stream_applies_allow_and_deny_filters() {
         describe_all(&everything.deviations())
     );
 }
+
+/// Returns `(agent sequence, run id, deviation id)` of every deviation the collector journalled
+/// for `node`, in journal order.
+fn journalled(fleet: &Fleet, node: &str) -> Vec<(u64, u64, String)> {
+    let path = fleet.collector.data_dir().join("journal.jsonl");
+    let text = fs::read_to_string(&path).unwrap_or_else(|error| panic!("failed to read {}: {error}", path.display()));
+    text.lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|error| panic!("{error}: {line}")))
+        .filter(|record| record["kind"] == "entry" && record["node"] == node)
+        .map(|record| {
+            let id = record["item"]["deviation"]["id"].as_str().unwrap_or_else(|| panic!("not a deviation: {record}"));
+            (record["agent_sequence"].as_u64().unwrap(), record["run_id"].as_u64().unwrap(), id.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn duplicate_node_is_rejected_until_first_stops() {
+    let mut fleet = Fleet::start();
+    for port in 7301..=7303 {
+        fleet.serve("ops", &["sink", "--listen", &format!("0.0.0.0:{port}")]);
+    }
+    let ops_api = fleet.agents["ops"].api_addr();
+    let raised = wait_until(OBSERVE_TIMEOUT, || (stream::status(ops_api).ok()?.last_sequence >= 3).then_some(()));
+    raised.unwrap_or_else(|| panic!("agent ops never raised its 3 new listeners\n{}", fleet.logs()));
+
+    // A second agent with the same --node scoped to the same cgroup, so it observes the same listeners.
+    let bin = driftwatch_bin().unwrap();
+    let collector_addr = fleet.collector_api().to_string();
+    let args = ["--collector", collector_addr.as_str(), "--node", "ops-1", "--advertise-address", OPS_V4, "--snapshot-interval", "0.2"];
+    let second = AgentUnderTest::start_with(&bin, fleet._model.path(), fleet.cgroups["ops"].path(), &args).unwrap();
+    let rejected = wait_until(OBSERVE_TIMEOUT, || {
+        let status = stream::status(second.api_addr()).ok()?;
+        (counter(&status, "collector_node_conflicts") >= 2).then_some(status)
+    });
+    let second_status = rejected
+        .unwrap_or_else(|| panic!("the second ops-1 agent was never rejected twice\n{}\nsecond agent log:\n{}", fleet.logs(), second.log()));
+    assert_eq!(counter(&second_status, "collector_connected"), 0);
+    assert_eq!(counter(&second_status, "collector_acknowledged_sequence"), 0);
+    assert!(
+        second.log().contains("give each agent a unique --node"),
+        "the second agent did not log why it was rejected:\n{}",
+        second.log()
+    );
+
+    // Both agents see these; only the first one's reach the collector.
+    for port in 7304..=7306 {
+        fleet.serve("ops", &["sink", "--listen", &format!("0.0.0.0:{port}")]);
+    }
+    // The second agent found 7301..=7303 already listening when it started, so it raises only these.
+    let second_raised = wait_until(OBSERVE_TIMEOUT, || (stream::status(second.api_addr()).ok()?.last_sequence >= 3).then_some(()));
+    second_raised.unwrap_or_else(|| panic!("the second ops-1 agent never raised 3 new listeners\n{}", second.log()));
+    let first_status = fleet.wait_all_acknowledged().remove("ops").unwrap();
+    let first_last = first_status.last_sequence;
+    assert!(first_last >= 6, "{first_status:?}");
+
+    let collector_status = stream::status(fleet.collector_api()).unwrap();
+    let node = collector_status.nodes.iter().find(|node| node.name == "ops-1").unwrap();
+    assert_eq!(node.received, first_last);
+    assert_eq!(node.duplicates, 0);
+    assert_eq!(node.lost, 0);
+    assert!(node.connected);
+    assert!(counter(&collector_status, "collector_streams_rejected") >= 2, "{collector_status:?}");
+
+    // The collector's stream and journal hold each deviation of the first agent exactly once.
+    let first_entries = DeviationWatcher::subscribe(ops_api).unwrap();
+    let replayed = wait_until(OBSERVE_TIMEOUT, || (first_entries.last_sequence() >= first_last).then_some(()));
+    assert!(replayed.is_some(), "agent ops did not replay up to {first_last}");
+    let collector_entries = DeviationWatcher::subscribe(fleet.collector_api()).unwrap();
+    let replayed = wait_until(OBSERVE_TIMEOUT, || (collector_entries.last_sequence() >= collector_status.last_sequence).then_some(()));
+    assert!(replayed.is_some(), "the collector did not replay up to {}", collector_status.last_sequence);
+    let from_ops: Vec<StreamEntry> = collector_entries.entries().into_iter().filter(|entry| entry.node == "ops-1").collect();
+    let mut raised_by_first = first_entries.entries();
+    for entry in &mut raised_by_first {
+        entry.node = "ops-1".to_string();
+    }
+    assert_eq!(
+        keyed(&from_ops),
+        keyed(&raised_by_first),
+        "collector:\n{}\nfirst agent:\n{}",
+        describe_entries(&from_ops),
+        describe_entries(&raised_by_first)
+    );
+    let journal = journalled(&fleet, "ops-1");
+    let sequences: Vec<u64> = journal.iter().map(|(sequence, _, _)| *sequence).collect();
+    assert_eq!(sequences, (1..=first_last).collect::<Vec<u64>>(), "{journal:#?}");
+    let runs: std::collections::BTreeSet<u64> = journal.iter().map(|(_, run, _)| *run).collect();
+    assert_eq!(runs.len(), 1, "deviations of more than one run journalled: {journal:#?}");
+
+    // Once the first agent stops, the second takes the node over and pushes its own buffer.
+    let mut first = fleet.agents.remove("ops").unwrap();
+    let first_pid = first.pid();
+    first.stop();
+    let took_over = wait_until(OBSERVE_TIMEOUT, || {
+        let status = stream::status(second.api_addr()).ok()?;
+        let acknowledged = counter(&status, "collector_acknowledged_sequence");
+        (counter(&status, "collector_connected") == 1 && acknowledged == status.last_sequence).then_some(status)
+    });
+    let second_status = took_over.unwrap_or_else(|| {
+        panic!("the second ops-1 agent never took over after pid {first_pid} stopped\n{}\nsecond agent log:\n{}", fleet.logs(), second.log())
+    });
+    let collector_status = stream::status(fleet.collector_api()).unwrap();
+    let node = collector_status.nodes.iter().find(|node| node.name == "ops-1").unwrap();
+    assert!(node.connected);
+    assert_eq!(node.acknowledged_sequence, second_status.last_sequence);
+    assert_eq!(node.received, first_last + second_status.last_sequence);
+    assert_eq!(node.duplicates, 0);
+    let journal = journalled(&fleet, "ops-1");
+    assert_eq!(journal.len() as u64, first_last + second_status.last_sequence, "{journal:#?}");
+}

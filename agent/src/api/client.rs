@@ -21,7 +21,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fails when nothing accepts connections at `addr` within five seconds.
 pub async fn connect(addr: &ListenAddr) -> anyhow::Result<AgentServiceClient<Channel>> {
     let channel = connect_channel(addr).await.with_context(|| {
-        format!("failed to connect to the driftwatch agent at {addr}; is the agent running?")
+        format!("failed to connect to the driftwatch API at {addr} (is the agent or collector running?)")
     })?;
     Ok(AgentServiceClient::new(channel))
 }

@@ -195,10 +195,15 @@ pub struct HubCounters {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubscribeError {
     #[error(
-        "replay start {requested} is past the next sequence {next}; the agent has restarted since \
-         that sequence was sent, so resume with a full replay instead"
+        "replay start {requested} is ahead of the newest sequence, {}, so nothing with it was sent yet; \
+         if the server restarted after that sequence was read, resume with a full replay instead",
+        .next.saturating_sub(1)
     )]
-    FromSequenceAhead { requested: u64, next: u64 },
+    FromSequenceAhead {
+        requested: u64,
+        /// Sequence the next entry gets, one past the newest.
+        next: u64,
+    },
 }
 
 type Published = Arc<Entry>;
@@ -379,7 +384,8 @@ impl DeviationHub {
     /// # Errors
     ///
     /// [`SubscribeError::FromSequenceAhead`] when a [`Replay::FromSequence`] start is past the next
-    /// sequence, which happens when a client resumes against an agent that has restarted.
+    /// sequence, as when a client resumes against a server that has restarted or gives a wrong
+    /// sequence.
     pub fn subscribe_with(
         &self,
         filter: FilterSet,

@@ -301,6 +301,11 @@ pub async fn serve_router_on(
     Ok(())
 }
 
+/// The status message of a request for raw events to a server without them. Only the collector
+/// serves `AgentService` without an event hub: agents forward deviations to it, never raw events.
+pub const NO_RAW_EVENTS: &str =
+    "a collector does not carry raw events, only deviations; drop --events (leave events empty) or watch an agent";
+
 struct AgentApi {
     hub: Arc<DeviationHub>,
     view: Arc<dyn AgentView>,
@@ -327,7 +332,7 @@ impl AgentService for AgentApi {
             None => None,
             Some(events) => {
                 let hub = self.view.event_hub().ok_or_else(|| {
-                    Status::unimplemented("this server records no raw events; leave events empty")
+                    Status::unimplemented(NO_RAW_EVENTS)
                 })?;
                 let subscription = hub
                     .subscribe(filter.clone(), events.kinds, events.from_sequence)

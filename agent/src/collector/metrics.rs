@@ -65,6 +65,7 @@ struct NodeValues {
     received: u64,
     lost: u64,
     duplicates: u64,
+    rejected_streams: u64,
     unacknowledged: u64,
 }
 
@@ -93,6 +94,7 @@ impl PrometheusCollector for CollectorScrape {
                     received: state.cursor.received,
                     lost: state.cursor.lost,
                     duplicates: state.duplicates,
+                    rejected_streams: state.rejected_streams,
                     unacknowledged: state.unacknowledged,
                 })
                 .collect();
@@ -103,10 +105,11 @@ impl PrometheusCollector for CollectorScrape {
         let connected = nodes.iter().filter(|node| node.connected).count() as u64;
         encode_gauge(&mut encoder, "collector_nodes_connected", "Agents with an open push stream", connected)?;
         encode_gauge(&mut encoder, "collector_nodes", "Nodes the collector has state for, connected or not", nodes.len() as u64)?;
-        let per_node: [(&str, &str, fn(&NodeValues) -> u64); 3] = [
+        let per_node: [(&str, &str, fn(&NodeValues) -> u64); 4] = [
             ("collector_deviations_received", "Deviations stored from each node, resends after a reconnect excluded", |node| node.received),
             ("collector_deviations_lost", "Deviations each node reported lost before it could push them (gaps), or that the collector could not read", |node| node.lost),
             ("collector_deviations_duplicate", "Deviations a node sent again that the collector had already stored", |node| node.duplicates),
+            ("collector_streams_rejected", "Push streams rejected because another agent process had a stream open under the same node name", |node| node.rejected_streams),
         ];
         for (name, help, value) in per_node {
             let mut family = encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;

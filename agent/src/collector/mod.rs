@@ -53,13 +53,24 @@ pub struct FleetModel {
     pub info: ModelInfo,
 }
 
+/// The push stream a node has open.
+#[derive(Debug, Clone, Copy)]
+struct OpenStream {
+    id: u64,
+    /// Run id of the agent process on the other end.
+    run_id: u64,
+}
+
 /// The collector's state of one node.
 #[derive(Debug, Default)]
 struct NodeState {
     cursor: Cursor,
-    /// Id of the open push stream, if any; a newer stream for the node replaces it.
-    stream: Option<u64>,
+    /// The open push stream, if any. A stream from the same run replaces it; a stream from
+    /// another run is rejected while it is open.
+    stream: Option<OpenStream>,
     duplicates: u64,
+    /// Streams rejected because another agent process held this node's name.
+    rejected_streams: u64,
     connected_at: Option<SystemTime>,
     version: String,
     snapshot: Option<HostGraph>,
@@ -144,12 +155,15 @@ impl Collector {
     }
 
     /// Registers a push stream for `node` and returns it with the agent sequence the agent resumes
-    /// after. A stream from a new run of the agent starts at 0; a second stream for a connected
-    /// node replaces the first, which ends at its next message.
+    /// after. A stream from a new run of the agent starts at 0. A second stream from the same run
+    /// (a reconnect after the first connection was cut) replaces the first, which ends at its next
+    /// message.
     ///
     /// # Errors
     ///
-    /// INVALID_ARGUMENT for an empty node name; UNAVAILABLE when the journal cannot record a new run.
+    /// INVALID_ARGUMENT for an empty node name; ALREADY_EXISTS while another run of the node has
+    /// a stream open, which means two agents share one `--node`; UNAVAILABLE when the journal
+    /// cannot record a new run.
     pub fn open_stream(&self, node: &str, run_id: u64, version: &str) -> Result<(StreamId, u64), Status> {
         if node.is_empty() {
             return Err(Status::invalid_argument(
@@ -161,6 +175,20 @@ impl Collector {
         inner.next_stream += 1;
         let Inner { journal, nodes, .. } = &mut *inner;
         let state = nodes.entry(node.to_owned()).or_default();
+        if let Some(open) = state.stream.filter(|open| open.run_id != run_id) {
+            state.rejected_streams += 1;
+            tracing::error!(
+                node,
+                open_run = open.run_id,
+                rejected_run = run_id,
+                "rejected a push stream: another agent process already pushes as this node; give each agent a unique --node"
+            );
+            return Err(Status::already_exists(format!(
+                "node {node} already has an open push stream from agent run {}, so this stream from run {run_id} is rejected; \
+                 two agents share the node name: give each agent a unique --node",
+                open.run_id
+            )));
+        }
         if state.cursor.run_id != run_id {
             if state.cursor.run_id != 0 {
                 tracing::info!(node, previous_run = state.cursor.run_id, run_id, "node restarted; its sequence starts again at 1");
@@ -174,9 +202,9 @@ impl Collector {
             }
         }
         if state.stream.is_some() {
-            tracing::warn!(node, "a new push stream replaces the open one");
+            tracing::warn!(node, run_id, "a reconnect from the same agent run replaces its open push stream");
         }
-        state.stream = Some(id);
+        state.stream = Some(OpenStream { id, run_id });
         state.connected_at = Some(SystemTime::now());
         state.version = version.to_owned();
         let resume = state.cursor.acknowledged;
@@ -316,7 +344,7 @@ impl Collector {
     pub fn close_stream(&self, stream: &StreamId) {
         let mut inner = self.lock();
         if let Some(state) = inner.nodes.get_mut(&*stream.node) {
-            if state.stream == Some(stream.id) {
+            if state.stream.is_some_and(|open| open.id == stream.id) {
                 state.stream = None;
                 tracing::info!(node = %stream.node, acknowledged = state.cursor.acknowledged, "node disconnected");
             }
@@ -379,7 +407,7 @@ impl Collector {
 
 fn current<'a>(inner: &'a Inner, stream: &StreamId) -> Result<&'a NodeState, Status> {
     match inner.nodes.get(&*stream.node) {
-        Some(state) if state.stream == Some(stream.id) => Ok(state),
+        Some(state) if state.stream.is_some_and(|open| open.id == stream.id) => Ok(state),
         _ => Err(Status::aborted(format!(
             "a newer push stream for node {} replaced this one",
             stream.node
@@ -405,6 +433,7 @@ impl AgentView for Collector {
             ("collector_nodes_connected", sum(|n| u64::from(n.stream.is_some()))),
             ("collector_received", sum(|n| n.cursor.received)),
             ("collector_duplicates", sum(|n| n.duplicates)),
+            ("collector_streams_rejected", sum(|n| n.rejected_streams)),
             ("collector_lost", sum(|n| n.cursor.lost)),
             ("collector_invalid_deviations", inner.invalid_deviations),
             ("collector_journal_errors", inner.journal_errors),
@@ -437,3 +466,7 @@ impl AgentView for Collector {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[path = "stream_tests.rs"]
+mod stream_tests;

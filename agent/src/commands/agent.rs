@@ -31,7 +31,7 @@ use crate::state::udp_reply::EphemeralPorts;
 use crate::reload::{self, ModelReloader, ReloadTrigger};
 use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
-use crate::web::{self, LiveView, LiveViewConfig, WebAddr, WebListener};
+use crate::web::{self, live_view_config, LiveView, WebAddr, WebListener};
 
 /// How long the agent waits for its tasks to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -150,6 +150,12 @@ pub struct AgentArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
     pub web: Option<WebAddr>,
 
+    /// Also serve the live view to requests for this host name, besides IP addresses and
+    /// localhost; repeat for several. Requests for any other name get 403, which keeps pages of
+    /// other origins out through DNS rebinding.
+    #[arg(long = "web-allow-host", value_name = "NAME", requires = "web", value_parser = web::parse_allowed_host)]
+    pub web_allow_hosts: Vec<String>,
+
     /// Do not reload the model when its file changes; SIGHUP and `driftwatch model reload` still
     /// reload it.
     #[arg(long)]
@@ -161,7 +167,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         Ok(loaded) => loaded,
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!("error: the model {} is invalid; the agent did not start", args.model.display());
+            eprintln!("{}", super::model_failure_summary(&args.model, &errors, "agent"));
             return Ok(ExitCode::from(2));
         }
     };
@@ -339,7 +345,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let web_task = match &args.web {
         Some(addr) => {
             let listener = WebListener::bind(addr).await?;
-            let live_view = LiveView::new(view.clone(), hub.clone(), LiveViewConfig::default());
+            let live_view = LiveView::new(view.clone(), hub.clone(), live_view_config(&args.web_allow_hosts));
             Some(tokio::spawn(web::serve_on(listener, live_view, cancel.clone())))
         }
         None => None,

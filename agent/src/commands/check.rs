@@ -118,7 +118,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let observed = match observe(&args, model).await {
         Ok(observed) => observed,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", crate::errors::chain_text(error.as_ref()));
             return Ok(ExitCode::from(EXIT_NOT_RUN));
         }
     };
@@ -133,7 +133,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         locations,
     );
     if let Err(error) = write_outputs(&args, &report, &observed.graph_json) {
-        eprintln!("error: {error:#}");
+        eprintln!("error: {}", crate::errors::chain_text(error.as_ref()));
         return Ok(ExitCode::from(EXIT_NOT_RUN));
     }
     Ok(ExitCode::from(exit_status(&report)))

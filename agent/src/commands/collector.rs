@@ -16,7 +16,7 @@ use crate::api::{ApiListener, ListenAddr, ServerTlsArgs};
 use crate::collector::{self, serve_collector, Collector, CollectorConfig, FleetModel};
 use crate::metrics::{self, MetricsRegistry};
 use crate::view;
-use crate::web::{self, LiveView, LiveViewConfig, WebAddr, WebListener};
+use crate::web::{self, live_view_config, LiveView, WebAddr, WebListener};
 
 /// How long the collector waits for its server to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +58,12 @@ pub struct CollectorArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = web::DEFAULT_WEB_ADDR, value_name = "ADDR")]
     pub web: Option<WebAddr>,
 
+    /// Also serve the live view to requests for this host name, besides IP addresses and
+    /// localhost; repeat for several. Requests for any other name get 403, which keeps pages of
+    /// other origins out through DNS rebinding.
+    #[arg(long = "web-allow-host", value_name = "NAME", requires = "web", value_parser = web::parse_allowed_host)]
+    pub web_allow_hosts: Vec<String>,
+
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, such as 127.0.0.1:9465 (port 0
     /// picks a free one).
     #[arg(long, value_name = "ADDR")]
@@ -96,7 +102,7 @@ pub async fn run(args: CollectorArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => {
             let listener = WebListener::bind(addr).await?;
             let source: Arc<dyn web::LiveSource> = Arc::clone(&collector) as Arc<dyn web::LiveSource>;
-            let live_view = LiveView::new(source, Arc::clone(collector.hub()), LiveViewConfig::default());
+            let live_view = LiveView::new(source, Arc::clone(collector.hub()), live_view_config(&args.web_allow_hosts));
             Some(tokio::spawn(web::serve_on(listener, live_view, cancel.clone())))
         }
         None => None,
@@ -151,7 +157,7 @@ fn load_model(path: &Path) -> Result<FleetModel, String> {
             let info = view::model_info(path, &model, SystemTime::now());
             Ok(FleetModel { model, info })
         }
-        Err(errors) => Err(format!("{errors}\nerror: the model {} is invalid; the collector did not start", path.display())),
+        Err(errors) => Err(format!("{errors}\n{}", super::model_failure_summary(path, &errors, "collector"))),
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tonic::Code;
 
 use super::watch_events::{event_loss_text, parse_event_kinds, print_event_text};
-use super::watch_filter::parse_filter_spec;
+use super::watch_filter::{check_event_conditions, parse_filter_spec};
 use crate::api::convert_events::{event_kind_to_proto, raw_event_from_proto};
 use crate::events::EventKinds;
 use crate::api::convert::{self, category_to_proto, severity_to_proto};
@@ -142,6 +142,7 @@ fn parse_category(text: &str) -> Result<Category, String> {
 /// Fails when the agent cannot be reached or rejects the request, or when writing to stdout fails
 /// for another reason than a closed pipe.
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
+    check_event_conditions(&args.allow, &args.deny, args.events.is_some()).map_err(anyhow::Error::msg)?;
     let mut client = connect_with(&args.api, &args.tls).await?;
     #[allow(deprecated, reason = "these flags map to the fields that predate the filter lists")]
     let request = pb::StreamDeviationsRequest {
@@ -178,7 +179,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut stream = client
         .stream_deviations(request)
         .await
-        .with_context(|| format!("the agent at {} rejected the subscription", args.api))
+        .with_context(|| format!("the server at {} rejected the subscription", args.api))
         .map_err(|error| with_tls_advice(error, &args.api))?
         .into_inner();
 
@@ -192,13 +193,14 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         let response = match stream.message().await {
             Ok(Some(response)) => response,
             Ok(None) => {
-                eprintln!("driftwatch: the agent at {} ended the stream", args.api);
+                eprintln!("driftwatch: the server at {} ended the stream", args.api);
                 return Ok(());
             }
             Err(status) if agent_went_away(&status) => {
-                // Non-zero, so that a supervisor can distinguish a lost agent from one that stopped cleanly.
+                // Non-zero, so that a supervisor can distinguish a lost server from one that stopped
+                // cleanly. The server may be an agent or a collector, and the stream does not say which.
                 anyhow::bail!(
-                    "lost the connection to the agent at {}: {}",
+                    "lost the connection to the server at {}: {}",
                     args.api,
                     status.message()
                 );

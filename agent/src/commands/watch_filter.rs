@@ -10,7 +10,7 @@ use driftwatch_model::deviation::{Category, Severity};
 use driftwatch_proto::v1 as pb;
 
 use crate::api::convert::{category_to_proto, severity_to_proto};
-use crate::api::convert_events::event_kind_to_proto;
+use crate::api::convert_events::{event_kind_from_proto, event_kind_to_proto};
 use crate::api::filter::ExecutableGlob;
 use crate::events::EventKind;
 
@@ -74,6 +74,34 @@ pub fn parse_filter_spec(spec: &str) -> Result<pb::DeviationFilter, String> {
     Ok(filter)
 }
 
+/// Rejects `event=KIND` conditions in `--allow` or `--deny` when `--events` was not given. Such
+/// a filter concerns raw events only, and without `--events` the stream carries none, so the
+/// filter would silently match nothing.
+///
+/// # Errors
+///
+/// A message naming the flag and the event kind, and saying to add `--events`.
+pub fn check_event_conditions(
+    allow: &[pb::DeviationFilter],
+    deny: &[pb::DeviationFilter],
+    events_requested: bool,
+) -> Result<(), String> {
+    if events_requested {
+        return Ok(());
+    }
+    for (flag, filters) in [("--allow", allow), ("--deny", deny)] {
+        let Some(&kind) = filters.iter().flat_map(|filter| &filter.event_kinds).next() else {
+            continue;
+        };
+        let name = event_kind_from_proto(kind).map_or_else(|_| kind.to_string(), |kind| kind.as_str().to_owned());
+        return Err(format!(
+            "{flag} event={name} concerns raw events, but watch receives none without --events; \
+             add --events {name} (or a group such as --events all)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +138,21 @@ mod tests {
             let error = parse_filter_spec(spec).unwrap_err();
             assert!(error.starts_with(expected), "{spec}: {error}");
         }
+    }
+
+    #[test]
+    fn event_condition_without_events_is_rejected() {
+        let allow = [parse_filter_spec("event=tcp-connect").unwrap()];
+        let deny = [parse_filter_spec("event=dns-answer").unwrap()];
+
+        assert_eq!(
+            check_event_conditions(&allow, &[], false).unwrap_err(),
+            "--allow event=tcp-connect concerns raw events, but watch receives none without --events; \
+             add --events tcp-connect (or a group such as --events all)"
+        );
+        assert!(check_event_conditions(&[], &deny, false).unwrap_err().starts_with("--deny event=dns-answer "));
+        assert_eq!(check_event_conditions(&allow, &deny, true), Ok(()));
+        let deviations_only = [parse_filter_spec("category=new-listener").unwrap()];
+        assert_eq!(check_event_conditions(&deviations_only, &deviations_only, false), Ok(()));
     }
 }

@@ -213,8 +213,8 @@ impl EventHub {
     ///
     /// # Errors
     ///
-    /// [`SubscribeError::FromSequenceAhead`] when `from_sequence` is past the next sequence, which
-    /// happens when a client resumes against an agent that has restarted.
+    /// [`SubscribeError::FromSequenceAhead`] when `from_sequence` is past the next sequence, as when
+    /// a client resumes against an agent that has restarted or gives a wrong sequence.
     pub fn subscribe(
         &self,
         filter: FilterSet,

@@ -66,6 +66,8 @@ pub struct PushCounters {
     pub lost: AtomicU64,
     /// Streams that ended or failed to open.
     pub disconnects: AtomicU64,
+    /// Streams the collector rejected because another agent had one open under the same node name.
+    pub node_conflicts: AtomicU64,
     pub snapshots: AtomicU64,
 }
 
@@ -85,6 +87,7 @@ impl PushCounters {
             ("collector_acknowledged_sequence", &self.acknowledged),
             ("collector_buffer_lost", &self.lost),
             ("collector_disconnects", &self.disconnects),
+            ("collector_node_conflicts", &self.node_conflicts),
             ("collector_snapshots", &self.snapshots),
         ]
         .into_iter()
@@ -103,11 +106,11 @@ pub struct PushSource {
 /// Cause of a push stream's end.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("failed to connect: {0}")]
+    #[error("failed to connect: {}", crate::errors::chain_text(.0))]
     Connect(#[from] tonic::transport::Error),
-    #[error("the collector rejected the stream: {0}")]
+    #[error("the collector rejected the stream ({:?}): {}", .0.code(), .0.message())]
     Rejected(tonic::Status),
-    #[error("the stream failed: {0}")]
+    #[error("the stream failed ({:?}): {}", .0.code(), .0.message())]
     Stream(tonic::Status),
     #[error("the collector closed the stream")]
     Closed,
@@ -128,6 +131,18 @@ pub async fn run_pusher(
         counters.connected.store(0, Ordering::Relaxed);
         match result {
             Ok(()) => return,
+            Err(SessionError::Rejected(status)) if status.code() == tonic::Code::AlreadyExists => {
+                counters.disconnects.fetch_add(1, Ordering::Relaxed);
+                counters.node_conflicts.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    collector = %config.collector,
+                    node = %config.node,
+                    run_id = config.run_id,
+                    reason = status.message(),
+                    retry_in = ?delay,
+                    "the collector rejected this agent's push stream because another agent pushes under the same node name; deviations stay buffered and this agent takes the node over once the other stream ends"
+                );
+            }
             Err(error) => {
                 counters.disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(

@@ -23,6 +23,7 @@
 //! When the stream breaks, the page reconnects and resumes one past the last sequence it saw.
 
 mod events;
+pub mod host;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -43,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::DeviationHub;
 pub use events::GraphFeed;
+pub use host::{parse_allowed_host, AllowedHosts};
 pub use topology::{DeclaredModel, Topology, TopologyLimits};
 
 /// Address the live view listens on when `--web` is given without one.
@@ -71,13 +73,15 @@ pub trait LiveSource: Send + Sync + 'static {
 }
 
 /// Settings of a [`LiveView`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveViewConfig {
     /// How often the graph is compared with the one the pages last received, while a page is open.
     pub graph_interval: Duration,
     /// Deviations replayed to a page that connects without a sequence to resume from.
     pub initial_replay: u64,
     pub limits: TopologyLimits,
+    /// Host names served besides IP literals and `localhost`; see [`host`].
+    pub allowed_hosts: AllowedHosts,
 }
 
 impl Default for LiveViewConfig {
@@ -86,8 +90,14 @@ impl Default for LiveViewConfig {
             graph_interval: Duration::from_secs(1),
             initial_replay: 200,
             limits: TopologyLimits::default(),
+            allowed_hosts: AllowedHosts::default(),
         }
     }
+}
+
+/// Returns the default settings with the host names of `--web-allow-host` allowed.
+pub fn live_view_config(allowed_hosts: &[String]) -> LiveViewConfig {
+    LiveViewConfig { allowed_hosts: AllowedHosts::new(allowed_hosts), ..LiveViewConfig::default() }
 }
 
 /// The live view's state: where it reads the graph and deviations, and the graph feed shared by
@@ -104,7 +114,8 @@ impl LiveView {
     }
 
     /// Returns the routes of the page and its API: `/`, `/app.js`, `/style.css`, `/api/graph`
-    /// and `/api/events`. Event streams end when `shutdown` is cancelled, and a task that compares
+    /// and `/api/events`. Every route rejects a request whose Host the live view does not serve,
+    /// with 403 (see [`host`]). Event streams end when `shutdown` is cancelled, and a task that compares
     /// the graph every [`LiveViewConfig::graph_interval`] runs until then.
     pub fn router(self: &Arc<Self>, shutdown: CancellationToken) -> Router {
         tokio::spawn(Arc::clone(&self.feed).run(self.config.graph_interval, shutdown.clone()));
@@ -130,6 +141,10 @@ impl LiveView {
             .route("/style.css", get(|| async { asset(STYLE_CSS, "text/css; charset=utf-8") }))
             .route("/api/graph", get(graph))
             .route("/api/events", get(events))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(self.config.allowed_hosts.clone()),
+                host::require_allowed_host,
+            ))
     }
 }
 

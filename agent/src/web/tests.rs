@@ -102,7 +102,7 @@ struct SseEvent {
 
 /// Reads server-sent events from `uri` until `count` events other than comments have arrived.
 async fn read_events(view: &Arc<LiveView>, uri: &str, last_event_id: Option<&str>, count: usize) -> Vec<SseEvent> {
-    let mut request = Request::builder().uri(uri);
+    let mut request = Request::builder().header("host", "127.0.0.1:9180").uri(uri);
     if let Some(id) = last_event_id {
         request = request.header("last-event-id", id);
     }
@@ -232,7 +232,7 @@ async fn invalid_resume_point_is_rejected() {
     let (view, _hub) = live_view(0);
     let router = view.router(CancellationToken::new());
 
-    let request = Request::builder().uri("/api/events?from=abc").body(Body::empty()).unwrap();
+    let request = Request::builder().header("host", "127.0.0.1:9180").uri("/api/events?from=abc").body(Body::empty()).unwrap();
     let response = router.oneshot(request).await.unwrap();
 
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
@@ -253,7 +253,7 @@ async fn page_is_served_with_a_content_security_policy() {
         ("/style.css", "text/css; charset=utf-8"),
     ] {
         let router = view.router(CancellationToken::new());
-        let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+        let request = Request::builder().header("host", "127.0.0.1:9180").uri(path).body(Body::empty()).unwrap();
         let response = router.oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert_eq!(response.headers()["content-type"], content_type, "{path}");
@@ -302,4 +302,26 @@ async fn fleet_view_names_nodes() {
     assert_eq!(web["hosts"], serde_json::json!(["node-a", "node-b"]));
     let deviation: serde_json::Value = serde_json::from_str(&events[1].data).unwrap();
     assert_eq!(deviation["node"], "node-b");
+}
+
+#[tokio::test]
+async fn foreign_host_is_forbidden() {
+    let hub = Arc::new(DeviationHub::new(HubConfig { history_capacity: 16, subscriber_capacity: 16 }));
+    let view = LiveView::new(Arc::new(FixedSource), hub, live_view_config(&["dash.example".to_owned()]));
+
+    for path in ["/", "/app.js", "/api/graph", "/api/events"] {
+        let router = view.router(CancellationToken::new());
+        let request = Request::builder().header("host", "rebind.attacker.example:9180").uri(path).body(Body::empty()).unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(response.headers()["content-type"], "text/plain; charset=utf-8", "{path}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(std::str::from_utf8(&body).unwrap().starts_with("the host \"rebind.attacker.example\" is not allowed"), "{path}");
+    }
+    for host in ["dash.example:9180", "localhost:9180", "[::1]:9180"] {
+        let router = view.router(CancellationToken::new());
+        let request = Request::builder().header("host", host).uri("/api/graph").body(Body::empty()).unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{host}");
+    }
 }

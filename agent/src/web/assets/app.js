@@ -236,8 +236,9 @@
     });
   }
 
-  function edgeKey(source, destination, port) {
-    return source + "\u0000" + destination + "\u0000" + port;
+  // Edges differ by protocol too: a deviation on udp/53 must not colour the declared tcp/53 edge.
+  function edgeKey(source, destination, protocol, port) {
+    return source + "\u0000" + destination + "\u0000" + protocol + "\u0000" + port;
   }
 
   // Edges and nodes named by the deviations in the list.
@@ -246,7 +247,7 @@
     const nodes = new Map();
     for (const deviation of state.deviations) {
       if (deviation.destination && deviation.port !== null) {
-        const key = edgeKey(deviation.source, deviation.destination, deviation.port);
+        const key = edgeKey(deviation.source, deviation.destination, deviation.protocol || "tcp", deviation.port);
         edges.set(key, (edges.get(key) || 0) + 1);
       } else {
         nodes.set(deviation.source, (nodes.get(deviation.source) || 0) + 1);
@@ -369,7 +370,7 @@
       pairCounts.set(pair, index + 1);
       const offset = (index % 2 === 0 ? 1 : -1) * Math.ceil(index / 2) * 8;
 
-      const deviations = flagged.edges.get(edgeKey(edge.source, edge.destination, edge.port)) || 0;
+      const deviations = flagged.edges.get(edgeKey(edge.source, edge.destination, edge.protocol, edge.port)) || 0;
       const style = deviations > 0 ? "deviation" : edge.state;
       const { d, lx, ly } = edgePath(from, to, offset);
       const path = svgElement("path", {
@@ -379,6 +380,7 @@
         "data-source": edge.source,
         "data-destination": edge.destination,
         "data-port": edge.port,
+        "data-protocol": edge.protocol,
         "data-state": edge.state,
       });
       const lines = [
