@@ -77,7 +77,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let sport: u16 = read_at(sock, offsets.skc_num).ok_or(0i64)?;
     let dport: u16 = read_at::<u16>(sock, offsets.skc_dport).ok_or(0i64)?;
-    // The entry the Accepted record left holds the socket's namespace.
+    // The entry the Accepted record left contains the socket's namespace.
     // SAFETY: the value is copied out of the map.
     let known_netns = unsafe { SOCKETS.get(&sock) }.map_or(0, |owner| owner.netns);
     let netns = if known_netns != 0 { known_netns } else { tcp::socket_netns(sock) };

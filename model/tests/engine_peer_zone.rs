@@ -1,4 +1,4 @@
-//! A remote peer known only by its zone, the way the agent on a server's host knows a client on
+//! A remote peer known only by its zone, the way the agent on a server's host resolves a client on
 //! another host: declared flows from a component of that zone allow it, deny flows do not guess.
 
 mod common;

@@ -1,6 +1,6 @@
-//! Raw events in the deviation stream, on real kernel events: an agent scoped to the test's
-//! cgroups, clients that ask for process and TCP events, the allow and deny filters on them, a
-//! client that never asked, and resuming events by their own sequence.
+//! Raw events in the deviation stream, on real kernel events. An agent is scoped to the test's
+//! cgroups. Clients request process and TCP events, filter them with allow and deny lists, or
+//! request none, and resume events by their own sequence.
 //!
 //! Every test starts its own agent; they run one at a time because each loads the kernel programs.
 

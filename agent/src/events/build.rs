@@ -152,8 +152,8 @@ impl EventBuilder<'_> {
         let (placement, remote_placement) = if kind == EventKind::TcpListen {
             (self.placement(process.as_ref()), Placement::default())
         } else {
-            // The engine resolves both ends as it would for the flow; the local end is the server
-            // for an accepted connection or a UDP reply and is taken as the client otherwise.
+            // The engine resolves both ends as it would for the flow. The local end is the server
+            // for an accepted connection or a UDP reply, and the client otherwise.
             // NOTE: the remote end resolves by its address only. A peer process on this host (in
             // another network namespace) is not looked up, so it takes the zone its address
             // matches, where the deviations of the joined flow name its component.

@@ -105,11 +105,11 @@ struct History {
     entries: VecDeque<Published>,
 }
 
-/// Subscriber interest by kind. `wanted` is read on every kernel event, the rest only when a
+/// Subscriber interest by kind. `requested` is read on every kernel event, the rest only when a
 /// subscriber comes or goes or a kind lingers.
 struct Interest {
-    /// Kinds recorded now: wanted by a subscriber or lingering.
-    wanted: AtomicU32,
+    /// Kinds recorded now: requested by a subscriber or lingering.
+    requested: AtomicU32,
     /// Kinds that no subscriber wants but that are still recorded until their deadline.
     lingering: AtomicU32,
     state: Mutex<InterestState>,
@@ -164,7 +164,7 @@ impl EventHub {
             shared: Arc::new(Shared {
                 linger: config.linger,
                 interest: Interest {
-                    wanted: AtomicU32::new(0),
+                    requested: AtomicU32::new(0),
                     lingering: AtomicU32::new(0),
                     state: Mutex::new(InterestState::default()),
                 },
@@ -181,7 +181,7 @@ impl EventHub {
     /// them less than the linger time ago. Without any subscriber it is one relaxed atomic load.
     pub fn wants(&self, kind: EventKind) -> bool {
         let interest = &self.shared.interest;
-        if interest.wanted.load(Ordering::Relaxed) & kind.bit() == 0 {
+        if interest.requested.load(Ordering::Relaxed) & kind.bit() == 0 {
             return false;
         }
         if interest.lingering.load(Ordering::Relaxed) & kind.bit() == 0 {
@@ -296,7 +296,7 @@ impl Shared {
             state.subscribers[kind as usize] += 1;
             state.linger_until[kind as usize] = None;
             interest.lingering.fetch_and(!kind.bit(), Ordering::Relaxed);
-            interest.wanted.fetch_or(kind.bit(), Ordering::Relaxed);
+            interest.requested.fetch_or(kind.bit(), Ordering::Relaxed);
         }
     }
 
@@ -310,7 +310,7 @@ impl Shared {
                 continue;
             }
             if self.linger.is_zero() {
-                interest.wanted.fetch_and(!kind.bit(), Ordering::Relaxed);
+                interest.requested.fetch_and(!kind.bit(), Ordering::Relaxed);
             } else {
                 state.linger_until[kind as usize] = Some(now + self.linger);
                 interest.lingering.fetch_or(kind.bit(), Ordering::Relaxed);
@@ -326,11 +326,11 @@ impl Shared {
             Some(deadline) if now >= deadline => {
                 state.linger_until[kind as usize] = None;
                 interest.lingering.fetch_and(!kind.bit(), Ordering::Relaxed);
-                interest.wanted.fetch_and(!kind.bit(), Ordering::Relaxed);
+                interest.requested.fetch_and(!kind.bit(), Ordering::Relaxed);
                 false
             }
             // A subscriber came back between the two loads in `wants`.
-            _ => interest.wanted.load(Ordering::Relaxed) & kind.bit() != 0,
+            _ => interest.requested.load(Ordering::Relaxed) & kind.bit() != 0,
         }
     }
 }

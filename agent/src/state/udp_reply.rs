@@ -2,7 +2,7 @@
 //!
 //! The kernel reports a UDP flow from the socket that sent the first datagram, so a server's
 //! reply is reported as a flow from the server to the client's ephemeral port. Like conntrack,
-//! the agent tells the two apart by ports: a datagram from a fixed port to a port in the kernel's
+//! the agent distinguishes the two by ports: a datagram from a fixed port to a port in the kernel's
 //! ephemeral range is a reply, and the flow it belongs to goes from the client to the fixed port.
 
 use std::fmt;

@@ -209,7 +209,7 @@ pub struct Engine {
 }
 
 /// Most edges whose judgement is kept. Repeats come from the edges in use, a small part of a large
-/// graph, and each entry holds a copy of its key and ids.
+/// graph, and each entry contains a copy of its key and ids.
 const JUDGED_EDGES_MAX: usize = 16_384;
 
 /// The outcome of judging one edge in full: whether the model declares it and the ids of the
