@@ -58,6 +58,8 @@ struct Member {
     name_offset: u32,
     type_id: u32,
     bit_offset: u32,
+    /// Width in bits of a bitfield member, 0 for a whole member.
+    bitfield_size: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -134,18 +136,22 @@ impl Btf {
             .ok_or_else(|| BtfError::StructNotFound(owner.to_string()))?;
         let mut owner_name = owner.to_string();
         let mut bit_offset = 0u32;
+        let mut bitfield = false;
         for member in path {
-            let (offset, member_type) =
+            let (offset, member_type, bits) =
                 self.find_member(type_id, member)
                     .ok_or_else(|| BtfError::MemberNotFound {
                         owner: owner_name.clone(),
                         member: member.to_string(),
                     })?;
             bit_offset += offset;
+            bitfield = bits != 0;
             type_id = self.strip_modifiers(member_type);
             owner_name = format!("{owner_name}.{member}");
         }
-        if !bit_offset.is_multiple_of(8) {
+        // A bitfield can start on a byte boundary and still share its bytes with its neighbours,
+        // so a whole read of it would take theirs too.
+        if bitfield || !bit_offset.is_multiple_of(8) {
             return Err(BtfError::Bitfield(owner_name));
         }
         Ok(bit_offset / 8)
@@ -220,8 +226,8 @@ impl Btf {
     }
 
     /// Finds `name` among the members of struct or union `type_id`, descending into anonymous
-    /// members; returns its bit offset and type.
-    fn find_member(&self, type_id: u32, name: &str) -> Option<(u32, u32)> {
+    /// members; returns its bit offset, type and bitfield width (0 for a whole member).
+    fn find_member(&self, type_id: u32, name: &str) -> Option<(u32, u32, u32)> {
         let ty = self.types.get(self.strip_modifiers(type_id) as usize)?;
         if ty.kind != KIND_STRUCT && ty.kind != KIND_UNION {
             return None;
@@ -229,11 +235,11 @@ impl Btf {
         for member in &ty.members {
             let member_name = self.name(member.name_offset);
             if member_name == name {
-                return Some((member.bit_offset, member.type_id));
+                return Some((member.bit_offset, member.type_id, member.bitfield_size));
             }
             if member_name.is_empty() {
-                if let Some((inner, inner_type)) = self.find_member(member.type_id, name) {
-                    return Some((member.bit_offset + inner, inner_type));
+                if let Some((inner, inner_type, bits)) = self.find_member(member.type_id, name) {
+                    return Some((member.bit_offset + inner, inner_type, bits));
                 }
             }
         }
@@ -276,6 +282,7 @@ fn parse_type(section: &[u8], position: usize) -> Result<(Type, usize), BtfError
                 } else {
                     offset
                 },
+                bitfield_size: if kind_flag { offset >> 24 } else { 0 },
             });
         }
     }
@@ -465,7 +472,7 @@ mod tests {
     /// Builds a BTF blob with: 1 = int, 2 = struct inner { int pad; int inum; },
     /// 3 = struct outer { int a; union { int b; }; struct inner ns; }, 4 = anonymous union { int b }.
     fn sample_btf() -> Vec<u8> {
-        let strings = b"\0int\0inner\0pad\0inum\0outer\0a\0b\0ns\0".to_vec();
+        let strings = b"\0int\0inner\0pad\0inum\0outer\0a\0b\0ns\0flags\0proto\0".to_vec();
         let name = |s: &str| -> u32 {
             let needle = [s.as_bytes(), b"\0"].concat();
             strings
@@ -488,6 +495,9 @@ mod tests {
         push(&[name("a"), 1, 0, 0, 4, 32, name("ns"), 2, 64]);
         push(&[0, KIND_UNION << 24 | 1, 4]);
         push(&[name("b"), 1, 0]);
+        // 5 = struct flags { int proto:8 at bit 8; }, a bitfield that starts on a byte boundary.
+        push(&[name("flags"), 1 << 31 | KIND_STRUCT << 24 | 1, 4]);
+        push(&[name("proto"), 1, 8 << 24 | 8]);
 
         let mut blob = Vec::new();
         blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
@@ -504,6 +514,13 @@ mod tests {
         blob.extend_from_slice(&types);
         blob.extend_from_slice(&strings);
         blob
+    }
+
+    #[test]
+    fn member_offset_refuses_a_byte_aligned_bitfield() {
+        let btf = Btf::parse(&sample_btf()).unwrap();
+        let error = btf.member_offset("flags", &["proto"]).unwrap_err();
+        assert!(matches!(&error, BtfError::Bitfield(name) if name == "flags.proto"), "{error}");
     }
 
     #[test]
