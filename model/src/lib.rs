@@ -26,7 +26,7 @@ pub use engine::{Engine, EngineConfig, EngineStats};
 
 /// A hash map for the tables the engine touches on every connection, with a hasher much faster
 /// than the standard library's on short string keys, seeded per map.
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use error::{Location, ModelError, ModelErrorKind, ModelErrors};
 pub use load::MODEL_VERSION;
 pub use model::{
