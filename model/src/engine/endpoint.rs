@@ -1,7 +1,7 @@
 //! Naming the two ends of a flow: which graph node each is and which zone it belongs to.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::graph::{NodeKind, NodeProcess, NodeRef};
 use crate::model::{Attribution, Component, Model, Zone};
@@ -123,13 +123,81 @@ pub(crate) fn external_node(ip: IpAddr) -> String {
     format!("external:{}", ip.to_canonical())
 }
 
+/// Maximum number of processes whose attribution [`AttributionCache`] keeps.
+const ATTRIBUTIONS_MAX: usize = 4096;
+
+/// The attribution of each process resolved lately, by the address of its shared [`ProcessInfo`].
+///
+/// The pipeline hands every flow of a process the same `Arc`, and a changed process (a new exec,
+/// labels that arrived) is a new `Arc`. Each entry keeps a [`Weak`] to its `ProcessInfo`, so the
+/// address cannot be reused by another process while the entry exists. The cache belongs to one
+/// model and is emptied with it, and when full.
+#[derive(Debug, Default)]
+pub(crate) struct AttributionCache {
+    entries: crate::FastMap<usize, CachedAttribution>,
+}
+
+/// One process's entry in [`AttributionCache`].
+#[derive(Debug)]
+struct CachedAttribution {
+    /// Keeps the address of the process's `ProcessInfo` from being reused.
+    _process: Weak<ProcessInfo>,
+    /// Index of the component in the model, and how the process was attributed to it.
+    attribution: Option<(usize, Attribution)>,
+}
+
+impl AttributionCache {
+    /// Returns [`Model::attribute_process`] for `process`, from the cache when it was resolved
+    /// before.
+    pub(crate) fn attribute<'m>(
+        &mut self,
+        model: &'m Model,
+        process: &Arc<ProcessInfo>,
+    ) -> Option<(&'m Component, Attribution)> {
+        let address = Arc::as_ptr(process) as usize;
+        if let Some(cached) = self.entries.get(&address) {
+            let (index, how) = cached.attribution?;
+            return Some((model.components.get(index)?, how));
+        }
+        let attribution = model.attribute_process(process);
+        let indexed = attribution.and_then(|(component, how)| {
+            let index = model.components.iter().position(|candidate| std::ptr::eq(candidate, component))?;
+            Some((index, how))
+        });
+        if self.entries.len() >= ATTRIBUTIONS_MAX {
+            self.entries.clear();
+        }
+        self.entries.insert(address, CachedAttribution { _process: Arc::downgrade(process), attribution: indexed });
+        attribution
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// Resolves a process on this host through the model's attribution rules.
 pub(crate) fn local<'m, 'o>(
     model: &'m Model,
     process: &'o Arc<ProcessInfo>,
     addr: SocketAddr,
 ) -> Side<'m, 'o> {
-    match model.attribute_process(process) {
+    local_attributed(model, model.attribute_process(process), process, addr)
+}
+
+/// Builds the side of a process on this host from its attribution.
+pub(crate) fn local_attributed<'m, 'o>(
+    model: &'m Model,
+    attribution: Option<(&'m Component, Attribution)>,
+    process: &'o Arc<ProcessInfo>,
+    addr: SocketAddr,
+) -> Side<'m, 'o> {
+    match attribution {
         Some((component, attribution)) => Side {
             node: component.id.clone(),
             resolved: Resolved::Component {
@@ -192,5 +260,103 @@ fn remote_external<'m, 'o>(addr: SocketAddr) -> Side<'m, 'o> {
         resolved: Resolved::External(ip),
         process: None,
         addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL: &str = r#"version: 1
+zones:
+  - { id: inside, trust: 50 }
+components:
+  - { id: web, zone: inside, match: { exe: ["/usr/sbin/nginx"] } }
+  - { id: api, zone: inside, match: { exe: ["/srv/api"] } }
+"#;
+
+    fn process(pid: u32, exe: &str) -> Arc<ProcessInfo> {
+        Arc::new(ProcessInfo {
+            pid,
+            ppid: 1,
+            exe: exe.to_owned(),
+            argv: vec![exe.to_owned()],
+            argv_truncated: false,
+            uid: 0,
+            gid: 0,
+            user: None,
+            cgroup: "/system.slice/test.service".to_owned(),
+            comm: String::new(),
+            ancestry: Vec::new(),
+            container: None,
+            exec: Default::default(),
+        })
+    }
+
+    fn component_of(cache: &mut AttributionCache, model: &Model, process: &Arc<ProcessInfo>) -> Option<String> {
+        cache.attribute(model, process).map(|(component, _)| component.id.clone())
+    }
+
+    #[test]
+    fn cache_answers_repeats_from_one_entry() {
+        let model = Model::parse(MODEL, "test.yaml").unwrap();
+        let mut cache = AttributionCache::default();
+        let web = process(10, "/usr/sbin/nginx");
+        assert_eq!(component_of(&mut cache, &model, &web).as_deref(), Some("web"));
+        assert_eq!(component_of(&mut cache, &model, &web).as_deref(), Some("web"));
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn cache_resolves_a_new_process_anew() {
+        let model = Model::parse(MODEL, "test.yaml").unwrap();
+        let mut cache = AttributionCache::default();
+        // The same pid after an exec is a new ProcessInfo; the first one is gone, but its cache
+        // entry keeps its address from being reused.
+        let before = process(10, "/usr/sbin/nginx");
+        assert_eq!(component_of(&mut cache, &model, &before).as_deref(), Some("web"));
+        drop(before);
+        for _ in 0..100 {
+            let after = process(10, "/srv/api");
+            assert_eq!(component_of(&mut cache, &model, &after).as_deref(), Some("api"));
+        }
+        let unknown = process(11, "/usr/bin/bash");
+        assert_eq!(component_of(&mut cache, &model, &unknown), None);
+        assert_eq!(component_of(&mut cache, &model, &unknown), None);
+    }
+
+    #[test]
+    fn new_model_attributes_again() {
+        let mut engine = crate::Engine::new(Model::parse(MODEL, "test.yaml").unwrap());
+        let client = process(10, "/usr/sbin/nginx");
+        let flow = crate::observation::FlowObservation {
+            time: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_735_689_600),
+            protocol: Protocol::Tcp,
+            client: Some(client),
+            server: None,
+            client_addr: "10.0.0.1:40000".parse().unwrap(),
+            server_addr: "192.0.2.9:443".parse().unwrap(),
+            netns: 1,
+            remote_name: None,
+        };
+        let ids = |raised: Vec<crate::deviation::Deviation>| raised.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        let before = ids(engine.observe_flow(&flow));
+        assert!(before.iter().any(|id| id.starts_with("unexpected-flow@web@")), "{before:?}");
+
+        // The same process, now selected by the other component.
+        let swapped = MODEL.replace("/usr/sbin/nginx", "/usr/sbin/none").replace("/srv/api", "/usr/sbin/nginx");
+        let after = ids(engine.replace_model(Model::parse(&swapped, "test.yaml").unwrap()));
+        assert!(after.iter().any(|id| id.starts_with("unexpected-flow@api@")), "{after:?}");
+    }
+
+    #[test]
+    fn full_cache_starts_again() {
+        let model = Model::parse(MODEL, "test.yaml").unwrap();
+        let mut cache = AttributionCache::default();
+        let processes: Vec<_> = (0..=ATTRIBUTIONS_MAX as u32).map(|pid| process(pid, "/srv/api")).collect();
+        for process in &processes {
+            assert_eq!(component_of(&mut cache, &model, process).as_deref(), Some("api"));
+        }
+        assert_eq!(cache.len(), 1);
     }
 }

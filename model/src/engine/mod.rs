@@ -206,6 +206,8 @@ pub struct Engine {
     /// The judgement of each edge when it was last judged in full, so that a repeat within the
     /// repeat interval is only counted. Emptied with the model and when full.
     judged_edges: FastMap<EdgeKey, JudgedEdge>,
+    /// Attributions of the processes of recent flows under the model in force.
+    attributions: endpoint::AttributionCache,
 }
 
 /// Most edges whose judgement is kept. Repeats come from the edges in use, a small part of a large
@@ -240,6 +242,7 @@ impl Engine {
             watch_since: None,
             attack_paths: HashMap::new(),
             judged_edges: FastMap::default(),
+            attributions: endpoint::AttributionCache::default(),
         };
         engine.reset_model_state();
         engine
@@ -261,6 +264,7 @@ impl Engine {
         self.watch_since = None;
         self.attack_paths.clear();
         self.judged_edges.clear();
+        self.attributions.clear();
     }
 
     pub fn model(&self) -> &Model {
@@ -328,7 +332,7 @@ impl Engine {
         self.stats.flow_observations += 1;
         self.note_time(observation.time);
         let model = &self.model;
-        let (source, destination) = resolve_flow(model, observation);
+        let (source, destination) = resolve_flow(model, Some(&mut self.attributions), observation);
         let protocol = observation.protocol;
         let port = observation.server_addr.port();
         let source_key = (source.node.as_str(), source.zone_id());
@@ -431,7 +435,7 @@ impl Engine {
     pub fn observe_failed_connect(&mut self, observation: &FlowObservation) {
         self.stats.failed_connect_observations += 1;
         self.note_time(observation.time);
-        let (source, destination) = resolve_flow(&self.model, observation);
+        let (source, destination) = resolve_flow(&self.model, Some(&mut self.attributions), observation);
         let denied = self.model.matching_flow(
             (source.node.as_str(), source.zone_id()),
             (destination.node.as_str(), destination.zone_id()),
@@ -494,7 +498,7 @@ impl Engine {
     /// Returns the graph nodes that the client and the server of `observation` resolve to, as
     /// [`Engine::observe_flow`] records them, without recording anything.
     pub fn flow_nodes(&self, observation: &FlowObservation) -> (NodeRef, NodeRef) {
-        let (source, destination) = resolve_flow(&self.model, observation);
+        let (source, destination) = resolve_flow(&self.model, None, observation);
         (source.node_ref(), destination.node_ref())
     }
 
@@ -565,17 +569,25 @@ impl Engine {
     }
 }
 
-/// Resolves both ends of a flow to graph nodes.
+/// Resolves both ends of a flow to graph nodes, through `cache` when given.
 fn resolve_flow<'m, 'o>(
     model: &'m Model,
+    mut cache: Option<&mut endpoint::AttributionCache>,
     observation: &'o FlowObservation,
 ) -> (Side<'m, 'o>, Side<'m, 'o>) {
+    let mut local = |process: &'o Arc<ProcessInfo>, addr: SocketAddr| {
+        let attribution = match cache.as_deref_mut() {
+            Some(cache) => cache.attribute(model, process),
+            None => model.attribute_process(process),
+        };
+        endpoint::local_attributed(model, attribution, process, addr)
+    };
     let source = match &observation.client {
-        Some(process) => endpoint::local(model, process, observation.client_addr),
+        Some(process) => local(process, observation.client_addr),
         None => endpoint::remote_client(model, observation.client_addr),
     };
     let destination = match &observation.server {
-        Some(process) => endpoint::local(model, process, observation.server_addr),
+        Some(process) => local(process, observation.server_addr),
         None => endpoint::remote_server(model, observation.server_addr, observation.protocol),
     };
     (source, destination)
