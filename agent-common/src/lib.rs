@@ -219,6 +219,11 @@ pub enum CgroupHook {
     UdpSendmsg4,
     /// `BPF_CGROUP_UDP6_SENDMSG`.
     UdpSendmsg6,
+    /// `BPF_CGROUP_UDP4_RECVMSG`: a datagram read with the sender's address (`recvfrom`,
+    /// `recvmsg`).
+    UdpRecvmsg4,
+    /// `BPF_CGROUP_UDP6_RECVMSG`.
+    UdpRecvmsg6,
     /// `BPF_CGROUP_INET_INGRESS`: packets delivered to a socket of the cgroup.
     SkbIngress,
 }
@@ -240,6 +245,8 @@ pub const CGROUP_PROGRAMS: &[CgroupProgramSpec] = &[
     CgroupProgramSpec { name: "udp_connect6", hook: CgroupHook::Connect6, required: false },
     CgroupProgramSpec { name: "udp_sendmsg4", hook: CgroupHook::UdpSendmsg4, required: false },
     CgroupProgramSpec { name: "udp_sendmsg6", hook: CgroupHook::UdpSendmsg6, required: false },
+    CgroupProgramSpec { name: "udp_recvmsg4", hook: CgroupHook::UdpRecvmsg4, required: false },
+    CgroupProgramSpec { name: "udp_recvmsg6", hook: CgroupHook::UdpRecvmsg6, required: false },
     CgroupProgramSpec { name: "dns_ingress", hook: CgroupHook::SkbIngress, required: false },
 ];
 
@@ -517,6 +524,9 @@ pub enum UdpKind {
     Send = 1,
     /// `connect()` on a UDP socket: every later `send()` on it goes to this destination.
     Connect = 2,
+    /// The first datagram from a peer that the process read with the peer's address
+    /// (`recvfrom`, `recvmsg`); the record's destination fields are the sender's.
+    Receive = 3,
 }
 
 impl TryFrom<u32> for UdpKind {
@@ -525,6 +535,7 @@ impl TryFrom<u32> for UdpKind {
     fn try_from(value: u32) -> Result<Self, Self::Error> {
         match value {
             1 => Ok(Self::Send),
+            3 => Ok(Self::Receive),
             2 => Ok(Self::Connect),
             other => Err(UnknownValue(other)),
         }
@@ -537,7 +548,8 @@ impl TryFrom<u32> for UdpKind {
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct UdpRecord {
-    /// `pid` and `tid` are the sender; `cgroup_id` its cgroup.
+    /// `pid` and `tid` are the sender, or the receiver for [`UdpKind::Receive`]; `cgroup_id` its
+    /// cgroup.
     pub header: RecordHeader,
     /// A [`UdpKind`] number.
     pub event: u32,
@@ -555,7 +567,8 @@ pub struct UdpRecord {
     pub _reserved: u16,
     /// Local address the socket is bound to, all zeros when unbound; same layout as `daddr`.
     pub saddr: [u8; 16],
-    /// Remote address: the first 4 bytes for IPv4, all 16 for IPv6, network byte order.
+    /// Remote address (the destination, or the sender for [`UdpKind::Receive`]): the first 4
+    /// bytes for IPv4, all 16 for IPv6, network byte order.
     pub daddr: [u8; 16],
 }
 
@@ -580,7 +593,8 @@ pub struct UdpFlowKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct UdpFlowCounts {
-    /// Datagrams sent with a destination address on this flow (connects count one each).
+    /// Datagrams sent with a destination address, or read with a sender's address, on this flow
+    /// (connects count one each).
     pub packets: u64,
     /// `bpf_ktime_get_ns` of the last one.
     pub last_ns: u64,

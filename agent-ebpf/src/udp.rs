@@ -6,9 +6,14 @@
 //! system call layer, so sends issued through io_uring (inline or from an io-wq worker thread of
 //! the same process) are attributed to the process that owns the ring.
 //!
-//! Only the first datagram of a flow (process, network namespace, destination) becomes a record,
-//! and later ones only count in `UDP_FLOWS`. A DNS-heavy or streaming process so cannot flood the
-//! ring buffer. Every program returns 1, which lets the operation go on unchanged.
+//! `recvmsg4/6` run in `udp_recvmsg` when the receiving process requests the sender's address
+//! (`recvfrom`, `recvmsg` with a name), which a server that replies needs. They report the
+//! receiving end of a flow, in the receiving task. A server that reads with `recv()` and never
+//! answers passes no hook. DNS answers are left to the DNS program.
+//!
+//! Only the first datagram of a flow (process, network namespace, peer, direction) becomes a
+//! record, and later ones only count in `UDP_FLOWS`. A DNS-heavy or streaming process so cannot
+//! flood the ring buffer. Every program returns 1, which lets the operation go on unchanged.
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -55,6 +60,18 @@ pub fn udp_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+#[cgroup_sock_addr(recvmsg4)]
+pub fn udp_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let _ = try_udp(&ctx, UdpKind::Receive, FAMILY_INET);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn udp_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let _ = try_udp(&ctx, UdpKind::Receive, FAMILY_INET6);
+    ALLOW
+}
+
 // Inlined into each program so that `family` is a constant there and the `user_ip6` reads are
 // compiled only into the IPv6 programs: the verifier rejects them in an IPv4 program.
 #[inline(always)]
@@ -87,8 +104,12 @@ fn try_udp(ctx: &SockAddrContext, kind: UdpKind, family: u16) -> Result<(), i64>
         };
         (port, daddr)
     };
-    // `user_port` stores the port in network byte order in its low 16 bits.
+    // `user_port` stores the port in network byte order in its low 16 bits. For a receive, the
+    // address and port are the sender's.
     let dport = u16::from_be(port as u16);
+    if kind == UdpKind::Receive && dport == DNS_PORT {
+        return Ok(());
+    }
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let (sport, saddr, netns) = socket_details(addr);

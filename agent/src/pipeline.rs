@@ -27,8 +27,8 @@ use driftwatch_model::fleet::PeerRole;
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::seed::{SeededSocket, SeededState};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
-use crate::state::udp_reply::{is_udp_reply, EphemeralPorts};
-use crate::telemetry::event::{AcceptEvent, DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent};
+use crate::state::udp_reply::{is_udp_reply, EphemeralPorts, ReceivedPeers};
+use crate::telemetry::event::{AcceptEvent, DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent, UdpEventKind};
 
 /// Bounds and timing of the pipeline.
 #[derive(Debug, Clone)]
@@ -86,10 +86,17 @@ pub struct PipelineStats {
     pub accepts: u64,
     pub credential_changes: u64,
     pub connect_failures: u64,
-    /// New UDP flows (first datagrams and UDP connects) reported by the kernel.
+    /// New UDP flows (first datagrams sent or read, and UDP connects) reported by the kernel.
     pub udp_flows: u64,
     /// UDP flows whose first datagram was a server's reply, observed as flows from the client.
     pub udp_replies: u64,
+    /// UDP flows reported by the receiving process.
+    pub udp_receives: u64,
+    /// Received datagrams that were replies to the receiving process's request, whose own send
+    /// already reported the flow.
+    pub udp_replies_read: u64,
+    /// Server replies to a peer whose datagram the server's receive already reported.
+    pub udp_replies_already_received: u64,
     pub flows: u64,
     /// Flows neither of whose ends the process table knew.
     pub flows_without_process: u64,
@@ -125,6 +132,9 @@ impl PipelineStats {
             ("pipeline_connect_failures", self.connect_failures),
             ("pipeline_udp_flows", self.udp_flows),
             ("pipeline_udp_replies", self.udp_replies),
+            ("pipeline_udp_receives", self.udp_receives),
+            ("pipeline_udp_replies_read", self.udp_replies_read),
+            ("pipeline_udp_replies_already_received", self.udp_replies_already_received),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
             ("pipeline_listens_without_process", self.listens_without_process),
@@ -274,6 +284,8 @@ pub struct Pipeline {
     config: PipelineConfig,
     processes: ProcessTable,
     sockets: SocketState,
+    /// Peers of the UDP datagrams processes read, so that a server's replies add no flow.
+    received_peers: ReceivedPeers,
     labels: LabelTracker,
     label_replies: Option<mpsc::Receiver<LabelReply>>,
     held: HoldQueue<Observation>,
@@ -299,6 +311,7 @@ impl Pipeline {
         Pipeline {
             processes: ProcessTable::new(config.processes.clone()),
             sockets,
+            received_peers: ReceivedPeers::new(agent_common::UDP_FLOWS_MAX_ENTRIES as usize),
             labels: LabelTracker::new(config.labels.clone(), None),
             label_replies: None,
             held: HoldQueue::new(config.label_hold, config.max_held),
@@ -727,14 +740,26 @@ impl Pipeline {
             self.stats.flows_without_process += 1;
             return;
         };
-        let reply = is_udp_reply(udp.local.port(), udp.remote.port(), self.config.ephemeral_ports);
-        tracing::trace!(pid = udp.pid, tid = udp.tid, kind = ?udp.kind, remote = %udp.remote, reply, "udp flow");
-        // The kernel reports each client port of a reply flow once, so the engine counts a
-        // reply flow once per client socket, as it counts TCP connections.
+        let ephemeral = self.config.ephemeral_ports;
+        tracing::trace!(pid = udp.pid, tid = udp.tid, kind = ?udp.kind, local = %udp.local, remote = %udp.remote, "udp flow");
+        // The kernel reports each client port of a flow to a server once, so the engine counts
+        // that flow once per client socket, as it counts TCP connections.
         // NOTE: a busy UDP server still costs one kernel record per new client port, until the
-        // kernel program keys a reply by its source port in place of the client's port.
-        let (client, server, client_addr, server_addr) = if reply {
+        // kernel program keys its flows by its own port in place of the client's port.
+        let (client, server, client_addr, server_addr) = if udp.kind == UdpEventKind::Receive {
+            self.stats.udp_receives += 1;
+            if is_udp_reply(udp.remote.port(), udp.local.port(), ephemeral) {
+                self.stats.udp_replies_read += 1;
+                return;
+            }
+            self.received_peers.insert(udp.pid, udp.netns, udp.remote);
+            (None, Some(process), udp.remote, udp.local)
+        } else if is_udp_reply(udp.local.port(), udp.remote.port(), ephemeral) {
             self.stats.udp_replies += 1;
+            if self.received_peers.contains(udp.pid, udp.netns, udp.remote) {
+                self.stats.udp_replies_already_received += 1;
+                return;
+            }
             (None, Some(process), udp.remote, udp.local)
         } else {
             (Some(process), None, udp.local, udp.remote)

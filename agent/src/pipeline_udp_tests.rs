@@ -55,9 +55,13 @@ fn pipeline() -> (Pipeline, Arc<Shared>) {
 }
 
 fn udp_send(local: &str, remote: &str) -> Event {
+    udp(UdpEventKind::Send, local, remote)
+}
+
+fn udp(kind: UdpEventKind, local: &str, remote: &str) -> Event {
     Event::Udp(UdpEvent {
         ktime_ns: 2_000,
-        kind: UdpEventKind::Send,
+        kind,
         pid: RESOLVER_PID,
         tid: RESOLVER_PID,
         netns: 1,
@@ -93,6 +97,58 @@ fn replies_to_client_ports_are_one_inbound_edge() {
     .into();
     assert_eq!(ids, expected);
     assert_eq!(pipeline.stats.udp_replies, 3);
+}
+
+/// Returns the UDP edges of the graph as (source, destination, port, connections).
+fn udp_edges(shared: &Shared) -> Vec<(String, String, u16, u64)> {
+    let graph = shared.engine.lock().unwrap().graph_snapshot();
+    let mut edges: Vec<_> = graph
+        .edges
+        .iter()
+        .filter(|edge| edge.protocol == Protocol::Udp)
+        .map(|edge| (edge.source.clone(), edge.destination.clone(), edge.port, edge.connections))
+        .collect();
+    edges.sort();
+    edges
+}
+
+#[test]
+fn received_datagrams_are_the_inbound_edge() {
+    let (mut pipeline, shared) = pipeline();
+
+    for port in [40001, 40002] {
+        pipeline.handle(udp(UdpEventKind::Receive, "0.0.0.0:53", &format!("198.51.100.7:{port}")));
+    }
+
+    assert_eq!(udp_edges(&shared), [("internet".to_string(), "resolver".to_string(), 53, 2)]);
+    assert_eq!(pipeline.stats.udp_receives, 2);
+    assert_eq!(pipeline.stats.udp_replies_read, 0);
+}
+
+#[test]
+fn reply_after_receive_adds_no_connection() {
+    let (mut pipeline, shared) = pipeline();
+
+    pipeline.handle(udp(UdpEventKind::Receive, "0.0.0.0:53", "198.51.100.7:40001"));
+    pipeline.handle(udp_send("0.0.0.0:53", "198.51.100.7:40001"));
+    // A client port the receive hook did not see: the reply is the only evidence of its flow.
+    pipeline.handle(udp_send("0.0.0.0:53", "198.51.100.7:40002"));
+
+    assert_eq!(udp_edges(&shared), [("internet".to_string(), "resolver".to_string(), 53, 2)]);
+    assert_eq!(pipeline.stats.udp_replies, 2);
+    assert_eq!(pipeline.stats.udp_replies_already_received, 1);
+}
+
+#[test]
+fn reply_read_by_client_adds_no_edge() {
+    let (mut pipeline, shared) = pipeline();
+
+    pipeline.handle(udp_send("0.0.0.0:40001", "198.51.100.7:123"));
+    pipeline.handle(udp(UdpEventKind::Receive, "0.0.0.0:40001", "198.51.100.7:123"));
+
+    assert_eq!(udp_edges(&shared), [("resolver".to_string(), "internet".to_string(), 123, 1)]);
+    assert_eq!(pipeline.stats.udp_receives, 1);
+    assert_eq!(pipeline.stats.udp_replies_read, 1);
 }
 
 #[test]

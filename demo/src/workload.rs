@@ -73,6 +73,22 @@ pub fn udp_echo(listen: SocketAddr) -> Result<(), String> {
     }
 }
 
+/// Reads every datagram that arrives on `listen` with its sender's address and replies to none,
+/// until the process is killed. Prints `listening ADDR` once bound and `received N from PEER`
+/// after each datagram.
+pub fn udp_sink(listen: SocketAddr) -> Result<(), String> {
+    let socket = UdpSocket::bind(listen).map_err(|error| format!("failed to bind a UDP socket to {listen}: {error}"))?;
+    println!("listening {}", local_of(&socket));
+    let mut buffer = [0u8; 2048];
+    let mut received = 0u64;
+    loop {
+        let (_, peer) =
+            socket.recv_from(&mut buffer).map_err(|error| format!("recvfrom on {listen} failed: {error}"))?;
+        received += 1;
+        println!("received {received} from {peer}");
+    }
+}
+
 fn local_of(socket: &UdpSocket) -> String {
     socket.local_addr().map_or_else(|error| format!("<{error}>"), |addr| addr.to_string())
 }

@@ -151,8 +151,14 @@ impl World {
     /// Starts a UDP echo server on `listen` on the server host, in the observed cgroup
     /// `resolver`, and returns its pid.
     fn serve_udp_in_scope(&mut self, listen: &str) -> u32 {
+        self.start_udp_server("udp-echo", listen)
+    }
+
+    /// Starts the demo service's `role` (a UDP server) on `listen` on the server host, in the
+    /// observed cgroup `resolver`, and returns its pid.
+    fn start_udp_server(&mut self, role: &str, listen: &str) -> u32 {
         let mut command = Command::new(&self.service);
-        command.args(["udp-echo", "--listen", listen]);
+        command.args([role, "--listen", listen]);
         let process =
             spawn_in(Some(&self.topology.host("server").netns), Some(&self.resolver), command).unwrap();
         process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
@@ -395,10 +401,13 @@ fn udp_server_reply_is_flow_to_server_port() {
     let clients = query_from_fresh_sockets(&world.topology.host("client").netns, server, QUERIES);
     assert_client_ports_ephemeral(&clients);
 
-    // The kernel reports the first datagram to each destination port, so the replies to five
-    // client ports are five flows, each one connection of the edge from the clients' zone.
-    world.assert_counter("pipeline_udp_flows", QUERIES as u64);
+    // The kernel reports the first datagram from and to each client port, so the server reads
+    // five flows, each one connection of the edge from the clients' zone, and its replies to
+    // the same five ports add none.
+    world.assert_counter("pipeline_udp_flows", 2 * QUERIES as u64);
+    world.assert_counter("pipeline_udp_receives", QUERIES as u64);
     world.assert_counter("pipeline_udp_replies", QUERIES as u64);
+    world.assert_counter("pipeline_udp_replies_already_received", QUERIES as u64);
     let edge = world.only_udp_edge(53, QUERIES as u64);
     assert_eq!(edge.source, "internet");
     assert_eq!(edge.destination, "resolver");
@@ -427,8 +436,8 @@ fn undeclared_udp_server_raises_one_flow() {
     let (found_pid, exe) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
     assert_eq!(found_pid, pid);
     assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
-    // The deviation keeps the evidence of the first reply: the first client and the server's
-    // unspecified bound address.
+    // The deviation keeps the evidence of the first datagram the server read: the first client
+    // and the server's unspecified bound address.
     assert_eq!(evidence(&flow).local_addr, clients[0].to_string());
     assert_eq!(evidence(&flow).remote_addr, "0.0.0.0:53");
     world.wait_for("trust-boundary-crossing on udp/53", |deviation| {
@@ -451,6 +460,76 @@ fn undeclared_udp_server_raises_one_flow() {
         "unexpected-flow@internet@resolver@udp/53",
     ]);
     assert_eq!(ids, expected, "raised:\n{}", describe_all(&raised));
+}
+
+#[test]
+fn udp_server_that_never_answers_is_identified() {
+    let mut world = World::start_with("hR", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+    let pid = world.start_udp_server("udp-sink", "0.0.0.0:514");
+
+    let server = SocketAddr::new(SERVER_V4.parse().unwrap(), 514);
+    let clients = send_from_fresh_sockets(&world.topology.host("client").netns, CLIENT_V4, server, 2);
+    let sink = world.processes.last().expect("the sink runs");
+    sink.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received 2 ")).unwrap();
+
+    let flow = world.wait_for("unexpected-flow on udp/514", |deviation| {
+        deviation.category == Category::UnexpectedFlow as i32
+    });
+    assert_eq!(flow.id, "unexpected-flow@internet@resolver@udp/514");
+    let (found_pid, exe) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
+    assert_eq!(found_pid, pid);
+    assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+    assert_eq!(evidence(&flow).local_addr, clients[0].to_string());
+    assert_eq!(evidence(&flow).remote_addr, "0.0.0.0:514");
+    assert_eq!(evidence(&flow).netns, netns_inode(&world.topology.host("server").netns));
+
+    let edge = world.only_udp_edge(514, 2);
+    assert_eq!(edge.source, "internet");
+    assert_eq!(edge.destination, "resolver");
+    world.assert_counter("pipeline_udp_receives", 2);
+    world.assert_counter("pipeline_udp_replies", 0);
+}
+
+#[test]
+fn udp_server_over_ipv6_is_identified() {
+    let mut world = World::start_with("hS", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+    let pid = world.start_udp_server("udp-sink", "[::]:515");
+
+    let server = SocketAddr::new(SERVER_V6.parse().unwrap(), 515);
+    let clients = send_from_fresh_sockets(&world.topology.host("client").netns, CLIENT_V6, server, 1);
+    let sink = world.processes.last().expect("the sink runs");
+    sink.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received 1 ")).unwrap();
+
+    let flow = world.wait_for("unexpected-flow on udp/515", |deviation| {
+        deviation.category == Category::UnexpectedFlow as i32
+    });
+    assert_eq!(flow.id, "unexpected-flow@internet@resolver@udp/515");
+    let (found_pid, _) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
+    assert_eq!(found_pid, pid);
+    assert_eq!(evidence(&flow).local_addr, clients[0].to_string());
+    assert_eq!(evidence(&flow).remote_addr, "[::]:515");
+}
+
+/// Sends one datagram to `server` from each of `count` new sockets, from a thread in `netns`,
+/// and returns the sockets' addresses, `client_ip` with the port each got.
+fn send_from_fresh_sockets(netns: &NetNs, client_ip: &str, server: SocketAddr, count: usize) -> Vec<SocketAddr> {
+    let client_ip: std::net::IpAddr = client_ip.parse().unwrap();
+    let namespace = fs::File::open(netns.path()).unwrap();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
+        let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns failed: {}", std::io::Error::last_os_error());
+        (0..count)
+            .map(|index| {
+                let unbound = if client_ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let socket = UdpSocket::bind(unbound).unwrap();
+                socket.send_to(format!("message {index}").as_bytes(), server).unwrap();
+                let local = socket.local_addr().unwrap();
+                SocketAddr::new(client_ip, local.port())
+            })
+            .collect()
+    });
+    thread.join().expect("the UDP client thread panicked")
 }
 
 /// Sends `count` queries to the UDP echo server at `server` from a thread in `netns`, each from

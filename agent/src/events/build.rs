@@ -12,7 +12,7 @@ use crate::dns::{DnsNames, Learned};
 use crate::pipeline::KernelClock;
 use crate::state::process::ProcessTable;
 use crate::state::udp_reply::{is_udp_reply, EphemeralPorts};
-use crate::telemetry::event::{DnsEvent, Event, TcpEventKind};
+use crate::telemetry::event::{DnsEvent, Event, TcpEventKind, UdpEventKind};
 
 /// Borrowed pipeline state that a raw event reads its process and placement from.
 pub struct EventBuilder<'a> {
@@ -82,13 +82,18 @@ impl EventBuilder<'_> {
             }
             Event::Udp(udp) => {
                 // The addresses stay as the kernel reported them, but a reply places the sender
-                // as the server, as the pipeline observes the flow.
+                // as the server, and a receive the receiver unless it reads a reply, as the
+                // pipeline observes the flow.
+                let local_is_server = match udp.kind {
+                    UdpEventKind::Receive => !is_udp_reply(udp.remote.port(), udp.local.port(), self.ephemeral_ports),
+                    _ => is_udp_reply(udp.local.port(), udp.remote.port(), self.ephemeral_ports),
+                };
                 let socket = Socket {
                     protocol: Protocol::Udp,
                     local: udp.local,
                     remote: udp.remote,
                     netns: udp.netns,
-                    local_is_server: is_udp_reply(udp.local.port(), udp.remote.port(), self.ephemeral_ports),
+                    local_is_server,
                 };
                 self.socket_event(kind, udp.ktime_ns, udp.pid, socket)
             }

@@ -5,8 +5,12 @@
 //! the agent distinguishes the two by ports: a datagram from a fixed port to a port in the kernel's
 //! ephemeral range is a reply, and the flow it belongs to goes from the client to the fixed port.
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
+
+use driftwatch_model::FastMap;
 
 /// The file that contains the kernel's ephemeral port range for the reader's network namespace.
 pub const LOCAL_PORT_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -107,9 +111,61 @@ pub fn is_udp_reply(local_port: u16, remote_port: u16, ephemeral: EphemeralPorts
     local_port != 0 && !ephemeral.contains(local_port) && ephemeral.contains(remote_port)
 }
 
+/// A process and a peer it read datagrams from: (pid, network namespace, peer address).
+type ReceivedPeer = (u32, u32, SocketAddr);
+
+/// The peers each process read datagrams from, so that a server's reply to a peer is not taken
+/// as a second observation of the flow its receive already reported. The oldest entry goes first
+/// when the set is full; a reply to a forgotten peer is observed as a reply again.
+pub struct ReceivedPeers {
+    peers: FastMap<ReceivedPeer, ()>,
+    order: VecDeque<ReceivedPeer>,
+    capacity: usize,
+}
+
+impl ReceivedPeers {
+    pub fn new(capacity: usize) -> ReceivedPeers {
+        ReceivedPeers { peers: FastMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
+    }
+
+    pub fn insert(&mut self, pid: u32, netns: u32, peer: SocketAddr) {
+        let entry = (pid, netns, peer);
+        if self.peers.contains_key(&entry) {
+            return;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.peers.remove(&oldest);
+            }
+        }
+        self.peers.insert(entry, ());
+        self.order.push_back(entry);
+    }
+
+    pub fn contains(&self, pid: u32, netns: u32, peer: SocketAddr) -> bool {
+        self.peers.contains_key(&(pid, netns, peer))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_peers_forget_the_oldest_first() {
+        let peer = |port: u16| SocketAddr::from(([198, 18, 1, 10], port));
+        let mut peers = ReceivedPeers::new(2);
+        peers.insert(7, 1, peer(40000));
+        peers.insert(7, 1, peer(40000));
+        peers.insert(7, 1, peer(40001));
+        assert!(peers.contains(7, 1, peer(40000)));
+        assert!(!peers.contains(8, 1, peer(40000)), "another process");
+        assert!(!peers.contains(7, 2, peer(40000)), "another namespace");
+        peers.insert(7, 1, peer(40002));
+        assert!(!peers.contains(7, 1, peer(40000)), "the oldest entry goes first");
+        assert!(peers.contains(7, 1, peer(40001)));
+        assert!(peers.contains(7, 1, peer(40002)));
+    }
 
     const RANGE: EphemeralPorts = EphemeralPorts::LINUX_DEFAULT;
 

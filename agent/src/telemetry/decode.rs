@@ -67,6 +67,7 @@ fn decode_udp(bytes: &[u8]) -> Result<Event, DecodeError> {
     {
         UdpKind::Send => UdpEventKind::Send,
         UdpKind::Connect => UdpEventKind::Connect,
+        UdpKind::Receive => UdpEventKind::Receive,
     };
     let (local, remote) = match record.family {
         // An IPv4 destination on an IPv6 socket (dual stack) leaves the bound address in IPv6

@@ -220,17 +220,20 @@ pub enum UdpEventKind {
     Send,
     /// `connect()` on a UDP socket, which fixes the destination of every later `send()`.
     Connect,
+    /// The first datagram the process read from this peer with the peer's address (`recvfrom`,
+    /// `recvmsg`); `remote` is the sender.
+    Receive,
 }
 
-/// A new UDP flow: the first datagram a process sent to a destination, or a UDP connect. Later
-/// datagrams of the same flow are only counted in the kernel.
+/// A new UDP flow: the first datagram a process sent to a destination or read from a peer, or a
+/// UDP connect. Later datagrams of the same flow are only counted in the kernel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UdpEvent {
     pub ktime_ns: u64,
     pub kind: UdpEventKind,
-    /// Sending process (tgid).
+    /// Sending (or, for a receive, receiving) process (tgid).
     pub pid: u32,
-    /// Sending thread; an io-wq worker thread for a send that io_uring ran asynchronously.
+    /// Its thread; an io-wq worker thread for a send that io_uring ran asynchronously.
     pub tid: u32,
     /// Network namespace inode of the socket, 0 when unknown.
     pub netns: u32,

@@ -266,6 +266,8 @@ fn hook_name(hook: CgroupHook) -> &'static str {
         CgroupHook::Connect6 => "connect6",
         CgroupHook::UdpSendmsg4 => "sendmsg4",
         CgroupHook::UdpSendmsg6 => "sendmsg6",
+        CgroupHook::UdpRecvmsg4 => "recvmsg4",
+        CgroupHook::UdpRecvmsg6 => "recvmsg6",
         CgroupHook::SkbIngress => "skb_ingress",
     }
 }
@@ -292,7 +294,12 @@ fn attach_cgroup(ebpf: &mut Ebpf, spec: &CgroupProgramSpec, cgroup: &File) -> Re
                 .attach(cgroup, CgroupSkbAttachType::Ingress, mode)
                 .map_err(|error| describe_program_error(&error))?;
         }
-        CgroupHook::Connect4 | CgroupHook::Connect6 | CgroupHook::UdpSendmsg4 | CgroupHook::UdpSendmsg6 => {
+        CgroupHook::Connect4
+        | CgroupHook::Connect6
+        | CgroupHook::UdpSendmsg4
+        | CgroupHook::UdpSendmsg6
+        | CgroupHook::UdpRecvmsg4
+        | CgroupHook::UdpRecvmsg6 => {
             let program: &mut CgroupSockAddr = program
                 .try_into()
                 .map_err(|error: ProgramError| error.to_string())?;
