@@ -585,7 +585,10 @@ pub struct UdpFlowKey {
     pub family: u16,
     pub dport: u16,
     /// A [`UdpKind`] number, so that a connect after a send to the same place is still reported.
-    pub event: u32,
+    pub event: u16,
+    /// The local port for [`UdpKind::Receive`], so that a sender that reaches a second port of
+    /// the same process is reported again; 0 for sends and connects.
+    pub sport: u16,
     pub daddr: [u8; 16],
 }
 

@@ -9,7 +9,7 @@
 //! `recvmsg4/6` run in `udp_recvmsg` when the receiving process requests the sender's address
 //! (`recvfrom`, `recvmsg` with a name), which a server that replies needs. They report the
 //! receiving end of a flow, in the receiving task. A server that reads with `recv()` and never
-//! answers passes no hook. DNS answers are left to the DNS program.
+//! replies passes no hook.
 //!
 //! Only the first datagram of a flow (process, network namespace, peer, direction) becomes a
 //! record, and later ones only count in `UDP_FLOWS`. A DNS-heavy or streaming process so cannot
@@ -107,9 +107,6 @@ fn try_udp(ctx: &SockAddrContext, kind: UdpKind, family: u16) -> Result<(), i64>
     // `user_port` stores the port in network byte order in its low 16 bits. For a receive, the
     // address and port are the sender's.
     let dport = u16::from_be(port as u16);
-    if kind == UdpKind::Receive && dport == DNS_PORT {
-        return Ok(());
-    }
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let (sport, saddr, netns) = socket_details(addr);
@@ -120,7 +117,8 @@ fn try_udp(ctx: &SockAddrContext, kind: UdpKind, family: u16) -> Result<(), i64>
         cookie: if dport == DNS_PORT { cookie } else { 0 },
         family,
         dport,
-        event: kind as u32,
+        event: kind as u16,
+        sport: if kind == UdpKind::Receive { sport } else { 0 },
         daddr,
     };
     let now = ktime_ns();

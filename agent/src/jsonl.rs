@@ -84,6 +84,7 @@ pub fn event_record(sequence: u64, event: &RawEvent) -> Value {
             "remote_component": socket.remote_placement.component,
             "remote_zone": socket.remote_placement.zone,
             "is_reply": socket.is_reply,
+            "received": socket.received,
         }),
         EventDetail::DnsAnswer { name, addresses, server } => json!({
             "dns_name": name,

@@ -732,7 +732,7 @@ impl Pipeline {
     // UDP flow between two observed processes is reported twice: as a flow to the server's address
     // from the client, and as a flow from the client's address to the server from its reply.
     fn handle_udp(&mut self, udp: UdpEvent) {
-        if udp.remote.port() == agent_common::DNS_PORT {
+        if udp.remote.port() == agent_common::DNS_PORT && udp.kind != UdpEventKind::Receive {
             self.dns.on_query_socket(udp.cookie, DnsSocket { pid: udp.pid, netns: udp.netns });
         }
         self.stats.flows += 1;

@@ -200,3 +200,27 @@ fn reply_raw_event_keeps_kernel_addresses() {
     assert_eq!(query.placement.component, "resolver");
     assert_eq!(socket.remote_placement.component, "internet");
 }
+
+#[test]
+fn receive_raw_event_is_marked_received() {
+    let (pipeline, _shared) = pipeline();
+    let engine = pipeline.engine();
+    let builder = EventBuilder {
+        processes: &pipeline.processes,
+        engine: &engine,
+        dns: &pipeline.dns,
+        clock: pipeline.clock,
+        ephemeral_ports: pipeline.config.ephemeral_ports,
+    };
+
+    let read = builder.build(&udp(UdpEventKind::Receive, "0.0.0.0:53", "198.51.100.7:40001")).unwrap();
+    let EventDetail::Socket(socket) = &read.detail else { panic!("not a socket event: {read:?}") };
+    assert!(socket.received);
+    assert!(!socket.is_reply, "a datagram the server read is not its reply");
+    assert_eq!(socket.remote, "198.51.100.7:40001".parse::<SocketAddr>().unwrap());
+
+    let sent = builder.build(&udp_send("0.0.0.0:53", "198.51.100.7:40001")).unwrap();
+    let EventDetail::Socket(socket) = &sent.detail else { panic!("not a socket event: {sent:?}") };
+    assert!(!socket.received);
+    assert!(socket.is_reply);
+}

@@ -34,7 +34,7 @@ usage: driftwatch-demo-service <role> [options]
   udp-send --target ADDR [--bind ADDR] [--count N]     send N datagrams with sendto (default 1)
   udp-connect --target ADDR [--bind ADDR] [--count N]  connect a UDP socket, then send N datagrams
   udp-echo --listen ADDR                               send every datagram back to its sender
-  udp-sink --listen ADDR                               read every datagram with recvfrom, answer none
+  udp-sink --listen ADDR[,ADDR...]                     read every datagram with recvfrom, answer none
   resolve-connect --server ADDR --name NAME --port N   ask a DNS server for NAME's A record, then
                                                        connect to that address over TCP
   uring-connect --target ADDR                          TCP connect through io_uring
@@ -90,7 +90,14 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 .map(|()| ExitCode::SUCCESS)
         }
         "udp-echo" => workload::udp_echo(options.listen()?).map(|()| ExitCode::SUCCESS),
-        "udp-sink" => workload::udp_sink(options.listen()?).map(|()| ExitCode::SUCCESS),
+        "udp-sink" => {
+            let list = options.listen.as_deref().ok_or_else(|| format!("missing --listen ADDR\n{USAGE}"))?;
+            let addrs = list
+                .split(',')
+                .map(|addr| resolve("--listen", Some(addr)))
+                .collect::<Result<Vec<_>, _>>()?;
+            workload::udp_sink(&addrs).map(|()| ExitCode::SUCCESS)
+        }
         "resolve-connect" => {
             let name = options.name.as_deref().ok_or_else(|| format!("missing --name NAME\n{USAGE}"))?;
             let port = options.port.ok_or_else(|| format!("missing --port N\n{USAGE}"))?;

@@ -73,20 +73,38 @@ pub fn udp_echo(listen: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Reads every datagram that arrives on `listen` with its sender's address and replies to none,
-/// until the process is killed. Prints `listening ADDR` once bound and `received N from PEER`
-/// after each datagram.
-pub fn udp_sink(listen: SocketAddr) -> Result<(), String> {
-    let socket = UdpSocket::bind(listen).map_err(|error| format!("failed to bind a UDP socket to {listen}: {error}"))?;
-    println!("listening {}", local_of(&socket));
-    let mut buffer = [0u8; 2048];
-    let mut received = 0u64;
-    loop {
-        let (_, peer) =
-            socket.recv_from(&mut buffer).map_err(|error| format!("recvfrom on {listen} failed: {error}"))?;
-        received += 1;
-        println!("received {received} from {peer}");
+/// Reads every datagram that arrives on any address of `listen` with its sender's address and
+/// replies to none, until the process is killed. Prints `listening ADDR,ADDR...` once every socket
+/// is bound, and `received N from PEER on PORT` after each datagram, N counting over all sockets.
+pub fn udp_sink(listen: &[SocketAddr]) -> Result<(), String> {
+    let sockets = listen
+        .iter()
+        .map(|addr| UdpSocket::bind(addr).map_err(|error| format!("failed to bind a UDP socket to {addr}: {error}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let bound: Vec<String> = sockets.iter().map(local_of).collect();
+    println!("listening {}", bound.join(","));
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| {
+            let received = received.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut buffer = [0u8; 2048];
+                loop {
+                    let (_, peer) = socket
+                        .recv_from(&mut buffer)
+                        .map_err(|error| format!("recvfrom on {} failed: {error}", local_of(&socket)))?;
+                    let count = received.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    let port = socket.local_addr().map_or(0, |addr| addr.port());
+                    println!("received {count} from {peer} on {port}");
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.join().map_err(|_| "a reader thread panicked".to_string())??;
     }
+    Ok(())
 }
 
 fn local_of(socket: &UdpSocket) -> String {

@@ -465,21 +465,10 @@ fn undeclared_udp_server_raises_one_flow() {
 #[test]
 fn udp_server_that_never_answers_is_identified() {
     let mut world = World::start_with("hR", &REPLY_MODEL.replace("{FLOWS}", "[]"));
-    let pid = world.start_udp_server("udp-sink", "0.0.0.0:514");
-
     let server = SocketAddr::new(SERVER_V4.parse().unwrap(), 514);
-    let clients = send_from_fresh_sockets(&world.topology.host("client").netns, CLIENT_V4, server, 2);
-    let sink = world.processes.last().expect("the sink runs");
-    sink.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received 2 ")).unwrap();
+    let (pid, clients) = world.sink_receives("0.0.0.0:514", CLIENT_V4, server, 2);
 
-    let flow = world.wait_for("unexpected-flow on udp/514", |deviation| {
-        deviation.category == Category::UnexpectedFlow as i32
-    });
-    assert_eq!(flow.id, "unexpected-flow@internet@resolver@udp/514");
-    let (found_pid, exe) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
-    assert_eq!(found_pid, pid);
-    assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
-    assert_eq!(evidence(&flow).local_addr, clients[0].to_string());
+    let flow = world.wait_for_sink_flow(514, pid, &clients[0]);
     assert_eq!(evidence(&flow).remote_addr, "0.0.0.0:514");
     assert_eq!(evidence(&flow).netns, netns_inode(&world.topology.host("server").netns));
 
@@ -493,21 +482,74 @@ fn udp_server_that_never_answers_is_identified() {
 #[test]
 fn udp_server_over_ipv6_is_identified() {
     let mut world = World::start_with("hS", &REPLY_MODEL.replace("{FLOWS}", "[]"));
-    let pid = world.start_udp_server("udp-sink", "[::]:515");
-
     let server = SocketAddr::new(SERVER_V6.parse().unwrap(), 515);
-    let clients = send_from_fresh_sockets(&world.topology.host("client").netns, CLIENT_V6, server, 1);
-    let sink = world.processes.last().expect("the sink runs");
-    sink.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received 1 ")).unwrap();
+    let (pid, clients) = world.sink_receives("[::]:515", CLIENT_V6, server, 1);
 
-    let flow = world.wait_for("unexpected-flow on udp/515", |deviation| {
-        deviation.category == Category::UnexpectedFlow as i32
-    });
-    assert_eq!(flow.id, "unexpected-flow@internet@resolver@udp/515");
-    let (found_pid, _) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
-    assert_eq!(found_pid, pid);
-    assert_eq!(evidence(&flow).local_addr, clients[0].to_string());
+    let flow = world.wait_for_sink_flow(515, pid, &clients[0]);
     assert_eq!(evidence(&flow).remote_addr, "[::]:515");
+}
+
+#[test]
+fn udp_sender_port_53_two_ports() {
+    let mut world = World::start_with("hT", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+    let pid = world.start_udp_server("udp-sink", "0.0.0.0:516,0.0.0.0:517");
+
+    // One socket on the DNS port, whose datagrams look like answers, reaches two ports of one
+    // process: both are flows of their own.
+    let client = SocketAddr::new(CLIENT_V4.parse().unwrap(), 53);
+    let targets = [516, 517].map(|port| SocketAddr::new(SERVER_V4.parse().unwrap(), port));
+    send_from_one_socket(&world.topology.host("client").netns, client, &targets);
+    let sink = world.processes.last().expect("the sink runs");
+    sink.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received 2 ")).unwrap();
+
+    for port in [516, 517] {
+        world.wait_for_sink_flow(port, pid, &client);
+    }
+    world.assert_counter("pipeline_udp_receives", 2);
+}
+
+impl World {
+    /// Starts a `udp-sink` on `listen` on the server host, in scope, sends it `count` datagrams
+    /// from new sockets on the client host, and waits until it has read them. Returns its pid and
+    /// the clients' addresses.
+    fn sink_receives(&mut self, listen: &str, client_ip: &str, server: SocketAddr, count: usize) -> (u32, Vec<SocketAddr>) {
+        let pid = self.start_udp_server("udp-sink", listen);
+        let clients = send_from_fresh_sockets(&self.topology.host("client").netns, client_ip, server, count);
+        let sink = self.processes.last().expect("the sink runs");
+        sink.wait_for_line(RUN_TIMEOUT, |line| line.starts_with(&format!("received {count} "))).unwrap();
+        (pid, clients)
+    }
+
+    /// Waits for the unexpected-flow deviation to the sink on `port` and checks that it names the
+    /// sink with `pid` and the first client `client`.
+    fn wait_for_sink_flow(&self, port: u16, pid: u32, client: &SocketAddr) -> Deviation {
+        let flow = self.wait_for(&format!("unexpected-flow on udp/{port}"), |deviation| {
+            deviation.category == Category::UnexpectedFlow as i32 && deviation.port == Some(u32::from(port))
+        });
+        assert_eq!(flow.id, format!("unexpected-flow@internet@resolver@udp/{port}"));
+        let (found_pid, exe) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
+        assert_eq!(found_pid, pid);
+        assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+        assert_eq!(evidence(&flow).local_addr, client.to_string());
+        flow
+    }
+}
+
+/// Sends one datagram to each of `targets` from one socket bound to `client`, from a thread in
+/// `netns`.
+fn send_from_one_socket(netns: &NetNs, client: SocketAddr, targets: &[SocketAddr]) {
+    let namespace = fs::File::open(netns.path()).unwrap();
+    let targets = targets.to_vec();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: setns on a descriptor this thread owns; it moves only this thread.
+        let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns failed: {}", std::io::Error::last_os_error());
+        let socket = UdpSocket::bind(client).unwrap();
+        for target in targets {
+            socket.send_to(b"message", target).unwrap();
+        }
+    });
+    thread.join().expect("the UDP client thread panicked");
 }
 
 /// Sends one datagram to `server` from each of `count` new sockets, from a thread in `netns`,

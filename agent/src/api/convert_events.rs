@@ -66,6 +66,7 @@ pub fn raw_event_to_proto(event: &RawEvent) -> pb::RawEvent {
             message.remote_component = socket.remote_placement.component.clone();
             message.remote_zone = socket.remote_placement.zone.clone();
             message.is_reply = socket.is_reply;
+            message.received = socket.received;
         }
         EventDetail::DnsAnswer { name, addresses, server } => {
             message.dns_name = name.clone();
@@ -140,6 +141,7 @@ pub fn raw_event_from_proto(event: pb::RawEvent) -> Result<RawEvent, ConvertErro
             remote_name: event.remote_name,
             remote_placement: Placement { component: event.remote_component, zone: event.remote_zone },
             is_reply: event.is_reply,
+            received: event.received,
         }),
     };
     Ok(RawEvent {

@@ -63,7 +63,9 @@ pub fn print_event_text(out: &mut impl Write, sequence: u64, node: &str, event: 
                 format!("{} -> {}", socket.local, socket.remote)
             };
             writeln!(out, "    {:<10} {endpoints} ({}), netns {}", "endpoints", socket.protocol.as_str(), socket.netns)?;
-            if socket.is_reply {
+            if socket.received {
+                writeln!(out, "    {:<10} received from {}", "direction", socket.remote)?;
+            } else if socket.is_reply {
                 writeln!(out, "    {:<10} reply to {}", "direction", socket.remote)?;
             }
             if let Some(name) = &socket.remote_name {

@@ -69,6 +69,7 @@ impl EventBuilder<'_> {
                     remote: tcp.remote,
                     netns: tcp.netns,
                     local_is_server: false,
+                    received: false,
                 };
                 let mut raw = self.socket_event(kind, tcp.ktime_ns, tcp.pid, socket);
                 if let EventDetail::Socket(detail) = &mut raw.detail {
@@ -94,6 +95,7 @@ impl EventBuilder<'_> {
                     remote: udp.remote,
                     netns: udp.netns,
                     local_is_server,
+                    received: udp.kind == UdpEventKind::Receive,
                 };
                 self.socket_event(kind, udp.ktime_ns, udp.pid, socket)
             }
@@ -104,6 +106,7 @@ impl EventBuilder<'_> {
                     remote: accept.remote,
                     netns: accept.netns,
                     local_is_server: true,
+                    received: false,
                 };
                 self.socket_event(kind, accept.ktime_ns, accept.pid, socket)
             }
@@ -200,7 +203,8 @@ impl EventBuilder<'_> {
                 error: 0,
                 remote_name,
                 remote_placement,
-                is_reply: socket.protocol == Protocol::Udp && socket.local_is_server,
+                is_reply: socket.protocol == Protocol::Udp && socket.local_is_server && !socket.received,
+                received: socket.received,
             }),
         }
     }
@@ -211,6 +215,9 @@ struct Socket {
     local: SocketAddr,
     remote: SocketAddr,
     netns: u32,
-    /// True when the local end is the server: it accepted the connection or sent a UDP reply.
+    /// True when the local end is the server: it accepted the connection, sent a UDP reply or
+    /// read a datagram that was not a reply.
     local_is_server: bool,
+    /// True when the local process read the datagram of a UDP flow.
+    received: bool,
 }

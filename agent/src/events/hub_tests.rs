@@ -58,6 +58,7 @@ fn close(pid: u32, exe: &str, remote_component: &str, remote_zone: &str) -> RawE
                 zone: Some(remote_zone.to_string()),
             },
             is_reply: false,
+            received: false,
         }),
     }
 }

@@ -172,4 +172,6 @@ pub struct SocketDetail {
     pub remote_placement: Placement,
     /// True for a UDP flow whose first datagram was a server's reply to the remote client.
     pub is_reply: bool,
+    /// True for a UDP flow the local process read: `remote` sent the datagram.
+    pub received: bool,
 }
