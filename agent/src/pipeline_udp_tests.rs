@@ -54,6 +54,17 @@ fn pipeline() -> (Pipeline, Arc<Shared>) {
     (pipeline, shared)
 }
 
+/// Builds raw events the way the pipeline does for its subscribers.
+fn event_builder<'a>(pipeline: &'a Pipeline, engine: &'a Engine) -> EventBuilder<'a> {
+    EventBuilder {
+        processes: &pipeline.processes,
+        engine,
+        dns: &pipeline.dns,
+        clock: pipeline.clock,
+        ephemeral_ports: pipeline.config.ephemeral_ports,
+    }
+}
+
 fn udp_send(local: &str, remote: &str) -> Event {
     udp(UdpEventKind::Send, local, remote)
 }
@@ -178,13 +189,7 @@ fn client_datagram_stays_outbound() {
 fn reply_raw_event_keeps_kernel_addresses() {
     let (pipeline, _shared) = pipeline();
     let engine = pipeline.engine();
-    let builder = EventBuilder {
-        processes: &pipeline.processes,
-        engine: &engine,
-        dns: &pipeline.dns,
-        clock: pipeline.clock,
-        ephemeral_ports: pipeline.config.ephemeral_ports,
-    };
+    let builder = event_builder(&pipeline, &engine);
 
     let reply = builder.build(&udp_send("0.0.0.0:53", "198.51.100.7:40001")).unwrap();
     assert_eq!(reply.placement.component, "resolver");
@@ -205,13 +210,7 @@ fn reply_raw_event_keeps_kernel_addresses() {
 fn receive_raw_event_is_marked_received() {
     let (pipeline, _shared) = pipeline();
     let engine = pipeline.engine();
-    let builder = EventBuilder {
-        processes: &pipeline.processes,
-        engine: &engine,
-        dns: &pipeline.dns,
-        clock: pipeline.clock,
-        ephemeral_ports: pipeline.config.ephemeral_ports,
-    };
+    let builder = event_builder(&pipeline, &engine);
 
     let read = builder.build(&udp(UdpEventKind::Receive, "0.0.0.0:53", "198.51.100.7:40001")).unwrap();
     let EventDetail::Socket(socket) = &read.detail else { panic!("not a socket event: {read:?}") };
