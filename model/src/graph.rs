@@ -492,6 +492,12 @@ impl ObservedGraph {
     /// Returns one path per target: the one from the nearest entry (fewest hops, then the smaller
     /// id), so one new edge yields one finding per critical component it exposes. The search is
     /// two breadth-first walks from the ends of the edge, each bounded by `max_hops`.
+    ///
+    /// A target is skipped when the part of the path after the edge starts at an entry and
+    /// contains an undeclared hop. That shorter path existed before the edge, which only
+    /// lengthens it. Without this rule the findings would depend on the order of observation:
+    /// an exposed web, an undeclared hop from web toward the db, and the internet's declared hop
+    /// to web would give one path in one order and two in another.
     pub fn attack_paths_through(
         &self,
         key: &EdgeKey,
@@ -530,14 +536,18 @@ impl ObservedGraph {
 
         let mut paths = Vec::new();
         for (target_id, target_depth, target) in targets {
+            let mut onward = vec![edge];
+            onward.extend(self.trace(&downstream, target, Direction::Outgoing));
+            if self.contains_older_path(&onward, &is_entry) {
+                continue;
+            }
             for &(entry_depth, entry_id, entry) in &entries {
                 if entry == target || entry_depth + target_depth + 1 > max_hops {
                     continue;
                 }
                 // Both traces come back in path order, entry first.
                 let mut edges = self.trace(&upstream, entry, Direction::Incoming);
-                edges.push(edge);
-                edges.extend(self.trace(&downstream, target, Direction::Outgoing));
+                edges.extend_from_slice(&onward);
                 if !self.is_simple(&edges) {
                     continue;
                 }
@@ -610,6 +620,15 @@ impl ObservedGraph {
             edges.reverse();
         }
         edges
+    }
+
+    /// Returns true when a hop of `path` after the first leaves an entry node and the rest of
+    /// the path from there contains an undeclared hop, so it is an attack path without the first.
+    fn contains_older_path(&self, path: &[EdgeIndex], is_entry: impl Fn(&str) -> bool) -> bool {
+        (1..path.len()).any(|i| {
+            let source = &self.graph[path[i]].key.source;
+            is_entry(source) && path[i..].iter().any(|&e| !self.graph[e].declared)
+        })
     }
 
     /// True when the chain of edges visits no node twice.

@@ -207,6 +207,84 @@ fn undeclared_hop_opens_attack_path_to_critical_component() {
 }
 
 #[test]
+fn attack_path_independent_of_order() {
+    // The hops of the test above, observed from the db backwards: cache -> db first reaches no
+    // entry, web -> cache then opens the path from the exposed web, and the internet's declared
+    // hop to web only lengthens that path.
+    let mut engine = engine();
+    let db = engine.observe_flow(&flow(
+        at(0),
+        Some(cache()),
+        "127.0.0.1:40001",
+        Some(postgres()),
+        "127.0.0.1:5432",
+    ));
+    assert!(
+        !categories(&db).contains(&Category::NewAttackPath),
+        "{db:#?}"
+    );
+    let web = engine.observe_flow(&flow(
+        at(1),
+        Some(nginx()),
+        "127.0.0.1:40000",
+        Some(cache()),
+        "127.0.0.1:6379",
+    ));
+    let paths: Vec<&str> = web
+        .iter()
+        .filter(|d| d.category == Category::NewAttackPath)
+        .map(|d| d.id.as_str())
+        .collect();
+    assert_eq!(paths, ["new-attack-path@web@db@tcp/6379"]);
+    let internet = engine.observe_flow(&flow(
+        at(2),
+        None,
+        "203.0.113.9:50000",
+        Some(nginx()),
+        "192.0.2.10:443",
+    ));
+    assert!(internet.is_empty(), "{internet:#?}");
+}
+
+#[test]
+fn undeclared_hop_into_entry_opens_path() {
+    // web -> api and api -> db are declared, so no path exists until the internet reaches web
+    // on a port no flow allows.
+    let mut engine = engine();
+    engine.observe_flow(&flow(
+        at(0),
+        Some(nginx()),
+        "127.0.0.1:40000",
+        Some(api()),
+        "127.0.0.1:8080",
+    ));
+    engine.observe_flow(&flow(
+        at(1),
+        Some(api()),
+        "127.0.0.1:40001",
+        Some(postgres()),
+        "127.0.0.1:5432",
+    ));
+    let raised = engine.observe_flow(&flow(
+        at(2),
+        None,
+        "203.0.113.9:50000",
+        Some(nginx()),
+        "192.0.2.10:8081",
+    ));
+    let paths: Vec<&str> = raised
+        .iter()
+        .filter(|d| d.category == Category::NewAttackPath)
+        .map(|d| d.id.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        ["new-attack-path@internet@db@tcp/8081"],
+        "{raised:#?}"
+    );
+}
+
+#[test]
 fn attack_path_search_respects_hop_bound() {
     let config = EngineConfig {
         max_path_hops: 1,
