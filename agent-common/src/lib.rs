@@ -36,6 +36,9 @@ pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS";
 /// Hash map from a TCP connection's [`ConnectionKey`] to its owner ([`SockOwner`]), for
 /// connections that existed before the agent started; the agent fills it from /proc.
 pub const MAP_SEEDED_CONNECTIONS: &str = "SEEDED_CONNECTIONS";
+/// LRU hash map from thread id to the UDP `bind()` that thread has in progress, kept by the
+/// `bind4/6` programs for `post_bind4/6`, which report the bind once it succeeded.
+pub const MAP_UDP_BINDS: &str = "UDP_BINDS";
 
 /// Every map the eBPF object defines.
 pub const MAPS: &[&str] = &[
@@ -48,6 +51,7 @@ pub const MAPS: &[&str] = &[
     MAP_LISTENERS,
     MAP_UDP_FLOWS,
     MAP_SEEDED_CONNECTIONS,
+    MAP_UDP_BINDS,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.
@@ -224,6 +228,14 @@ pub enum CgroupHook {
     UdpRecvmsg4,
     /// `BPF_CGROUP_UDP6_RECVMSG`.
     UdpRecvmsg6,
+    /// `BPF_CGROUP_INET4_BIND`: `bind()` on an IPv4 socket, before the kernel binds it.
+    Bind4,
+    /// `BPF_CGROUP_INET6_BIND`.
+    Bind6,
+    /// `BPF_CGROUP_INET4_POST_BIND`: an IPv4 socket that `bind()` bound.
+    PostBind4,
+    /// `BPF_CGROUP_INET6_POST_BIND`.
+    PostBind6,
     /// `BPF_CGROUP_INET_INGRESS`: packets delivered to a socket of the cgroup.
     SkbIngress,
 }
@@ -247,6 +259,10 @@ pub const CGROUP_PROGRAMS: &[CgroupProgramSpec] = &[
     CgroupProgramSpec { name: "udp_sendmsg6", hook: CgroupHook::UdpSendmsg6, required: false },
     CgroupProgramSpec { name: "udp_recvmsg4", hook: CgroupHook::UdpRecvmsg4, required: false },
     CgroupProgramSpec { name: "udp_recvmsg6", hook: CgroupHook::UdpRecvmsg6, required: false },
+    CgroupProgramSpec { name: "udp_bind4", hook: CgroupHook::Bind4, required: false },
+    CgroupProgramSpec { name: "udp_bind6", hook: CgroupHook::Bind6, required: false },
+    CgroupProgramSpec { name: "udp_post_bind4", hook: CgroupHook::PostBind4, required: false },
+    CgroupProgramSpec { name: "udp_post_bind6", hook: CgroupHook::PostBind6, required: false },
     CgroupProgramSpec { name: "dns_ingress", hook: CgroupHook::SkbIngress, required: false },
 ];
 
@@ -273,6 +289,10 @@ pub const LISTENERS_MAX_ENTRIES: u32 = 8192;
 /// Maximum number of UDP flows remembered in [`MAP_UDP_FLOWS`]. When it is full the least
 /// recently used flow is forgotten, and its next datagram is reported again as a new flow.
 pub const UDP_FLOWS_MAX_ENTRIES: u32 = 16384;
+/// Maximum number of UDP binds in progress in [`MAP_UDP_BINDS`], one per thread inside
+/// `bind()`. A bind that fails leaves its entry behind until the thread binds again or the entry
+/// is the least recently used one.
+pub const UDP_BINDS_MAX_ENTRIES: u32 = 1024;
 /// Bytes of a DNS message captured in a [`DnsRecord`]: the classic UDP limit of 512 bytes (RFC
 /// 1035) plus room for the EDNS answers most resolvers send. Longer messages are cut.
 pub const DNS_CAPTURE_BYTES: usize = 1024;
@@ -527,6 +547,11 @@ pub enum UdpKind {
     /// The first datagram from a peer that the process read with the peer's address
     /// (`recvfrom`, `recvmsg`); the record's destination fields are the sender's.
     Receive = 3,
+    /// A successful `bind()` to a port the process chose: the socket receives datagrams there,
+    /// the UDP form of a listener. The source fields are the bound address and port, and the
+    /// destination fields are zero. Binds to port 0, which take an ephemeral port, are not
+    /// reported.
+    Bind = 4,
 }
 
 impl TryFrom<u32> for UdpKind {
@@ -537,6 +562,7 @@ impl TryFrom<u32> for UdpKind {
             1 => Ok(Self::Send),
             3 => Ok(Self::Receive),
             2 => Ok(Self::Connect),
+            4 => Ok(Self::Bind),
             other => Err(UnknownValue(other)),
         }
     }

@@ -29,7 +29,7 @@ use core::ptr::read_volatile;
 use agent_common::{
     AcceptOffsets, ArgvStash, ConnectionKey, Counter, KernelOffsets, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
     DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES,
-    LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
+    LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_BINDS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
     UdpFlowCounts, UdpFlowKey,
 };
 use aya_ebpf::{
@@ -92,6 +92,9 @@ static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowCounts> =
 #[map]
 static SEEDED_CONNECTIONS: HashMap<ConnectionKey, SockOwner> =
     HashMap::with_max_entries(SEEDED_CONNECTIONS_MAX_ENTRIES, 0);
+
+#[map]
+static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);
 
 // Globals live in `.rodata` and the loader rewrites them before loading. They are read with
 // `read_volatile` so that the compiler cannot fold in the zero initialisers.

@@ -11,6 +11,10 @@
 //! receiving end of a flow, in the receiving task. A server that reads with `recv()` and never
 //! replies passes no hook.
 //!
+//! `bind4/6` and `post_bind4/6` report a UDP socket bound to a port its process chose, the UDP
+//! form of a listener. The first runs before the kernel binds and reads the requested port (0
+//! requests an ephemeral one, as clients do). The second runs only when the bind succeeded.
+//!
 //! Only the first datagram of a flow (process, network namespace, peer, direction) becomes a
 //! record, and later ones only count in `UDP_FLOWS`. A DNS-heavy or streaming process so cannot
 //! flood the ring buffer. Every program returns 1, which lets the operation go on unchanged.
@@ -24,12 +28,21 @@ use agent_common::{
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_probe_read_kernel, r#gen::bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
 
-use crate::{count, current_cgroup_id, current_ids, is_agent, ktime_ns, tcp, EVENTS, UDP_FLOWS};
+use crate::{count, current_cgroup_id, current_ids, is_agent, ktime_ns, tcp, EVENTS, UDP_BINDS, UDP_FLOWS};
+
+/// A UDP `bind()` to a chosen port, from `bind4/6` until `post_bind4/6` reports it.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct BindInProgress {
+    netns: u32,
+    _reserved: u32,
+    cookie: u64,
+}
 
 /// The verdict that lets the system call go on.
 const ALLOW: i32 = 1;
@@ -70,6 +83,103 @@ pub fn udp_recvmsg4(ctx: SockAddrContext) -> i32 {
 pub fn udp_recvmsg6(ctx: SockAddrContext) -> i32 {
     let _ = try_udp(&ctx, UdpKind::Receive, FAMILY_INET6);
     ALLOW
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn udp_bind4(ctx: SockAddrContext) -> i32 {
+    let _ = try_bind(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn udp_bind6(ctx: SockAddrContext) -> i32 {
+    let _ = try_bind(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn udp_post_bind4(ctx: SockContext) -> i32 {
+    let _ = try_post_bind(&ctx, FAMILY_INET);
+    ALLOW
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn udp_post_bind6(ctx: SockContext) -> i32 {
+    let _ = try_post_bind(&ctx, FAMILY_INET6);
+    ALLOW
+}
+
+/// Remembers a UDP bind to a chosen port for `post_bind`, in the binding thread.
+#[inline(always)]
+fn try_bind(ctx: &SockAddrContext) -> Result<(), i64> {
+    let addr: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as in `try_udp`.
+    let (protocol, port) = unsafe { (read_volatile(addr_of!((*addr).protocol)), read_volatile(addr_of!((*addr).user_port))) };
+    if protocol != IPPROTO_UDP {
+        return Ok(());
+    }
+    let (tgid, tid) = current_ids();
+    if is_agent(tgid) {
+        return Ok(());
+    }
+    if port == 0 {
+        // An ephemeral port: a client's bind. A stale entry of this thread goes too.
+        let _ = UDP_BINDS.remove(&tid);
+        return Ok(());
+    }
+    // SAFETY: the helper takes the program context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let netns = socket_netns(addr);
+    UDP_BINDS.insert(&tid, &BindInProgress { netns, _reserved: 0, cookie }, 0)
+}
+
+/// Reports the bind that `try_bind` remembered for this thread, now that it succeeded.
+#[inline(always)]
+fn try_post_bind(ctx: &SockContext, family: u16) -> Result<(), i64> {
+    let (tgid, tid) = current_ids();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(bind) = (unsafe { UDP_BINDS.get(&tid) }).copied() else {
+        return Ok(());
+    };
+    let _ = UDP_BINDS.remove(&tid);
+
+    let sk: *const bpf_sock = ctx.sock;
+    // SAFETY: `sk` is the program context, and the verifier checks every field read. The IPv6
+    // fields are read only in the IPv6 program, where `family` is a constant.
+    let (protocol, port, saddr) = unsafe {
+        let saddr = if family == FAMILY_INET {
+            widen_ipv4(read_volatile(addr_of!((*sk).src_ip4)))
+        } else {
+            ipv6_bytes([
+                read_volatile(addr_of!((*sk).src_ip6[0])),
+                read_volatile(addr_of!((*sk).src_ip6[1])),
+                read_volatile(addr_of!((*sk).src_ip6[2])),
+                read_volatile(addr_of!((*sk).src_ip6[3])),
+            ])
+        };
+        (read_volatile(addr_of!((*sk).protocol)), read_volatile(addr_of!((*sk).src_port)), saddr)
+    };
+    if protocol != IPPROTO_UDP {
+        return Ok(());
+    }
+
+    let record = UdpRecord {
+        header: record_header(tgid, tid, ktime_ns()),
+        event: UdpKind::Bind as u32,
+        netns: bind.netns,
+        cookie: bind.cookie,
+        family,
+        // `src_port` of a `bpf_sock` is in host byte order.
+        sport: port as u16,
+        dport: 0,
+        _reserved: 0,
+        saddr,
+        daddr: [0; 16],
+    };
+    if !submit_record(record) {
+        count(Counter::UdpRingBufferFull);
+    }
+    Ok(())
 }
 
 // Inlined into each program so that `family` is a constant there and the `user_ip6` reads are
@@ -136,21 +246,8 @@ fn try_udp(ctx: &SockAddrContext, kind: UdpKind, family: u16) -> Result<(), i64>
         count(Counter::UdpFlowMapFull);
     }
 
-    let Some(mut entry) = EVENTS.reserve::<UdpRecord>(0) else {
-        count(Counter::UdpRingBufferFull);
-        // Forget the flow so that its next datagram tries again.
-        let _ = UDP_FLOWS.remove(&key);
-        return Ok(());
-    };
-    entry.write(UdpRecord {
-        header: RecordHeader {
-            kind: RecordKind::Udp as u32,
-            pid: tgid,
-            tid,
-            _reserved: 0,
-            ktime_ns: now,
-            cgroup_id: current_cgroup_id(),
-        },
+    let record = UdpRecord {
+        header: record_header(tgid, tid, now),
         event: kind as u32,
         netns,
         cookie,
@@ -160,9 +257,36 @@ fn try_udp(ctx: &SockAddrContext, kind: UdpKind, family: u16) -> Result<(), i64>
         _reserved: 0,
         saddr,
         daddr,
-    });
-    entry.submit(crate::submit_flags());
+    };
+    if !submit_record(record) {
+        count(Counter::UdpRingBufferFull);
+        // Forget the flow so that its next datagram tries again.
+        let _ = UDP_FLOWS.remove(&key);
+    }
     Ok(())
+}
+
+#[inline(always)]
+fn record_header(tgid: u32, tid: u32, now: u64) -> RecordHeader {
+    RecordHeader {
+        kind: RecordKind::Udp as u32,
+        pid: tgid,
+        tid,
+        _reserved: 0,
+        ktime_ns: now,
+        cgroup_id: current_cgroup_id(),
+    }
+}
+
+/// Writes `record` into the ring buffer; false when it is full.
+#[inline(always)]
+fn submit_record(record: UdpRecord) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<UdpRecord>(0) else {
+        return false;
+    };
+    entry.write(record);
+    entry.submit(crate::submit_flags());
+    true
 }
 
 /// Local port and address of the context's socket, and the inode of its network namespace.
@@ -195,6 +319,20 @@ fn socket_details(addr: *const bpf_sock_addr) -> (u16, [u8; 16], u32) {
         }
     };
     (sport as u16, saddr, tcp::socket_netns(kernel_address(sk)))
+}
+
+/// Returns the inode of the network namespace of the context's socket, 0 when unknown.
+// Kept apart from `socket_details`: when that was inlined with its addresses unused, the
+// compiler emitted pointer arithmetic on the socket for an IPv6 address read, which the verifier
+// rejects.
+#[inline(always)]
+fn socket_netns(addr: *const bpf_sock_addr) -> u32 {
+    // SAFETY: as in `socket_details`.
+    let sk: *const bpf_sock = unsafe { read_volatile(addr_of!((*addr).__bindgen_anon_1.sk)) }.cast_const();
+    if sk.is_null() {
+        return 0;
+    }
+    tcp::socket_netns(kernel_address(sk))
 }
 
 /// Returns the kernel address of the socket as a plain number.

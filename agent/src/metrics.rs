@@ -177,6 +177,7 @@ impl Collector for AgentCollector {
             ("credentials", stats.credential_changes),
             ("accept", stats.accepts),
             ("udp", stats.udp_flows),
+            ("udp_bind", stats.udp_binds),
             ("dns", stats.dns.messages),
         ];
         encode_counters(&mut encoder, "events", "Kernel events handled by the pipeline, by kind", "kind", &events)?;

@@ -97,6 +97,8 @@ pub struct PipelineStats {
     pub udp_replies_read: u64,
     /// Server replies to a peer whose datagram the server's receive already reported.
     pub udp_replies_already_received: u64,
+    /// UDP sockets bound to a port their process chose: UDP listeners.
+    pub udp_binds: u64,
     pub flows: u64,
     /// Flows neither of whose ends the process table knew.
     pub flows_without_process: u64,
@@ -135,6 +137,7 @@ impl PipelineStats {
             ("pipeline_udp_receives", self.udp_receives),
             ("pipeline_udp_replies_read", self.udp_replies_read),
             ("pipeline_udp_replies_already_received", self.udp_replies_already_received),
+            ("pipeline_udp_binds", self.udp_binds),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
             ("pipeline_listens_without_process", self.listens_without_process),
@@ -583,6 +586,10 @@ impl Pipeline {
                 self.stats.tcp_events += 1;
                 self.handle_tcp(tcp);
             }
+            Event::Udp(udp) if udp.kind == UdpEventKind::Bind => {
+                self.stats.udp_binds += 1;
+                self.handle_udp_bind(&udp);
+            }
             Event::Udp(udp) => {
                 self.stats.udp_flows += 1;
                 self.handle_udp(udp);
@@ -775,6 +782,25 @@ impl Pipeline {
             remote_name: self.dns.name_of(server_addr.ip(), Instant::now()).map(str::to_owned),
         };
         self.submit(Observation::Flow(observation));
+    }
+
+    /// Hands a UDP socket bound to a chosen port to the engine as a listener.
+    // NOTE: UDP listeners are not published as fleet endpoints, because no close of a UDP socket
+    // is reported and the entry would outlive the socket.
+    fn handle_udp_bind(&mut self, udp: &UdpEvent) {
+        tracing::trace!(pid = udp.pid, local = %udp.local, "udp bind");
+        let Some(process) = self.processes.get(udp.pid) else {
+            self.stats.listens_without_process += 1;
+            return;
+        };
+        let observation = ListenObservation {
+            time: self.clock.to_system(udp.ktime_ns),
+            process,
+            addr: udp.local,
+            protocol: Protocol::Udp,
+            netns: udp.netns,
+        };
+        self.submit(Observation::Listen(observation));
     }
 
     fn handle_dns(&mut self, dns: &DnsEvent) {

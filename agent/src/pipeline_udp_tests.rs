@@ -10,7 +10,7 @@ use driftwatch_model::{Engine, Model};
 
 use super::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::api::hub::{DeviationHub, HubConfig};
-use crate::events::{EventBuilder, EventDetail};
+use crate::events::{EventBuilder, EventDetail, EventKind};
 use crate::telemetry::event::{Event, ExecEvent, UdpEvent, UdpEventKind};
 
 const MODEL: &str = r#"version: 1
@@ -222,4 +222,34 @@ fn receive_raw_event_is_marked_received() {
     let EventDetail::Socket(socket) = &sent.detail else { panic!("not a socket event: {sent:?}") };
     assert!(!socket.received);
     assert!(socket.is_reply);
+}
+
+#[test]
+fn bind_is_listener_not_flow() {
+    let (mut pipeline, shared) = pipeline();
+
+    pipeline.handle(udp(UdpEventKind::Bind, "0.0.0.0:514", "0.0.0.0:0"));
+
+    let engine = shared.engine.lock().unwrap();
+    let ids: Vec<String> = engine.deviations().into_iter().map(|deviation| deviation.id).collect();
+    assert_eq!(ids, ["new-listener@resolver@0.0.0.0@udp/514"]);
+    assert!(engine.graph_snapshot().edges.is_empty());
+    assert_eq!(pipeline.stats.udp_binds, 1);
+    assert_eq!(pipeline.stats.udp_flows, 0);
+    assert_eq!(pipeline.stats.flows, 0);
+}
+
+#[test]
+fn bind_raw_event_is_udp_listen() {
+    let (pipeline, _shared) = pipeline();
+    let engine = pipeline.engine();
+    let builder = event_builder(&pipeline, &engine);
+
+    let bound = builder.build(&udp(UdpEventKind::Bind, "[::]:514", "[::]:0")).unwrap();
+    assert_eq!(bound.kind, EventKind::UdpListen);
+    assert_eq!(bound.placement.component, "resolver");
+    let EventDetail::Socket(socket) = &bound.detail else { panic!("not a socket event: {bound:?}") };
+    assert!(!socket.is_reply, "a bind is no reply");
+    assert!(!socket.received);
+    assert_eq!(socket.local, "[::]:514".parse::<SocketAddr>().unwrap());
 }

@@ -66,6 +66,9 @@ flows: {FLOWS}
 exceptions: []
 "#;
 
+/// The resolver's selector line in [`REPLY_MODEL`], after which a test adds its `listens`.
+const RESOLVER_MATCH: &str = "    match: { cgroup: [\"{ROOT}/resolver\"] }\n";
+
 /// Queries the UDP reply tests send, each from a socket of its own and so from its own port.
 const QUERIES: usize = 5;
 
@@ -261,6 +264,8 @@ fn udp_sendto_raises_flow_with_exact_tuple() {
 
     // Fifty datagrams are one flow: the kernel reports only the first.
     world.assert_counter("pipeline_udp_flows", 1);
+    // The client bound its socket to port 0, an ephemeral port, so it is no listener.
+    world.assert_counter("pipeline_udp_binds", 0);
 }
 
 #[test]
@@ -393,7 +398,9 @@ fn resolved_name_appears_in_deviation() {
 
 #[test]
 fn udp_server_reply_is_flow_to_server_port() {
-    let model = REPLY_MODEL.replace("{FLOWS}", "[{ from: internet, to: resolver, port: 53, proto: udp }]");
+    let model = REPLY_MODEL
+        .replace("{FLOWS}", "[{ from: internet, to: resolver, port: 53, proto: udp }]")
+        .replace(RESOLVER_MATCH, &format!("{RESOLVER_MATCH}    listens: [{{ port: 53, proto: udp }}]\n"));
     let mut world = World::start_with("hK", &model);
     world.serve_udp_in_scope(&format!("{SERVER_V4}:53"));
 
@@ -450,12 +457,13 @@ fn undeclared_udp_server_raises_one_flow() {
     assert_eq!(edge.destination, "resolver");
     assert!(!edge.declared, "{edge:?}");
 
-    // The first reply raises one unexpected-flow and one trust-boundary-crossing; the replies
-    // to the other client ports raise nothing new.
-    world.assert_counter("pipeline_deviations_published", 2);
+    // The bind raises new-listener. The first datagram raises one unexpected-flow and one
+    // trust-boundary-crossing, and the others raise nothing new.
+    world.assert_counter("pipeline_deviations_published", 3);
     let raised = world.watcher.deviations();
     let ids: BTreeSet<&str> = raised.iter().map(|deviation| deviation.id.as_str()).collect();
     let expected = BTreeSet::from([
+        "new-listener@resolver@0.0.0.0@udp/53",
         "trust-boundary-crossing@internet@resolver@udp/53",
         "unexpected-flow@internet@resolver@udp/53",
     ]);
@@ -506,6 +514,38 @@ fn udp_sender_port_53_two_ports() {
         world.wait_for_sink_flow(port, pid, &client);
     }
     world.assert_counter("pipeline_udp_receives", 2);
+}
+
+#[test]
+fn udp_listener_raises_new_listener() {
+    let model = REPLY_MODEL
+        .replace("{FLOWS}", "[]")
+        .replace(RESOLVER_MATCH, &format!("{RESOLVER_MATCH}    listens: [{{ port: 519, proto: udp }}]\n"));
+    let mut world = World::start_with("hU", &model);
+    // One socket on an undeclared port, one on the declared port over IPv6.
+    let pid = world.start_udp_server("udp-sink", "0.0.0.0:518,[::]:519");
+
+    let listener = world.wait_for("new-listener on udp/518", |deviation| {
+        deviation.category == Category::NewListener as i32 && deviation.port == Some(518)
+    });
+    assert_eq!(listener.id, "new-listener@resolver@0.0.0.0@udp/518");
+    assert_eq!(listener.protocol, Protocol::Udp as i32);
+    let (found_pid, exe) = process_of(&listener).unwrap_or_else(|| panic!("no process in {listener:?}"));
+    assert_eq!(found_pid, pid);
+    assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+    assert_eq!(evidence(&listener).local_addr, "0.0.0.0:518");
+    assert_eq!(evidence(&listener).netns, netns_inode(&world.topology.host("server").netns));
+    assert!(
+        listener.resolution.contains("{ port: 518, proto: udp }"),
+        "resolution: {}",
+        listener.resolution
+    );
+
+    // Both binds reached the pipeline, and the declared one raised nothing.
+    world.assert_counter("pipeline_udp_binds", 2);
+    let raised = world.watcher.deviations();
+    let declared: Vec<&Deviation> = raised.iter().filter(|deviation| deviation.port == Some(519)).collect();
+    assert!(declared.is_empty(), "the declared listener raised:\n{}", describe_all(&raised));
 }
 
 impl World {

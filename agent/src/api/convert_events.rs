@@ -23,6 +23,7 @@ pub fn event_kind_to_proto(kind: EventKind) -> pb::EventKind {
         EventKind::TcpClose => pb::EventKind::TcpClose,
         EventKind::UdpFlow => pb::EventKind::UdpFlow,
         EventKind::DnsAnswer => pb::EventKind::DnsAnswer,
+        EventKind::UdpListen => pb::EventKind::UdpListen,
     }
 }
 

@@ -84,7 +84,7 @@ pub struct WatchArgs {
 
     /// Also print raw events of these kinds, comma-separated: process-exec, process-fork,
     /// process-exit, tcp-connect, tcp-established, tcp-connect-failed, tcp-accept, tcp-listen,
-    /// tcp-close, udp-flow, dns-answer, the groups process, tcp, udp and dns, or all. --allow and
+    /// tcp-close, udp-flow, udp-listen, dns-answer, the groups process, tcp, udp and dns, or all. --allow and
     /// --deny apply to them too; an `event=KIND` condition makes a filter concern events only.
     #[arg(long, value_name = "KINDS", value_parser = parse_event_kinds)]
     pub events: Option<EventKinds>,

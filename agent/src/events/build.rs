@@ -41,6 +41,7 @@ impl EventBuilder<'_> {
                 TcpEventKind::Listen => EventKind::TcpListen,
                 TcpEventKind::Close => EventKind::TcpClose,
             },
+            Event::Udp(udp) if udp.kind == UdpEventKind::Bind => EventKind::UdpListen,
             Event::Udp(_) => EventKind::UdpFlow,
             Event::Dns(_) => EventKind::DnsAnswer,
             Event::Accept(_) => EventKind::TcpAccept,
@@ -87,6 +88,7 @@ impl EventBuilder<'_> {
                 // pipeline observes the flow.
                 let local_is_server = match udp.kind {
                     UdpEventKind::Receive => !is_udp_reply(udp.remote.port(), udp.local.port(), self.ephemeral_ports),
+                    UdpEventKind::Bind => true,
                     _ => is_udp_reply(udp.local.port(), udp.remote.port(), self.ephemeral_ports),
                 };
                 let socket = Socket {
@@ -157,7 +159,7 @@ impl EventBuilder<'_> {
         let process = self.process(pid);
         let time = self.clock.to_system(ktime_ns);
         let remote_name = self.dns.name_of(socket.remote.ip(), Instant::now()).map(str::to_owned);
-        let (placement, remote_placement) = if kind == EventKind::TcpListen {
+        let (placement, remote_placement) = if matches!(kind, EventKind::TcpListen | EventKind::UdpListen) {
             (self.placement(process.as_ref()), Placement::default())
         } else {
             // The engine resolves both ends as it would for the flow. The local end is the server
@@ -203,7 +205,7 @@ impl EventBuilder<'_> {
                 error: 0,
                 remote_name,
                 remote_placement,
-                is_reply: socket.protocol == Protocol::Udp && socket.local_is_server && !socket.received,
+                is_reply: kind == EventKind::UdpFlow && socket.local_is_server && !socket.received,
                 received: socket.received,
             }),
         }

@@ -31,11 +31,12 @@ pub enum EventKind {
     TcpClose,
     UdpFlow,
     DnsAnswer,
+    UdpListen,
 }
 
 impl EventKind {
     /// Every kind, in the order of its number in the API.
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::ProcessExec,
         EventKind::ProcessFork,
         EventKind::ProcessExit,
@@ -47,6 +48,7 @@ impl EventKind {
         EventKind::TcpClose,
         EventKind::UdpFlow,
         EventKind::DnsAnswer,
+        EventKind::UdpListen,
     ];
 
     /// Returns the kind's name on the command line and in JSON lines, such as `tcp-close`.
@@ -63,6 +65,7 @@ impl EventKind {
             EventKind::TcpClose => "tcp-close",
             EventKind::UdpFlow => "udp-flow",
             EventKind::DnsAnswer => "dns-answer",
+            EventKind::UdpListen => "udp-listen",
         }
     }
 

@@ -68,6 +68,7 @@ fn decode_udp(bytes: &[u8]) -> Result<Event, DecodeError> {
         UdpKind::Send => UdpEventKind::Send,
         UdpKind::Connect => UdpEventKind::Connect,
         UdpKind::Receive => UdpEventKind::Receive,
+        UdpKind::Bind => UdpEventKind::Bind,
     };
     let (local, remote) = match record.family {
         // An IPv4 destination on an IPv6 socket (dual stack) leaves the bound address in IPv6
@@ -528,6 +529,20 @@ mod tests {
         };
         assert_eq!(event.local, "198.18.1.10:40000".parse().unwrap());
         assert_eq!(event.remote, "198.18.3.53:53".parse().unwrap());
+    }
+
+    #[test]
+    fn udp_bind_record_is_listener_address() {
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[198, 18, 1, 10]);
+        let mut record = udp_record(FAMILY_INET, saddr, [0; 16]);
+        record.event = UdpKind::Bind as u32;
+        record.sport = 514;
+        record.dport = 0;
+        let Event::Udp(event) = decode(&bytes_of(&record)).unwrap() else { panic!("not udp") };
+        assert_eq!(event.kind, UdpEventKind::Bind);
+        assert_eq!(event.local, "198.18.1.10:514".parse().unwrap());
+        assert_eq!(event.remote, "0.0.0.0:0".parse().unwrap());
     }
 
     #[test]

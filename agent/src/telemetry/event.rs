@@ -223,6 +223,9 @@ pub enum UdpEventKind {
     /// The first datagram the process read from this peer with the peer's address (`recvfrom`,
     /// `recvmsg`); `remote` is the sender.
     Receive,
+    /// A successful `bind()` to a port the process chose, so a UDP listener; `local` is the bound
+    /// address and `remote` is unspecified.
+    Bind,
 }
 
 /// A new UDP flow: the first datagram a process sent to a destination or read from a peer, or a

@@ -22,7 +22,7 @@ use agent_common::{
     MAP_EVENTS, PROGRAMS,
 };
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, TracePoint,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
 };
 use aya::{Ebpf, EbpfLoader};
 
@@ -198,7 +198,7 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
                 tracing::warn!(
                     hook = spec.name,
                     %error,
-                    "optional hook failed; UDP flows or DNS names are missing from the events"
+                    "optional hook failed; UDP flows, UDP listeners or DNS names are missing from the events"
                 );
                 Some(error)
             }
@@ -268,6 +268,10 @@ fn hook_name(hook: CgroupHook) -> &'static str {
         CgroupHook::UdpSendmsg6 => "sendmsg6",
         CgroupHook::UdpRecvmsg4 => "recvmsg4",
         CgroupHook::UdpRecvmsg6 => "recvmsg6",
+        CgroupHook::Bind4 => "bind4",
+        CgroupHook::Bind6 => "bind6",
+        CgroupHook::PostBind4 => "post_bind4",
+        CgroupHook::PostBind6 => "post_bind6",
         CgroupHook::SkbIngress => "skb_ingress",
     }
 }
@@ -299,8 +303,19 @@ fn attach_cgroup(ebpf: &mut Ebpf, spec: &CgroupProgramSpec, cgroup: &File) -> Re
         | CgroupHook::UdpSendmsg4
         | CgroupHook::UdpSendmsg6
         | CgroupHook::UdpRecvmsg4
-        | CgroupHook::UdpRecvmsg6 => {
+        | CgroupHook::UdpRecvmsg6
+        | CgroupHook::Bind4
+        | CgroupHook::Bind6 => {
             let program: &mut CgroupSockAddr = program
+                .try_into()
+                .map_err(|error: ProgramError| error.to_string())?;
+            program.load().map_err(|error| describe_program_error(&error))?;
+            program
+                .attach(cgroup, mode)
+                .map_err(|error| describe_program_error(&error))?;
+        }
+        CgroupHook::PostBind4 | CgroupHook::PostBind6 => {
+            let program: &mut CgroupSock = program
                 .try_into()
                 .map_err(|error: ProgramError| error.to_string())?;
             program.load().map_err(|error| describe_program_error(&error))?;
