@@ -148,6 +148,7 @@ impl PipelineStats {
             ("processes_seeded", process.seeded),
             ("processes_evicted", process.evicted),
             ("processes_exec_without_fork", process.exec_without_fork),
+            ("processes_cgroup_moves", process.cgroup_moves),
             ("sockets_listeners", sockets.listeners),
             ("sockets_pending", sockets.pending),
             ("sockets_joined", sockets.joined),
@@ -573,6 +574,8 @@ impl Pipeline {
             }
             Event::Fork(fork) => {
                 self.stats.forks += 1;
+                // Written in the parent's context, so the child starts from its current cgroup.
+                self.follow_cgroup(fork.parent_pid, fork.cgroup_id, fork.ktime_ns);
                 self.processes.on_fork(&fork);
             }
             Event::Exit(exit) => {
@@ -664,6 +667,7 @@ impl Pipeline {
 
     fn handle_tcp(&mut self, tcp: TcpEvent) {
         let now = Instant::now();
+        self.follow_cgroup(tcp.pid, tcp.cgroup_id, tcp.ktime_ns);
         // Connect and Listen run in the owner's context, which the kernel program read: its
         // current parent and whether its executable is still on disk.
         if let Some(lineage) = tcp.lineage {
@@ -739,6 +743,7 @@ impl Pipeline {
     // UDP flow between two observed processes is reported twice: as a flow to the server's address
     // from the client, and as a flow from the client's address to the server from its reply.
     fn handle_udp(&mut self, udp: UdpEvent) {
+        self.follow_cgroup(udp.pid, udp.cgroup_id, udp.ktime_ns);
         if udp.remote.port() == agent_common::DNS_PORT && udp.kind != UdpEventKind::Receive {
             self.dns.on_query_socket(udp.cookie, DnsSocket { pid: udp.pid, netns: udp.netns });
         }
@@ -784,11 +789,21 @@ impl Pipeline {
         self.submit(Observation::Flow(observation));
     }
 
+    /// Follows a process into the cgroup that a record from its own context carries, and judges
+    /// its program again in the component that cgroup gives it, as after an exec.
+    fn follow_cgroup(&mut self, pid: u32, cgroup_id: u64, ktime_ns: u64) {
+        let resolve = &mut self.resolve_cgroup;
+        let Some(process) = self.processes.observe_cgroup(pid, cgroup_id, |id| resolve(id)) else { return };
+        let observation = ExecObservation { time: self.clock.to_system(ktime_ns), process };
+        self.submit(Observation::Exec(observation));
+    }
+
     /// Hands a UDP socket bound to a chosen port to the engine as a listener.
     // NOTE: UDP listeners are not published as fleet endpoints, because no close of a UDP socket
     // is reported and the entry would outlive the socket.
     fn handle_udp_bind(&mut self, udp: &UdpEvent) {
         tracing::trace!(pid = udp.pid, local = %udp.local, "udp bind");
+        self.follow_cgroup(udp.pid, udp.cgroup_id, udp.ktime_ns);
         let Some(process) = self.processes.get(udp.pid) else {
             self.stats.listens_without_process += 1;
             return;
@@ -823,6 +838,7 @@ impl Pipeline {
         if let Some(lineage) = accept.lineage {
             self.processes.observe_lineage(accept.pid, lineage);
         }
+        self.follow_cgroup(accept.pid, accept.cgroup_id, accept.ktime_ns);
         if accept.exe_unlinked {
             self.processes.mark_exe_deleted(accept.pid);
         }

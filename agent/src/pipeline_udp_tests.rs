@@ -79,6 +79,7 @@ fn udp(kind: UdpEventKind, local: &str, remote: &str) -> Event {
         cookie: 7,
         local: local.parse().unwrap(),
         remote: remote.parse().unwrap(),
+        cgroup_id: 1,
     })
 }
 

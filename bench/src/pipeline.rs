@@ -282,5 +282,6 @@ fn tcp_event(ktime_ns: u64, kind: TcpEventKind, pid: u32, local: SocketAddr, rem
         error: 0,
         lineage: None,
         exe_unlinked: false,
+        cgroup_id: 0,
     }
 }

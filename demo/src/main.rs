@@ -38,7 +38,10 @@ usage: driftwatch-demo-service <role> [options]
   resolve-connect --server ADDR --name NAME --port N   ask a DNS server for NAME's A record, then
                                                        connect to that address over TCP
   uring-connect --target ADDR                          TCP connect through io_uring
-  uring-udp --target ADDR [--bind ADDR]                one datagram through io_uring sendmsg";
+  uring-udp --target ADDR [--bind ADDR]                one datagram through io_uring sendmsg
+
+Every role also takes --join-cgroup DIR: move this process into the cgroup v2 directory DIR
+before it starts its work, without exec.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,6 +59,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         return Err(format!("missing role\n{USAGE}"));
     };
     let options = Options::parse(rest)?;
+    if let Some(cgroup) = &options.join_cgroup {
+        let procs = std::path::Path::new(cgroup).join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .map_err(|error| format!("failed to move into cgroup {cgroup}: {error}"))?;
+    }
     match role.as_str() {
         "web" => serve(&options.listen()?, Tier::Web(options.upstream()?)),
         "api" => serve(&options.listen()?, Tier::Api(options.upstream()?)),
@@ -123,6 +131,7 @@ struct Options {
     name: Option<String>,
     port: Option<u16>,
     count: Option<u32>,
+    join_cgroup: Option<String>,
 }
 
 impl Options {
@@ -146,6 +155,7 @@ impl Options {
                 "--name" => options.name = Some(value),
                 "--port" => options.port = Some(parse_number(flag, &value)?),
                 "--count" => options.count = Some(parse_number(flag, &value)?),
+                "--join-cgroup" => options.join_cgroup = Some(value),
                 _ => return Err(format!("unknown option {flag:?}\n{USAGE}")),
             }
         }

@@ -269,6 +269,37 @@ fn udp_sendto_raises_flow_with_exact_tuple() {
 }
 
 #[test]
+fn cgroup_move_changes_component() {
+    let model = MODEL.replace(
+        "flows:\n",
+        "  - id: resolver\n    zone: lab\n    match: { cgroup: [\"{ROOT}/resolver\"] }\n    executables: [\"**/driftwatch-demo-service\"]\nflows:\n",
+    );
+    let world = World::start_with("hV", &model);
+
+    // Started in the client's cgroup, the process moves itself into the resolver's before it
+    // sends: its exec named the client, its datagram the resolver.
+    let resolver = world.resolver.path().display().to_string();
+    let (pid, _) = world.run_client(&["udp-send", "--target", &format!("{SERVER_V4}:7002"), "--join-cgroup", &resolver]);
+
+    let found = world.wait_for("unexpected-flow on udp/7002", |deviation| {
+        deviation.category == Category::UnexpectedFlow as i32 && deviation.port == Some(7002)
+    });
+    assert_eq!(found.id, "unexpected-flow@resolver@internet@udp/7002");
+    let (found_pid, _) = process_of(&found).unwrap_or_else(|| panic!("no process in {found:?}"));
+    assert_eq!(found_pid, pid);
+    let process = evidence(&found).process.as_ref().expect("a process");
+    assert_eq!(process.cgroup, world.resolver.relative_path());
+    assert_eq!(evidence(&found).netns, world.client_netns());
+    world.assert_counter("processes_cgroup_moves", 1);
+    let raised = world.watcher.deviations();
+    assert!(
+        raised.iter().all(|deviation| !deviation.id.contains("@client@")),
+        "the flow was judged as the client's:\n{}",
+        describe_all(&raised)
+    );
+}
+
+#[test]
 fn declared_udp_flow_raises_nothing() {
     let world = World::start();
 

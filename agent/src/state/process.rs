@@ -51,6 +51,9 @@ pub struct ProcessTableStats {
     /// Parents known by pid whose start time showed a different, earlier process under the same
     /// pid; the stale entry was not used for ancestry.
     pub stale_parents: u64,
+    /// Processes that moved to another cgroup without exec, seen in a record from their own
+    /// context.
+    pub cgroup_moves: u64,
 }
 
 /// Facts about how a process's program was started, beyond its path, from the exec record. The
@@ -72,6 +75,9 @@ pub struct ExecDetails {
     pub namespace_pid: Option<(u32, u32)>,
     /// Systemd unit, container and pod that the cgroup path names.
     pub origin: CgroupOrigin,
+    /// cgroup v2 id that the cgroup path was resolved from, 0 when the table has none (a process
+    /// seeded from /proc).
+    pub cgroup_id: u64,
 }
 
 impl ExecDetails {
@@ -219,6 +225,7 @@ impl ProcessTable {
         let start_ticks = event.lineage.map(|lineage| lineage.start_boottime_ns / self.tick_ns);
         let mut details = exec_details(event);
         details.origin = classify_cgroup(&cgroup);
+        details.cgroup_id = event.cgroup_id;
         let info = ProcessInfo {
             pid: event.pid,
             ppid,
@@ -260,6 +267,45 @@ impl ProcessTable {
             entry.info = info.clone();
         }
         Some(info)
+    }
+
+    /// Applies the cgroup id of a record written in the process's own context. A process can move
+    /// to another cgroup without exec (a write to `cgroup.procs`, or a clone into a cgroup), and
+    /// its cgroup path decides its component, so the entry follows. `resolve` turns an id into a
+    /// path. Returns the updated entry when the process moved.
+    pub fn observe_cgroup(&mut self, pid: u32, cgroup_id: u64, resolve: impl FnOnce(u64) -> String) -> Option<Arc<ProcessInfo>> {
+        if cgroup_id == 0 {
+            return None;
+        }
+        let entry = self.entries.get_mut(&pid)?;
+        if entry.details.cgroup_id == cgroup_id {
+            return None;
+        }
+
+        let path = resolve(cgroup_id);
+        if path.is_empty() {
+            // The cgroup is gone already: the next record tries again.
+            return None;
+        }
+        let mut details = ExecDetails::clone(&entry.details);
+        details.cgroup_id = cgroup_id;
+        if path == entry.info.cgroup {
+            // The first id seen for a process seeded from /proc, where only the path was known.
+            entry.details = Arc::new(details);
+            return None;
+        }
+
+        tracing::info!(pid, from = %entry.info.cgroup, to = %path, "process moved to another cgroup without exec");
+        details.origin = classify_cgroup(&path);
+        let mut info = ProcessInfo::clone(&entry.info);
+        info.cgroup = path;
+        // The pipeline looks up the container of the new cgroup.
+        info.container = None;
+        info.exec = details.facts();
+        entry.info = Arc::new(info);
+        entry.details = Arc::new(details);
+        self.stats.cgroup_moves += 1;
+        Some(entry.info.clone())
     }
 
     /// Applies a credential change of the process's main thread: its user and group ids become
@@ -451,6 +497,7 @@ fn exec_details(event: &ExecEvent) -> ExecDetails {
         interpreter,
         namespace_pid: event.namespace_pid,
         origin: CgroupOrigin::default(),
+        cgroup_id: 0,
     }
 }
 
@@ -487,6 +534,7 @@ fn read_proc_details(proc_root: &Path, pid: u32) -> ExecDetails {
             .and_then(|text| cgroup_v2_path(&text))
             .map(|path| classify_cgroup(&path))
             .unwrap_or_default(),
+        cgroup_id: 0,
     }
 }
 
@@ -640,6 +688,46 @@ mod tests {
         assert_eq!(child.exe, "/bin/child");
         assert_eq!(child.argv, vec!["/bin/child", "-x"]);
         assert_eq!(child.ancestry, vec![(100, "/usr/bin/parent".to_string())]);
+    }
+
+    #[test]
+    fn cgroup_move_without_exec_updates_entry() {
+        let mut table = table(16);
+        let started = table.on_exec(&exec(100, "/usr/bin/app"), "/system.slice/app.service".into());
+
+        // The same cgroup id as at exec: nothing to resolve.
+        let same = table.observe_cgroup(100, 1, |_| panic!("resolved an unchanged cgroup"));
+        assert!(same.is_none());
+        // Another id that resolves to another path: the process moved.
+        let moved = table.observe_cgroup(100, 2, |_| "/system.slice/other.service".into()).expect("a move");
+        assert_eq!(moved.cgroup, "/system.slice/other.service");
+        assert_eq!(moved.exe, started.exe);
+        assert_eq!(moved.exec.systemd_unit.as_deref(), Some("other.service"));
+        assert_eq!(table.get(100).unwrap().cgroup, "/system.slice/other.service");
+        assert_eq!(table.stats().cgroup_moves, 1);
+        // A child forked afterwards starts there and has the id too.
+        table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 100, child_pid: 101, cgroup_id: 2 });
+        assert!(table.observe_cgroup(101, 2, |_| panic!("resolved an unchanged cgroup")).is_none());
+        assert_eq!(table.get(101).unwrap().cgroup, "/system.slice/other.service");
+    }
+
+    #[test]
+    fn cgroup_id_of_seeded_process_is_learned() {
+        let mut table = table(16);
+        let mut seeded = exec(100, "/usr/bin/app");
+        seeded.cgroup_id = 0;
+        table.on_exec(&seeded, "/a".into());
+
+        // The first id resolves to the known path: learned, and no move.
+        assert!(table.observe_cgroup(100, 5, |_| "/a".into()).is_none());
+        assert!(table.observe_cgroup(100, 5, |_| panic!("resolved a learned cgroup")).is_none());
+        // An id that resolves to nothing (the cgroup is gone) changes nothing either.
+        assert!(table.observe_cgroup(100, 6, |_| String::new()).is_none());
+        assert_eq!(table.get(100).unwrap().cgroup, "/a");
+        // A record without a cgroup id and an unknown pid are ignored.
+        assert!(table.observe_cgroup(100, 0, |_| panic!("resolved id 0")).is_none());
+        assert!(table.observe_cgroup(999, 7, |_| panic!("resolved for an unknown pid")).is_none());
+        assert_eq!(table.stats().cgroup_moves, 0);
     }
 
     #[test]

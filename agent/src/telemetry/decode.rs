@@ -89,6 +89,7 @@ fn decode_udp(bytes: &[u8]) -> Result<Event, DecodeError> {
         cookie: record.cookie,
         local: SocketAddr::new(local, record.sport),
         remote: SocketAddr::new(remote, record.dport),
+        cgroup_id: record.header.cgroup_id,
     }))
 }
 
@@ -289,6 +290,7 @@ fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
         error: record.sk_err,
         lineage: lineage(&record.lineage),
         exe_unlinked: record.flags & TCP_FLAG_EXE_UNLINKED != 0,
+        cgroup_id: record.header.cgroup_id,
     }))
 }
 

@@ -199,6 +199,8 @@ pub struct TcpEvent {
     /// In `Connect` and `Listen` events: the process runs an executable that was deleted after it
     /// started (or a memfd).
     pub exe_unlinked: bool,
+    /// cgroup v2 id of the owning process in `Connect` and `Listen` events, 0 in the others.
+    pub cgroup_id: u64,
 }
 
 impl TcpEvent {
@@ -246,6 +248,8 @@ pub struct UdpEvent {
     /// when a connect came before the socket had a port.
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// cgroup v2 id of the process.
+    pub cgroup_id: u64,
 }
 
 /// A DNS message delivered to a socket in scope: a UDP datagram from port 53.
