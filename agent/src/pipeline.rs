@@ -149,6 +149,9 @@ impl PipelineStats {
             ("processes_evicted", process.evicted),
             ("processes_exec_without_fork", process.exec_without_fork),
             ("processes_cgroup_moves", process.cgroup_moves),
+            ("processes_read_from_proc", process.read_from_proc),
+            ("processes_reused_pids", process.reused_pids),
+            ("processes_proc_read_failures", process.proc_read_failures),
             ("sockets_listeners", sockets.listeners),
             ("sockets_pending", sockets.pending),
             ("sockets_joined", sockets.joined),
@@ -789,9 +792,15 @@ impl Pipeline {
         self.submit(Observation::Flow(observation));
     }
 
-    /// Follows a process into the cgroup that a record from its own context carries, and judges
-    /// its program again in the component that cgroup gives it, as after an exec.
+    /// Applies a record written in the process's own context, which shows that the process runs
+    /// and in which cgroup. A process the table does not know is read from /proc. One that moved
+    /// to another cgroup has its program judged again in the component that cgroup gives it, as
+    /// after an exec.
     fn follow_cgroup(&mut self, pid: u32, cgroup_id: u64, ktime_ns: u64) {
+        if cgroup_id == 0 {
+            return;
+        }
+        self.processes.ensure_live(pid, std::path::Path::new("/proc"));
         let resolve = &mut self.resolve_cgroup;
         let Some(process) = self.processes.observe_cgroup(pid, cgroup_id, |id| resolve(id)) else { return };
         let observation = ExecObservation { time: self.clock.to_system(ktime_ns), process };

@@ -300,6 +300,31 @@ fn cgroup_move_changes_component() {
 }
 
 #[test]
+fn process_moved_into_scope_is_read() {
+    let mut world = World::start_with("hW", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+
+    // Started outside the agent's scope, so its exec was never reported, the sink moves itself
+    // into the resolver's cgroup and binds there: the agent reads it from /proc.
+    let resolver = world.resolver.path().display().to_string();
+    let mut command = Command::new(&world.service);
+    command.args(["udp-sink", "--listen", "0.0.0.0:521", "--join-cgroup", &resolver]);
+    let process = spawn_in(Some(&world.topology.host("server").netns), None, command).unwrap();
+    process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+    let pid = process.pid();
+    world.processes.push(process);
+
+    let listener = world.wait_for("new-listener on udp/521", |deviation| {
+        deviation.category == Category::NewListener as i32 && deviation.port == Some(521)
+    });
+    assert_eq!(listener.id, "new-listener@resolver@0.0.0.0@udp/521");
+    let (found_pid, exe) = process_of(&listener).unwrap_or_else(|| panic!("no process in {listener:?}"));
+    assert_eq!(found_pid, pid);
+    assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+    world.assert_counter("processes_read_from_proc", 1);
+    world.assert_counter("pipeline_listens_without_process", 0);
+}
+
+#[test]
 fn declared_udp_flow_raises_nothing() {
     let world = World::start();
 

@@ -54,6 +54,14 @@ pub struct ProcessTableStats {
     /// Processes that moved to another cgroup without exec, seen in a record from their own
     /// context.
     pub cgroup_moves: u64,
+    /// Running processes the table did not know, read from /proc when a record from their own
+    /// context arrived: their fork and exec were out of scope or lost.
+    pub read_from_proc: u64,
+    /// Of those, processes whose pid belonged to an exited entry: a pid reused without a fork
+    /// the agent saw.
+    pub reused_pids: u64,
+    /// Processes that a record showed running but whose /proc entry could not be read.
+    pub proc_read_failures: u64,
 }
 
 /// Facts about how a process's program was started, beyond its path, from the exec record. The
@@ -267,6 +275,30 @@ impl ProcessTable {
             entry.info = info.clone();
         }
         Some(info)
+    }
+
+    /// Makes sure the table has a live entry for `pid`, which a record written in the process's
+    /// own context shows to be running. When the table has none, or only an exited one whose pid
+    /// was reused, the process is read from /proc. Returns true when it was read.
+    pub fn ensure_live(&mut self, pid: u32, proc_root: &Path) -> bool {
+        let known = self.entries.get(&pid).map(|entry| entry.exited_at.is_some());
+        if known == Some(false) || pid == 0 {
+            return false;
+        }
+        let Some((mut info, start_ticks)) = read_proc_process(proc_root, pid, &self.users) else {
+            // Already gone: an exited entry, if any, is the best identity left.
+            self.stats.proc_read_failures += 1;
+            return false;
+        };
+        info.ancestry = self.ancestry_of(info.ppid);
+        let details = read_proc_details(proc_root, pid);
+        tracing::debug!(pid, exe = %info.exe, reused = known.is_some(), "read a running process the table did not know from /proc");
+        self.insert(info, start_ticks, details);
+        self.stats.read_from_proc += 1;
+        if known == Some(true) {
+            self.stats.reused_pids += 1;
+        }
+        true
     }
 
     /// Applies the cgroup id of a record written in the process's own context. A process can move
@@ -728,6 +760,59 @@ mod tests {
         assert!(table.observe_cgroup(100, 0, |_| panic!("resolved id 0")).is_none());
         assert!(table.observe_cgroup(999, 7, |_| panic!("resolved for an unknown pid")).is_none());
         assert_eq!(table.stats().cgroup_moves, 0);
+    }
+
+    /// Writes the /proc files of one process under `root`, as `read_proc_process` reads them.
+    fn fake_proc(root: &Path, pid: u32, exe: &str, ppid: u32, cgroup: &str) {
+        let dir = root.join(pid.to_string());
+        fs::create_dir_all(&dir).unwrap();
+        let _ = fs::remove_file(dir.join("exe"));
+        std::os::unix::fs::symlink(exe, dir.join("exe")).unwrap();
+        fs::write(dir.join("status"), format!("Name:\tx\nPPid:\t{ppid}\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n")).unwrap();
+        fs::write(dir.join("cmdline"), format!("{exe}\0--serve\0")).unwrap();
+        fs::write(dir.join("comm"), "x\n").unwrap();
+        fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+    }
+
+    #[test]
+    fn unknown_running_process_is_read_from_proc() {
+        let root = tempfile::tempdir().unwrap();
+        let mut table = table(16);
+        table.on_exec(&exec(100, "/usr/bin/parent"), "/a".into());
+        fake_proc(root.path(), 200, "/usr/bin/moved-in", 100, "/a/b");
+
+        assert!(table.ensure_live(200, root.path()));
+        let read = table.get(200).expect("an entry");
+        assert_eq!(read.exe, "/usr/bin/moved-in");
+        assert_eq!(read.argv, ["/usr/bin/moved-in", "--serve"]);
+        assert_eq!(read.cgroup, "/a/b");
+        assert_eq!(read.ancestry, [(100, "/usr/bin/parent".to_string())]);
+        // Known and live: not read again.
+        assert!(!table.ensure_live(200, root.path()));
+        // Not in /proc any more: counted, and the table is unchanged.
+        assert!(!table.ensure_live(300, root.path()));
+        assert!(table.get(300).is_none());
+        let stats = table.stats();
+        assert_eq!((stats.read_from_proc, stats.reused_pids, stats.proc_read_failures), (1, 0, 1));
+    }
+
+    #[test]
+    fn reused_pid_takes_new_identity() {
+        let root = tempfile::tempdir().unwrap();
+        let mut table = table(16);
+        let start = Instant::now();
+        table.on_exec(&exec(100, "/usr/bin/old"), "/a".into());
+        table.on_exit(&ExitEvent { ktime_ns: 3, pid: 100, tid: 100, exit_code: Some(0), lineage: None }, start);
+        fake_proc(root.path(), 100, "/usr/bin/new", 1, "/b");
+
+        assert!(table.ensure_live(100, root.path()));
+        let entry = table.get(100).unwrap();
+        assert_eq!(entry.exe, "/usr/bin/new");
+        assert_eq!(entry.cgroup, "/b");
+        assert_eq!(table.stats().reused_pids, 1);
+        // The old exit's retention does not remove the new entry.
+        table.expire(start + Duration::from_secs(6));
+        assert_eq!(table.get(100).unwrap().exe, "/usr/bin/new");
     }
 
     #[test]
