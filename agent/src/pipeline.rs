@@ -204,6 +204,8 @@ pub struct Seeded {
     pub connections: usize,
     /// Established connections in scope, with their owners.
     pub established: Vec<SeededSocket>,
+    /// UDP listeners in scope, with their owners.
+    pub udp_listeners: usize,
 }
 
 /// True when the cgroup path `cgroup` is `scope` or a cgroup below it.
@@ -385,17 +387,40 @@ impl Pipeline {
             let Some(scope) = scope else { return true };
             self.processes.get(pid).is_some_and(|process| cgroup_within(&process.cgroup, scope))
         };
-        let sockets: Vec<SeededSocket> = crate::state::seed::scan_tcp_sockets(proc_root)
+        let scanned = crate::state::seed::scan_sockets(proc_root);
+        let sockets: Vec<SeededSocket> = scanned
+            .tcp
             .into_iter()
             .filter(|socket| socket.pid != 0 && socket.pid != agent && in_scope(socket.pid))
+            .collect();
+        // A UDP socket on an ephemeral port is most likely a client's that sent without binding.
+        let ephemeral = self.config.ephemeral_ports;
+        let udp_listeners: Vec<SeededSocket> = scanned
+            .udp
+            .into_iter()
+            .filter(|socket| socket.pid != 0 && socket.pid != agent && in_scope(socket.pid))
+            .filter(|socket| !ephemeral.contains(socket.local.port()))
             .collect();
         let listeners = self.sockets.seed_listeners(&sockets);
         let processes_table = &self.processes;
         let (connections, flows) = self.sockets.seed_connections(&sockets, |pid| processes_table.get(pid), Instant::now());
-        tracing::info!(processes, listeners, connections, "seeded processes and sockets opened before the agent");
+        tracing::info!(processes, listeners, connections, udp_listeners = udp_listeners.len(), "seeded processes and sockets opened before the agent");
         self.observe_flows(flows);
-        let (listeners, established) = sockets.into_iter().partition(|socket| socket.state == SeededState::Listen);
-        Seeded { processes, listeners, connections, established }
+        let (listeners, established): (Vec<SeededSocket>, Vec<SeededSocket>) =
+            sockets.into_iter().partition(|socket| socket.state == SeededState::Listen);
+        self.observe_seeded_listeners(&listeners, Protocol::Tcp);
+        self.observe_seeded_listeners(&udp_listeners, Protocol::Udp);
+        Seeded { processes, listeners, connections, established, udp_listeners: udp_listeners.len() }
+    }
+
+    /// Judges the listeners found in /proc at start-up like new ones.
+    fn observe_seeded_listeners(&mut self, listeners: &[SeededSocket], protocol: Protocol) {
+        let time = SystemTime::now();
+        for socket in listeners {
+            let Some(process) = self.processes.get(socket.pid) else { continue };
+            let observation = ListenObservation { time, process, addr: socket.local, protocol, netns: socket.netns };
+            self.submit(Observation::Listen(observation));
+        }
     }
 
     /// Handles events until `cancel` fires or the event channel closes.

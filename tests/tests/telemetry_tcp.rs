@@ -7,7 +7,7 @@ mod telemetry_common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use driftwatch::state::seed::{scan_tcp_sockets, SeededState};
+use driftwatch::state::seed::{scan_sockets, SeededState};
 use driftwatch::telemetry::event::TcpEventKind;
 use telemetry_common::{
     connect_once, local_port, own_netns, raw_address, report_port, run_program, serve_one_connection,
@@ -290,7 +290,7 @@ async fn seeded_connection_close_names_its_owner() {
     let server_pid = server.pid as u32;
     let proc_root = std::path::Path::new("/proc");
     let accepted = driftwatch_e2e::wait_until(std::time::Duration::from_secs(10), || {
-        scan_tcp_sockets(proc_root).into_iter().find(|socket| {
+        scan_sockets(proc_root).tcp.into_iter().find(|socket| {
             socket.state == SeededState::Established && socket.remote == client_addr && socket.pid == server_pid
         })
     })

@@ -90,6 +90,25 @@ struct World {
     _serial: MutexGuard<'static, ()>,
 }
 
+/// What a test may use to start processes before the agent starts.
+struct Before<'a> {
+    topology: &'a Topology,
+    resolver: &'a Cgroup,
+    service: &'a PathBuf,
+}
+
+impl Before<'_> {
+    /// Starts the demo service with `args` on the server host in the resolver's cgroup and waits
+    /// until it listens.
+    fn serve(&self, args: &[&str]) -> ProcessGuard {
+        let mut command = Command::new(self.service);
+        command.args(args);
+        let process = spawn_in(Some(&self.topology.host("server").netns), Some(self.resolver), command).unwrap();
+        process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+        process
+    }
+}
+
 impl World {
     fn start() -> World {
         World::start_with("hC", MODEL)
@@ -98,6 +117,12 @@ impl World {
     /// Starts a world whose namespaces and cgroups carry `tag`, with the agent on `model`, in
     /// which `{ROOT}` stands for the agent's cgroup.
     fn start_with(tag: &str, model_text: &str) -> World {
+        World::start_after(tag, model_text, |_| Vec::new())
+    }
+
+    /// Starts a world like [`World::start_with`], where `before` starts processes before the
+    /// agent, given the topology, the resolver's cgroup and the demo service.
+    fn start_after(tag: &str, model_text: &str, before: impl FnOnce(Before) -> Vec<ProcessGuard>) -> World {
         let serial = AGENT_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         require_root().unwrap();
         let bin = driftwatch_bin().unwrap();
@@ -113,11 +138,12 @@ impl World {
         let resolver = root.child("resolver").unwrap();
         let model = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
         fs::write(model.path(), model_text.replace("{ROOT}", root.relative_path())).unwrap();
+        let processes = before(Before { topology: &topology, resolver: &resolver, service: &service });
         let agent = AgentUnderTest::start_with(&bin, model.path(), root.path(), &[]).unwrap();
         let watcher = DeviationWatcher::subscribe(agent.api_addr()).unwrap();
         World {
             watcher,
-            processes: Vec::new(),
+            processes,
             agent,
             client,
             resolver,
@@ -322,6 +348,25 @@ fn process_moved_into_scope_is_read() {
     assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
     world.assert_counter("processes_read_from_proc", 1);
     world.assert_counter("pipeline_listens_without_process", 0);
+}
+
+#[test]
+fn listeners_before_agent_are_judged() {
+    let world = World::start_after("hX", &REPLY_MODEL.replace("{FLOWS}", "[]"), |before| {
+        vec![before.serve(&["udp-sink", "--listen", "0.0.0.0:522"]), before.serve(&["sink", "--listen", "0.0.0.0:8090"])]
+    });
+    let udp_pid = world.processes[0].pid();
+    let tcp_pid = world.processes[1].pid();
+
+    for (id, pid) in [("new-listener@resolver@0.0.0.0@udp/522", udp_pid), ("new-listener@resolver@0.0.0.0@tcp/8090", tcp_pid)] {
+        let listener = world.wait_for(id, |deviation| deviation.id == id);
+        let (found_pid, exe) = process_of(&listener).unwrap_or_else(|| panic!("no process in {listener:?}"));
+        assert_eq!(found_pid, pid, "{id}");
+        assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+        assert_eq!(evidence(&listener).netns, netns_inode(&world.topology.host("server").netns));
+    }
+    // Found in /proc, not reported by the kernel programs.
+    world.assert_counter("pipeline_udp_binds", 0);
 }
 
 #[test]

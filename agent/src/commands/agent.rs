@@ -247,7 +247,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     let scope = telemetry.scope().map(|scope| scope_relative_path(&scope.path));
     let seeded = pipeline.seed_from_proc(scope.as_deref());
-    tracing::info!(processes = seeded.processes, connections = seeded.connections, "process table and sockets seeded from /proc");
+    tracing::info!(
+        processes = seeded.processes,
+        connections = seeded.connections,
+        udp_listeners = seeded.udp_listeners,
+        "process table and sockets seeded from /proc"
+    );
     // Without a scope the kernel reports accepts on every listener, known or not.
     if scope.is_some() {
         let listeners: Vec<(u32, u16, u32)> =

@@ -1,9 +1,10 @@
-//! TCP sockets that existed before the agent started, read from `/proc/<pid>/net/tcp{,6}` once per
-//! network namespace and attributed to processes through the socket inodes in `/proc/<pid>/fd`.
+//! Sockets that existed before the agent started, read from `/proc/<pid>/net/{tcp,tcp6,udp,udp6}`
+//! once per network namespace and attributed to processes through the socket inodes in
+//! `/proc/<pid>/fd`.
 //!
 //! Without this, a connection accepted on a listener opened before the agent has no owner: the
 //! kernel reports accepts without a process, and the listen itself happened before any program
-//! was attached.
+//! was attached. Listeners found here are also judged against the model like new ones.
 
 use std::collections::HashMap;
 use std::fs;
@@ -17,7 +18,7 @@ pub enum SeededState {
     Established,
 }
 
-/// One TCP socket found in /proc.
+/// One socket found in /proc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeededSocket {
     pub state: SeededState,
@@ -33,16 +34,29 @@ pub struct SeededSocket {
     pub pid: u32,
 }
 
-// Socket states in /proc/net/tcp, include/net/tcp_states.h.
+// Socket states in /proc/net/tcp and udp, include/net/tcp_states.h. A UDP socket is
+// established when connected and close otherwise.
 const STATE_ESTABLISHED: u8 = 0x01;
+const STATE_CLOSE: u8 = 0x07;
 const STATE_LISTEN: u8 = 0x0a;
 
-/// Reads every listening and established TCP socket of every network namespace that a process
-/// under `proc_root` is in.
-pub fn scan_tcp_sockets(proc_root: &Path) -> Vec<SeededSocket> {
+/// The sockets of [`scan_sockets`].
+#[derive(Debug, Clone, Default)]
+pub struct ScannedSockets {
+    /// Listening and established TCP sockets.
+    pub tcp: Vec<SeededSocket>,
+    /// UDP sockets bound to a port and not connected, in state [`SeededState::Listen`]. A
+    /// client's socket that took an ephemeral port to send looks the same in /proc.
+    pub udp: Vec<SeededSocket>,
+}
+
+/// Reads the listening and established TCP sockets and the bound, unconnected UDP sockets of
+/// every network namespace that a process under `proc_root` is in.
+pub fn scan_sockets(proc_root: &Path) -> ScannedSockets {
+    let mut scanned = ScannedSockets::default();
     let Ok(dir) = fs::read_dir(proc_root) else {
         tracing::warn!(path = %proc_root.display(), "cannot read /proc; sockets opened before the agent stay unattributed");
-        return Vec::new();
+        return scanned;
     };
     let mut owners: HashMap<u64, u32> = HashMap::new();
     // One process per namespace is enough to read that namespace's tables.
@@ -65,20 +79,24 @@ pub fn scan_tcp_sockets(proc_root: &Path) -> Vec<SeededSocket> {
             }
         }
     }
-    let mut sockets = Vec::new();
     for (&netns, &pid) in &namespaces {
-        for table in ["tcp", "tcp6"] {
+        for table in ["tcp", "tcp6", "udp", "udp6"] {
             let path = proc_root.join(pid.to_string()).join("net").join(table);
             let Ok(text) = fs::read_to_string(&path) else { continue };
+            let udp = table.starts_with("udp");
             for line in text.lines().skip(1) {
-                if let Some(mut socket) = parse_tcp_line(line, netns) {
-                    socket.pid = owners.get(&socket.inode).copied().unwrap_or(0);
-                    sockets.push(socket);
+                let parsed = if udp { parse_udp_line(line, netns) } else { parse_tcp_line(line, netns) };
+                let Some(mut socket) = parsed else { continue };
+                socket.pid = owners.get(&socket.inode).copied().unwrap_or(0);
+                if udp {
+                    scanned.udp.push(socket);
+                } else {
+                    scanned.tcp.push(socket);
                 }
             }
         }
     }
-    sockets
+    scanned
 }
 
 /// Parses the number in `[...]`, as in `socket:[123]` and `net:[4026531840]`.
@@ -101,6 +119,19 @@ fn parse_tcp_line(line: &str, netns: u32) -> Option<SeededSocket> {
     };
     let inode = fields.get(9)?.parse().ok()?;
     Some(SeededSocket { state, netns, local, remote, inode, pid: 0 })
+}
+
+/// Parses one line of `/proc/net/udp` or `udp6`; `None` for connected sockets and malformed
+/// lines.
+fn parse_udp_line(line: &str, netns: u32) -> Option<SeededSocket> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let local = parse_endpoint(fields.get(1)?)?;
+    let remote = parse_endpoint(fields.get(2)?)?;
+    if u8::from_str_radix(fields.get(3)?, 16).ok()? != STATE_CLOSE || remote.port() != 0 || local.port() == 0 {
+        return None;
+    }
+    let inode = fields.get(9)?.parse().ok()?;
+    Some(SeededSocket { state: SeededState::Listen, netns, local, remote, inode, pid: 0 })
 }
 
 /// Parses `ADDR:PORT` in the kernel's hex notation: the address as 32-bit words in host byte
@@ -146,6 +177,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_unconnected_udp_lines_only() {
+        let bound = "  123: 00000000:0202 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 0";
+        let socket = parse_udp_line(bound, 7).unwrap();
+        assert_eq!(socket.state, SeededState::Listen);
+        assert_eq!(socket.local, "0.0.0.0:514".parse().unwrap());
+        assert_eq!(socket.inode, 4242);
+        let connected = "  124: 0100007F:A000 0100007F:0035 01 00000000:00000000 00:00000000 00000000     0        0 4243 2 0000000000000000 0";
+        assert_eq!(parse_udp_line(connected, 7), None);
+    }
+
+    #[test]
     fn scan_finds_this_process_listener_and_its_connection() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server = listener.local_addr().unwrap();
@@ -153,7 +195,11 @@ mod tests {
         let client_addr = client.local_addr().unwrap();
         let netns = fs::read_link("/proc/self/ns/net").ok().and_then(|link| bracketed_number(&link.to_string_lossy())).unwrap() as u32;
 
-        let sockets = scan_tcp_sockets(Path::new("/proc"));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+
+        let scanned = scan_sockets(Path::new("/proc"));
+        let sockets = &scanned.tcp;
         let me = std::process::id();
         assert!(
             sockets.iter().any(|socket| socket.state == SeededState::Listen && socket.local == server && socket.pid == me && socket.netns == netns),
@@ -162,6 +208,11 @@ mod tests {
         assert!(
             sockets.iter().any(|socket| socket.state == SeededState::Established && socket.local == client_addr && socket.remote == server && socket.pid == me),
             "{sockets:?}"
+        );
+        assert!(
+            scanned.udp.iter().any(|socket| socket.local == udp_addr && socket.pid == me && socket.netns == netns),
+            "{:?}",
+            scanned.udp
         );
     }
 }
