@@ -955,7 +955,8 @@ impl Counter {
     ];
 
     /// Returns the program that increments the counter (`sys_enter_execve` also stands for
-    /// `sys_enter_execveat`, and `sys_exit_accept` for `sys_exit_accept4`).
+    /// `sys_enter_execveat`, `sys_exit_accept` for `sys_exit_accept4`, and `udp_sendmsg4` for
+    /// every UDP program, which share the UDP flow map).
     pub const fn program(self) -> &'static str {
         match self {
             Counter::ExecArgsStashFull | Counter::ExecArgsScratchMissing => "sys_enter_execve",
