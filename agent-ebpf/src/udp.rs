@@ -33,7 +33,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::{count, current_cgroup_id, current_ids, is_agent, ktime_ns, tcp, EVENTS, UDP_BINDS, UDP_FLOWS};
+use crate::{
+    count, current_cgroup_id, current_ids, current_in_scope, is_agent, ktime_ns, tcp, EVENTS, UDP_BINDS, UDP_FLOWS,
+};
 
 /// A UDP `bind()` to a chosen port, from `bind4/6` until `post_bind4/6` reports it.
 #[derive(Clone, Copy)]
@@ -119,7 +121,7 @@ fn try_bind(ctx: &SockAddrContext) -> Result<(), i64> {
         return Ok(());
     }
     let (tgid, tid) = current_ids();
-    if is_agent(tgid) {
+    if is_agent(tgid) || !current_in_scope() {
         return Ok(());
     }
     if port == 0 {
@@ -195,7 +197,9 @@ fn try_udp(ctx: &SockAddrContext, kind: UdpKind, family: u16) -> Result<(), i64>
         return Ok(());
     }
     let (tgid, tid) = current_ids();
-    if is_agent(tgid) {
+    // The hooks run for sockets created in the scope, and the task must be in it too, as for
+    // the tracepoints: a process that moved out with its socket is no longer observed.
+    if is_agent(tgid) || !current_in_scope() {
         return Ok(());
     }
     // SAFETY: as above.

@@ -825,9 +825,12 @@ impl Pipeline {
         if cgroup_id == 0 {
             return;
         }
-        self.processes.ensure_live(pid, std::path::Path::new("/proc"));
+        let read = self.processes.ensure_live(pid, std::path::Path::new("/proc"));
         let resolve = &mut self.resolve_cgroup;
-        let Some(process) = self.processes.observe_cgroup(pid, cgroup_id, |id| resolve(id)) else { return };
+        let moved = self.processes.observe_cgroup(pid, cgroup_id, |id| resolve(id));
+        // A process read from /proc is new to the engine too: its program was never judged.
+        let judged = if read { self.processes.get(pid) } else { moved };
+        let Some(process) = judged else { return };
         let observation = ExecObservation { time: self.clock.to_system(ktime_ns), process };
         self.submit(Observation::Exec(observation));
     }

@@ -327,7 +327,11 @@ fn cgroup_move_changes_component() {
 
 #[test]
 fn process_moved_into_scope_is_read() {
-    let mut world = World::start_with("hW", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+    // The resolver lists no program that runs here, so the sink's own program is judged too.
+    let model = REPLY_MODEL
+        .replace("{FLOWS}", "[]")
+        .replace("executables: [\"**/driftwatch-demo-service\"]", "executables: [\"/usr/sbin/unbound\"]");
+    let mut world = World::start_with("hW", &model);
 
     // Started outside the agent's scope, so its exec was never reported, the sink moves itself
     // into the resolver's cgroup and binds there: the agent reads it from /proc.
@@ -346,8 +350,48 @@ fn process_moved_into_scope_is_read() {
     let (found_pid, exe) = process_of(&listener).unwrap_or_else(|| panic!("no process in {listener:?}"));
     assert_eq!(found_pid, pid);
     assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+    let judged = world.wait_for("unexpected-executable in resolver", |deviation| {
+        deviation.category == Category::UnexpectedExecutable as i32
+    });
+    assert!(judged.id.starts_with("unexpected-executable@resolver@"), "{}", judged.id);
+    assert!(judged.id.ends_with("/driftwatch-demo-service"), "{}", judged.id);
+    assert_eq!(process_of(&judged).map(|(pid, _)| pid), Some(pid));
     world.assert_counter("processes_read_from_proc", 1);
     world.assert_counter("pipeline_listens_without_process", 0);
+}
+
+#[test]
+fn socket_taken_out_of_scope_is_not_observed() {
+    let mut world = World::start_with("hY", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+    let outside = Cgroup::create(&format!("dw-udp-out-{}", unique_suffix())).unwrap();
+
+    // The socket is created in scope, then its process moves out and binds and sends with it.
+    let script = format!(
+        "import os, socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         open('{}/cgroup.procs', 'w').write(str(os.getpid()))\n\
+         s.bind(('0.0.0.0', 523))\n\
+         s.sendto(b'x', ('{SERVER_V4}', 7004))\n",
+        outside.path().display()
+    );
+    let mut command = Command::new("python3");
+    command.args(["-c", &script]);
+    let mut process = spawn_in(Some(&world.topology.host("server").netns), Some(&world.resolver), command).unwrap();
+    process.wait_success(RUN_TIMEOUT).unwrap();
+
+    // A process in scope binds afterwards; once its listener is raised, the earlier records
+    // would have been handled too.
+    let pid = world.start_udp_server("udp-sink", "0.0.0.0:524");
+    let listener = world.wait_for("new-listener on udp/524", |deviation| {
+        deviation.category == Category::NewListener as i32 && deviation.port == Some(524)
+    });
+    assert_eq!(process_of(&listener).map(|(found, _)| found), Some(pid));
+    world.assert_counter("pipeline_udp_binds", 1);
+    world.assert_counter("pipeline_udp_flows", 0);
+    let raised = world.watcher.deviations();
+    let outside_ports: Vec<&Deviation> =
+        raised.iter().filter(|deviation| matches!(deviation.port, Some(523) | Some(7004))).collect();
+    assert!(outside_ports.is_empty(), "activity out of scope raised:\n{}", describe_all(&raised));
 }
 
 #[test]
