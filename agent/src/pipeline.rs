@@ -152,6 +152,7 @@ impl PipelineStats {
             ("processes_read_from_proc", process.read_from_proc),
             ("processes_reused_pids", process.reused_pids),
             ("processes_proc_read_failures", process.proc_read_failures),
+            ("processes_vanished", process.vanished),
             ("sockets_listeners", sockets.listeners),
             ("sockets_pending", sockets.pending),
             ("sockets_joined", sockets.joined),
@@ -459,6 +460,7 @@ impl Pipeline {
                         reported_losses = total;
                     }
                     self.stats.lost_records = total;
+                    self.processes.sweep_vanished(std::path::Path::new("/proc"), Instant::now());
                     self.processes.expire(Instant::now());
                     self.dns.expire(Instant::now());
                     // Declared flows not seen within the engine's window come out of its tick.
@@ -827,7 +829,7 @@ impl Pipeline {
         }
         let read = self.processes.ensure_live(pid, std::path::Path::new("/proc"));
         let resolve = &mut self.resolve_cgroup;
-        let moved = self.processes.observe_cgroup(pid, cgroup_id, |id| resolve(id));
+        let moved = self.processes.observe_cgroup(pid, cgroup_id, std::path::Path::new("/proc"), |id| resolve(id));
         // A process read from /proc is new to the engine too: its program was never judged.
         let judged = if read { self.processes.get(pid) } else { moved };
         let Some(process) = judged else { return };

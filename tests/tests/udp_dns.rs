@@ -317,12 +317,39 @@ fn cgroup_move_changes_component() {
     assert_eq!(process.cgroup, world.resolver.relative_path());
     assert_eq!(evidence(&found).netns, world.client_netns());
     world.assert_counter("processes_cgroup_moves", 1);
+    // /proc shows the same process and program: the entry is kept, not read again.
+    world.assert_counter("processes_read_from_proc", 0);
+    world.assert_counter("processes_reused_pids", 0);
     let raised = world.watcher.deviations();
     assert!(
         raised.iter().all(|deviation| !deviation.id.contains("@client@")),
         "the flow was judged as the client's:\n{}",
         describe_all(&raised)
     );
+}
+
+#[test]
+fn moved_server_keeps_its_entry() {
+    let mut world = World::start_with("hZ", &REPLY_MODEL.replace("{FLOWS}", "[]"));
+
+    // Started in the client's cgroup, where its exec is reported, the sink moves into the
+    // resolver's and binds there while it runs: /proc then shows the same process and program.
+    let resolver = world.resolver.path().display().to_string();
+    let mut command = Command::new(&world.service);
+    command.args(["udp-sink", "--listen", "0.0.0.0:525", "--join-cgroup", &resolver]);
+    let process = spawn_in(Some(&world.topology.host("server").netns), Some(&world.client), command).unwrap();
+    process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening")).unwrap();
+    let pid = process.pid();
+    world.processes.push(process);
+
+    let listener = world.wait_for("new-listener on udp/525", |deviation| {
+        deviation.category == Category::NewListener as i32 && deviation.port == Some(525)
+    });
+    assert_eq!(listener.id, "new-listener@resolver@0.0.0.0@udp/525");
+    assert_eq!(process_of(&listener).map(|(found, _)| found), Some(pid));
+    world.assert_counter("processes_cgroup_moves", 1);
+    world.assert_counter("processes_read_from_proc", 0);
+    world.assert_counter("processes_reused_pids", 0);
 }
 
 #[test]

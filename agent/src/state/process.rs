@@ -18,6 +18,9 @@ use crate::telemetry::event::{ExecEvent, ExitEvent, ForkEvent, Lineage};
 
 /// How many ancestors an entry's ancestry lists.
 const MAX_ANCESTRY: usize = 8;
+/// How often [`ProcessTable::sweep_vanished`] looks for processes that exited unseen: a stat of
+/// `/proc/<pid>` per live entry.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Bounds of the process table.
 #[derive(Debug, Clone)]
@@ -62,6 +65,9 @@ pub struct ProcessTableStats {
     pub reused_pids: u64,
     /// Processes that a record showed running but whose /proc entry could not be read.
     pub proc_read_failures: u64,
+    /// Live entries whose process was gone from /proc without an exit record: it exited outside
+    /// the scope.
+    pub vanished: u64,
 }
 
 /// Facts about how a process's program was started, beyond its path, from the exec record. The
@@ -126,6 +132,8 @@ pub struct ProcessTable {
     stats: ProcessTableStats,
     /// Nanoseconds per clock tick of `/proc/<pid>/stat`.
     tick_ns: u64,
+    /// When [`ProcessTable::sweep_vanished`] last looked at /proc.
+    last_sweep: Option<Instant>,
 }
 
 impl ProcessTable {
@@ -138,6 +146,7 @@ impl ProcessTable {
             users: UserNames::load(),
             stats: ProcessTableStats::default(),
             tick_ns: tick_ns(),
+            last_sweep: None,
         }
     }
 
@@ -305,7 +314,13 @@ impl ProcessTable {
     /// to another cgroup without exec (a write to `cgroup.procs`, or a clone into a cgroup), and
     /// its cgroup path decides its component, so the entry follows. `resolve` turns an id into a
     /// path. Returns the updated entry when the process moved.
-    pub fn observe_cgroup(&mut self, pid: u32, cgroup_id: u64, resolve: impl FnOnce(u64) -> String) -> Option<Arc<ProcessInfo>> {
+    pub fn observe_cgroup(
+        &mut self,
+        pid: u32,
+        cgroup_id: u64,
+        proc_root: &Path,
+        resolve: impl FnOnce(u64) -> String,
+    ) -> Option<Arc<ProcessInfo>> {
         if cgroup_id == 0 {
             return None;
         }
@@ -319,15 +334,22 @@ impl ProcessTable {
             // The cgroup is gone already: the next record tries again.
             return None;
         }
-        let mut details = ExecDetails::clone(&entry.details);
-        details.cgroup_id = cgroup_id;
         if path == entry.info.cgroup {
             // The first id seen for a process seeded from /proc, where only the path was known.
+            let mut details = ExecDetails::clone(&entry.details);
+            details.cgroup_id = cgroup_id;
             entry.details = Arc::new(details);
             return None;
         }
 
         tracing::info!(pid, from = %entry.info.cgroup, to = %path, "process moved to another cgroup without exec");
+        self.stats.cgroup_moves += 1;
+        if let Some(replaced) = self.replace_if_changed(pid, cgroup_id, proc_root) {
+            return Some(replaced);
+        }
+        let entry = self.entries.get_mut(&pid)?;
+        let mut details = ExecDetails::clone(&entry.details);
+        details.cgroup_id = cgroup_id;
         details.origin = classify_cgroup(&path);
         let mut info = ProcessInfo::clone(&entry.info);
         info.cgroup = path;
@@ -336,8 +358,59 @@ impl ProcessTable {
         info.exec = details.facts();
         entry.info = Arc::new(info);
         entry.details = Arc::new(details);
-        self.stats.cgroup_moves += 1;
         Some(entry.info.clone())
+    }
+
+    /// Reads a process that moved from /proc, and replaces its entry when /proc shows another
+    /// process under the pid (the old one exited where the agent did not see it) or another
+    /// program (an exec the agent did not see). Returns the new entry when it replaced one.
+    fn replace_if_changed(&mut self, pid: u32, cgroup_id: u64, proc_root: &Path) -> Option<Arc<ProcessInfo>> {
+        let (mut info, start_ticks) = read_proc_process(proc_root, pid, &self.users)?;
+        let mut details = read_proc_details(proc_root, pid);
+        let entry = self.entries.get(&pid)?;
+        let reused = matches!((entry.start_ticks, start_ticks), (Some(known), Some(read)) if known != read);
+        // The kernel's name of the executable file, which a symlink or a script's path does not
+        // change, when the table has it.
+        let known_file = if entry.details.exe_name.is_empty() {
+            entry.info.exe.rsplit('/').next().unwrap_or_default()
+        } else {
+            entry.details.exe_name.as_str()
+        };
+        let other_program = !details.exe_name.is_empty() && details.exe_name != known_file;
+        if !reused && !other_program {
+            return None;
+        }
+
+        tracing::info!(pid, before = %entry.info.exe, now = %info.exe, reused, "process changed where the agent did not see it; read it from /proc");
+        info.ancestry = self.ancestry_of(info.ppid);
+        details.cgroup_id = cgroup_id;
+        self.stats.read_from_proc += 1;
+        if reused {
+            self.stats.reused_pids += 1;
+        }
+        Some(self.insert(info, start_ticks, details))
+    }
+
+    /// Marks exited the live entries whose process no longer exists under `proc_root`, at most
+    /// once per [`SWEEP_INTERVAL`]. A process that exits outside the scope sends no exit record,
+    /// so its entry would otherwise stay live, and a process that later takes its pid without a
+    /// fork the agent sees would take its identity. Returns how many entries it marked.
+    pub fn sweep_vanished(&mut self, proc_root: &Path, now: Instant) -> usize {
+        if self.last_sweep.is_some_and(|last| now.duration_since(last) < SWEEP_INTERVAL) {
+            return 0;
+        }
+        self.last_sweep = Some(now);
+        let mut vanished = 0;
+        for (pid, entry) in &mut self.entries {
+            if entry.exited_at.is_some() || proc_root.join(pid.to_string()).exists() {
+                continue;
+            }
+            entry.exited_at = Some(now);
+            self.exited.push_back((now, *pid, entry.generation));
+            vanished += 1;
+        }
+        self.stats.vanished += vanished as u64;
+        vanished
     }
 
     /// Applies a credential change of the process's main thread: its user and group ids become
@@ -724,14 +797,16 @@ mod tests {
 
     #[test]
     fn cgroup_move_without_exec_updates_entry() {
+        // /proc has nothing to say about these made-up processes.
+        let no_proc = tempfile::tempdir().unwrap();
         let mut table = table(16);
         let started = table.on_exec(&exec(100, "/usr/bin/app"), "/system.slice/app.service".into());
 
         // The same cgroup id as at exec: nothing to resolve.
-        let same = table.observe_cgroup(100, 1, |_| panic!("resolved an unchanged cgroup"));
+        let same = table.observe_cgroup(100, 1, no_proc.path(), |_| panic!("resolved an unchanged cgroup"));
         assert!(same.is_none());
         // Another id that resolves to another path: the process moved.
-        let moved = table.observe_cgroup(100, 2, |_| "/system.slice/other.service".into()).expect("a move");
+        let moved = table.observe_cgroup(100, 2, no_proc.path(), |_| "/system.slice/other.service".into()).expect("a move");
         assert_eq!(moved.cgroup, "/system.slice/other.service");
         assert_eq!(moved.exe, started.exe);
         assert_eq!(moved.exec.systemd_unit.as_deref(), Some("other.service"));
@@ -739,26 +814,27 @@ mod tests {
         assert_eq!(table.stats().cgroup_moves, 1);
         // A child forked afterwards starts there and has the id too.
         table.on_fork(&ForkEvent { ktime_ns: 2, parent_pid: 100, child_pid: 101, cgroup_id: 2 });
-        assert!(table.observe_cgroup(101, 2, |_| panic!("resolved an unchanged cgroup")).is_none());
+        assert!(table.observe_cgroup(101, 2, no_proc.path(), |_| panic!("resolved an unchanged cgroup")).is_none());
         assert_eq!(table.get(101).unwrap().cgroup, "/system.slice/other.service");
     }
 
     #[test]
     fn cgroup_id_of_seeded_process_is_learned() {
+        let no_proc = tempfile::tempdir().unwrap();
         let mut table = table(16);
         let mut seeded = exec(100, "/usr/bin/app");
         seeded.cgroup_id = 0;
         table.on_exec(&seeded, "/a".into());
 
         // The first id resolves to the known path: learned, and no move.
-        assert!(table.observe_cgroup(100, 5, |_| "/a".into()).is_none());
-        assert!(table.observe_cgroup(100, 5, |_| panic!("resolved a learned cgroup")).is_none());
+        assert!(table.observe_cgroup(100, 5, no_proc.path(), |_| "/a".into()).is_none());
+        assert!(table.observe_cgroup(100, 5, no_proc.path(), |_| panic!("resolved a learned cgroup")).is_none());
         // An id that resolves to nothing (the cgroup is gone) changes nothing either.
-        assert!(table.observe_cgroup(100, 6, |_| String::new()).is_none());
+        assert!(table.observe_cgroup(100, 6, no_proc.path(), |_| String::new()).is_none());
         assert_eq!(table.get(100).unwrap().cgroup, "/a");
         // A record without a cgroup id and an unknown pid are ignored.
-        assert!(table.observe_cgroup(100, 0, |_| panic!("resolved id 0")).is_none());
-        assert!(table.observe_cgroup(999, 7, |_| panic!("resolved for an unknown pid")).is_none());
+        assert!(table.observe_cgroup(100, 0, no_proc.path(), |_| panic!("resolved id 0")).is_none());
+        assert!(table.observe_cgroup(999, 7, no_proc.path(), |_| panic!("resolved for an unknown pid")).is_none());
         assert_eq!(table.stats().cgroup_moves, 0);
     }
 
@@ -813,6 +889,60 @@ mod tests {
         // The old exit's retention does not remove the new entry.
         table.expire(start + Duration::from_secs(6));
         assert_eq!(table.get(100).unwrap().exe, "/usr/bin/new");
+    }
+
+    #[test]
+    fn move_after_unseen_exec_rereads_program() {
+        let root = tempfile::tempdir().unwrap();
+        let mut table = table(16);
+        table.on_exec(&exec(100, "/usr/bin/python3"), "/a".into());
+        // It left the scope, ran bash there, and came back into another cgroup.
+        fake_proc(root.path(), 100, "/usr/bin/bash", 1, "/b");
+
+        let moved = table.observe_cgroup(100, 2, root.path(), |_| "/b".into()).expect("a move");
+        assert_eq!(moved.exe, "/usr/bin/bash");
+        assert_eq!(moved.cgroup, "/b");
+        assert_eq!(table.get(100).unwrap().exe, "/usr/bin/bash");
+        let stats = table.stats();
+        assert_eq!((stats.cgroup_moves, stats.read_from_proc, stats.reused_pids), (1, 1, 0));
+    }
+
+    #[test]
+    fn move_with_same_program_keeps_entry() {
+        let root = tempfile::tempdir().unwrap();
+        let mut table = table(16);
+        let mut event = exec(100, "/usr/bin/python3");
+        event.exe_name = "python3.11".to_string();
+        table.on_exec(&event, "/a".into());
+        // The executable that /proc names is the file behind the symlink the exec used.
+        fake_proc(root.path(), 100, "/usr/bin/python3.11", 1, "/b");
+
+        let moved = table.observe_cgroup(100, 2, root.path(), |_| "/b".into()).expect("a move");
+        assert_eq!(moved.exe, "/usr/bin/python3");
+        assert_eq!(moved.argv, ["/usr/bin/python3", "-x"]);
+        assert_eq!(table.stats().read_from_proc, 0);
+    }
+
+    #[test]
+    fn sweep_marks_vanished_processes_exited() {
+        let root = tempfile::tempdir().unwrap();
+        let mut table = table(16);
+        table.on_exec(&exec(100, "/usr/bin/alive"), "/a".into());
+        table.on_exec(&exec(200, "/usr/bin/gone"), "/a".into());
+        fake_proc(root.path(), 100, "/usr/bin/alive", 1, "/a");
+        let start = Instant::now();
+
+        assert_eq!(table.sweep_vanished(root.path(), start), 1);
+        assert_eq!(table.stats().live, 1);
+        assert_eq!(table.stats().vanished, 1);
+        // An exited entry is one a pid reuse replaces from /proc.
+        fake_proc(root.path(), 200, "/usr/bin/new", 1, "/a");
+        assert!(table.ensure_live(200, root.path()));
+        assert_eq!(table.get(200).unwrap().exe, "/usr/bin/new");
+        // Within the interval the sweep does not look again.
+        fs::remove_dir_all(root.path().join("100")).unwrap();
+        assert_eq!(table.sweep_vanished(root.path(), start + Duration::from_secs(1)), 0);
+        assert_eq!(table.sweep_vanished(root.path(), start + SWEEP_INTERVAL), 1);
     }
 
     #[test]
