@@ -489,15 +489,15 @@ impl ObservedGraph {
     /// Finds the observed paths that run through the edge `key` from an entry node to a target
     /// node and use at least one undeclared edge, at most `max_hops` edges long.
     ///
-    /// Returns one path per target: the one from the nearest entry (fewest hops, then the smaller
-    /// id), so one new edge yields one finding per critical component it exposes. The search is
+    /// Returns one path per entry and target, over the route the walks found first. The search is
     /// two breadth-first walks from the ends of the edge, each bounded by `max_hops`.
     ///
-    /// A target is skipped when the part of the path after the edge starts at an entry and
-    /// contains an undeclared hop. That shorter path existed before the edge, which only
-    /// lengthens it. Without this rule the findings would depend on the order of observation:
+    /// A path is left out when a later node on it is an entry from which the rest of the path
+    /// contains an undeclared hop: that shorter path is the one to report, and it exists whether
+    /// or not the new edge is in it. So the findings do not depend on the order of observation:
     /// an exposed web, an undeclared hop from web toward the db, and the internet's declared hop
-    /// to web would give one path in one order and two in another.
+    /// to web give the path from web only, in any order, and two exposed components that reach
+    /// the db over the same undeclared hop give one path each.
     pub fn attack_paths_through(
         &self,
         key: &EdgeKey,
@@ -548,7 +548,7 @@ impl ObservedGraph {
                 // Both traces come back in path order, entry first.
                 let mut edges = self.trace(&upstream, entry, Direction::Incoming);
                 edges.extend_from_slice(&onward);
-                if !self.is_simple(&edges) {
+                if !self.is_simple(&edges) || self.contains_older_path(&edges, &is_entry) {
                     continue;
                 }
                 let hops: Vec<PathHop> = edges.iter().map(|&e| self.hop(e)).collect();
@@ -560,7 +560,6 @@ impl ObservedGraph {
                     target: target_id.to_owned(),
                     hops,
                 });
-                break;
             }
         }
         paths

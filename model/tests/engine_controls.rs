@@ -284,6 +284,43 @@ fn undeclared_hop_into_entry_opens_path() {
     );
 }
 
+/// Two exposed components, web and admin, may both reach the api; the api may not reach the db.
+const TWO_ENTRIES: &str = r#"version: 1
+zones:
+  - { id: dmz, trust: 40, match: { cidrs: ["192.0.2.0/24"] } }
+  - { id: app, trust: 60 }
+components:
+  - { id: web, zone: dmz, exposed: true, match: { exe: ["/usr/sbin/nginx"] } }
+  - { id: admin, zone: dmz, exposed: true, match: { exe: ["/usr/sbin/apache2"] } }
+  - { id: api, zone: app, match: { exe: ["/opt/api/bin/server"] } }
+  - { id: db, zone: app, criticality: critical, match: { exe: ["/usr/lib/postgresql/*/bin/postgres"] } }
+flows:
+  - { from: web, to: api, port: 8080 }
+  - { from: admin, to: api, port: 8080 }
+"#;
+
+#[test]
+fn attack_paths_from_two_entries_in_any_order() {
+    let admin = process(400, "/usr/sbin/apache2", "/system.slice/apache2.service");
+    let hops = [
+        flow(at(0), Some(nginx()), "127.0.0.1:40000", Some(api()), "127.0.0.1:8080"),
+        flow(at(1), Some(admin), "127.0.0.1:40001", Some(api()), "127.0.0.1:8080"),
+        flow(at(2), Some(api()), "127.0.0.1:40002", Some(postgres()), "127.0.0.1:5432"),
+    ];
+    // The undeclared hop last, first, and in the middle.
+    for order in [[0, 1, 2], [2, 0, 1], [0, 2, 1]] {
+        let mut engine = Engine::new(common::model(TWO_ENTRIES));
+        let mut paths: Vec<String> = order
+            .iter()
+            .flat_map(|&i| engine.observe_flow(&hops[i]))
+            .filter(|d| d.category == Category::NewAttackPath)
+            .map(|d| d.id)
+            .collect();
+        paths.sort();
+        assert_eq!(paths, ["new-attack-path@admin@db@tcp/8080", "new-attack-path@web@db@tcp/8080"], "order {order:?}");
+    }
+}
+
 #[test]
 fn attack_path_search_respects_hop_bound() {
     let config = EngineConfig {
