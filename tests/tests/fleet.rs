@@ -244,14 +244,25 @@ fn cross_host_flow_is_one_edge() {
         fleet.service_command(&["client", "--target", &format!("{DB_V4}:5432"), "--requests", "3"]),
     );
 
+    // Either agent's half alone can show one web -> db edge (the db agent's model names the
+    // client's zone web), so the merge is complete only once both snapshots are in: the client's
+    // half resolved and the server's half deduplicated.
     let mut graph = pb::Graph::default();
+    let mut merge = (0, 0);
     let merged = wait_until(OBSERVE_TIMEOUT, || {
         graph = stream::graph(fleet.collector_api()).ok()?;
+        let status = stream::status(fleet.collector_api()).ok()?;
+        merge = (counter(&status, "collector_merge_resolved"), counter(&status, "collector_merge_deduplicated"));
         let edges: Vec<_> = graph.edges.iter().filter(|edge| edge.port == 5432).collect();
         let merged = edges.len() == 1 && edges[0].source == "web" && edges[0].destination == "db";
-        (merged && edges[0].connections == 3).then_some(())
+        (merged && edges[0].connections == 3 && merge == (1, 1)).then_some(())
     });
-    merged.unwrap_or_else(|| panic!("the collector never merged web -> db into one edge: {graph:#?}\n{}", fleet.logs()));
+    merged.unwrap_or_else(|| {
+        panic!(
+            "the collector never merged web -> db into one edge (resolved, deduplicated: {merge:?}): {graph:#?}\n{}",
+            fleet.logs()
+        )
+    });
 
     assert_eq!(graph.edges.len(), 1, "{:#?}", graph.edges);
     let edge = &graph.edges[0];
