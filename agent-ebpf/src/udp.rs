@@ -50,6 +50,14 @@ pub struct BindInProgress {
 const ALLOW: i32 = 1;
 
 const IPPROTO_UDP: u32 = 17;
+/// UDP-Lite runs through the same kernel paths and hooks as UDP, and is reported as UDP.
+const IPPROTO_UDPLITE: u32 = 136;
+
+/// True for the transport protocols these programs report.
+#[inline(always)]
+fn is_udp(protocol: u32) -> bool {
+    protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE
+}
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn udp_sendmsg4(ctx: SockAddrContext) -> i32 {
@@ -117,7 +125,7 @@ fn try_bind(ctx: &SockAddrContext) -> Result<(), i64> {
     let addr: *const bpf_sock_addr = ctx.sock_addr;
     // SAFETY: as in `try_udp`.
     let (protocol, port) = unsafe { (read_volatile(addr_of!((*addr).protocol)), read_volatile(addr_of!((*addr).user_port))) };
-    if protocol != IPPROTO_UDP {
+    if !is_udp(protocol) {
         return Ok(());
     }
     let (tgid, tid) = current_ids();
@@ -161,7 +169,7 @@ fn try_post_bind(ctx: &SockContext, family: u16) -> Result<(), i64> {
         };
         (read_volatile(addr_of!((*sk).protocol)), read_volatile(addr_of!((*sk).src_port)), saddr)
     };
-    if protocol != IPPROTO_UDP {
+    if !is_udp(protocol) {
         return Ok(());
     }
 
@@ -192,7 +200,7 @@ fn try_udp(ctx: &SockAddrContext, kind: UdpKind, family: u16) -> Result<(), i64>
     // SAFETY: `addr` is the program context; the verifier checks every field access, and
     // `read_volatile` keeps each one a 4-byte load, a size every field allows.
     let protocol = unsafe { read_volatile(addr_of!((*addr).protocol)) };
-    if protocol != IPPROTO_UDP {
+    if !is_udp(protocol) {
         // TCP connects are reported by `inet_sock_set_state`.
         return Ok(());
     }

@@ -441,6 +441,34 @@ fn listeners_before_agent_are_judged() {
 }
 
 #[test]
+fn udp_lite_is_observed_as_udp() {
+    let world = World::start();
+
+    // A UDP-Lite socket (IPPROTO_UDPLITE) in the client's cgroup binds a port and sends.
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)\n\
+         s.bind(('{CLIENT_V4}', 526))\n\
+         s.sendto(b'x', ('{SERVER_V4}', 7005))\n"
+    );
+    let mut command = Command::new("python3");
+    command.args(["-c", &script]);
+    let mut process = spawn_in(Some(&world.topology.host("client").netns), Some(&world.client), command).unwrap();
+    process.wait_success(RUN_TIMEOUT).unwrap();
+
+    let found = world.wait_for("unexpected-flow on udp/7005", |deviation| {
+        deviation.category == Category::UnexpectedFlow as i32 && deviation.port == Some(7005)
+    });
+    assert_eq!(found.id, "unexpected-flow@client@internet@udp/7005");
+    assert_eq!(process_of(&found).map(|(pid, _)| pid), Some(process.pid()));
+    assert_eq!(evidence(&found).local_addr, format!("{CLIENT_V4}:526"));
+    let listener = world.wait_for("new-listener on udp/526", |deviation| {
+        deviation.category == Category::NewListener as i32 && deviation.port == Some(526)
+    });
+    assert_eq!(listener.id, format!("new-listener@client@{CLIENT_V4}@udp/526"));
+}
+
+#[test]
 fn declared_udp_flow_raises_nothing() {
     let world = World::start();
 
