@@ -492,12 +492,11 @@ impl ObservedGraph {
     /// Returns one path per entry and target, over the route the walks found first. The search is
     /// two breadth-first walks from the ends of the edge, each bounded by `max_hops`.
     ///
-    /// A path is left out when a later node on it is an entry from which the rest of the path
-    /// contains an undeclared hop: that shorter path is the one to report, and it exists whether
-    /// or not the new edge is in it. So the findings do not depend on the order of observation:
-    /// an exposed web, an undeclared hop from web toward the db, and the internet's declared hop
-    /// to web give the path from web only, in any order, and two exposed components that reach
-    /// the db over the same undeclared hop give one path each.
+    /// A path is left out when a later node on it is an entry and the rest of the path contains
+    /// an undeclared hop. That shorter path is the one to report, with or without the new edge,
+    /// so the findings do not depend on the order of observation. For example, the internet's
+    /// declared hop to an exposed web that reaches the db undeclared gives the path from web only,
+    /// and two exposed components that reach the db over one undeclared hop give a path each.
     pub fn attack_paths_through(
         &self,
         key: &EdgeKey,
