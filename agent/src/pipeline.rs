@@ -27,6 +27,7 @@ use driftwatch_model::fleet::PeerRole;
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::seed::{SeededSocket, SeededState};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
+use crate::state::udp_local::{LocalUdp, LocalUdpStats};
 use crate::state::udp_reply::{is_udp_reply, EphemeralPorts, ReceivedPeers};
 use crate::telemetry::event::{AcceptEvent, DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent, UdpEventKind};
 
@@ -114,6 +115,7 @@ pub struct PipelineStats {
     /// Process entries that took a container identity with new labels after a lookup returned.
     pub processes_relabeled: u64,
     pub dns: DnsStats,
+    pub local_udp: LocalUdpStats,
 }
 
 impl PipelineStats {
@@ -138,6 +140,10 @@ impl PipelineStats {
             ("pipeline_udp_replies_read", self.udp_replies_read),
             ("pipeline_udp_replies_already_received", self.udp_replies_already_received),
             ("pipeline_udp_binds", self.udp_binds),
+            ("pipeline_udp_listeners", self.local_udp.listeners),
+            ("pipeline_udp_listeners_dropped", self.local_udp.listeners_dropped),
+            ("pipeline_udp_flows_joined", self.local_udp.joined),
+            ("pipeline_udp_server_ends_joined", self.local_udp.server_ends_joined),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
             ("pipeline_listens_without_process", self.listens_without_process),
@@ -296,6 +302,8 @@ pub struct Pipeline {
     sockets: SocketState,
     /// Peers of the UDP datagrams processes read, so that a server's replies add no flow.
     received_peers: ReceivedPeers,
+    /// UDP listeners in scope, so that a flow between two processes in scope is one edge.
+    local_udp: LocalUdp,
     labels: LabelTracker,
     label_replies: Option<mpsc::Receiver<LabelReply>>,
     held: HoldQueue<Observation>,
@@ -322,6 +330,7 @@ impl Pipeline {
             processes: ProcessTable::new(config.processes.clone()),
             sockets,
             received_peers: ReceivedPeers::new(agent_common::UDP_FLOWS_MAX_ENTRIES as usize),
+            local_udp: LocalUdp::new(config.max_listeners, agent_common::UDP_FLOWS_MAX_ENTRIES as usize),
             labels: LabelTracker::new(config.labels.clone(), None),
             label_replies: None,
             held: HoldQueue::new(config.label_hold, config.max_held),
@@ -411,6 +420,9 @@ impl Pipeline {
             sockets.into_iter().partition(|socket| socket.state == SeededState::Listen);
         self.observe_seeded_listeners(&listeners, Protocol::Tcp);
         self.observe_seeded_listeners(&udp_listeners, Protocol::Udp);
+        for socket in &udp_listeners {
+            self.local_udp.on_bind(socket.netns, socket.local, socket.pid);
+        }
         Seeded { processes, listeners, connections, established, udp_listeners: udp_listeners.len() }
     }
 
@@ -794,17 +806,35 @@ impl Pipeline {
                 self.stats.udp_replies_read += 1;
                 return;
             }
-            self.received_peers.insert(udp.pid, udp.netns, udp.remote);
+            if self.local_udp.server_end_joined(udp.netns, udp.pid, udp.remote, udp.local.port()) {
+                return;
+            }
+            self.received_peers.insert((udp.pid, udp.netns, udp.remote));
             (None, Some(process), udp.remote, udp.local)
         } else if is_udp_reply(udp.local.port(), udp.remote.port(), ephemeral) {
             self.stats.udp_replies += 1;
-            if self.received_peers.contains(udp.pid, udp.netns, udp.remote) {
+            if self.received_peers.contains(&(udp.pid, udp.netns, udp.remote)) {
                 self.stats.udp_replies_already_received += 1;
+                return;
+            }
+            if self.local_udp.server_end_joined(udp.netns, udp.pid, udp.remote, udp.local.port()) {
                 return;
             }
             (None, Some(process), udp.remote, udp.local)
         } else {
-            (Some(process), None, udp.local, udp.remote)
+            // A listener in scope in the sender's namespace that the destination reaches is the
+            // other end: the flow is one edge between the two processes.
+            let server = self
+                .local_udp
+                .listener_for(udp.netns, udp.remote)
+                .and_then(|listener| Some((listener.pid, self.processes.get_live(listener.pid)?)));
+            match server {
+                Some((server_pid, server)) => {
+                    self.local_udp.join(udp.netns, server_pid, udp.local.port(), udp.remote.port());
+                    (Some(process), Some(server), udp.local, udp.remote)
+                }
+                None => (Some(process), None, udp.local, udp.remote),
+            }
         };
         let observation = FlowObservation {
             time: self.clock.to_system(udp.ktime_ns),
@@ -843,6 +873,7 @@ impl Pipeline {
     fn handle_udp_bind(&mut self, udp: &UdpEvent) {
         tracing::trace!(pid = udp.pid, local = %udp.local, "udp bind");
         self.follow_cgroup(udp.pid, udp.cgroup_id, udp.ktime_ns);
+        self.local_udp.on_bind(udp.netns, udp.local, udp.pid);
         let Some(process) = self.processes.get(udp.pid) else {
             self.stats.listens_without_process += 1;
             return;
@@ -994,6 +1025,7 @@ impl Pipeline {
         self.stats.labels = self.labels.stats();
         self.stats.held = self.held.stats();
         self.stats.dns = self.dns.stats();
+        self.stats.local_udp = self.local_udp.stats();
         *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
     }
 }

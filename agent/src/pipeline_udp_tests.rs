@@ -35,10 +35,16 @@ fn pipeline() -> (Pipeline, Arc<Shared>) {
     let hub = Arc::new(DeviationHub::new(HubConfig::default()));
     let resolve_cgroup: CgroupResolver = Box::new(|_| "/test/resolver".to_string());
     let mut pipeline = Pipeline::new(PipelineConfig::default(), shared.clone(), hub, resolve_cgroup);
-    pipeline.handle(Event::Exec(ExecEvent {
+    pipeline.handle(exec(RESOLVER_PID));
+    (pipeline, shared)
+}
+
+/// Builds the exec of the resolver's program as process `pid`.
+fn exec(pid: u32) -> Event {
+    Event::Exec(ExecEvent {
         ktime_ns: 1_000,
-        pid: RESOLVER_PID,
-        tid: RESOLVER_PID,
+        pid,
+        tid: pid,
         filename: "/usr/sbin/resolver".to_string(),
         argv: vec!["resolver".to_string()],
         argv_truncated: false,
@@ -50,8 +56,7 @@ fn pipeline() -> (Pipeline, Arc<Shared>) {
         exe_name: "resolver".to_string(),
         exe_unlinked: Some(false),
         namespace_pid: None,
-    }));
-    (pipeline, shared)
+    })
 }
 
 /// Builds raw events the way the pipeline does for its subscribers.
@@ -70,11 +75,15 @@ fn udp_send(local: &str, remote: &str) -> Event {
 }
 
 fn udp(kind: UdpEventKind, local: &str, remote: &str) -> Event {
+    udp_of(RESOLVER_PID, kind, local, remote)
+}
+
+fn udp_of(pid: u32, kind: UdpEventKind, local: &str, remote: &str) -> Event {
     Event::Udp(UdpEvent {
         ktime_ns: 2_000,
         kind,
-        pid: RESOLVER_PID,
-        tid: RESOLVER_PID,
+        pid,
+        tid: pid,
         netns: 1,
         cookie: 7,
         local: local.parse().unwrap(),
@@ -253,4 +262,45 @@ fn bind_raw_event_is_udp_listen() {
     assert!(!socket.is_reply, "a bind is no reply");
     assert!(!socket.received);
     assert_eq!(socket.local, "[::]:514".parse::<SocketAddr>().unwrap());
+}
+
+#[test]
+fn flow_to_local_listener_is_one_edge() {
+    let (mut pipeline, shared) = pipeline();
+    const CLIENT_PID: u32 = 101;
+    pipeline.handle(exec(CLIENT_PID));
+
+    pipeline.handle(udp(UdpEventKind::Bind, "0.0.0.0:7010", "0.0.0.0:0"));
+    pipeline.handle(udp_of(CLIENT_PID, UdpEventKind::Send, "0.0.0.0:45000", "127.0.0.1:7010"));
+    // The server reads the datagram and echoes it: both records belong to the joined flow.
+    pipeline.handle(udp(UdpEventKind::Receive, "0.0.0.0:7010", "127.0.0.1:45000"));
+    pipeline.handle(udp_send("0.0.0.0:7010", "127.0.0.1:45000"));
+    // Another client port is another flow, and a remote client is a flow of its own.
+    pipeline.handle(udp_of(CLIENT_PID, UdpEventKind::Send, "0.0.0.0:45001", "127.0.0.1:7010"));
+    pipeline.handle(udp(UdpEventKind::Receive, "0.0.0.0:7010", "198.51.100.7:40001"));
+
+    let expected = [
+        ("internet".to_string(), "resolver".to_string(), 7010, 1),
+        ("resolver".to_string(), "resolver".to_string(), 7010, 2),
+    ];
+    assert_eq!(udp_edges(&shared), expected);
+    let stats = pipeline.local_udp.stats();
+    assert_eq!((stats.listeners, stats.joined, stats.server_ends_joined), (1, 2, 2));
+    let graph = shared.engine.lock().unwrap().graph_snapshot();
+    let edge = graph.edges.iter().find(|edge| edge.source == "resolver" && edge.destination == "resolver").unwrap();
+    assert_eq!(edge.examples, [(CLIENT_PID, "/usr/sbin/resolver".to_string())]);
+}
+
+#[test]
+fn exited_listener_joins_nothing() {
+    let (mut pipeline, shared) = pipeline();
+    const CLIENT_PID: u32 = 101;
+    pipeline.handle(exec(CLIENT_PID));
+    pipeline.handle(udp(UdpEventKind::Bind, "0.0.0.0:7010", "0.0.0.0:0"));
+    pipeline.handle(Event::Exit(crate::telemetry::event::ExitEvent { ktime_ns: 1_500, pid: RESOLVER_PID, tid: RESOLVER_PID, exit_code: Some(0), lineage: None }));
+
+    pipeline.handle(udp_of(CLIENT_PID, UdpEventKind::Send, "0.0.0.0:45000", "127.0.0.1:7010"));
+
+    assert_eq!(udp_edges(&shared), [("resolver".to_string(), "internet".to_string(), 7010, 1)]);
+    assert_eq!(pipeline.local_udp.stats().joined, 0);
 }

@@ -66,6 +66,26 @@ flows: {FLOWS}
 exceptions: []
 "#;
 
+/// Declares the components `client` and `resolver` in one zone, with a UDP listener on port
+/// 7010 and no flow. The zone `internet` covers loopback too.
+const LOCAL_MODEL: &str = r#"version: 1
+zones:
+  - { id: internet, trust: 0, match: { cidrs: ["0.0.0.0/0", "::/0"] } }
+  - { id: lab, trust: 50 }
+components:
+  - id: client
+    zone: lab
+    match: { cgroup: ["{ROOT}/client"] }
+    executables: ["**/driftwatch-demo-service"]
+  - id: resolver
+    zone: lab
+    match: { cgroup: ["{ROOT}/resolver"] }
+    executables: ["**/driftwatch-demo-service"]
+    listens: [{ port: 7010, proto: udp }]
+flows: []
+exceptions: []
+"#;
+
 /// The resolver's selector line in [`REPLY_MODEL`], after which a test adds its `listens`.
 const RESOLVER_MATCH: &str = "    match: { cgroup: [\"{ROOT}/resolver\"] }\n";
 
@@ -158,10 +178,16 @@ impl World {
     /// Runs the demo service with `args` on the client host, in the observed cgroup, until it
     /// succeeds; returns its pid and its stdout.
     fn run_client(&self, args: &[&str]) -> (u32, Vec<String>) {
+        self.run_client_on("client", args)
+    }
+
+    /// Runs the demo service with `args` on `host`, in the observed cgroup `client`, until it
+    /// succeeds; returns its pid and its stdout.
+    fn run_client_on(&self, host: &str, args: &[&str]) -> (u32, Vec<String>) {
         let mut command = Command::new(&self.service);
         command.args(args);
         let mut process =
-            spawn_in(Some(&self.topology.host("client").netns), Some(&self.client), command).unwrap();
+            spawn_in(Some(&self.topology.host(host).netns), Some(&self.client), command).unwrap();
         let output = process
             .wait_success(RUN_TIMEOUT)
             .unwrap_or_else(|error| panic!("{error:#}\nagent log:\n{}", self.agent.log()));
@@ -746,6 +772,39 @@ fn udp_listener_raises_new_listener() {
     let raised = world.watcher.deviations();
     let declared: Vec<&Deviation> = raised.iter().filter(|deviation| deviation.port == Some(519)).collect();
     assert!(declared.is_empty(), "the declared listener raised:\n{}", describe_all(&raised));
+}
+
+#[test]
+fn local_udp_flow_is_one_edge() {
+    let mut world = World::start_with("hV", LOCAL_MODEL);
+    world.serve_udp_in_scope("0.0.0.0:7010");
+
+    // The client runs on the server's host and sends over loopback, which the zone `internet`
+    // covers. The echo server reads each datagram with the client's address and sends it back.
+    let (pid, _) = world.run_client_on("server", &["udp-send", "--target", "127.0.0.1:7010", "--count", "3"]);
+
+    let flow = world.wait_for("unexpected-flow on udp/7010", |deviation| {
+        deviation.category == Category::UnexpectedFlow as i32 && deviation.port == Some(7010)
+    });
+    assert_eq!(flow.id, "unexpected-flow@client@resolver@udp/7010");
+    let (found_pid, exe) = process_of(&flow).unwrap_or_else(|| panic!("no process in {flow:?}"));
+    assert_eq!(found_pid, pid);
+    assert!(exe.ends_with("/driftwatch-demo-service"), "exe {exe}");
+    assert_eq!(evidence(&flow).remote_addr, "127.0.0.1:7010");
+    assert_eq!(evidence(&flow).netns, netns_inode(&world.topology.host("server").netns));
+
+    let edge = world.only_udp_edge(7010, 1);
+    assert_eq!((edge.source.as_str(), edge.destination.as_str()), ("client", "resolver"));
+    let examples: Vec<u32> = edge.examples.iter().map(|example| example.pid).collect();
+    assert_eq!(examples, [pid], "{edge:?}");
+    // The server's read and its echo belong to the flow the client's datagram joined.
+    world.assert_counter("pipeline_udp_flows_joined", 1);
+    world.assert_counter("pipeline_udp_server_ends_joined", 2);
+    world.assert_counter("pipeline_udp_listeners", 1);
+    world.assert_counter("pipeline_deviations_published", 1);
+    let raised = world.watcher.deviations();
+    let ids: Vec<&str> = raised.iter().map(|deviation| deviation.id.as_str()).collect();
+    assert_eq!(ids, ["unexpected-flow@client@resolver@udp/7010"], "raised:\n{}", describe_all(&raised));
 }
 
 impl World {

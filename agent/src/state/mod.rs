@@ -5,3 +5,4 @@ pub mod sockets;
 pub mod seed;
 pub mod container;
 pub mod udp_reply;
+pub mod udp_local;

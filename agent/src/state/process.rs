@@ -177,6 +177,11 @@ impl ProcessTable {
         self.entries.get(&pid).map(|entry| entry.info.clone())
     }
 
+    /// Returns the process with this pid while it runs.
+    pub fn get_live(&self, pid: u32) -> Option<Arc<ProcessInfo>> {
+        self.entries.get(&pid).filter(|entry| entry.exited_at.is_none()).map(|entry| entry.info.clone())
+    }
+
     /// Returns how the process's program was started, when the table has the process.
     pub fn exec_details(&self, pid: u32) -> Option<Arc<ExecDetails>> {
         self.entries.get(&pid).map(|entry| entry.details.clone())

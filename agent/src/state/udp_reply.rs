@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -112,38 +113,40 @@ pub fn is_udp_reply(local_port: u16, remote_port: u16, ephemeral: EphemeralPorts
 }
 
 /// A process and a peer it read datagrams from: (pid, network namespace, peer address).
-type ReceivedPeer = (u32, u32, SocketAddr);
+pub type ReceivedPeer = (u32, u32, SocketAddr);
 
 /// The peers each process read datagrams from, so that a server's reply to a peer is not taken
-/// as a second observation of the flow its receive already reported. The oldest entry goes first
-/// when the set is full; a reply to a forgotten peer is observed as a reply again.
-pub struct ReceivedPeers {
-    peers: FastMap<ReceivedPeer, ()>,
-    order: VecDeque<ReceivedPeer>,
+/// as a second observation of the flow its receive already reported. A reply to a forgotten peer
+/// is observed as a reply again.
+pub type ReceivedPeers = RecentSet<ReceivedPeer>;
+
+/// A set that keeps the last `capacity` keys inserted: the oldest goes first when it is full.
+pub struct RecentSet<K> {
+    keys: FastMap<K, ()>,
+    order: VecDeque<K>,
     capacity: usize,
 }
 
-impl ReceivedPeers {
-    pub fn new(capacity: usize) -> ReceivedPeers {
-        ReceivedPeers { peers: FastMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
+impl<K: Copy + Eq + Hash> RecentSet<K> {
+    pub fn new(capacity: usize) -> RecentSet<K> {
+        RecentSet { keys: FastMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
     }
 
-    pub fn insert(&mut self, pid: u32, netns: u32, peer: SocketAddr) {
-        let entry = (pid, netns, peer);
-        if self.peers.contains_key(&entry) {
+    pub fn insert(&mut self, key: K) {
+        if self.keys.contains_key(&key) {
             return;
         }
         if self.order.len() >= self.capacity {
             if let Some(oldest) = self.order.pop_front() {
-                self.peers.remove(&oldest);
+                self.keys.remove(&oldest);
             }
         }
-        self.peers.insert(entry, ());
-        self.order.push_back(entry);
+        self.keys.insert(key, ());
+        self.order.push_back(key);
     }
 
-    pub fn contains(&self, pid: u32, netns: u32, peer: SocketAddr) -> bool {
-        self.peers.contains_key(&(pid, netns, peer))
+    pub fn contains(&self, key: &K) -> bool {
+        self.keys.contains_key(key)
     }
 }
 
@@ -155,16 +158,16 @@ mod tests {
     fn received_peers_forget_the_oldest_first() {
         let peer = |port: u16| SocketAddr::from(([198, 18, 1, 10], port));
         let mut peers = ReceivedPeers::new(2);
-        peers.insert(7, 1, peer(40000));
-        peers.insert(7, 1, peer(40000));
-        peers.insert(7, 1, peer(40001));
-        assert!(peers.contains(7, 1, peer(40000)));
-        assert!(!peers.contains(8, 1, peer(40000)), "another process");
-        assert!(!peers.contains(7, 2, peer(40000)), "another namespace");
-        peers.insert(7, 1, peer(40002));
-        assert!(!peers.contains(7, 1, peer(40000)), "the oldest entry goes first");
-        assert!(peers.contains(7, 1, peer(40001)));
-        assert!(peers.contains(7, 1, peer(40002)));
+        peers.insert((7, 1, peer(40000)));
+        peers.insert((7, 1, peer(40000)));
+        peers.insert((7, 1, peer(40001)));
+        assert!(peers.contains(&(7, 1, peer(40000))));
+        assert!(!peers.contains(&(8, 1, peer(40000))), "another process");
+        assert!(!peers.contains(&(7, 2, peer(40000))), "another namespace");
+        peers.insert((7, 1, peer(40002)));
+        assert!(!peers.contains(&(7, 1, peer(40000))), "the oldest entry goes first");
+        assert!(peers.contains(&(7, 1, peer(40001))));
+        assert!(peers.contains(&(7, 1, peer(40002))));
     }
 
     const RANGE: EphemeralPorts = EphemeralPorts::LINUX_DEFAULT;
