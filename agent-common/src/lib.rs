@@ -266,12 +266,21 @@ pub const CGROUP_PROGRAMS: &[CgroupProgramSpec] = &[
     CgroupProgramSpec { name: "dns_ingress", hook: CgroupHook::SkbIngress, required: false },
 ];
 
+/// The `sock_ops` program that reports TCP state changes in place of the `inet_sock_set_state`
+/// tracepoint program when the kernel accepts it. It attaches to the cgroup v2 root, also under
+/// a scope, so that it also reports the sockets of processes that moved into the scope.
+pub const TCP_SOCK_OPS_PROGRAM: &str = "tcp_sock_ops";
+
+/// The tracepoint program that [`TCP_SOCK_OPS_PROGRAM`] replaces.
+pub const TCP_TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
+
 /// Every symbol the BPF link step must keep: programs, then maps, then globals.
 pub fn export_names() -> impl Iterator<Item = &'static str> {
     PROGRAMS
         .iter()
         .map(|program| program.name)
         .chain(CGROUP_PROGRAMS.iter().map(|program| program.name))
+        .chain([TCP_SOCK_OPS_PROGRAM])
         .chain(MAPS.iter().copied())
         .chain(GLOBALS.iter().copied())
 }

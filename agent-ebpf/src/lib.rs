@@ -2,9 +2,9 @@
 //! process that accepts each connection, UDP flows and DNS answers, written as records into one
 //! ring buffer.
 //!
-//! Only tracepoints and cgroup socket hooks (`sock_addr`, `skb`) are used, because their record
-//! layouts and contexts are stable across kernels, unlike kprobes or struct offsets baked in at
-//! build time. The few kernel struct
+//! Only tracepoints and cgroup socket hooks (`sock_addr`, `sock`, `skb`, `sock_ops`) are used,
+//! because their record layouts and contexts are stable across kernels, unlike kprobes or struct
+//! offsets baked in at build time. The few kernel struct
 //! reads use offsets that the agent resolves from the running kernel's BTF and passes in as
 //! global data. They cover the socket (network namespace, byte counters, error, addresses), the task
 //! (parent, start time, pid namespace, credentials, executable file) and its file table.

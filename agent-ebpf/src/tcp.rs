@@ -1,4 +1,10 @@
-//! TCP state changes from `sock:inet_sock_set_state`.
+//! TCP state changes, from a cgroup `sock_ops` program where the kernel allows one, else from the
+//! `sock:inet_sock_set_state` tracepoint.
+//!
+//! Both give the same records. The tracepoint runs for every state change of every TCP socket and
+//! builds a trace record each time. The `sock_ops` program runs at connect, listen and the end of
+//! each handshake, and requests the state changes of the sockets it tracks only. A socket out of
+//! scope so costs one call.
 //!
 //! Connect and listen happen in the calling process, so the current task owns the socket. The
 //! handshake completions (Connected, ConnectFailed, Accepted) and most closes run in softirq
@@ -13,8 +19,13 @@ use agent_common::{
     TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, SOCKET_FLAG_AGENT,
     TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
-use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
-use core::ptr::read_volatile;
+use aya_ebpf::{
+    bindings::bpf_sock,
+    helpers::bpf_probe_read_kernel,
+    macros::{sock_ops, tracepoint},
+    programs::{SockOpsContext, TracePointContext},
+};
+use core::ptr::{addr_of, read_volatile};
 
 use crate::{
     count, current_cgroup_id, tracepoint_address, tracepoint_field, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
@@ -43,10 +54,165 @@ const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 
+// `sock_ops` operations and flags, include/uapi/linux/bpf.h.
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
+const BPF_SOCK_OPS_STATE_CB_FLAG: u32 = 1 << 2;
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_inet_sock_set_state(&ctx);
     0
+}
+
+#[sock_ops]
+pub fn tcp_sock_ops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sock_ops(&ctx);
+    1
+}
+
+/// The socket fields of a state change, read from the tracepoint's record or from the
+/// `sock_ops` context.
+trait TcpFields {
+    fn family(&self) -> u16;
+    /// Local port in host byte order.
+    fn local_port(&self) -> u16;
+    /// Remote port in host byte order.
+    fn remote_port(&self) -> u16;
+    /// Local and remote address of a socket of `family`, an IPv4 address in the first 4 bytes.
+    fn addresses(&self, family: u16) -> ([u8; 16], [u8; 16]);
+}
+
+impl TcpFields for TracePointContext {
+    fn family(&self) -> u16 {
+        // SAFETY: offset of this tracepoint's field, aligned to its size.
+        unsafe { tracepoint_field(self, FAMILY_OFFSET) }
+    }
+
+    fn local_port(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { tracepoint_field(self, SPORT_OFFSET) }
+    }
+
+    fn remote_port(&self) -> u16 {
+        // SAFETY: as above.
+        unsafe { tracepoint_field(self, DPORT_OFFSET) }
+    }
+
+    fn addresses(&self, family: u16) -> ([u8; 16], [u8; 16]) {
+        // SAFETY: offsets of this tracepoint's fields, each aligned to its size.
+        unsafe {
+            if family == FAMILY_INET6 {
+                (tracepoint_address(self, SADDR_V6_OFFSET), tracepoint_address(self, DADDR_V6_OFFSET))
+            } else {
+                (
+                    widen_ipv4(tracepoint_field::<u32>(self, SADDR_OFFSET).to_ne_bytes()),
+                    widen_ipv4(tracepoint_field::<u32>(self, DADDR_OFFSET).to_ne_bytes()),
+                )
+            }
+        }
+    }
+}
+
+impl TcpFields for SockOpsContext {
+    fn family(&self) -> u16 {
+        SockOpsContext::family(self) as u16
+    }
+
+    fn local_port(&self) -> u16 {
+        SockOpsContext::local_port(self) as u16
+    }
+
+    fn remote_port(&self) -> u16 {
+        // The field contains the port in network byte order, which some kernels shift into the
+        // upper 16 bits.
+        let raw = SockOpsContext::remote_port(self);
+        let port = if raw > 0xffff { raw >> 16 } else { raw };
+        u16::from_be(port as u16)
+    }
+
+    fn addresses(&self, family: u16) -> ([u8; 16], [u8; 16]) {
+        let ops = self.ops;
+        // SAFETY: each read is one 4-byte context field, the only access size the verifier
+        // allows for them.
+        unsafe {
+            if family == FAMILY_INET6 {
+                (
+                    crate::udp::ipv6_bytes([
+                        read_volatile(addr_of!((*ops).local_ip6[0])),
+                        read_volatile(addr_of!((*ops).local_ip6[1])),
+                        read_volatile(addr_of!((*ops).local_ip6[2])),
+                        read_volatile(addr_of!((*ops).local_ip6[3])),
+                    ]),
+                    crate::udp::ipv6_bytes([
+                        read_volatile(addr_of!((*ops).remote_ip6[0])),
+                        read_volatile(addr_of!((*ops).remote_ip6[1])),
+                        read_volatile(addr_of!((*ops).remote_ip6[2])),
+                        read_volatile(addr_of!((*ops).remote_ip6[3])),
+                    ]),
+                )
+            } else {
+                (
+                    widen_ipv4(read_volatile(addr_of!((*ops).local_ip4)).to_ne_bytes()),
+                    widen_ipv4(read_volatile(addr_of!((*ops).remote_ip4)).to_ne_bytes()),
+                )
+            }
+        }
+    }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
+    let op = ctx.op();
+    // The other operations (timeouts, window, ECN, request sockets) end here, before any read of
+    // the socket.
+    if !matches!(
+        op,
+        BPF_SOCK_OPS_TCP_CONNECT_CB
+            | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+            | BPF_SOCK_OPS_STATE_CB
+            | BPF_SOCK_OPS_TCP_LISTEN_CB
+    ) {
+        return Ok(());
+    }
+    // SAFETY: `sk` is a context field of pointer size, which the verifier types as a socket that
+    // may be null; the null check follows.
+    let sk: *const bpf_sock = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) }.cast_const();
+    if sk.is_null() {
+        return Ok(());
+    }
+    let skaddr = crate::udp::kernel_address(sk);
+    if skaddr == 0 {
+        return Ok(());
+    }
+    let tracked = match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, skaddr)?,
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ctx, skaddr)?,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accepted(ctx, skaddr)?,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            on_handshake_end(ctx, skaddr, TcpKind::Connected, false)?;
+            false
+        }
+        _ => {
+            // Only the sockets tracked below asked for their state changes.
+            let (old_state, new_state) = (ctx.arg(0) as i32, ctx.arg(1) as i32);
+            match (old_state, new_state) {
+                (TCP_SYN_SENT, TCP_CLOSE) => on_handshake_end(ctx, skaddr, TcpKind::ConnectFailed, true)?,
+                (TCP_LISTEN, TCP_CLOSE) => on_listener_close(ctx, skaddr)?,
+                (old, TCP_CLOSE) if old != TCP_CLOSE => on_handshake_end(ctx, skaddr, TcpKind::Close, true)?,
+                _ => {}
+            }
+            false
+        }
+    };
+    if tracked {
+        // Keeps the flags another program set on the socket.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+    Ok(())
 }
 
 /// Process a record is attributed to.
@@ -75,12 +241,12 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     };
 
     match (old_state, new_state) {
-        (TCP_CLOSE, TCP_SYN_SENT) => on_connect(ctx, skaddr),
+        (TCP_CLOSE, TCP_SYN_SENT) => on_connect(ctx, skaddr).map(|_| ()),
         (TCP_SYN_SENT, TCP_ESTABLISHED) => on_handshake_end(ctx, skaddr, TcpKind::Connected, false),
         (TCP_SYN_SENT, TCP_CLOSE) => on_handshake_end(ctx, skaddr, TcpKind::ConnectFailed, true),
-        (TCP_CLOSE, TCP_LISTEN) => on_listen(ctx, skaddr),
+        (TCP_CLOSE, TCP_LISTEN) => on_listen(ctx, skaddr).map(|_| ()),
         (TCP_LISTEN, TCP_CLOSE) => on_listener_close(ctx, skaddr),
-        (TCP_SYN_RECV, TCP_ESTABLISHED) => on_accepted(ctx, skaddr),
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => on_accepted(ctx, skaddr).map(|_| ()),
         // Every connection that got past the handshake ends with exactly one move to CLOSE, from
         // whichever state the shutdown sequence reached.
         (old, TCP_CLOSE) if old != TCP_CLOSE => on_handshake_end(ctx, skaddr, TcpKind::Close, true),
@@ -88,14 +254,16 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
 }
 
-fn on_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+/// Reports a connect in scope. Returns true when the socket is tracked: its later state changes
+/// are reported or, for the agent's own socket, skipped.
+fn on_connect<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     let (tgid, tid) = current_ids();
     if is_agent(tgid) {
         track_socket(skaddr, tgid, SOCKET_FLAG_AGENT, 0);
-        return Ok(());
+        return Ok(true);
     }
     if !current_in_scope() {
-        return Ok(());
+        return Ok(false);
     }
     // Read once here and kept with the owner, so that the socket's later records skip the read.
     let netns = socket_netns(skaddr);
@@ -107,13 +275,14 @@ fn on_connect(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         current: true,
         netns,
     };
-    emit(ctx, skaddr, TcpKind::Connect, &owner)
+    emit(ctx, skaddr, TcpKind::Connect, &owner)?;
+    Ok(true)
 }
 
 /// Reports a softirq-side change of a socket seen at connect or accept; `forget` removes the
 /// socket because it will not change state again.
-fn on_handshake_end(
-    ctx: &TracePointContext,
+fn on_handshake_end<F: TcpFields>(
+    ctx: &F,
     skaddr: u64,
     kind: TcpKind,
     forget: bool,
@@ -155,35 +324,28 @@ fn on_handshake_end(
 // Kept out of line: inlined, its key would share the program's frame with the record that
 // `emit` builds, and the verifier rejects the combined stack.
 #[inline(never)]
-fn take_seeded(ctx: &TracePointContext, skaddr: u64) -> Option<SockOwner> {
+fn take_seeded<F: TcpFields>(ctx: &F, skaddr: u64) -> Option<SockOwner> {
     let mut key = ConnectionKey { netns: socket_netns(skaddr), sport: 0, dport: 0, saddr: [0; 16], daddr: [0; 16] };
-    // SAFETY: offsets of this tracepoint's fields, each aligned to its size.
-    unsafe {
-        key.sport = tracepoint_field(ctx, SPORT_OFFSET);
-        key.dport = tracepoint_field(ctx, DPORT_OFFSET);
-        if tracepoint_field::<u16>(ctx, FAMILY_OFFSET) == FAMILY_INET6 {
-            key.saddr = tracepoint_address(ctx, SADDR_V6_OFFSET);
-            key.daddr = tracepoint_address(ctx, DADDR_V6_OFFSET);
-        } else {
-            key.saddr = widen_ipv4(tracepoint_field::<u32>(ctx, SADDR_OFFSET).to_ne_bytes());
-            key.daddr = widen_ipv4(tracepoint_field::<u32>(ctx, DADDR_OFFSET).to_ne_bytes());
-        }
-    }
+    key.sport = ctx.local_port();
+    key.dport = ctx.remote_port();
+    (key.saddr, key.daddr) = ctx.addresses(ctx.family());
     // SAFETY: the value is copied out before the entry is removed.
     let owner = unsafe { SEEDED_CONNECTIONS.get(&key) }.copied()?;
     let _ = SEEDED_CONNECTIONS.remove(&key);
     Some(owner)
 }
 
-fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+/// Reports a listen in scope. Returns true when the listener is tracked, so that its close
+/// matters.
+fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     let (tgid, tid) = current_ids();
     let key = listener_key(ctx, skaddr)?;
     if is_agent(tgid) {
         remember_listener(&key, tgid, LISTENER_FLAG_AGENT);
-        return Ok(());
+        return Ok(true);
     }
     if !current_in_scope() {
-        return Ok(());
+        return Ok(false);
     }
     remember_listener(&key, tgid, 0);
     let owner = Owner {
@@ -194,14 +356,15 @@ fn on_listen(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
         // The listener key carries the namespace, read from this socket.
         netns: key.netns,
     };
-    emit(ctx, skaddr, TcpKind::Listen, &owner)
+    emit(ctx, skaddr, TcpKind::Listen, &owner)?;
+    Ok(true)
 }
 
 /// Forgets one listening socket on the (netns, port); the entry goes with the last one, so that
 /// closing the IPv6 socket of a dual listener does not hide accepts on the IPv4 one.
 // NOTE: the count is updated without atomics. Two sockets of one port that listen or close at
 // the same instant on two CPUs can leave it off by one until the port's last close.
-fn on_listener_close(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+fn on_listener_close<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<(), i64> {
     let key = listener_key(ctx, skaddr)?;
     match LISTENERS.get_ptr_mut(&key) {
         // SAFETY: the pointer is to this map's value, valid during the program.
@@ -213,17 +376,19 @@ fn on_listener_close(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
     Ok(())
 }
 
-fn on_accepted(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
+/// Reports a connection accepted on a listener in scope. Returns true when the socket is
+/// tracked.
+fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     let key = listener_key(ctx, skaddr)?;
     // SAFETY: the value is copied out of the map.
     let listener = unsafe { LISTENERS.get(&key) }.copied();
     match listener {
         Some(listener) if listener.flags & LISTENER_FLAG_AGENT != 0 => {
             track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0);
-            return Ok(());
+            return Ok(true);
         }
         Some(_) => {}
-        None if scope_enabled() => return Ok(()),
+        None if scope_enabled() => return Ok(false),
         None => {}
     }
     // The listener key carries the namespace, read from this socket.
@@ -239,7 +404,8 @@ fn on_accepted(ctx: &TracePointContext, skaddr: u64) -> Result<(), i64> {
             current: false,
             netns: key.netns,
         },
-    )
+    )?;
+    Ok(true)
 }
 
 fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32) {
@@ -268,12 +434,10 @@ fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
     }
 }
 
-fn listener_key(ctx: &TracePointContext, skaddr: u64) -> Result<ListenerKey, i64> {
-    // SAFETY: offset of `sport` in this tracepoint's record, aligned to its size.
-    let port: u16 = unsafe { tracepoint_field(ctx, SPORT_OFFSET) };
+fn listener_key<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<ListenerKey, i64> {
     Ok(ListenerKey {
         netns: socket_netns(skaddr),
-        port,
+        port: ctx.local_port(),
         _reserved: 0,
     })
 }
@@ -305,24 +469,13 @@ pub(crate) fn socket_netns(skaddr: u64) -> u32 {
     unsafe { bpf_probe_read_kernel((net + u64::from(net_inum)) as *const u32) }.unwrap_or(0)
 }
 
-fn emit(ctx: &TracePointContext, skaddr: u64, kind: TcpKind, owner: &Owner) -> Result<(), i64> {
-    // SAFETY: offsets of this tracepoint's fields, each aligned to its size.
-    let (family, sport, dport): (u16, u16, u16) = unsafe {
-        (
-            tracepoint_field(ctx, FAMILY_OFFSET),
-            tracepoint_field(ctx, SPORT_OFFSET),
-            tracepoint_field(ctx, DPORT_OFFSET),
-        )
-    };
-    let (saddr, daddr): ([u8; 16], [u8; 16]) = if family == FAMILY_INET6 {
-        unsafe { (tracepoint_address(ctx, SADDR_V6_OFFSET), tracepoint_address(ctx, DADDR_V6_OFFSET)) }
-    } else if family == FAMILY_INET {
-        let source = unsafe { tracepoint_field::<u32>(ctx, SADDR_OFFSET) }.to_ne_bytes();
-        let destination = unsafe { tracepoint_field::<u32>(ctx, DADDR_OFFSET) }.to_ne_bytes();
-        (widen_ipv4(source), widen_ipv4(destination))
-    } else {
+fn emit<F: TcpFields>(ctx: &F, skaddr: u64, kind: TcpKind, owner: &Owner) -> Result<(), i64> {
+    let family = ctx.family();
+    if family != FAMILY_INET6 && family != FAMILY_INET {
         return Ok(());
-    };
+    }
+    let (sport, dport) = (ctx.local_port(), ctx.remote_port());
+    let (saddr, daddr) = ctx.addresses(family);
     let netns = if owner.netns != 0 { owner.netns } else { socket_netns(skaddr) };
     let mut flags = 0;
     // Only the last record of a connection carries its byte counts and error. Reading them costs

@@ -353,7 +353,7 @@ fn socket_netns(addr: *const bpf_sock_addr) -> u32 {
 /// a member. Copying the pointer out of the stack with a probe read gives the same value as a
 /// scalar (allowed for programs loaded by root, which may see kernel addresses).
 #[inline(always)]
-fn kernel_address(sk: *const bpf_sock) -> u64 {
+pub(crate) fn kernel_address(sk: *const bpf_sock) -> u64 {
     let slot: u64 = sk as u64;
     // SAFETY: a fault-handling probe read of a local variable.
     unsafe { bpf_probe_read_kernel(&slot as *const u64) }.unwrap_or(0)
@@ -369,7 +369,7 @@ fn widen_ipv4(address: u32) -> [u8; 16] {
 
 /// Joins the four network-order words of an IPv6 context field into its 16 bytes.
 #[inline(always)]
-fn ipv6_bytes(words: [u32; 4]) -> [u8; 16] {
+pub(crate) fn ipv6_bytes(words: [u32; 4]) -> [u8; 16] {
     let [w0, w1, w2, w3] = words;
     let [a0, a1, a2, a3] = w0.to_ne_bytes();
     let [b0, b1, b2, b3] = w1.to_ne_bytes();

@@ -1,7 +1,9 @@
 //! TCP on real kernel events: a connect refused by the peer kept apart from one that timed out
 //! without a reply, a non-blocking connect, the bytes each side moved, an IPv4 client of a
 //! dual-stack listener shown with IPv4 addresses, and the close of a connection opened before
-//! the telemetry started.
+//! the telemetry started. The connection and the close before the telemetry run twice: with TCP
+//! state changes from the `sock_ops` program, and from the tracepoint that replaces it on kernels
+//! that refuse it.
 
 mod telemetry_common;
 
@@ -9,9 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use driftwatch::state::seed::{scan_sockets, SeededState};
 use driftwatch::telemetry::event::TcpEventKind;
+use driftwatch::telemetry::{Telemetry, TcpHook};
 use telemetry_common::{
     connect_once, local_port, own_netns, raw_address, report_port, run_program, serve_one_connection,
-    start_scoped, Child, RawAddress, TestCgroup,
+    start_scoped, start_scoped_with, Child, RawAddress, TestCgroup,
 };
 
 const REQUEST_BYTES: usize = 1000;
@@ -189,10 +192,32 @@ fn request_nonblocking(address: &RawAddress, report: libc::c_int) -> i32 {
     0
 }
 
+/// Checks that `telemetry` takes TCP state changes from the hook that `expected` selects: the
+/// `sock_ops` program, which this kernel accepts, or the tracepoint.
+fn assert_tcp_hook(telemetry: &Telemetry, expected: TcpHook) {
+    let attached = |name: &str| telemetry.hooks().iter().any(|hook| hook.name == name && hook.attached);
+    let sock_ops = expected == TcpHook::Auto;
+    assert_eq!(telemetry.tcp_from_sock_ops(), sock_ops, "{:#?}", telemetry.hooks());
+    assert_eq!(attached("tcp_sock_ops"), sock_ops, "{:#?}", telemetry.hooks());
+    assert_eq!(attached("inet_sock_set_state"), !sock_ops, "{:#?}", telemetry.hooks());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nonblocking_connect_reports_bytes_at_close() {
-    let cgroup = TestCgroup::create("bytes");
-    let (_telemetry, mut events) = start_scoped(&cgroup).await;
+    connection_with_bytes("bytes", TcpHook::Auto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracepoint_reports_bytes_at_close() {
+    connection_with_bytes("bytes-tp", TcpHook::Tracepoint).await;
+}
+
+/// Runs a non-blocking connect, one request and its response, and checks the connect, listen,
+/// accept and both closes with the bytes each side moved.
+async fn connection_with_bytes(tag: &str, tcp_hook: TcpHook) {
+    let cgroup = TestCgroup::create(tag);
+    let (telemetry, mut events) = start_scoped_with(&cgroup, tcp_hook).await;
+    assert_tcp_hook(&telemetry, tcp_hook);
 
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let listen_address = raw_address(SocketAddr::new(loopback, 0));
@@ -280,7 +305,18 @@ async fn dual_stack_listener_shows_ipv4_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_connection_close_names_its_owner() {
-    let cgroup = TestCgroup::create("hD-seeded-close");
+    seeded_connection_close("hD-seeded-close", TcpHook::Auto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracepoint_seeded_close_names_owner() {
+    seeded_connection_close("hD-seeded-close-tp", TcpHook::Tracepoint).await;
+}
+
+/// Seeds a connection accepted before the telemetry started with its owner, closes it, and
+/// checks that its close names the owner.
+async fn seeded_connection_close(tag: &str, tcp_hook: TcpHook) {
+    let cgroup = TestCgroup::create(tag);
     let address = raw_address("127.0.0.1:0".parse().unwrap());
     let server = Child::fork(Some(&cgroup.procs), |report| serve_one_connection(&address, report));
     let port = server.read_port();
@@ -296,7 +332,8 @@ async fn seeded_connection_close_names_its_owner() {
     })
     .expect("the server never accepted the connection");
 
-    let (mut telemetry, mut events) = start_scoped(&cgroup).await;
+    let (mut telemetry, mut events) = start_scoped_with(&cgroup, tcp_hook).await;
+    assert_tcp_hook(&telemetry, tcp_hook);
     let seeded = telemetry
         .seed_connections(&[(accepted.netns, accepted.local, accepted.remote, accepted.pid)])
         .unwrap();

@@ -29,7 +29,7 @@ use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::state::udp_reply::EphemeralPorts;
 use crate::reload::{self, ModelReloader, ReloadTrigger};
-use crate::telemetry::{self, CgroupPaths, Telemetry, TelemetryConfig};
+use crate::telemetry::{self, CgroupPaths, TcpHook, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
 use crate::web::{self, live_view_config, LiveView, WebAddr, WebListener};
 
@@ -91,6 +91,12 @@ pub struct AgentArgs {
     /// Size of the kernel ring buffer in KiB: a power of two, at least one page.
     #[arg(long, default_value_t = 8192)]
     pub ring_buffer_kib: u32,
+
+    /// Source of TCP state changes. `auto` takes the cgroup sock_ops program when the kernel
+    /// accepts it, else the inet_sock_set_state tracepoint, which costs more per connection.
+    /// `tracepoint` always takes the tracepoint.
+    #[arg(long, value_enum, default_value_t = TcpHook::Auto)]
+    pub tcp_hook: TcpHook,
 
     /// Deviations kept for replay to new subscribers. With --collector it is also the buffer of
     /// deviations the collector has not acknowledged: what overflows it while the collector is
@@ -203,6 +209,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         scope_cgroup: scope_cgroup.clone(),
         ring_buffer_bytes: args.ring_buffer_kib.checked_mul(1024).context("--ring-buffer-kib is too large")?,
         channel_capacity: 65_536,
+        tcp_hook: args.tcp_hook,
     };
     let (mut telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
 

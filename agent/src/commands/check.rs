@@ -189,6 +189,7 @@ async fn observe(args: &CheckArgs, model: Model) -> anyhow::Result<Observed> {
         scope_cgroup: Some(cgroup.path.clone()),
         ring_buffer_bytes: args.ring_buffer_mib.checked_mul(1024 * 1024).context("--ring-buffer-mib is too large")?,
         channel_capacity: 65_536,
+        ..TelemetryConfig::default()
     };
     let (telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
 

@@ -6,7 +6,7 @@
 //! kernel reports accepts without a process, and the listen itself happened before any program
 //! was attached. Listeners found here are also judged against the model like new ones.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -97,6 +97,22 @@ pub fn scan_sockets(proc_root: &Path) -> ScannedSockets {
         }
     }
     scanned
+}
+
+/// Returns the established TCP connections, as (local, remote), in the network namespace of
+/// process `pid`, or `None` when its tables cannot be read because the process is gone.
+pub fn established_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
+    let mut connections = HashSet::new();
+    let mut readable = false;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(proc_root.join(pid.to_string()).join("net").join(table)) else { continue };
+        readable = true;
+        let established = text.lines().skip(1).filter_map(|line| parse_tcp_line(line, 0));
+        for socket in established.filter(|socket| socket.state == SeededState::Established) {
+            connections.insert((socket.local, socket.remote));
+        }
+    }
+    readable.then_some(connections)
 }
 
 /// Parses the number in `[...]`, as in `socket:[123]` and `net:[4026531840]`.

@@ -19,10 +19,10 @@ use agent_common::{
     AcceptOffsets, CgroupHook, CgroupProgramSpec, KernelOffsets, ProgramSpec, CGROUP_PROGRAMS, GLOBAL_ACCEPT_OFFSETS,
     GLOBAL_AGENT_TGID, GLOBAL_KERNEL_OFFSETS, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
     GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL, GLOBAL_SCOPE_ENABLED,
-    MAP_EVENTS, PROGRAMS,
+    MAP_EVENTS, PROGRAMS, TCP_SOCK_OPS_PROGRAM, TCP_TRACEPOINT_PROGRAM,
 };
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, SockOps, TracePoint,
 };
 use aya::{Ebpf, EbpfLoader};
 
@@ -60,6 +60,18 @@ pub struct LoadParameters<'a> {
     pub kernel_offsets: KernelOffsets,
     pub accept_offsets: AcceptOffsets,
     pub ring_buffer_bytes: u32,
+    pub tcp_hook: TcpHook,
+}
+
+/// Source of TCP state changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcpHook {
+    /// The cgroup `sock_ops` program when the kernel accepts it, else the tracepoint.
+    #[default]
+    Auto,
+    /// The `sock:inet_sock_set_state` tracepoint, which runs for every state change of every
+    /// TCP socket.
+    Tracepoint,
 }
 
 /// Fails with [`TelemetryError::NotRoot`] unless the effective user is root.
@@ -158,7 +170,26 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
     let mut ebpf = loader.load(BPF_OBJECT).map_err(classify_load_error)?;
 
     let mut hooks = Vec::with_capacity(PROGRAMS.len());
+    let sock_ops = match parameters.tcp_hook {
+        TcpHook::Auto => Some(attach_sock_ops(&mut ebpf)),
+        TcpHook::Tracepoint => None,
+    };
+    if let Some(status) = &sock_ops {
+        match &status.error {
+            None => tracing::info!(hook = TCP_SOCK_OPS_PROGRAM, attach_point = %status.tracepoint, "attached; TCP state changes come from sock_ops"),
+            Some(error) => tracing::warn!(
+                hook = TCP_SOCK_OPS_PROGRAM,
+                %error,
+                "sock_ops program failed; TCP state changes come from the inet_sock_set_state tracepoint, which costs more per connection"
+            ),
+        }
+    }
+    let sock_ops_attached = sock_ops.as_ref().is_some_and(|status| status.attached);
+    hooks.extend(sock_ops);
     for spec in PROGRAMS {
+        if spec.name == TCP_TRACEPOINT_PROGRAM && sock_ops_attached {
+            continue;
+        }
         let status = match attach(&mut ebpf, spec) {
             Ok(()) => {
                 tracing::info!(hook = spec.name, "attached");
@@ -248,6 +279,30 @@ fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// Loads the TCP `sock_ops` program and attaches it to the cgroup v2 root.
+fn attach_sock_ops(ebpf: &mut Ebpf) -> HookStatus {
+    let root = super::cgroup::cgroup2_mount().map_err(|error| error.to_string());
+    let tracepoint = match &root {
+        Ok(path) => format!("cgroup/sock_ops:{}", path.display()),
+        Err(_) => "cgroup/sock_ops".to_string(),
+    };
+    let result = root.and_then(|path| {
+        let cgroup = File::open(&path).map_err(|error| format!("failed to open cgroup {}: {error}", path.display()))?;
+        let program: &mut SockOps = ebpf
+            .program_mut(TCP_SOCK_OPS_PROGRAM)
+            .ok_or_else(|| format!("program {TCP_SOCK_OPS_PROGRAM} is missing from the eBPF object"))?
+            .try_into()
+            .map_err(|error: ProgramError| error.to_string())?;
+        program.load().map_err(|error| describe_program_error(&error))?;
+        program
+            .attach(&cgroup, cgroup_attach_mode())
+            .map_err(|error| describe_program_error(&error))?;
+        Ok(())
+    });
+    let error = result.err();
+    HookStatus { name: TCP_SOCK_OPS_PROGRAM.to_string(), tracepoint, required: false, attached: error.is_none(), error }
+}
+
 /// Opens the cgroup directory the cgroup programs attach to: the scope, or the cgroup v2 root.
 fn cgroup_attach_point(scope: Option<&CgroupScope>) -> Result<(PathBuf, File), String> {
     let path = match scope {
@@ -276,15 +331,20 @@ fn hook_name(hook: CgroupHook) -> &'static str {
     }
 }
 
-fn attach_cgroup(ebpf: &mut Ebpf, spec: &CgroupProgramSpec, cgroup: &File) -> Result<(), String> {
+/// Returns the mode that lets a cgroup program run beside the programs other tools attached.
+fn cgroup_attach_mode() -> CgroupAttachMode {
     // From 5.7 on, aya attaches through a bpf_link. The kernel always runs a link beside other
     // programs and rejects any flag on it. Before 5.7, aya uses BPF_PROG_ATTACH, which needs
     // BPF_F_ALLOW_MULTI to do the same.
-    let mode = if kernel_at_least(5, 7) {
+    if kernel_at_least(5, 7) {
         CgroupAttachMode::Single
     } else {
         CgroupAttachMode::AllowMultiple
-    };
+    }
+}
+
+fn attach_cgroup(ebpf: &mut Ebpf, spec: &CgroupProgramSpec, cgroup: &File) -> Result<(), String> {
+    let mode = cgroup_attach_mode();
     let program = ebpf
         .program_mut(spec.name)
         .ok_or_else(|| format!("program {} is missing from the eBPF object", spec.name))?;

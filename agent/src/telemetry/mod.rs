@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod decode;
 pub mod event;
 pub mod loader;
+pub mod seeded;
 pub mod probe;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ pub use cgroup::{
 };
 pub use decode::DecodeError;
 pub use event::Event;
-pub use loader::HookStatus;
+pub use loader::{HookStatus, TcpHook};
 pub use probe::HookSupport;
 
 /// Settings of [`Telemetry::start`].
@@ -47,6 +48,8 @@ pub struct TelemetryConfig {
     pub ring_buffer_bytes: u32,
     /// Capacity of the channel to the pipeline, in decoded events; new events are dropped when full.
     pub channel_capacity: usize,
+    /// Source of TCP state changes.
+    pub tcp_hook: loader::TcpHook,
 }
 
 impl Default for TelemetryConfig {
@@ -55,6 +58,7 @@ impl Default for TelemetryConfig {
             scope_cgroup: None,
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             channel_capacity: 16384,
+            tcp_hook: loader::TcpHook::Auto,
         }
     }
 }
@@ -161,6 +165,10 @@ pub struct Telemetry {
     support: Vec<HookSupport>,
     /// True when the accept offsets resolved, so the accept programs write records.
     accept_offsets_valid: bool,
+    /// The runtime and channel of the reader, for the task that reports the close of connections
+    /// opened before the agent.
+    runtime: tokio::runtime::Handle,
+    sender: mpsc::Sender<Event>,
 }
 
 impl Telemetry {
@@ -206,6 +214,7 @@ impl Telemetry {
             kernel_offsets,
             accept_offsets,
             ring_buffer_bytes: config.ring_buffer_bytes,
+            tcp_hook: config.tcp_hook,
         };
         let (mut ebpf, hooks) = loader::load(&parameters)?;
 
@@ -233,7 +242,7 @@ impl Telemetry {
         let cancel = CancellationToken::new();
         runtime.spawn(read_ring_buffer(
             ring,
-            sender,
+            sender.clone(),
             stats.clone(),
             cancel.clone(),
         ));
@@ -251,6 +260,8 @@ impl Telemetry {
                 scope,
                 support,
                 accept_offsets_valid: accept_offsets.valid != 0,
+                runtime,
+                sender,
             },
             receiver,
         ))
@@ -300,13 +311,26 @@ impl Telemetry {
     }
 
     /// Adds TCP connections that existed before the programs were attached, as (network
-    /// namespace inode, local address, remote address, owner pid), so that the kernel reports
-    /// their close with the owner, also under a cgroup scope. Returns how many were added; the
-    /// rest are not attributed when the map is full.
+    /// namespace inode, local address, remote address, owner pid), so that their close is
+    /// reported with the owner, also under a cgroup scope. The tracepoint program finds them in a
+    /// kernel map. The `sock_ops` program never hears of them, so a task reads their owners' TCP
+    /// tables for them (see [`seeded`]). Returns how many were added; the rest are not attributed
+    /// when the map is full.
     pub fn seed_connections(
         &mut self,
-        connections: &[(u32, std::net::SocketAddr, std::net::SocketAddr, u32)],
+        connections: &[seeded::SeededConnection],
     ) -> Result<usize, TelemetryError> {
+        if self.tcp_from_sock_ops() {
+            if !connections.is_empty() {
+                self.runtime.spawn(seeded::report_closes(
+                    connections.to_vec(),
+                    PathBuf::from("/proc"),
+                    self.sender.clone(),
+                    self.cancel.clone(),
+                ));
+            }
+            return Ok(connections.len());
+        }
         let map_error = |source| TelemetryError::Map { name: MAP_SEEDED_CONNECTIONS, source };
         let map = self.ebpf.map_mut(MAP_SEEDED_CONNECTIONS).ok_or_else(|| {
             map_error(aya::maps::MapError::InvalidName { name: MAP_SEEDED_CONNECTIONS.to_string() })
@@ -322,6 +346,11 @@ impl Telemetry {
             added += 1;
         }
         Ok(added)
+    }
+
+    /// Returns true when TCP state changes come from the `sock_ops` program.
+    pub fn tcp_from_sock_ops(&self) -> bool {
+        self.hooks.iter().any(|hook| hook.name == agent_common::TCP_SOCK_OPS_PROGRAM && hook.attached)
     }
 
     /// Returns true when accepted connections are reported with the process that accepts them:

@@ -1,9 +1,10 @@
 //! Which kinds of kernel hook this kernel accepts, found at start-up by loading a program of each
 //! kind that does nothing (`r0 = 0; exit`) and closing it at once.
 //!
-//! The agent builds on tracepoints. The result shows the operator, in the status and the log,
-//! which richer hooks this kernel would allow, so that no host is believed to have coverage it
-//! lacks. A kind that loads but cannot attach (kprobes without the kprobe event source) counts
+//! The agent builds on tracepoints and cgroup socket hooks, and takes TCP state changes from a
+//! `sock_ops` program where the kernel accepts one (see the loader). The result shows the
+//! operator, in the status and the log, which richer hooks this kernel would allow, so that no
+//! host is believed to have coverage it lacks. A kind that loads but cannot attach (kprobes without the kprobe event source) counts
 //! as unavailable.
 
 use std::io;

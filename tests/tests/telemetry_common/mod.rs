@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use driftwatch::telemetry::event::{Event, TcpEvent};
-use driftwatch::telemetry::{cgroup2_mount, Telemetry, TelemetryConfig};
+use driftwatch::telemetry::{cgroup2_mount, TcpHook, Telemetry, TelemetryConfig};
 use tokio::sync::mpsc;
 /// How long to wait for one expected event.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -169,6 +169,11 @@ impl Recorder {
 }
 
 pub async fn start_scoped(cgroup: &TestCgroup) -> (Telemetry, Recorder) {
+    start_scoped_with(cgroup, TcpHook::Auto).await
+}
+
+/// Starts telemetry like [`start_scoped`], with TCP state changes from `tcp_hook`.
+pub async fn start_scoped_with(cgroup: &TestCgroup, tcp_hook: TcpHook) -> (Telemetry, Recorder) {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -177,6 +182,7 @@ pub async fn start_scoped(cgroup: &TestCgroup) -> (Telemetry, Recorder) {
     );
     let config = TelemetryConfig {
         scope_cgroup: Some(cgroup.path.clone()),
+        tcp_hook,
         ..TelemetryConfig::default()
     };
     let (telemetry, receiver) = Telemetry::start(config).unwrap_or_else(|error| {

@@ -1,0 +1,90 @@
+//! The close of TCP connections that existed before the agent started, when TCP state changes
+//! come from `sock_ops`.
+//!
+//! The `sock_ops` program reports the state changes of a socket only after it asked for them at
+//! the socket's connect, listen or accept, which for these connections happened before the
+//! agent. So the agent looks for them in the TCP tables of their owner's network namespace once
+//! a second, and reports a `Close` for each one that is gone. Such a close carries no byte
+//! counts, and it comes up to a second late.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::event::{Event, TcpEvent, TcpEventKind};
+use crate::state::seed::established_connections;
+
+/// How often the tables are read.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A connection found at start-up: (network namespace inode, local address, remote address,
+/// owner pid).
+pub type SeededConnection = (u32, SocketAddr, SocketAddr, u32);
+
+/// Reports the close of each of `connections` on `sender` until all have closed, `cancel` fires
+/// or the receiver is gone.
+pub async fn report_closes(
+    mut connections: Vec<SeededConnection>,
+    proc_root: PathBuf,
+    sender: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !connections.is_empty() {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // The tables of each owner's namespace, read once per pass.
+        let mut tables: HashMap<u32, Option<HashSet<(SocketAddr, SocketAddr)>>> = HashMap::new();
+        let mut closed = Vec::new();
+        connections.retain(|&(netns, local, remote, pid)| {
+            let open = tables
+                .entry(pid)
+                .or_insert_with(|| established_connections(&proc_root, pid))
+                .as_ref()
+                .is_some_and(|open| open.contains(&(local, remote)));
+            if !open {
+                closed.push(close_event(netns, local, remote, pid));
+            }
+            open
+        });
+        for event in closed {
+            if sender.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+    tracing::debug!("every connection opened before the agent has closed");
+}
+
+fn close_event(netns: u32, local: SocketAddr, remote: SocketAddr, pid: u32) -> Event {
+    Event::Tcp(TcpEvent {
+        ktime_ns: monotonic_ns(),
+        kind: TcpEventKind::Close,
+        pid,
+        netns,
+        local,
+        remote,
+        sock: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+        error: 0,
+        lineage: None,
+        exe_unlinked: false,
+        cgroup_id: 0,
+    })
+}
+
+/// Returns the time on the clock that the kernel programs stamp records with.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
