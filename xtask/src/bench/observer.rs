@@ -154,8 +154,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long driftwatch's pipeline and auditd's log writer may take to catch up after a storm.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The bpftrace script: a counter per tracepoint that driftwatch attaches to, nothing sent to
-/// user space until the end.
+/// The bpftrace script: a counter per process tracepoint that driftwatch attaches to and one on
+/// the TCP state tracepoint, which driftwatch uses where the kernel refuses `sock_ops`. Nothing is
+/// sent to user space until the end.
 const BPFTRACE_SCRIPT: &str = r#"
 tracepoint:sched:sched_process_exec { @exec = count(); }
 tracepoint:sched:sched_process_fork { @fork = count(); }
