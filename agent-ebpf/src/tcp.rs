@@ -178,6 +178,11 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     ) {
         return Ok(());
     }
+    // Of the state changes, only the move to CLOSE is reported. Most callbacks are the others,
+    // so they end before the socket's address is read.
+    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) as i32 != TCP_CLOSE {
+        return Ok(());
+    }
     // SAFETY: `sk` is a context field of pointer size, which the verifier types as a socket that
     // may be null; the null check follows.
     let sk: *const bpf_sock = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) }.cast_const();
@@ -188,21 +193,22 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     if skaddr == 0 {
         return Ok(());
     }
+
     let tracked = match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, skaddr)?,
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ctx, skaddr)?,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accepted(ctx, skaddr)?,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            on_handshake_end(ctx, skaddr, TcpKind::Connected, false)?;
+            on_handshake_end(ctx, skaddr, TcpKind::Connected, false, false)?;
             false
         }
         _ => {
             // Only the sockets tracked below asked for their state changes.
             let (old_state, new_state) = (ctx.arg(0) as i32, ctx.arg(1) as i32);
             match (old_state, new_state) {
-                (TCP_SYN_SENT, TCP_CLOSE) => on_handshake_end(ctx, skaddr, TcpKind::ConnectFailed, true)?,
+                (TCP_SYN_SENT, TCP_CLOSE) => on_handshake_end(ctx, skaddr, TcpKind::ConnectFailed, true, false)?,
                 (TCP_LISTEN, TCP_CLOSE) => on_listener_close(ctx, skaddr)?,
-                (old, TCP_CLOSE) if old != TCP_CLOSE => on_handshake_end(ctx, skaddr, TcpKind::Close, true)?,
+                (old, TCP_CLOSE) if old != TCP_CLOSE => on_handshake_end(ctx, skaddr, TcpKind::Close, true, false)?,
                 _ => {}
             }
             false
@@ -242,14 +248,14 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 
     match (old_state, new_state) {
         (TCP_CLOSE, TCP_SYN_SENT) => on_connect(ctx, skaddr).map(|_| ()),
-        (TCP_SYN_SENT, TCP_ESTABLISHED) => on_handshake_end(ctx, skaddr, TcpKind::Connected, false),
-        (TCP_SYN_SENT, TCP_CLOSE) => on_handshake_end(ctx, skaddr, TcpKind::ConnectFailed, true),
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => on_handshake_end(ctx, skaddr, TcpKind::Connected, false, true),
+        (TCP_SYN_SENT, TCP_CLOSE) => on_handshake_end(ctx, skaddr, TcpKind::ConnectFailed, true, true),
         (TCP_CLOSE, TCP_LISTEN) => on_listen(ctx, skaddr).map(|_| ()),
         (TCP_LISTEN, TCP_CLOSE) => on_listener_close(ctx, skaddr),
         (TCP_SYN_RECV, TCP_ESTABLISHED) => on_accepted(ctx, skaddr).map(|_| ()),
         // Every connection that got past the handshake ends with exactly one move to CLOSE, from
         // whichever state the shutdown sequence reached.
-        (old, TCP_CLOSE) if old != TCP_CLOSE => on_handshake_end(ctx, skaddr, TcpKind::Close, true),
+        (old, TCP_CLOSE) if old != TCP_CLOSE => on_handshake_end(ctx, skaddr, TcpKind::Close, true, true),
         _ => Ok(()),
     }
 }
@@ -280,12 +286,17 @@ fn on_connect<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
 }
 
 /// Reports a softirq-side change of a socket seen at connect or accept; `forget` removes the
-/// socket because it will not change state again.
+/// socket because it will not change state again. `untracked` also reports the sockets this
+/// agent did not see start, as the tracepoint does. The `sock_ops` program leaves them out,
+/// because it hears of one only when another `sock_ops` program, or an earlier run of the agent,
+/// requested its state changes. The agent reports the close of the connections opened before it
+/// by reading /proc.
 fn on_handshake_end<F: TcpFields>(
     ctx: &F,
     skaddr: u64,
     kind: TcpKind,
     forget: bool,
+    untracked: bool,
 ) -> Result<(), i64> {
     // SAFETY: the value is copied out before the entry can be removed.
     let tracked = unsafe { SOCKETS.get(&skaddr) }.copied();
@@ -295,7 +306,7 @@ fn on_handshake_end<F: TcpFields>(
     // A connection opened before the agent started is known by its addresses, which the agent
     // seeded from /proc; it closes only once.
     let tracked = match tracked {
-        None if kind == TcpKind::Close => take_seeded(ctx, skaddr),
+        None if kind == TcpKind::Close && untracked => take_seeded(ctx, skaddr),
         known => known,
     };
     let (owner, netns) = match tracked {
@@ -303,7 +314,7 @@ fn on_handshake_end<F: TcpFields>(
         Some(socket) => (socket.pid, socket.netns),
         // Sockets lost to a full map, or opened before the agent and not seeded: unattributed,
         // and unknown to be in scope.
-        None if scope_enabled() => return Ok(()),
+        None if scope_enabled() || !untracked => return Ok(()),
         None => (0, 0),
     };
     emit(
@@ -345,6 +356,14 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         return Ok(true);
     }
     if !current_in_scope() {
+        // An entry for this port is a listener in scope that closed unseen (one opened before
+        // the agent, whose close `sock_ops` does not report), so accepts on the new listener
+        // would be taken for its.
+        // NOTE: a port shared with SO_REUSEPORT by processes in and out of scope loses its
+        // entry too, and accepts of the one in scope are then not reported under a scope.
+        if LISTENERS.get_ptr(&key).is_some() {
+            let _ = LISTENERS.remove(&key);
+        }
         return Ok(false);
     }
     remember_listener(&key, tgid, 0);

@@ -144,6 +144,7 @@ impl PipelineStats {
             ("pipeline_udp_listeners_dropped", self.local_udp.listeners_dropped),
             ("pipeline_udp_flows_joined", self.local_udp.joined),
             ("pipeline_udp_server_ends_joined", self.local_udp.server_ends_joined),
+            ("pipeline_udp_listeners_ambiguous", self.local_udp.ambiguous),
             ("pipeline_flows", self.flows),
             ("pipeline_flows_without_process", self.flows_without_process),
             ("pipeline_listens_without_process", self.listens_without_process),
@@ -822,15 +823,18 @@ impl Pipeline {
             }
             (None, Some(process), udp.remote, udp.local)
         } else {
+            // A server's reply from its port to a client's fixed port, in a flow the client's
+            // datagram joined.
+            if self.local_udp.server_end_joined(udp.netns, udp.pid, udp.remote, udp.local.port()) {
+                return;
+            }
             // A listener in scope in the sender's namespace that the destination reaches is the
             // other end: the flow is one edge between the two processes.
-            let server = self
-                .local_udp
-                .listener_for(udp.netns, udp.remote)
-                .and_then(|listener| Some((listener.pid, self.processes.get_live(listener.pid)?)));
-            match server {
+            let processes = &self.processes;
+            let listener = self.local_udp.listener_for(udp.netns, udp.remote, |pid| processes.get_live(pid).is_some());
+            match listener.and_then(|listener| Some((listener.pid, processes.get_live(listener.pid)?))) {
                 Some((server_pid, server)) => {
-                    self.local_udp.join(udp.netns, server_pid, udp.local.port(), udp.remote.port());
+                    self.local_udp.join(udp.netns, server_pid, udp.local, udp.remote);
                     (Some(process), Some(server), udp.local, udp.remote)
                 }
                 None => (Some(process), None, udp.local, udp.remote),

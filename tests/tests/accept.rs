@@ -352,6 +352,38 @@ fn script_names_its_interpreter_on_stream() {
 }
 
 #[test]
+fn closed_seeded_listener_keeps_no_port() {
+    let mut world = World::prepare();
+    let (_, addr) = world.listen("seeded", &["reuseport", "0"]);
+    world.start_agent();
+
+    // The listener opened before the agent closes, which `sock_ops` does not report, and a
+    // process outside the scope listens on its port.
+    drop(world.processes.pop());
+    let mut command = Command::new(PROBE);
+    command.args(["reuseport", &addr.port().to_string()]);
+    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
+    outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
+    let served = world.connect(addr);
+    assert_eq!(served.pid, outside.pid());
+
+    // A connection to a listener in scope afterwards raises its deviation. The earlier one,
+    // accepted by no process in scope, would wait for an acceptor for at most 250 ms more.
+    let (_, inside) = world.listen("reuse-a", &["reuseport", "0"]);
+    world.connect(inside);
+    world.wait_for_flow("reuse-a", inside.port());
+    std::thread::sleep(Duration::from_secs(1));
+    let raised = world.watcher().deviations();
+    // The seeded listener raised new-listener at start-up; nothing else may name its port.
+    let stale: Vec<&Deviation> = raised
+        .iter()
+        .filter(|deviation| deviation.port == Some(u32::from(addr.port())))
+        .filter(|deviation| deviation.category != Category::NewListener as i32)
+        .collect();
+    assert!(stale.is_empty(), "the closed listener's component was charged: {stale:#?}");
+}
+
+#[test]
 fn connection_opened_before_agent_is_seeded() {
     let mut world = World::prepare();
     let (server, addr) = world.listen("seeded", &["reuseport", "0"]);

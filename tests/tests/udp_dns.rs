@@ -807,6 +807,34 @@ fn local_udp_flow_is_one_edge() {
     assert_eq!(ids, ["unexpected-flow@client@resolver@udp/7010"], "raised:\n{}", describe_all(&raised));
 }
 
+#[test]
+fn local_join_leaves_other_clients() {
+    let mut world = World::start_with("hW", LOCAL_MODEL);
+    world.start_udp_server("udp-sink", "0.0.0.0:7010");
+
+    // A connected client in scope, reported before the kernel gave its socket a port, then a
+    // client outside the scope on the same host.
+    let (pid, _) = world.run_client_on("server", &["udp-connect", "--target", "127.0.0.1:7010", "--count", "1"]);
+    let mut outside = Command::new(&world.service);
+    outside.args(["udp-send", "--target", "127.0.0.1:7010"]);
+    let mut outside = spawn_in(Some(&world.topology.host("server").netns), None, outside).unwrap();
+    outside.wait_success(RUN_TIMEOUT).unwrap();
+    let sink = world.processes.last().expect("the sink runs");
+    sink.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received 2 ")).unwrap();
+
+    let joined = world.wait_for("unexpected-flow from the client", |deviation| {
+        deviation.id == "unexpected-flow@client@resolver@udp/7010"
+    });
+    assert_eq!(process_of(&joined).map(|(found, _)| found), Some(pid));
+    // The sink's read from the other client is a flow of its own, from the loopback address's
+    // zone.
+    world.wait_for("unexpected-flow from outside the scope", |deviation| {
+        deviation.id == "unexpected-flow@internet@resolver@udp/7010"
+    });
+    world.assert_counter("pipeline_udp_flows_joined", 1);
+    world.assert_counter("pipeline_udp_server_ends_joined", 1);
+}
+
 impl World {
     /// Starts a `udp-sink` on `listen` on the server host, in scope, sends it `count` datagrams
     /// from new sockets on the client host, and waits until it has read them. Returns its pid and

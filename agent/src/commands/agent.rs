@@ -275,6 +275,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let connections: Vec<_> =
         seeded.established.iter().map(|socket| (socket.netns, socket.local, socket.remote, socket.pid)).collect();
     match telemetry.seed_connections(&connections) {
+        Ok(added) if telemetry.tcp_from_sock_ops() => {
+            tracing::info!(connections = added, "connections opened before the agent are watched in /proc for their close")
+        }
         Ok(added) => tracing::info!(connections = added, "kernel connection map seeded"),
         Err(error) => tracing::warn!(
             error = %anyhow::Error::from(error),

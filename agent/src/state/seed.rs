@@ -37,6 +37,7 @@ pub struct SeededSocket {
 // Socket states in /proc/net/tcp and udp, include/net/tcp_states.h. A UDP socket is
 // established when connected and close otherwise.
 const STATE_ESTABLISHED: u8 = 0x01;
+const STATE_TIME_WAIT: u8 = 0x06;
 const STATE_CLOSE: u8 = 0x07;
 const STATE_LISTEN: u8 = 0x0a;
 
@@ -99,20 +100,39 @@ pub fn scan_sockets(proc_root: &Path) -> ScannedSockets {
     scanned
 }
 
-/// Returns the established TCP connections, as (local, remote), in the network namespace of
-/// process `pid`, or `None` when its tables cannot be read because the process is gone.
-pub fn established_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
+/// Returns the TCP connections that are still open, as (local, remote), in the network
+/// namespace of process `pid`: every state from established to the last acknowledgement, as long
+/// as the socket has not moved to CLOSE or TIME_WAIT. `None` when the tables cannot be read
+/// because the process is gone.
+pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
     let mut connections = HashSet::new();
     let mut readable = false;
     for table in ["tcp", "tcp6"] {
         let Ok(text) = fs::read_to_string(proc_root.join(pid.to_string()).join("net").join(table)) else { continue };
         readable = true;
-        let established = text.lines().skip(1).filter_map(|line| parse_tcp_line(line, 0));
-        for socket in established.filter(|socket| socket.state == SeededState::Established) {
-            connections.insert((socket.local, socket.remote));
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state)) = (fields.get(1), fields.get(2), fields.get(3)) else { continue };
+            let Ok(state) = u8::from_str_radix(state, 16) else { continue };
+            if matches!(state, STATE_LISTEN | STATE_CLOSE | STATE_TIME_WAIT) {
+                continue;
+            }
+            if let (Some(local), Some(remote)) = (parse_endpoint(local), parse_endpoint(remote)) {
+                connections.insert((local, remote));
+            }
         }
     }
     readable.then_some(connections)
+}
+
+/// Returns a process in the network namespace with inode `netns`, other than `except`, or `None`
+/// when no process under `proc_root` is in it.
+pub fn process_in_netns(proc_root: &Path, netns: u32, except: u32) -> Option<u32> {
+    fs::read_dir(proc_root).ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+        let link = fs::read_link(entry.path().join("ns/net")).ok()?;
+        (pid != except && bracketed_number(&link.to_string_lossy()) == Some(u64::from(netns))).then_some(pid)
+    })
 }
 
 /// Parses the number in `[...]`, as in `socket:[123]` and `net:[4026531840]`.
@@ -190,6 +210,26 @@ mod tests {
         assert_eq!(socket.state, SeededState::Established);
         assert_eq!(socket.local, "[::1]:443".parse().unwrap());
         assert_eq!(socket.remote, "10.0.0.2:50000".parse().unwrap());
+    }
+
+    #[test]
+    fn open_connections_keep_closing_states() {
+        let root = tempfile::tempdir().unwrap();
+        let net = root.path().join("42/net");
+        fs::create_dir_all(&net).unwrap();
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let line = |port: u16, state: &str| {
+            format!("   0: 0100007F:1F90 0100007F:{port:04X} {state} 00000000:00000000 00:00000000 00000000     0        0 7 1 0000000000000000 20 4 30 10 -1\n")
+        };
+        // Established, CLOSE_WAIT and LAST_ACK are open; TIME_WAIT and the listener are not.
+        let table = [line(40001, "01"), line(40002, "08"), line(40003, "09"), line(40004, "06"), line(0, "0A")].concat();
+        fs::write(net.join("tcp"), format!("{header}{table}")).unwrap();
+
+        let open = open_connections(root.path(), 42).unwrap();
+        let ports: std::collections::BTreeSet<u16> = open.iter().map(|(_, remote)| remote.port()).collect();
+        assert_eq!(ports, [40001, 40002, 40003].into());
+        assert!(open.contains(&("127.0.0.1:8080".parse().unwrap(), "127.0.0.1:40001".parse().unwrap())));
+        assert_eq!(open_connections(root.path(), 43), None, "a process without tables");
     }
 
     #[test]

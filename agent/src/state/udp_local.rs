@@ -23,13 +23,18 @@ pub struct UdpListener {
     pub addr: SocketAddr,
 }
 
-/// (network namespace, port, IPv6 socket) of a UDP listener.
+/// (network namespace, port, IPv6 socket) of UDP listeners.
 type ListenerKey = (u32, u16, bool);
 
-/// (network namespace, server pid, client port, server port) of a joined flow. Client port 0
-/// stands for a client whose socket was not bound yet when the kernel reported it (a UDP
-/// `connect()` reports before the kernel picks the port).
-type JoinedKey = (u32, u32, u16, u16);
+/// Listeners kept per [`ListenerKey`]: sockets bound to different addresses of one port, or
+/// sharing one with SO_REUSEPORT.
+const LISTENERS_PER_PORT: usize = 8;
+
+/// (network namespace, server pid, client port, server port) of a joined flow, and the client's
+/// address: exact, or `None` for any loopback address. Client port 0 is a client whose socket was
+/// not bound yet when the kernel reported it: a UDP `connect()` reports before the kernel picks
+/// the port.
+type JoinedKey = ((u32, u32, u16, u16), Option<IpAddr>);
 
 /// Counters for the status call.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,84 +48,148 @@ pub struct LocalUdpStats {
     pub joined: u64,
     /// Reads and replies of a server whose flow the client's datagram already joined.
     pub server_ends_joined: u64,
+    /// Datagrams to a port that several running processes bound alike, so that the receiving one
+    /// is unknown: observed from each end.
+    pub ambiguous: u64,
 }
 
 /// The UDP listeners in scope, by network namespace and port, and the flows joined to them.
 pub struct LocalUdp {
-    listeners: FastMap<ListenerKey, UdpListener>,
-    max_listeners: usize,
+    listeners: FastMap<ListenerKey, Vec<UdpListener>>,
+    max_ports: usize,
     joined: RecentSet<JoinedKey>,
     stats: LocalUdpStats,
 }
 
 impl LocalUdp {
-    /// Creates a table of at most `max_listeners` listeners that remembers the last `max_joined`
-    /// joined flows.
-    pub fn new(max_listeners: usize, max_joined: usize) -> LocalUdp {
+    /// Creates a table of the listeners of at most `max_ports` ports that remembers the last
+    /// `max_joined` joined flows.
+    pub fn new(max_ports: usize, max_joined: usize) -> LocalUdp {
         LocalUdp {
             listeners: FastMap::default(),
-            max_listeners,
+            max_ports,
             joined: RecentSet::new(max_joined),
             stats: LocalUdpStats::default(),
         }
     }
 
-    /// Records that process `pid` bound `addr` in `netns`. A later bind of the same port and
-    /// family replaces the earlier one.
-    // NOTE: the kernel does not report a UDP socket's close, so a port stays with the last process
-    // that bound it. Of several SO_REUSEPORT sockets on one port, the last bound is named.
+    /// Records that process `pid` bound `addr` in `netns`.
+    // NOTE: the kernel does not report a UDP socket's close. A port stays with the processes that
+    // bound it until they exit, and one that closed its socket and still runs makes a later
+    // bind of the same address ambiguous.
     pub fn on_bind(&mut self, netns: u32, addr: SocketAddr, pid: u32) {
         let key = (netns, addr.port(), addr.is_ipv6());
-        if !self.listeners.contains_key(&key) && self.listeners.len() >= self.max_listeners {
+        if !self.listeners.contains_key(&key) && self.listeners.len() >= self.max_ports {
             self.stats.listeners_dropped += 1;
             return;
         }
-        self.listeners.insert(key, UdpListener { pid, addr });
+        let listeners = self.listeners.entry(key).or_default();
+        let listener = UdpListener { pid, addr };
+        if listeners.contains(&listener) {
+            return;
+        }
+        if listeners.len() >= LISTENERS_PER_PORT {
+            listeners.remove(0);
+            self.stats.listeners_dropped += 1;
+        }
+        listeners.push(listener);
     }
 
-    /// Returns the listener that a datagram sent to `destination` from `netns` reaches, when the
-    /// table contains one that the address delivers to.
-    pub fn listener_for(&self, netns: u32, destination: SocketAddr) -> Option<UdpListener> {
+    /// Returns the listener that a datagram sent to `destination` from `netns` reaches, among
+    /// those whose process `runs`. Like the kernel, it prefers a socket bound to the destination
+    /// address over one bound to the unspecified address, and an IPv4 socket over an IPv6 one.
+    /// `None` when no listener matches, or when sockets of several processes match alike.
+    pub fn listener_for(&mut self, netns: u32, destination: SocketAddr, runs: impl Fn(u32) -> bool) -> Option<UdpListener> {
         let ip = destination.ip().to_canonical();
         // An IPv4 destination reaches an IPv4 socket, or an IPv6 socket bound to `[::]`.
         let families: &[bool] = if ip.is_ipv4() { &[false, true] } else { &[true] };
-        families
-            .iter()
-            .filter_map(|&ipv6| self.listeners.get(&(netns, destination.port(), ipv6)))
-            .find(|listener| delivers(listener.addr.ip(), ip))
-            .copied()
+        let mut best: Option<(u8, UdpListener)> = None;
+        let mut ambiguous = false;
+        for &ipv6 in families {
+            let Some(listeners) = self.listeners.get(&(netns, destination.port(), ipv6)) else { continue };
+            for &listener in listeners.iter().filter(|listener| runs(listener.pid)) {
+                let Some(score) = delivery_score(listener.addr.ip(), ip, ipv6) else { continue };
+                match best {
+                    Some((best_score, current)) if best_score == score => ambiguous |= current.pid != listener.pid,
+                    Some((best_score, _)) if best_score > score => {}
+                    _ => {
+                        best = Some((score, listener));
+                        ambiguous = false;
+                    }
+                }
+            }
+        }
+        if ambiguous {
+            self.stats.ambiguous += 1;
+            return None;
+        }
+        best.map(|(_, listener)| listener)
     }
 
-    /// Records a flow from `client_port` to the listener of `server_pid` on `server_port`.
-    pub fn join(&mut self, netns: u32, server_pid: u32, client_port: u16, server_port: u16) {
+    /// Records a flow from `client` to the listener of `server_pid` on `server` in `netns`.
+    pub fn join(&mut self, netns: u32, server_pid: u32, client: SocketAddr, server: SocketAddr) {
         self.stats.joined += 1;
-        self.joined.insert((netns, server_pid, client_port, server_port));
+        // A client on the unspecified address sends from the address the route gives: a loopback
+        // address to a loopback destination, the destination itself to another local address.
+        let client_ip = client.ip().to_canonical();
+        let client_ip = if !client_ip.is_unspecified() {
+            Some(client_ip)
+        } else if server.ip().to_canonical().is_loopback() {
+            None
+        } else {
+            Some(server.ip().to_canonical())
+        };
+        self.joined.insert(((netns, server_pid, client.port(), server.port()), client_ip));
     }
 
     /// Returns true, and counts it, when a record of `server_pid` about the peer `client` on its
-    /// port `server_port` belongs to a flow the client's datagram joined. A flow joined before its
-    /// client's port was known matches every client on a loopback address.
+    /// port `server_port` belongs to a flow a client's datagram joined. A flow joined before its
+    /// client's port was known matches the first such record from a loopback address, which then
+    /// gives it its port.
     pub fn server_end_joined(&mut self, netns: u32, server_pid: u32, client: SocketAddr, server_port: u16) -> bool {
-        let exact = self.joined.contains(&(netns, server_pid, client.port(), server_port));
-        let unbound = client.ip().to_canonical().is_loopback() && self.joined.contains(&(netns, server_pid, 0, server_port));
-        if exact || unbound {
+        let ip = client.ip().to_canonical();
+        let ports = (netns, server_pid, client.port(), server_port);
+        let loopback = ip.is_loopback();
+        let exact = self.joined.contains(&(ports, Some(ip))) || (loopback && self.joined.contains(&(ports, None)));
+        let unbound = (netns, server_pid, 0, server_port);
+        let joined = exact
+            || (loopback
+                && [Some(ip), None].into_iter().any(|client_ip| {
+                    let found = self.joined.remove(&(unbound, client_ip));
+                    if found {
+                        self.joined.insert((ports, client_ip));
+                    }
+                    found
+                }));
+        if joined {
             self.stats.server_ends_joined += 1;
         }
-        exact || unbound
+        joined
     }
 
     pub fn stats(&self) -> LocalUdpStats {
-        LocalUdpStats { listeners: self.listeners.len() as u64, ..self.stats }
+        let listeners = self.listeners.values().map(Vec::len).sum::<usize>() as u64;
+        LocalUdpStats { listeners, ..self.stats }
     }
 }
 
-/// Returns true when a socket bound to `bound` receives datagrams sent to `destination` in its own
-/// network namespace: its own address, or any loopback address when it is bound to the
-/// unspecified address. Another address of the namespace cannot be distinguished from a remote
-/// one here, so only a socket bound to it exactly counts.
-fn delivers(bound: IpAddr, destination: IpAddr) -> bool {
+/// Returns how closely a socket bound to `bound` (an IPv6 socket when `ipv6`) matches datagrams
+/// sent to `destination` in its own network namespace, higher for a closer match, or `None` when
+/// it does not receive them. It receives its own address, and any loopback address when it is
+/// bound to the unspecified address. Another address of the namespace cannot be distinguished
+/// from a remote one here, so only a socket bound to it exactly counts.
+// NOTE: an IPv6 socket on `[::]` with IPV6_V6ONLY receives no IPv4 datagram, but the bind record
+// does not tell it from a dual-stack one.
+fn delivery_score(bound: IpAddr, destination: IpAddr, ipv6: bool) -> Option<u8> {
     let bound = bound.to_canonical();
-    bound == destination || (bound.is_unspecified() && destination.is_loopback())
+    let family = if destination.is_ipv4() && !ipv6 { 1 } else { 0 };
+    if bound == destination {
+        Some(4 + family)
+    } else if bound.is_unspecified() && destination.is_loopback() {
+        Some(2 + family)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -131,18 +200,27 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn runs(_: u32) -> bool {
+        true
+    }
+
+    fn pid_for(local: &mut LocalUdp, destination: &str) -> Option<u32> {
+        local.listener_for(1, addr(destination), runs).map(|listener| listener.pid)
+    }
+
     #[test]
     fn loopback_reaches_wildcard_listener() {
         let mut local = LocalUdp::new(8, 8);
         local.on_bind(1, addr("0.0.0.0:7010"), 40);
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:7010")), Some(UdpListener { pid: 40, addr: addr("0.0.0.0:7010") }));
-        assert_eq!(local.listener_for(1, addr("127.0.0.2:7010")).map(|listener| listener.pid), Some(40));
-        assert_eq!(local.listener_for(2, addr("127.0.0.1:7010")), None, "another namespace");
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:7011")), None, "another port");
+        let found = local.listener_for(1, addr("127.0.0.1:7010"), runs);
+        assert_eq!(found, Some(UdpListener { pid: 40, addr: addr("0.0.0.0:7010") }));
+        assert_eq!(pid_for(&mut local, "127.0.0.2:7010"), Some(40));
+        assert_eq!(local.listener_for(2, addr("127.0.0.1:7010"), runs), None, "another namespace");
+        assert_eq!(pid_for(&mut local, "127.0.0.1:7011"), None, "another port");
         // Another host's address could be routed anywhere.
-        assert_eq!(local.listener_for(1, addr("198.18.2.10:7010")), None);
+        assert_eq!(pid_for(&mut local, "198.18.2.10:7010"), None);
         // An IPv4 socket does not read IPv6 datagrams.
-        assert_eq!(local.listener_for(1, addr("[::1]:7010")), None);
+        assert_eq!(pid_for(&mut local, "[::1]:7010"), None);
     }
 
     #[test]
@@ -150,55 +228,90 @@ mod tests {
         let mut local = LocalUdp::new(8, 8);
         local.on_bind(1, addr("198.18.2.10:514"), 41);
         local.on_bind(1, addr("[::1]:515"), 42);
-        assert_eq!(local.listener_for(1, addr("198.18.2.10:514")).map(|listener| listener.pid), Some(41));
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:514")), None, "bound to another address");
-        assert_eq!(local.listener_for(1, addr("[::1]:515")).map(|listener| listener.pid), Some(42));
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:515")), None);
+        assert_eq!(pid_for(&mut local, "198.18.2.10:514"), Some(41));
+        assert_eq!(pid_for(&mut local, "127.0.0.1:514"), None, "bound to another address");
+        assert_eq!(pid_for(&mut local, "[::1]:515"), Some(42));
+        assert_eq!(pid_for(&mut local, "127.0.0.1:515"), None);
     }
 
     #[test]
     fn dual_stack_listener_reads_ipv4() {
         let mut local = LocalUdp::new(8, 8);
         local.on_bind(1, addr("[::]:53"), 43);
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:53")).map(|listener| listener.pid), Some(43));
-        assert_eq!(local.listener_for(1, addr("[::1]:53")).map(|listener| listener.pid), Some(43));
+        assert_eq!(pid_for(&mut local, "127.0.0.1:53"), Some(43));
+        assert_eq!(pid_for(&mut local, "[::1]:53"), Some(43));
         // Both families bound: the IPv4 socket takes IPv4 datagrams.
         local.on_bind(1, addr("0.0.0.0:53"), 44);
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:53")).map(|listener| listener.pid), Some(44));
-        assert_eq!(local.listener_for(1, addr("[::1]:53")).map(|listener| listener.pid), Some(43));
+        assert_eq!(pid_for(&mut local, "127.0.0.1:53"), Some(44));
+        assert_eq!(pid_for(&mut local, "[::1]:53"), Some(43));
     }
 
     #[test]
-    fn last_bind_wins_and_full_table_counts() {
+    fn exact_address_beats_wildcard() {
+        let mut local = LocalUdp::new(8, 8);
+        local.on_bind(1, addr("127.0.0.7:7029"), 45);
+        local.on_bind(1, addr("0.0.0.0:7029"), 46);
+        assert_eq!(pid_for(&mut local, "127.0.0.7:7029"), Some(45));
+        assert_eq!(pid_for(&mut local, "127.0.0.1:7029"), Some(46));
+    }
+
+    #[test]
+    fn shared_port_is_ambiguous() {
+        let mut local = LocalUdp::new(8, 8);
+        local.on_bind(1, addr("0.0.0.0:7028"), 47);
+        local.on_bind(1, addr("0.0.0.0:7028"), 48);
+        assert_eq!(pid_for(&mut local, "127.0.0.1:7028"), None, "SO_REUSEPORT between two processes");
+        assert_eq!(local.stats().ambiguous, 1);
+        // Once one of them has exited, the other one is the listener.
+        let found = local.listener_for(1, addr("127.0.0.1:7028"), |pid| pid == 48);
+        assert_eq!(found.map(|listener| listener.pid), Some(48));
+    }
+
+    #[test]
+    fn full_tables_count_drops() {
         let mut local = LocalUdp::new(1, 8);
         local.on_bind(1, addr("0.0.0.0:7010"), 40);
-        local.on_bind(1, addr("0.0.0.0:7010"), 45);
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:7010")).map(|listener| listener.pid), Some(45));
         local.on_bind(1, addr("0.0.0.0:7011"), 46);
-        assert_eq!(local.listener_for(1, addr("127.0.0.1:7011")), None);
+        assert_eq!(pid_for(&mut local, "127.0.0.1:7011"), None);
+        for pid in 50..50 + LISTENERS_PER_PORT as u32 {
+            local.on_bind(1, addr("0.0.0.0:7010"), pid);
+        }
         let stats = local.stats();
-        assert_eq!((stats.listeners, stats.listeners_dropped), (1, 1));
+        assert_eq!(stats.listeners, LISTENERS_PER_PORT as u64);
+        assert_eq!(stats.listeners_dropped, 2);
     }
 
     #[test]
     fn server_ends_of_a_joined_flow() {
         let mut local = LocalUdp::new(8, 8);
-        local.join(1, 40, 45000, 7010);
+        local.join(1, 40, addr("0.0.0.0:45000"), addr("127.0.0.1:7010"));
         assert!(local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
         assert!(!local.server_end_joined(1, 40, addr("127.0.0.1:45001"), 7010), "another client port");
         assert!(!local.server_end_joined(1, 41, addr("127.0.0.1:45000"), 7010), "another server");
         assert!(!local.server_end_joined(2, 40, addr("127.0.0.1:45000"), 7010), "another namespace");
+        // The same port on another host is another client.
+        assert!(!local.server_end_joined(1, 40, addr("10.250.0.1:45000"), 7010));
         let stats = local.stats();
         assert_eq!((stats.joined, stats.server_ends_joined), (1, 1));
     }
 
     #[test]
-    fn unbound_client_matches_loopback_peers_only() {
+    fn bound_client_address_must_match() {
         let mut local = LocalUdp::new(8, 8);
-        local.join(1, 40, 0, 7010);
-        assert!(local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
-        assert!(local.server_end_joined(1, 40, addr("[::1]:45001"), 7010));
+        local.join(1, 40, addr("198.18.2.10:45000"), addr("198.18.2.10:7010"));
+        assert!(local.server_end_joined(1, 40, addr("198.18.2.10:45000"), 7010));
+        assert!(!local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
+    }
+
+    #[test]
+    fn unbound_client_matches_first_loopback_peer() {
+        let mut local = LocalUdp::new(8, 8);
+        local.join(1, 40, addr("0.0.0.0:0"), addr("127.0.0.1:7010"));
         // A client on another host is a flow of its own.
         assert!(!local.server_end_joined(1, 40, addr("198.18.1.10:45000"), 7010));
+        assert!(local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
+        // The first match gave the flow its port: another loopback client is another flow.
+        assert!(!local.server_end_joined(1, 40, addr("127.0.0.1:45001"), 7010));
+        assert!(local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
     }
 }

@@ -4,8 +4,9 @@
 //! The `sock_ops` program reports the state changes of a socket only after it asked for them at
 //! the socket's connect, listen or accept, which for these connections happened before the
 //! agent. So the agent looks for them in the TCP tables of their owner's network namespace once
-//! a second, and reports a `Close` for each one that is gone. Such a close carries no byte
-//! counts, and it comes up to a second late.
+//! a second, and reports a `Close` for each one that has moved to CLOSE or TIME_WAIT. Such a
+//! close carries no byte counts, and it comes up to a second late. When the owner has exited,
+//! another process in its namespace gives the tables, because a child may still hold the socket.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::event::{Event, TcpEvent, TcpEventKind};
-use crate::state::seed::established_connections;
+use crate::state::seed::{open_connections, process_in_netns};
 
 /// How often the tables are read.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -40,13 +41,18 @@ pub async fn report_closes(
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // The tables of each owner's namespace, read once per pass.
+        // The tables of each namespace, read once per pass.
         let mut tables: HashMap<u32, Option<HashSet<(SocketAddr, SocketAddr)>>> = HashMap::new();
         let mut closed = Vec::new();
         connections.retain(|&(netns, local, remote, pid)| {
             let open = tables
-                .entry(pid)
-                .or_insert_with(|| established_connections(&proc_root, pid))
+                .entry(netns)
+                .or_insert_with(|| {
+                    open_connections(&proc_root, pid).or_else(|| {
+                        let other = process_in_netns(&proc_root, netns, pid)?;
+                        open_connections(&proc_root, other)
+                    })
+                })
                 .as_ref()
                 .is_some_and(|open| open.contains(&(local, remote)));
             if !open {
