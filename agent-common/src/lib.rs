@@ -919,12 +919,12 @@ pub enum Counter {
     ExitCodeStashFull = 4,
     /// `sched_process_exit`: the ring buffer was full.
     ExitRingBufferFull = 5,
-    /// `inet_sock_set_state`: the ring buffer was full.
+    /// TCP state program (`tcp_sock_ops` or `inet_sock_set_state`): the ring buffer was full.
     TcpRingBufferFull = 6,
-    /// `inet_sock_set_state`: the socket owner map was full, so later records of that socket
+    /// TCP state program: the socket owner map was full, so later records of that socket
     /// carry no pid (and are not reported under a cgroup scope).
     TcpSocketMapFull = 7,
-    /// `inet_sock_set_state`: the listener map was full, so accepts on that port are not reported
+    /// TCP state program: the listener map was full, so accepts on that port are not reported
     /// under a cgroup scope.
     TcpListenerMapFull = 8,
     /// `sys_exit_set*id`, `sys_exit_capset`: the ring buffer was full.
@@ -975,7 +975,7 @@ impl Counter {
             Counter::ExitRingBufferFull => "sched_process_exit",
             Counter::TcpRingBufferFull
             | Counter::TcpSocketMapFull
-            | Counter::TcpListenerMapFull => "inet_sock_set_state",
+            | Counter::TcpListenerMapFull => "tcp_state",
             Counter::CredRingBufferFull => "sys_exit_setuid",
             Counter::UdpRingBufferFull | Counter::UdpFlowMapFull => "udp_sendmsg4",
             Counter::DnsRingBufferFull => "dns_ingress",
