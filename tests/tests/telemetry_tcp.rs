@@ -14,7 +14,7 @@ use driftwatch::telemetry::event::TcpEventKind;
 use driftwatch::telemetry::{Telemetry, TcpHook};
 use telemetry_common::{
     connect_once, local_port, own_netns, raw_address, report_port, run_program, serve_one_connection,
-    start_scoped, start_scoped_with, Child, RawAddress, TestCgroup,
+    start_scoped, start_scoped_with, start_unscoped, Child, RawAddress, TestCgroup,
 };
 
 const REQUEST_BYTES: usize = 1000;
@@ -351,3 +351,41 @@ async fn seeded_connection_close(tag: &str, tcp_hook: TcpHook) {
     assert_eq!(close.netns, own_netns());
     assert_eq!(server.wait(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unseen_socket_close_not_reported() {
+    let cgroup = TestCgroup::create("flagged");
+    let (_first, _first_events) = start_scoped(&cgroup).await;
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let listen_address = raw_address(SocketAddr::new(loopback, 0));
+
+    // The first telemetry requests the state changes of the server's accepted socket. A second
+    // one, for the whole host, starts after the connection and must not report its close.
+    let server = Child::fork(Some(&cgroup.procs), |report| serve_one_connection(&listen_address, report));
+    let port = server.read_port();
+    let client = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+    let (_second, mut events) = start_unscoped().await;
+    drop(client);
+    assert_eq!(server.wait(), 0);
+
+    // A connection the second telemetry saw start: its close comes after the first one's.
+    let control = Child::fork(Some(&cgroup.procs), |report| serve_one_connection(&listen_address, report));
+    let control_port = control.read_port();
+    drop(std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, control_port)).unwrap());
+    let control_pid = control.pid as u32;
+    assert_eq!(control.wait(), 0);
+    let close = events
+        .wait_for_tcp("close of the connection seen from its start", |tcp| {
+            tcp.kind == TcpEventKind::Close && tcp.local.port() == control_port
+        })
+        .await;
+    assert_eq!(close.pid, control_pid);
+
+    let unseen: Vec<_> = events
+        .seen
+        .iter()
+        .filter(|event| matches!(event, driftwatch::telemetry::Event::Tcp(tcp) if tcp.local.port() == port || tcp.remote.port() == port))
+        .collect();
+    assert!(unseen.is_empty(), "events of a connection opened before the telemetry: {unseen:#?}");
+}
+

@@ -174,6 +174,15 @@ pub async fn start_scoped(cgroup: &TestCgroup) -> (Telemetry, Recorder) {
 
 /// Starts telemetry like [`start_scoped`], with TCP state changes from `tcp_hook`.
 pub async fn start_scoped_with(cgroup: &TestCgroup, tcp_hook: TcpHook) -> (Telemetry, Recorder) {
+    start_telemetry(Some(cgroup), tcp_hook).await
+}
+
+/// Starts telemetry that observes the whole host.
+pub async fn start_unscoped() -> (Telemetry, Recorder) {
+    start_telemetry(None, TcpHook::Auto).await
+}
+
+async fn start_telemetry(scope: Option<&TestCgroup>, tcp_hook: TcpHook) -> (Telemetry, Recorder) {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -181,7 +190,7 @@ pub async fn start_scoped_with(cgroup: &TestCgroup, tcp_hook: TcpHook) -> (Telem
         "telemetry tests need root; run them with `cargo xtask test`"
     );
     let config = TelemetryConfig {
-        scope_cgroup: Some(cgroup.path.clone()),
+        scope_cgroup: scope.map(|cgroup| cgroup.path.clone()),
         tcp_hook,
         ..TelemetryConfig::default()
     };
