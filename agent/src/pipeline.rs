@@ -796,6 +796,7 @@ impl Pipeline {
             return;
         };
         let ephemeral = self.config.ephemeral_ports;
+        let now = Instant::now();
         tracing::trace!(pid = udp.pid, tid = udp.tid, kind = ?udp.kind, local = %udp.local, remote = %udp.remote, "udp flow");
         // The kernel reports each client port of a flow to a server once, so the engine counts
         // that flow once per client socket, as it counts TCP connections.
@@ -807,7 +808,7 @@ impl Pipeline {
                 self.stats.udp_replies_read += 1;
                 return;
             }
-            if self.local_udp.server_end_joined(udp.netns, udp.pid, udp.remote, udp.local.port()) {
+            if self.local_udp.server_end_joined(udp.netns, udp.remote, udp.local.port(), now) {
                 return;
             }
             self.received_peers.insert((udp.pid, udp.netns, udp.remote));
@@ -818,14 +819,14 @@ impl Pipeline {
                 self.stats.udp_replies_already_received += 1;
                 return;
             }
-            if self.local_udp.server_end_joined(udp.netns, udp.pid, udp.remote, udp.local.port()) {
+            if self.local_udp.server_end_joined(udp.netns, udp.remote, udp.local.port(), now) {
                 return;
             }
             (None, Some(process), udp.remote, udp.local)
         } else {
             // A server's reply from its port to a client's fixed port, in a flow the client's
             // datagram joined.
-            if self.local_udp.server_end_joined(udp.netns, udp.pid, udp.remote, udp.local.port()) {
+            if self.local_udp.server_end_joined(udp.netns, udp.remote, udp.local.port(), now) {
                 return;
             }
             // A listener in scope in the sender's namespace that the destination reaches is the
@@ -833,10 +834,11 @@ impl Pipeline {
             let processes = &self.processes;
             let listener = self.local_udp.listener_for(udp.netns, udp.remote, |pid| processes.get_live(pid).is_some());
             match listener.and_then(|listener| Some((listener.pid, processes.get_live(listener.pid)?))) {
-                Some((server_pid, server)) => {
-                    self.local_udp.join(udp.netns, server_pid, udp.local, udp.remote);
+                // A client whose port is not known yet is observed from each end.
+                Some((_, server)) if self.local_udp.join(udp.netns, udp.local, udp.remote, now) => {
                     (Some(process), Some(server), udp.local, udp.remote)
                 }
+                Some(_) => (Some(process), None, udp.local, udp.remote),
                 None => (Some(process), None, udp.local, udp.remote),
             }
         };

@@ -812,9 +812,8 @@ fn local_join_leaves_other_clients() {
     let mut world = World::start_with("hW", LOCAL_MODEL);
     world.start_udp_server("udp-sink", "0.0.0.0:7010");
 
-    // A connected client in scope, reported before the kernel gave its socket a port, then a
-    // client outside the scope on the same host.
-    let (pid, _) = world.run_client_on("server", &["udp-connect", "--target", "127.0.0.1:7010", "--count", "1"]);
+    // A client in scope, then a client outside the scope on the same host.
+    let (pid, _) = world.run_client_on("server", &["udp-send", "--target", "127.0.0.1:7010"]);
     let mut outside = Command::new(&world.service);
     outside.args(["udp-send", "--target", "127.0.0.1:7010"]);
     let mut outside = spawn_in(Some(&world.topology.host("server").netns), None, outside).unwrap();

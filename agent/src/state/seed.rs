@@ -100,10 +100,11 @@ pub fn scan_sockets(proc_root: &Path) -> ScannedSockets {
     scanned
 }
 
-/// Returns the TCP connections that are still open, as (local, remote), in the network
-/// namespace of process `pid`: every state from established to the last acknowledgement, as long
-/// as the socket has not moved to CLOSE or TIME_WAIT. `None` when the tables cannot be read
-/// because the process is gone.
+/// Returns the TCP connections that a process still holds open, as (local, remote), in the
+/// network namespace of process `pid`: every state from established to the last
+/// acknowledgement. A socket no process holds any more (inode 0: closed by its last owner and
+/// finishing the shutdown alone) or in TIME_WAIT is left out. `None` when the tables cannot be
+/// read because the process is gone.
 pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
     let mut connections = HashSet::new();
     let mut readable = false;
@@ -112,9 +113,12 @@ pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAdd
         readable = true;
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(state)) = (fields.get(1), fields.get(2), fields.get(3)) else { continue };
+            let (Some(local), Some(remote), Some(state), Some(inode)) = (fields.get(1), fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
             let Ok(state) = u8::from_str_radix(state, 16) else { continue };
-            if matches!(state, STATE_LISTEN | STATE_CLOSE | STATE_TIME_WAIT) {
+            if matches!(state, STATE_LISTEN | STATE_CLOSE | STATE_TIME_WAIT) || *inode == "0" {
                 continue;
             }
             if let (Some(local), Some(remote)) = (parse_endpoint(local), parse_endpoint(remote)) {
@@ -218,11 +222,20 @@ mod tests {
         let net = root.path().join("42/net");
         fs::create_dir_all(&net).unwrap();
         let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
-        let line = |port: u16, state: &str| {
-            format!("   0: 0100007F:1F90 0100007F:{port:04X} {state} 00000000:00000000 00:00000000 00000000     0        0 7 1 0000000000000000 20 4 30 10 -1\n")
+        let line = |port: u16, state: &str, inode: u64| {
+            format!("   0: 0100007F:1F90 0100007F:{port:04X} {state} 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0000000000000000 20 4 30 10 -1\n")
         };
-        // Established, CLOSE_WAIT and LAST_ACK are open; TIME_WAIT and the listener are not.
-        let table = [line(40001, "01"), line(40002, "08"), line(40003, "09"), line(40004, "06"), line(0, "0A")].concat();
+        // Established, CLOSE_WAIT and LAST_ACK held by a process are open. TIME_WAIT, the
+        // listener, and FIN_WAIT2 after the owner closed the socket (inode 0) are not.
+        let table = [
+            line(40001, "01", 7),
+            line(40002, "08", 8),
+            line(40003, "09", 9),
+            line(40004, "06", 0),
+            line(0, "0A", 10),
+            line(40005, "05", 0),
+        ]
+        .concat();
         fs::write(net.join("tcp"), format!("{header}{table}")).unwrap();
 
         let open = open_connections(root.path(), 42).unwrap();

@@ -10,11 +10,11 @@
 //! flow is one edge between the two components, as a TCP connection is. The server's own records
 //! of the flow then add nothing.
 
-use std::net::{IpAddr, SocketAddr};
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use driftwatch_model::FastMap;
-
-use super::udp_reply::RecentSet;
 
 /// A UDP socket bound to a port its process chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,11 +30,13 @@ type ListenerKey = (u32, u16, bool);
 /// sharing one with SO_REUSEPORT.
 const LISTENERS_PER_PORT: usize = 8;
 
-/// (network namespace, server pid, client port, server port) of a joined flow, and the client's
-/// address: exact, or `None` for any loopback address. Client port 0 is a client whose socket was
-/// not bound yet when the kernel reported it: a UDP `connect()` reports before the kernel picks
-/// the port.
-type JoinedKey = ((u32, u32, u16, u16), Option<IpAddr>);
+/// (network namespace, client address, server port) of a joined flow. Any process may read the
+/// server's end: a worker that the process that bound the port forked, for one.
+type JoinedKey = (u32, SocketAddr, u16);
+
+/// How long the server's read or reply of a joined flow is expected after the client's datagram.
+/// Later, the client's port may belong to another process.
+pub const JOIN_LIFETIME: Duration = Duration::from_secs(10);
 
 /// Counters for the status call.
 #[derive(Debug, Clone, Copy, Default)]
@@ -57,7 +59,10 @@ pub struct LocalUdpStats {
 pub struct LocalUdp {
     listeners: FastMap<ListenerKey, Vec<UdpListener>>,
     max_ports: usize,
-    joined: RecentSet<JoinedKey>,
+    /// Joined flows and when they were joined, oldest first in `joined_order`.
+    joined: FastMap<JoinedKey, Instant>,
+    joined_order: VecDeque<(JoinedKey, Instant)>,
+    max_joined: usize,
     stats: LocalUdpStats,
 }
 
@@ -68,7 +73,9 @@ impl LocalUdp {
         LocalUdp {
             listeners: FastMap::default(),
             max_ports,
-            joined: RecentSet::new(max_joined),
+            joined: FastMap::default(),
+            joined_order: VecDeque::new(),
+            max_joined: max_joined.max(1),
             stats: LocalUdpStats::default(),
         }
     }
@@ -126,45 +133,52 @@ impl LocalUdp {
         best.map(|(_, listener)| listener)
     }
 
-    /// Records a flow from `client` to the listener of `server_pid` on `server` in `netns`.
-    pub fn join(&mut self, netns: u32, server_pid: u32, client: SocketAddr, server: SocketAddr) {
+    /// Records a flow from `client` to the listener on `server` in `netns`, joined at `now`.
+    /// Returns false, and records nothing, when the client's port is not known yet: a UDP
+    /// `connect()` reports before the kernel picks the port, so the server's records of that flow
+    /// cannot be told from another client's.
+    pub fn join(&mut self, netns: u32, client: SocketAddr, server: SocketAddr, now: Instant) -> bool {
+        if client.port() == 0 {
+            return false;
+        }
         self.stats.joined += 1;
-        // A client on the unspecified address sends from the address the route gives: a loopback
-        // address to a loopback destination, the destination itself to another local address.
-        let client_ip = client.ip().to_canonical();
-        let client_ip = if !client_ip.is_unspecified() {
-            Some(client_ip)
-        } else if server.ip().to_canonical().is_loopback() {
-            None
-        } else {
-            Some(server.ip().to_canonical())
-        };
-        self.joined.insert(((netns, server_pid, client.port(), server.port()), client_ip));
+        let key = (netns, SocketAddr::new(source_address(client.ip(), server.ip()), client.port()), server.port());
+        self.expire(now);
+        if self.joined.len() >= self.max_joined {
+            if let Some((oldest, _)) = self.joined_order.pop_front() {
+                self.joined.remove(&oldest);
+            }
+        }
+        self.joined.insert(key, now);
+        self.joined_order.push_back((key, now));
+        true
     }
 
-    /// Returns true, and counts it, when a record of `server_pid` about the peer `client` on its
-    /// port `server_port` belongs to a flow a client's datagram joined. A flow joined before its
-    /// client's port was known matches the first such record from a loopback address, which then
-    /// gives it its port.
-    pub fn server_end_joined(&mut self, netns: u32, server_pid: u32, client: SocketAddr, server_port: u16) -> bool {
-        let ip = client.ip().to_canonical();
-        let ports = (netns, server_pid, client.port(), server_port);
-        let loopback = ip.is_loopback();
-        let exact = self.joined.contains(&(ports, Some(ip))) || (loopback && self.joined.contains(&(ports, None)));
-        let unbound = (netns, server_pid, 0, server_port);
-        let joined = exact
-            || (loopback
-                && [Some(ip), None].into_iter().any(|client_ip| {
-                    let found = self.joined.remove(&(unbound, client_ip));
-                    if found {
-                        self.joined.insert((ports, client_ip));
-                    }
-                    found
-                }));
+    /// Returns true, and counts it, when a server's record about the peer `client` on its port
+    /// `server_port` belongs to a flow a client's datagram joined less than [`JOIN_LIFETIME`]
+    /// before `now`.
+    pub fn server_end_joined(&mut self, netns: u32, client: SocketAddr, server_port: u16, now: Instant) -> bool {
+        self.expire(now);
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+        let joined = self.joined.contains_key(&(netns, client, server_port));
         if joined {
             self.stats.server_ends_joined += 1;
         }
         joined
+    }
+
+    /// Forgets the joins older than [`JOIN_LIFETIME`].
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(key, joined_at)) = self.joined_order.front() {
+            if now.saturating_duration_since(joined_at) < JOIN_LIFETIME {
+                break;
+            }
+            self.joined_order.pop_front();
+            // A key joined again later keeps its newer entry.
+            if self.joined.get(&key) == Some(&joined_at) {
+                self.joined.remove(&key);
+            }
+        }
     }
 
     pub fn stats(&self) -> LocalUdpStats {
@@ -182,6 +196,8 @@ impl LocalUdp {
 // does not tell it from a dual-stack one.
 fn delivery_score(bound: IpAddr, destination: IpAddr, ipv6: bool) -> Option<u8> {
     let bound = bound.to_canonical();
+    // A datagram to the unspecified address goes to this host, as one to loopback does.
+    let destination = if destination.is_unspecified() { loopback_of(destination) } else { destination };
     let family = if destination.is_ipv4() && !ipv6 { 1 } else { 0 };
     if bound == destination {
         Some(4 + family)
@@ -189,6 +205,33 @@ fn delivery_score(bound: IpAddr, destination: IpAddr, ipv6: bool) -> Option<u8> 
         Some(2 + family)
     } else {
         None
+    }
+}
+
+/// Returns the loopback address of the family of `ip`.
+fn loopback_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
+/// Returns the address a datagram from a socket bound to `client` to `server` leaves from. A
+/// socket on the unspecified address sends to a local address from the address the local route
+/// gives: the loopback route's 127.0.0.1 or ::1 to a loopback destination, the destination
+/// itself to another address of the namespace.
+// NOTE: a loopback route with another preferred source gives another address; the flow is then
+// observed from each end.
+fn source_address(client: IpAddr, server: IpAddr) -> IpAddr {
+    let client = client.to_canonical();
+    if !client.is_unspecified() {
+        return client;
+    }
+    let server = server.to_canonical();
+    if server.is_loopback() || server.is_unspecified() {
+        loopback_of(server)
+    } else {
+        server
     }
 }
 
@@ -282,36 +325,66 @@ mod tests {
     }
 
     #[test]
-    fn server_ends_of_a_joined_flow() {
+    fn unspecified_destination_is_local() {
         let mut local = LocalUdp::new(8, 8);
-        local.join(1, 40, addr("0.0.0.0:45000"), addr("127.0.0.1:7010"));
-        assert!(local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
-        assert!(!local.server_end_joined(1, 40, addr("127.0.0.1:45001"), 7010), "another client port");
-        assert!(!local.server_end_joined(1, 41, addr("127.0.0.1:45000"), 7010), "another server");
-        assert!(!local.server_end_joined(2, 40, addr("127.0.0.1:45000"), 7010), "another namespace");
-        // The same port on another host is another client.
-        assert!(!local.server_end_joined(1, 40, addr("10.250.0.1:45000"), 7010));
+        local.on_bind(1, addr("127.0.0.1:7252"), 40);
+        assert_eq!(pid_for(&mut local, "0.0.0.0:7252"), Some(40));
+    }
+
+    #[test]
+    fn server_ends_of_a_joined_flow() {
+        let now = Instant::now();
+        let mut local = LocalUdp::new(8, 8);
+        assert!(local.join(1, addr("0.0.0.0:45000"), addr("127.0.0.1:7010"), now));
+        assert!(local.server_end_joined(1, addr("127.0.0.1:45000"), 7010, now));
+        assert!(!local.server_end_joined(1, addr("127.0.0.1:45001"), 7010, now), "another client port");
+        assert!(!local.server_end_joined(1, addr("127.0.0.2:45000"), 7010, now), "another loopback address");
+        assert!(!local.server_end_joined(2, addr("127.0.0.1:45000"), 7010, now), "another namespace");
+        assert!(!local.server_end_joined(1, addr("10.250.0.1:45000"), 7010, now), "another host");
         let stats = local.stats();
         assert_eq!((stats.joined, stats.server_ends_joined), (1, 1));
     }
 
     #[test]
-    fn bound_client_address_must_match() {
+    fn join_expires() {
+        let now = Instant::now();
         let mut local = LocalUdp::new(8, 8);
-        local.join(1, 40, addr("198.18.2.10:45000"), addr("198.18.2.10:7010"));
-        assert!(local.server_end_joined(1, 40, addr("198.18.2.10:45000"), 7010));
-        assert!(!local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
+        local.join(1, addr("[::]:45000"), addr("[::1]:7010"), now);
+        assert!(local.server_end_joined(1, addr("[::1]:45000"), 7010, now + JOIN_LIFETIME / 2));
+        // The client's port may belong to another process by now.
+        assert!(!local.server_end_joined(1, addr("[::1]:45000"), 7010, now + JOIN_LIFETIME));
     }
 
     #[test]
-    fn unbound_client_matches_first_loopback_peer() {
+    fn client_source_address() {
+        let now = Instant::now();
         let mut local = LocalUdp::new(8, 8);
-        local.join(1, 40, addr("0.0.0.0:0"), addr("127.0.0.1:7010"));
-        // A client on another host is a flow of its own.
-        assert!(!local.server_end_joined(1, 40, addr("198.18.1.10:45000"), 7010));
-        assert!(local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
-        // The first match gave the flow its port: another loopback client is another flow.
-        assert!(!local.server_end_joined(1, 40, addr("127.0.0.1:45001"), 7010));
-        assert!(local.server_end_joined(1, 40, addr("127.0.0.1:45000"), 7010));
+        local.join(1, addr("198.18.2.10:45000"), addr("198.18.2.10:7010"), now);
+        local.join(1, addr("0.0.0.0:45001"), addr("198.18.2.10:7010"), now);
+        local.join(1, addr("0.0.0.0:45002"), addr("127.0.0.5:7010"), now);
+        assert!(local.server_end_joined(1, addr("198.18.2.10:45000"), 7010, now));
+        assert!(local.server_end_joined(1, addr("198.18.2.10:45001"), 7010, now));
+        assert!(local.server_end_joined(1, addr("127.0.0.1:45002"), 7010, now));
+    }
+
+    #[test]
+    fn unbound_client_joins_nothing() {
+        let now = Instant::now();
+        let mut local = LocalUdp::new(8, 8);
+        // A UDP connect reported before the kernel picked the client's port.
+        assert!(!local.join(1, addr("0.0.0.0:0"), addr("127.0.0.1:7010"), now));
+        assert!(!local.server_end_joined(1, addr("127.0.0.1:45000"), 7010, now));
+        assert_eq!(local.stats().joined, 0);
+    }
+
+    #[test]
+    fn full_join_table_forgets_oldest() {
+        let now = Instant::now();
+        let mut local = LocalUdp::new(8, 2);
+        for port in [45000, 45001, 45002] {
+            local.join(1, addr(&format!("127.0.0.1:{port}")), addr("127.0.0.1:7010"), now);
+        }
+        assert!(!local.server_end_joined(1, addr("127.0.0.1:45000"), 7010, now));
+        assert!(local.server_end_joined(1, addr("127.0.0.1:45002"), 7010, now));
     }
 }

@@ -148,12 +148,6 @@ impl<K: Copy + Eq + Hash> RecentSet<K> {
     pub fn contains(&self, key: &K) -> bool {
         self.keys.contains_key(key)
     }
-
-    /// Removes `key`. Its place in the insertion order stays until the set reaches it, so a key
-    /// inserted again before then may go first.
-    pub fn remove(&mut self, key: &K) -> bool {
-        self.keys.remove(key).is_some()
-    }
 }
 
 #[cfg(test)]
