@@ -136,7 +136,7 @@ impl LocalUdp {
     /// Records a flow from `client` to the listener on `server` in `netns`, joined at `now`.
     /// Returns false, and records nothing, when the client's port is not known yet: a UDP
     /// `connect()` reports before the kernel picks the port, so the server's records of that flow
-    /// cannot be told from another client's.
+    /// cannot be distinguished from another client's.
     pub fn join(&mut self, netns: u32, client: SocketAddr, server: SocketAddr, now: Instant) -> bool {
         if client.port() == 0 {
             return false;
