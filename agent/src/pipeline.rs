@@ -237,10 +237,7 @@ pub struct KernelClock {
 impl KernelClock {
     /// Measures the offset between CLOCK_MONOTONIC and the wall clock now.
     pub fn new() -> Self {
-        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: clock_gettime writes one timespec into the pointer it is given.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        let monotonic = Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+        let monotonic = Duration::from_nanos(crate::telemetry::event::kernel_now_ns());
         KernelClock { boot_wall: SystemTime::now() - monotonic }
     }
 

@@ -100,10 +100,10 @@ pub fn scan_sockets(proc_root: &Path) -> ScannedSockets {
     scanned
 }
 
-/// Returns the TCP connections that a process still holds open, as (local, remote), in the
+/// Returns the TCP connections that a process still has open, as (local, remote), in the
 /// network namespace of process `pid`: every state from established to the last
-/// acknowledgement. A socket no process holds any more (inode 0: closed by its last owner and
-/// finishing the shutdown alone) or in TIME_WAIT is left out. `None` when the tables cannot be
+/// acknowledgement. A socket that no process owns any more (inode 0, because its last owner
+/// closed it and the kernel finishes the shutdown alone) or in TIME_WAIT is left out. `None` when the tables cannot be
 /// read because the process is gone.
 pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
     let mut connections = HashSet::new();

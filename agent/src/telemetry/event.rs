@@ -267,3 +267,12 @@ pub struct DnsEvent {
     /// Length of the whole message.
     pub message_len: u32,
 }
+
+/// Returns the current time on the clock that kernel records are stamped with
+/// (`CLOCK_MONOTONIC`), in nanoseconds.
+pub fn kernel_now_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

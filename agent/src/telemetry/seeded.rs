@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::event::{Event, TcpEvent, TcpEventKind};
+use super::event::{kernel_now_ns, Event, TcpEvent, TcpEventKind};
 use crate::state::seed::{open_connections, process_in_netns};
 
 /// How often the tables are read.
@@ -71,7 +71,7 @@ pub async fn report_closes(
 
 fn close_event(netns: u32, local: SocketAddr, remote: SocketAddr, pid: u32) -> Event {
     Event::Tcp(TcpEvent {
-        ktime_ns: monotonic_ns(),
+        ktime_ns: kernel_now_ns(),
         kind: TcpEventKind::Close,
         pid,
         netns,
@@ -85,12 +85,4 @@ fn close_event(netns: u32, local: SocketAddr, remote: SocketAddr, pid: u32) -> E
         exe_unlinked: false,
         cgroup_id: 0,
     })
-}
-
-/// Returns the time on the clock that the kernel programs stamp records with.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
