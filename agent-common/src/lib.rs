@@ -848,7 +848,8 @@ pub struct ArgvStash {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct SockOwner {
-    /// Process that called `connect()`, 0 for an accepted socket.
+    /// Process that called `connect()`, or that accepted the socket: the listener's owner until
+    /// an `accept` program names the process that took it off the listener, 0 when unknown.
     pub pid: u32,
     /// `SOCKET_FLAG_*` bits.
     pub flags: u32,
@@ -860,13 +861,18 @@ pub struct SockOwner {
 /// [`SockOwner::flags`] bit: the socket belongs to the agent; its records are not reported.
 pub const SOCKET_FLAG_AGENT: u32 = 1;
 
-/// Key type of [`MAP_LISTENERS`].
+/// Key type of [`MAP_LISTENERS`]: the address a socket listens on, so that listeners of one port
+/// on different addresses stay apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct ListenerKey {
     pub netns: u32,
+    /// Local port, host byte order.
     pub port: u16,
     pub _reserved: u16,
+    /// Local address as the socket's family gives it, laid out as in [`TcpRecord::saddr`]; all
+    /// zeros for a wildcard listener of either family.
+    pub addr: [u8; 16],
 }
 
 /// Key type of [`MAP_SEEDED_CONNECTIONS`]: a connection as `inet_sock_set_state` shows it.
@@ -1021,7 +1027,7 @@ const _: () = assert!(size_of::<AcceptRecord>() == 32 + 32 + 32 + 24);
 const _: () = assert!(size_of::<AcceptOffsets>() == 16 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<SockOwner>() == 16);
-const _: () = assert!(size_of::<ListenerKey>() == 8);
+const _: () = assert!(size_of::<ListenerKey>() == 24);
 const _: () = assert!(size_of::<ListenerOwner>() == 16);
 const _: () = assert!(size_of::<UdpRecord>() == 32 + 24 + 32);
 const _: () = assert!(size_of::<UdpFlowKey>() == 24 + 16);

@@ -12,7 +12,7 @@
 //! listener's owner as their process.
 
 use agent_common::{
-    AcceptOffsets, AcceptRecord, Counter, RecordHeader, RecordKind, SockOwner, FAMILY_INET, FAMILY_INET6,
+    AcceptOffsets, AcceptRecord, Counter, Lineage, RecordHeader, RecordKind, SockOwner, FAMILY_INET, FAMILY_INET6,
     SOCKET_FLAG_AGENT, TCP_FLAG_EXE_UNLINKED,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
@@ -77,18 +77,27 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let sport: u16 = read_at(sock, offsets.skc_num).ok_or(0i64)?;
     let dport: u16 = read_at::<u16>(sock, offsets.skc_dport).ok_or(0i64)?;
-    // The entry the Accepted record left contains the socket's namespace.
+    // The entry the Accepted record left contains the socket's namespace and the listener's
+    // owner.
     // SAFETY: the value is copied out of the map.
-    let known_netns = unsafe { SOCKETS.get(&sock) }.map_or(0, |owner| owner.netns);
+    let known = unsafe { SOCKETS.get(&sock) }.copied();
+    let known_netns = known.map_or(0, |owner| owner.netns);
     let netns = if known_netns != 0 { known_netns } else { tcp::socket_netns(sock) };
-    // From now on the connection's Close record names this process.
-    remember_owner(sock, tgid, 0, netns);
-
+    // The listener's owner accepting its own connection is the common case: its lineage and
+    // executable were read when it listened, and the entry already names it, so the record skips
+    // those reads and the map update.
+    let by_listener_owner = known.is_some_and(|owner| owner.pid == tgid && owner.flags == 0 && owner.netns != 0);
     let mut flags = 0;
-    if let Some(dentry) = kernel::exe_dentry(task) {
-        if kernel::dentry_unlinked(dentry) == Some(true) {
-            flags |= TCP_FLAG_EXE_UNLINKED;
+    let mut lineage = Lineage::default();
+    if !by_listener_owner {
+        // From now on the connection's Close record names this process.
+        remember_owner(sock, tgid, 0, netns);
+        if let Some(dentry) = kernel::exe_dentry(task) {
+            if kernel::dentry_unlinked(dentry) == Some(true) {
+                flags |= TCP_FLAG_EXE_UNLINKED;
+            }
         }
+        lineage = kernel::lineage(task).unwrap_or_default();
     }
     let Some(mut entry) = EVENTS.reserve::<AcceptRecord>(0) else {
         count(Counter::AcceptRingBufferFull);
@@ -114,7 +123,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
         _reserved2: 0,
         saddr,
         daddr,
-        lineage: kernel::lineage(task).unwrap_or_default(),
+        lineage,
     });
     entry.submit(crate::submit_flags());
     Ok(())

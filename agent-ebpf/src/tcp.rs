@@ -10,9 +10,10 @@
 //! handshake completions (Connected, ConnectFailed, Accepted) and most closes run in softirq
 //! context where the current task is unrelated, so the owner comes from `SOCKETS`, filled at
 //! connect and accept time, and the scope decision made there carries over. An accepted socket has
-//! no owning process in the kernel yet: it is reported with pid 0 when its (netns, local port) is a
-//! listener recorded in scope (or always, when no scope is set). The `accept` programs name the
-//! process that takes it off the listener.
+//! no owning process in the kernel yet: it is reported with pid 0 when the listener it reached, by
+//! (netns, local address, port) or (netns, wildcard address, port), was recorded in scope (or
+//! always, when no scope is set). The `accept` programs name the process that takes it off the
+//! listener.
 
 use agent_common::{
     ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
@@ -84,6 +85,12 @@ trait TcpFields {
     fn remote_port(&self) -> u16;
     /// Local and remote address of a socket of `family`, an IPv4 address in the first 4 bytes.
     fn addresses(&self, family: u16) -> ([u8; 16], [u8; 16]);
+    /// Local address of a socket of `family`, laid out as in `addresses`.
+    ///
+    /// Both families' fields are loaded whatever `family` is, and the choice is made between
+    /// the values. Loads that depend on `family` let the compiler merge them into one load at a
+    /// computed context offset, which the verifier rejects.
+    fn local_address(&self, family: u16) -> [u8; 16];
 }
 
 impl TcpFields for TracePointContext {
@@ -113,6 +120,18 @@ impl TcpFields for TracePointContext {
                     widen_ipv4(tracepoint_field::<u32>(self, DADDR_OFFSET).to_ne_bytes()),
                 )
             }
+        }
+    }
+
+    fn local_address(&self, family: u16) -> [u8; 16] {
+        // SAFETY: offsets of this tracepoint's fields, each aligned to its size.
+        let (v6, v4) = unsafe {
+            (tracepoint_address(self, SADDR_V6_OFFSET), tracepoint_field::<u32>(self, SADDR_OFFSET))
+        };
+        if family == FAMILY_INET6 {
+            v6
+        } else {
+            widen_ipv4(v4.to_ne_bytes())
         }
     }
 }
@@ -160,6 +179,28 @@ impl TcpFields for SockOpsContext {
                     widen_ipv4(read_volatile(addr_of!((*ops).remote_ip4)).to_ne_bytes()),
                 )
             }
+        }
+    }
+
+    fn local_address(&self, family: u16) -> [u8; 16] {
+        let ops = self.ops;
+        // SAFETY: each read is one 4-byte context field, the only access size the verifier
+        // allows for them.
+        let (v6, v4) = unsafe {
+            (
+                [
+                    read_volatile(addr_of!((*ops).local_ip6[0])),
+                    read_volatile(addr_of!((*ops).local_ip6[1])),
+                    read_volatile(addr_of!((*ops).local_ip6[2])),
+                    read_volatile(addr_of!((*ops).local_ip6[3])),
+                ],
+                read_volatile(addr_of!((*ops).local_ip4)),
+            )
+        };
+        if family == FAMILY_INET6 {
+            crate::udp::ipv6_bytes(v6)
+        } else {
+            widen_ipv4(v4.to_ne_bytes())
         }
     }
 }
@@ -356,9 +397,9 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         return Ok(true);
     }
     if !current_in_scope() {
-        // An entry for this port is a listener in scope that closed unseen (one opened before
-        // the agent, whose close `sock_ops` does not report), so accepts on the new listener
-        // would be taken for its.
+        // An entry for this address and port is a listener in scope that closed unseen (one
+        // opened before the agent, whose close `sock_ops` does not report), so accepts on the
+        // new listener would be taken for its.
         // NOTE: a port shared with SO_REUSEPORT by processes in and out of scope loses its
         // entry too, and accepts of the one in scope are then not reported under a scope.
         if LISTENERS.get_ptr(&key).is_some() {
@@ -379,8 +420,9 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     Ok(true)
 }
 
-/// Forgets one listening socket on the (netns, port); the entry goes with the last one, so that
-/// closing the IPv6 socket of a dual listener does not hide accepts on the IPv4 one.
+/// Forgets one listening socket on the (netns, port, address); the entry goes with the last one,
+/// so that closing the IPv6 wildcard socket of a dual listener does not hide accepts on the IPv4
+/// one.
 // NOTE: the count is updated without atomics. Two sockets of one port that listen or close at
 // the same instant on two CPUs can leave it off by one until the port's last close.
 fn on_listener_close<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<(), i64> {
@@ -398,20 +440,30 @@ fn on_listener_close<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<(), i64> {
 /// Reports a connection accepted on a listener in scope. Returns true when the socket is
 /// tracked.
 fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
-    let key = listener_key(ctx, skaddr)?;
-    // SAFETY: the value is copied out of the map.
-    let listener = unsafe { LISTENERS.get(&key) }.copied();
-    match listener {
+    let mut key = listener_key(ctx, skaddr)?;
+    // The connection's local address is the one it reached: a listener bound to it, else one
+    // bound to the wildcard address.
+    // SAFETY: the values are copied out of the map.
+    let listener = match unsafe { LISTENERS.get(&key) }.copied() {
+        Some(listener) => Some(listener),
+        None => {
+            key.addr = [0; 16];
+            unsafe { LISTENERS.get(&key) }.copied()
+        }
+    };
+    let listener_pid = match listener {
         Some(listener) if listener.flags & LISTENER_FLAG_AGENT != 0 => {
             track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0);
             return Ok(true);
         }
-        Some(_) => {}
+        Some(listener) => listener.pid,
         None if scope_enabled() => return Ok(false),
-        None => {}
-    }
-    // The listener key carries the namespace, read from this socket.
-    track_socket(skaddr, 0, 0, key.netns);
+        None => 0,
+    };
+    // The listener key carries the namespace, read from this socket. The listener's owner is
+    // recorded as the socket's owner until an `accept` program names the process that took it;
+    // that program skips most of its work when it is the same process.
+    track_socket(skaddr, listener_pid, 0, key.netns);
     emit(
         ctx,
         skaddr,
@@ -437,7 +489,7 @@ fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32) {
 }
 
 fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
-    // Another socket already listens on this (netns, port): count this one too.
+    // Another socket already listens on this (netns, port, address): count this one too.
     if let Some(owner) = LISTENERS.get_ptr_mut(key) {
         // SAFETY: the pointer is to this map's value, valid during the program.
         unsafe {
@@ -458,6 +510,7 @@ fn listener_key<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<ListenerKey, i64> 
         netns: socket_netns(skaddr),
         port: ctx.local_port(),
         _reserved: 0,
+        addr: ctx.local_address(ctx.family()),
     })
 }
 

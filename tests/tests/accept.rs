@@ -112,6 +112,14 @@ impl World {
 
     fn start_agent(&mut self) {
         let agent = AgentUnderTest::start(self.model.path(), self.root.path()).unwrap();
+        // The agent falls back to the tracepoint when the kernel refuses `sock_ops`; these tests
+        // are about the program this kernel allows.
+        let status = driftwatch_e2e::stream::status(agent.api_addr()).unwrap();
+        assert!(
+            status.hooks.iter().any(|hook| hook.name == "tcp_sock_ops" && hook.attached),
+            "tcp_sock_ops is not attached: {:#?}",
+            status.hooks
+        );
         self.watcher = Some(DeviationWatcher::subscribe(agent.api_addr()).unwrap());
         self.agent = Some(agent);
     }
@@ -381,6 +389,36 @@ fn closed_seeded_listener_keeps_no_port() {
         .filter(|deviation| deviation.category != Category::NewListener as i32)
         .collect();
     assert!(stale.is_empty(), "the closed listener's component was charged: {stale:#?}");
+}
+
+#[test]
+fn listener_other_address_not_charged() {
+    let mut world = World::start();
+    // Outside the scope, a listener on a second loopback address; then one in scope on the same
+    // port of the first.
+    let mut command = Command::new(PROBE);
+    command.args(["listen", "127.0.0.2:0"]);
+    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
+    let line = outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
+    let outside_addr: SocketAddr = line["listening ".len()..].parse().unwrap();
+    let (inside_pid, inside) = world.listen("reuse-a", &["listen", &format!("127.0.0.1:{}", outside_addr.port())]);
+
+    let served_outside = world.connect(outside_addr);
+    assert_eq!(served_outside.pid, outside.pid());
+    // Let a wrongly attributed connection raise its deviation before the one in scope does.
+    std::thread::sleep(Duration::from_millis(500));
+    let served_inside = world.connect(inside);
+    assert_eq!(served_inside.pid, inside_pid);
+    let deviation = world.wait_for_flow("reuse-a", inside.port());
+    assert_accepted_by(&deviation, &served_inside, inside_pid, std::process::id());
+    std::thread::sleep(Duration::from_secs(1));
+    let raised = world.watcher().deviations();
+    let charged: Vec<&Deviation> = raised
+        .iter()
+        .filter(|deviation| deviation.port == Some(u32::from(inside.port())))
+        .filter(|deviation| evidence(deviation).remote_addr == outside_addr.to_string())
+        .collect();
+    assert!(charged.is_empty(), "the connection to {outside_addr} was charged to the listener in scope: {charged:#?}");
 }
 
 #[test]

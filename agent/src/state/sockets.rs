@@ -265,16 +265,21 @@ impl SocketState {
     }
 
     /// Returns the owner of the listener for a local address in a namespace: the socket bound to
-    /// that address, else one bound to all addresses of its family, else any on the port.
+    /// that address, else one bound to all addresses of its family, else, for an IPv4 address,
+    /// an IPv6 one bound to all addresses. `None` when only other addresses of the port listen.
     pub fn listener(&self, netns: u32, local: SocketAddr) -> Option<&Listener> {
         let sockets = self.listeners.get(&(netns, local.port()))?;
         let exact = sockets.iter().find(|(_, listener)| listener.addr.ip() == local.ip());
-        let wildcard = || {
+        // An IPv4 connection reaches an IPv6 wildcard listener too, when that socket is
+        // dual-stack; a wildcard socket of the connection's own family comes first.
+        let wildcard = |same_family: bool| {
             sockets.iter().find(|(_, listener)| {
-                listener.addr.ip().is_unspecified() && listener.addr.is_ipv4() == local.is_ipv4()
+                listener.addr.ip().is_unspecified() && (!same_family || listener.addr.is_ipv4() == local.is_ipv4())
             })
         };
-        exact.or_else(wildcard).or_else(|| sockets.last()).map(|(_, listener)| listener)
+        let dual_stack = || if local.is_ipv4() { wildcard(false) } else { None };
+        // A listener on another address of the port did not take this connection.
+        exact.or_else(|| wildcard(true)).or_else(dual_stack).map(|(_, listener)| listener)
     }
 
     /// Records the connecting end. Returns the joined flow when the accepting end was waiting.
@@ -620,6 +625,19 @@ mod tests {
         assert_eq!(state.listener(2, addr("127.0.0.1:80")).map(|l| l.pid), Some(20));
         state.on_close(9);
         assert!(state.listener(2, addr("127.0.0.1:80")).is_none());
+    }
+
+    #[test]
+    fn listener_other_address_not_owner() {
+        let mut state = state();
+        state.on_listen(9, Listener { pid: 20, addr: addr("127.0.0.1:80"), netns: 2 });
+        assert!(state.listener(2, addr("127.0.0.2:80")).is_none());
+        state.on_listen(10, Listener { pid: 21, addr: addr("[::]:80"), netns: 2 });
+        assert_eq!(state.listener(2, addr("127.0.0.2:80")).map(|l| l.pid), Some(21), "dual-stack wildcard");
+        state.on_listen(11, Listener { pid: 22, addr: addr("0.0.0.0:80"), netns: 2 });
+        assert_eq!(state.listener(2, addr("127.0.0.2:80")).map(|l| l.pid), Some(22), "IPv4 wildcard first");
+        assert_eq!(state.listener(2, addr("127.0.0.1:80")).map(|l| l.pid), Some(20), "exact address first");
+        assert!(state.listener(2, addr("[::1]:80")).is_some_and(|l| l.pid == 21));
     }
 
     #[test]

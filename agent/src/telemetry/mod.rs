@@ -16,6 +16,7 @@ pub mod loader;
 pub mod seeded;
 pub mod probe;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -281,25 +282,28 @@ impl Telemetry {
     }
 
     /// Adds listening sockets that existed before the programs were attached to the kernel's
-    /// listener map, as (network namespace inode, port, owner pid). Under a cgroup scope the
-    /// kernel reports accepts only on listeners in that map, so without this, connections
+    /// listener map, as (network namespace inode, local address, owner pid). Under a cgroup scope
+    /// the kernel reports accepts only on listeners in that map, so without this, connections
     /// accepted on them would be missing. An entry the programs made meanwhile is kept. Returns
     /// how many entries were added.
-    pub fn seed_listeners(&mut self, listeners: &[(u32, u16, u32)]) -> Result<usize, TelemetryError> {
+    pub fn seed_listeners(&mut self, listeners: &[(u32, SocketAddr, u32)]) -> Result<usize, TelemetryError> {
         let map_error = |source| TelemetryError::Map { name: MAP_LISTENERS, source };
         let map = self.ebpf.map_mut(MAP_LISTENERS).ok_or_else(|| {
             map_error(aya::maps::MapError::InvalidName { name: MAP_LISTENERS.to_string() })
         })?;
         let mut map: BpfHashMap<&mut MapData, ListenerKey, ListenerOwner> =
             BpfHashMap::try_from(map).map_err(map_error)?;
-        let mut counts: std::collections::HashMap<(u32, u16), ListenerOwner> = std::collections::HashMap::new();
-        for &(netns, port, pid) in listeners {
-            let owner = counts.entry((netns, port)).or_insert(ListenerOwner { pid, flags: 0, sockets: 0, _reserved: 0 });
-            owner.sockets += 1;
+        let mut counts: std::collections::HashMap<(u32, u16, [u8; 16]), ListenerOwner> = std::collections::HashMap::new();
+        for &(netns, local, pid) in listeners {
+            for addr in listener_address_forms(local.ip()) {
+                let owner =
+                    counts.entry((netns, local.port(), addr)).or_insert(ListenerOwner { pid, flags: 0, sockets: 0, _reserved: 0 });
+                owner.sockets += 1;
+            }
         }
         let mut added = 0;
-        for ((netns, port), owner) in counts {
-            let key = ListenerKey { netns, port, _reserved: 0 };
+        for ((netns, port, addr), owner) in counts {
+            let key = ListenerKey { netns, port, _reserved: 0, addr };
             // A listener the programs recorded since they were attached is newer: keep it.
             match map.insert(key, owner, BPF_NOEXIST) {
                 Ok(()) => added += 1,
@@ -463,6 +467,16 @@ fn resolve_offsets(
         );
     }
     (netns, offsets)
+}
+
+/// Returns the forms under which the kernel programs key a listener on `local`. The wildcard
+/// address of either family is all zeros. /proc shows an IPv4 address the same for an IPv4
+/// socket and a dual-stack one, so it gets both forms: IPv4 and IPv4-mapped.
+fn listener_address_forms(local: std::net::IpAddr) -> Vec<[u8; 16]> {
+    if local.is_unspecified() {
+        return vec![[0; 16]];
+    }
+    kernel_address_forms(local, local).into_iter().map(|(form, _)| form).collect()
 }
 
 /// Returns the address pairs under which `inet_sock_set_state` can show a connection: an IPv4

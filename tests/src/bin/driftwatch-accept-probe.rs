@@ -4,6 +4,7 @@
 //! ```text
 //! driftwatch-accept-probe prefork WORKERS           listen, then fork WORKERS processes that accept
 //! driftwatch-accept-probe reuseport PORT            listen with SO_REUSEPORT (PORT 0: any) and accept
+//! driftwatch-accept-probe listen ADDR               listen on ADDR and accept
 //! driftwatch-accept-probe pass-listener UNIX_PATH   listen, send the socket to UNIX_PATH, close it
 //! driftwatch-accept-probe receive-listener UNIX_PATH  receive a listening socket there and accept
 //! driftwatch-accept-probe renamed-listen COMM       rename the task to COMM, then listen
@@ -11,7 +12,7 @@
 //! driftwatch-accept-probe hold ADDR                 connect, print who served it, keep it open
 //! ```
 //!
-//! Every listener binds 127.0.0.1 and prints `listening <addr>`; the connect mode prints
+//! Every listener but `listen` binds 127.0.0.1; each prints `listening <addr>`; the connect mode prints
 //! `served <pid> <local addr> <peer addr>`. Servers run until they are killed.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["prefork", workers] => parse(workers).and_then(prefork),
         ["reuseport", port] => parse(port).and_then(reuseport),
+        ["listen", addr] => parse(addr).and_then(listen_on),
         ["pass-listener", path] => pass_listener(path),
         ["receive-listener", path] => receive_listener(path),
         ["renamed-listen", comm] => renamed_listen(comm),
@@ -79,6 +81,12 @@ fn serve(listener: &TcpListener) -> io::Result<()> {
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest);
     }
+}
+
+fn listen_on(addr: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    say(&format!("listening {}", listener.local_addr()?))?;
+    serve(&listener)
 }
 
 fn wait_forever() -> io::Result<()> {
