@@ -829,15 +829,14 @@ impl Pipeline {
             // A listener in scope in the sender's namespace that the destination reaches is the
             // other end: the flow is one edge between the two processes.
             let processes = &self.processes;
-            let listener = self.local_udp.listener_for(udp.netns, udp.remote, |pid| processes.get_live(pid).is_some());
-            match listener.and_then(|listener| Some((listener.pid, processes.get_live(listener.pid)?))) {
-                // A client whose port is not known yet is observed from each end.
-                Some((_, server)) if self.local_udp.join(udp.netns, udp.local, udp.remote, now) => {
-                    (Some(process), Some(server), udp.local, udp.remote)
-                }
-                Some(_) => (Some(process), None, udp.local, udp.remote),
-                None => (Some(process), None, udp.local, udp.remote),
-            }
+            let listening = self
+                .local_udp
+                .listener_for(udp.netns, udp.remote, |pid| processes.get_live(pid).is_some())
+                .and_then(|listener| processes.get_live(listener.pid));
+            // A client whose port is not known yet is observed from each end.
+            let joined = listening.is_some() && self.local_udp.join(udp.netns, udp.local, udp.remote, now);
+            let server = if joined { listening } else { None };
+            (Some(process), server, udp.local, udp.remote)
         };
         let observation = FlowObservation {
             time: self.clock.to_system(udp.ktime_ns),
