@@ -869,9 +869,11 @@ pub struct ListenerKey {
     pub netns: u32,
     /// Local port, host byte order.
     pub port: u16,
-    pub _reserved: u16,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`]: a connection is accepted on a socket of its
+    /// listener's family, so IPv4 and IPv6 wildcard listeners stay apart.
+    pub family: u16,
     /// Local address as the socket's family gives it, laid out as in [`TcpRecord::saddr`]; all
-    /// zeros for a wildcard listener of either family.
+    /// zeros for a wildcard listener.
     pub addr: [u8; 16],
 }
 

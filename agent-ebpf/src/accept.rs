@@ -83,9 +83,11 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     let known = unsafe { SOCKETS.get(&sock) }.copied();
     let known_netns = known.map_or(0, |owner| owner.netns);
     let netns = if known_netns != 0 { known_netns } else { tcp::socket_netns(sock) };
-    // The listener's owner accepting its own connection is the common case: its lineage and
-    // executable were read when it listened, and the entry already names it, so the record skips
-    // those reads and the map update.
+    // The listener's owner accepting its own connection is the common case, and the entry
+    // already names it: the record skips the map update and the reads of its lineage and
+    // executable, which its listen or the agent's /proc scan gave.
+    // NOTE: so an executable deleted or a parent changed after the listen shows only in the
+    // owner's other records.
     let by_listener_owner = known.is_some_and(|owner| owner.pid == tgid && owner.flags == 0 && owner.netns != 0);
     let mut flags = 0;
     let mut lineage = Lineage::default();

@@ -400,8 +400,9 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         // An entry for this address and port is a listener in scope that closed unseen (one
         // opened before the agent, whose close `sock_ops` does not report), so accepts on the
         // new listener would be taken for its.
-        // NOTE: a port shared with SO_REUSEPORT by processes in and out of scope loses its
-        // entry too, and accepts of the one in scope are then not reported under a scope.
+        // NOTE: an address and port shared with SO_REUSEPORT by processes in and out of scope
+        // loses its entry too, and accepts of the one in scope are then not reported under a
+        // scope.
         if LISTENERS.get_ptr(&key).is_some() {
             let _ = LISTENERS.remove(&key);
         }
@@ -420,11 +421,11 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     Ok(true)
 }
 
-/// Forgets one listening socket on the (netns, port, address); the entry goes with the last one,
-/// so that closing the IPv6 wildcard socket of a dual listener does not hide accepts on the IPv4
-/// one.
-// NOTE: the count is updated without atomics. Two sockets of one port that listen or close at
-// the same instant on two CPUs can leave it off by one until the port's last close.
+/// Forgets one listening socket on the (netns, port, family, address). The entry goes with the
+/// last one, so that closing one of several SO_REUSEPORT sockets does not hide accepts on the
+/// others.
+// NOTE: the count is updated without atomics. Two sockets of one address and port that listen or
+// close at the same instant on two CPUs can leave it off by one until the last of them closes.
 fn on_listener_close<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<(), i64> {
     let key = listener_key(ctx, skaddr)?;
     match LISTENERS.get_ptr_mut(&key) {
@@ -441,8 +442,8 @@ fn on_listener_close<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<(), i64> {
 /// tracked.
 fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     let mut key = listener_key(ctx, skaddr)?;
-    // The connection's local address is the one it reached: a listener bound to it, else one
-    // bound to the wildcard address.
+    // The connection's local address is the one it reached: a listener bound to it, else one of
+    // its family bound to the wildcard address.
     // SAFETY: the values are copied out of the map.
     let listener = match unsafe { LISTENERS.get(&key) }.copied() {
         Some(listener) => Some(listener),
@@ -461,8 +462,8 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         None => 0,
     };
     // The listener key carries the namespace, read from this socket. The listener's owner is
-    // recorded as the socket's owner until an `accept` program names the process that took it;
-    // that program skips most of its work when it is the same process.
+    // recorded as the socket's owner until an `accept` program names the process that took it.
+    // That program skips most of its work when it is the same process.
     track_socket(skaddr, listener_pid, 0, key.netns);
     emit(
         ctx,
@@ -489,7 +490,7 @@ fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32) {
 }
 
 fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
-    // Another socket already listens on this (netns, port, address): count this one too.
+    // Another socket already listens on this (netns, port, family, address): count this one too.
     if let Some(owner) = LISTENERS.get_ptr_mut(key) {
         // SAFETY: the pointer is to this map's value, valid during the program.
         unsafe {
@@ -506,11 +507,12 @@ fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
 }
 
 fn listener_key<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<ListenerKey, i64> {
+    let family = ctx.family();
     Ok(ListenerKey {
         netns: socket_netns(skaddr),
         port: ctx.local_port(),
-        _reserved: 0,
-        addr: ctx.local_address(ctx.family()),
+        family,
+        addr: ctx.local_address(family),
     })
 }
 

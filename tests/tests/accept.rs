@@ -360,6 +360,27 @@ fn script_names_its_interpreter_on_stream() {
 }
 
 #[test]
+fn v6only_listener_not_charged_ipv4() {
+    let mut world = World::start();
+    // Outside the scope, an IPv4 wildcard listener; then, in scope, an IPv6-only wildcard one on
+    // the same port. Both are wildcards, of different families.
+    let mut command = Command::new(PROBE);
+    command.args(["listen", "0.0.0.0:0"]);
+    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
+    let line = outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
+    let port = line["listening ".len()..].parse::<SocketAddr>().unwrap().port();
+    let (inside_pid, inside) = world.listen("reuse-a", &["listen-v6only", &port.to_string()]);
+
+    let served_outside = world.connect(SocketAddr::from(([127, 0, 0, 1], port)));
+    assert_eq!(served_outside.pid, outside.pid());
+    std::thread::sleep(Duration::from_millis(500));
+    let served_inside = world.connect(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, inside.port())));
+    assert_eq!(served_inside.pid, inside_pid);
+    let deviation = world.wait_for_flow("reuse-a", port);
+    assert_accepted_by(&deviation, &served_inside, inside_pid, std::process::id());
+}
+
+#[test]
 fn closed_seeded_listener_keeps_no_port() {
     let mut world = World::prepare();
     let (_, addr) = world.listen("seeded", &["reuseport", "0"]);
@@ -419,6 +440,37 @@ fn listener_other_address_not_charged() {
         .filter(|deviation| evidence(deviation).remote_addr == outside_addr.to_string())
         .collect();
     assert!(charged.is_empty(), "the connection to {outside_addr} was charged to the listener in scope: {charged:#?}");
+}
+
+#[test]
+fn closed_seeded_listener_leaves_wildcard_port() {
+    let mut world = World::prepare();
+    let (_, addr) = world.listen("seeded", &["reuseport", "0"]);
+    world.start_agent();
+
+    // The listener opened before the agent closes, and a process outside the scope listens on
+    // the wildcard address of its port, which leaves the closed listener's kernel entry for
+    // 127.0.0.1 in place. The agent reads /proc once a second to find such a close.
+    drop(world.processes.pop());
+    let mut command = Command::new(PROBE);
+    command.args(["listen", &format!("0.0.0.0:{}", addr.port())]);
+    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
+    outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let served = world.connect(addr);
+    assert_eq!(served.pid, outside.pid());
+
+    let (_, inside) = world.listen("reuse-a", &["reuseport", "0"]);
+    world.connect(inside);
+    world.wait_for_flow("reuse-a", inside.port());
+    std::thread::sleep(Duration::from_secs(1));
+    let raised = world.watcher().deviations();
+    let stale: Vec<&Deviation> = raised
+        .iter()
+        .filter(|deviation| deviation.port == Some(u32::from(addr.port())))
+        .filter(|deviation| deviation.category != Category::NewListener as i32)
+        .collect();
+    assert!(stale.is_empty(), "the closed listener's component was charged: {stale:#?}");
 }
 
 #[test]

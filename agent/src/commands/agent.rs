@@ -262,8 +262,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     );
     // Without a scope the kernel reports accepts on every listener, known or not.
     if scope.is_some() {
-        let listeners: Vec<(u32, std::net::SocketAddr, u32)> =
-            seeded.listeners.iter().map(|socket| (socket.netns, socket.local, socket.pid)).collect();
+        let listeners: Vec<(u32, std::net::SocketAddr, u32, u64)> =
+            seeded.listeners.iter().map(|socket| (socket.netns, socket.local, socket.pid, socket.inode)).collect();
         match telemetry.seed_listeners(&listeners) {
             Ok(added) => tracing::info!(listeners = added, "kernel listener map seeded"),
             Err(error) => tracing::warn!(

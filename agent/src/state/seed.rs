@@ -129,6 +129,25 @@ pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAdd
     readable.then_some(connections)
 }
 
+/// Returns the inode numbers of the listening TCP sockets in the network namespace of process
+/// `pid`. `None` when the tables cannot be read because the process is gone.
+pub fn listening_sockets(proc_root: &Path, pid: u32) -> Option<HashSet<u64>> {
+    let mut inodes = HashSet::new();
+    let mut readable = false;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(proc_root.join(pid.to_string()).join("net").join(table)) else { continue };
+        readable = true;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(state), Some(inode)) = (fields.get(3), fields.get(9)) else { continue };
+            if u8::from_str_radix(state, 16) == Ok(STATE_LISTEN) {
+                inodes.extend(inode.parse::<u64>());
+            }
+        }
+    }
+    readable.then_some(inodes)
+}
+
 /// Returns a process in the network namespace with inode `netns`, other than `except`, or `None`
 /// when no process under `proc_root` is in it.
 pub fn process_in_netns(proc_root: &Path, netns: u32, except: u32) -> Option<u32> {

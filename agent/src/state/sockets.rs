@@ -191,9 +191,8 @@ impl SocketState {
 
     /// Records the listeners found in /proc at start-up, so that connections accepted on them
     /// are attributed. Returns how many were kept. They are keyed by socket inode, which no
-    /// kernel event carries, so they are forgotten only when a new listener takes their port.
-    // NOTE: the kernel's listener map is not seeded, so under a cgroup scope the kernel program
-    // drops accepts on these listeners before they reach this table; without a scope they arrive.
+    /// kernel event carries, so they stay; a newer listener on their address and port comes
+    /// first in [`Self::listener`].
     pub fn seed_listeners(&mut self, sockets: &[super::seed::SeededSocket]) -> usize {
         let mut kept = 0;
         for socket in sockets {
@@ -269,11 +268,13 @@ impl SocketState {
     /// an IPv6 one bound to all addresses. `None` when only other addresses of the port listen.
     pub fn listener(&self, netns: u32, local: SocketAddr) -> Option<&Listener> {
         let sockets = self.listeners.get(&(netns, local.port()))?;
-        let exact = sockets.iter().find(|(_, listener)| listener.addr.ip() == local.ip());
+        // The newest socket first: no listener's close is reported, so an older one on the same
+        // address may have closed.
+        let exact = sockets.iter().rev().find(|(_, listener)| listener.addr.ip() == local.ip());
         // An IPv4 connection reaches an IPv6 wildcard listener too, when that socket is
         // dual-stack; a wildcard socket of the connection's own family comes first.
         let wildcard = |same_family: bool| {
-            sockets.iter().find(|(_, listener)| {
+            sockets.iter().rev().find(|(_, listener)| {
                 listener.addr.ip().is_unspecified() && (!same_family || listener.addr.is_ipv4() == local.is_ipv4())
             })
         };
@@ -638,6 +639,14 @@ mod tests {
         assert_eq!(state.listener(2, addr("127.0.0.2:80")).map(|l| l.pid), Some(22), "IPv4 wildcard first");
         assert_eq!(state.listener(2, addr("127.0.0.1:80")).map(|l| l.pid), Some(20), "exact address first");
         assert!(state.listener(2, addr("[::1]:80")).is_some_and(|l| l.pid == 21));
+    }
+
+    #[test]
+    fn listener_newest_on_address_first() {
+        let mut state = state();
+        state.on_listen(9, Listener { pid: 20, addr: addr("127.0.0.1:80"), netns: 2 });
+        state.on_listen(10, Listener { pid: 21, addr: addr("127.0.0.1:80"), netns: 2 });
+        assert_eq!(state.listener(2, addr("127.0.0.1:80")).map(|l| l.pid), Some(21));
     }
 
     #[test]

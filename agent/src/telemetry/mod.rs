@@ -282,36 +282,59 @@ impl Telemetry {
     }
 
     /// Adds listening sockets that existed before the programs were attached to the kernel's
-    /// listener map, as (network namespace inode, local address, owner pid). Under a cgroup scope
-    /// the kernel reports accepts only on listeners in that map, so without this, connections
-    /// accepted on them would be missing. An entry the programs made meanwhile is kept. Returns
-    /// how many entries were added.
-    pub fn seed_listeners(&mut self, listeners: &[(u32, SocketAddr, u32)]) -> Result<usize, TelemetryError> {
+    /// listener map, as (network namespace inode, local address, owner pid, socket inode). Under
+    /// a cgroup scope the kernel reports accepts only on listeners in that map, so without this,
+    /// connections accepted on them would be missing. An entry the programs made meanwhile is
+    /// kept. The `sock_ops` program never sees these listeners close, so a task removes their
+    /// entries once /proc no longer shows them (see [`seeded`]). Returns how many entries were
+    /// added.
+    pub fn seed_listeners(&mut self, listeners: &[(u32, SocketAddr, u32, u64)]) -> Result<usize, TelemetryError> {
         let map_error = |source| TelemetryError::Map { name: MAP_LISTENERS, source };
-        let map = self.ebpf.map_mut(MAP_LISTENERS).ok_or_else(|| {
-            map_error(aya::maps::MapError::InvalidName { name: MAP_LISTENERS.to_string() })
-        })?;
+        let missing = || map_error(aya::maps::MapError::InvalidName { name: MAP_LISTENERS.to_string() });
+        let map = self.ebpf.map_mut(MAP_LISTENERS).ok_or_else(missing)?;
         let mut map: BpfHashMap<&mut MapData, ListenerKey, ListenerOwner> =
             BpfHashMap::try_from(map).map_err(map_error)?;
-        let mut counts: std::collections::HashMap<(u32, u16, [u8; 16]), ListenerOwner> = std::collections::HashMap::new();
-        for &(netns, local, pid) in listeners {
-            for addr in listener_address_forms(local.ip()) {
-                let owner =
-                    counts.entry((netns, local.port(), addr)).or_insert(ListenerOwner { pid, flags: 0, sockets: 0, _reserved: 0 });
-                owner.sockets += 1;
+        let key = |(netns, port, family, addr): (u32, u16, u16, [u8; 16])| ListenerKey { netns, port, family, addr };
+        let forms = |netns: u32, local: SocketAddr| {
+            listener_address_forms(local.ip()).into_iter().map(move |(family, addr)| (netns, local.port(), family, addr))
+        };
+        let mut counts: std::collections::HashMap<(u32, u16, u16, [u8; 16]), ListenerOwner> =
+            std::collections::HashMap::new();
+        for &(netns, local, pid, _) in listeners {
+            for form in forms(netns, local) {
+                counts.entry(form).or_insert(ListenerOwner { pid, flags: 0, sockets: 0, _reserved: 0 }).sockets += 1;
             }
         }
-        let mut added = 0;
-        for ((netns, port, addr), owner) in counts {
-            let key = ListenerKey { netns, port, _reserved: 0, addr };
+        let mut added = std::collections::HashSet::new();
+        for (form, owner) in counts {
             // A listener the programs recorded since they were attached is newer: keep it.
-            match map.insert(key, owner, BPF_NOEXIST) {
-                Ok(()) => added += 1,
+            match map.insert(key(form), owner, BPF_NOEXIST) {
+                Ok(()) => {
+                    added.insert(form);
+                }
                 Err(aya::maps::MapError::SyscallError(error)) if error.io_error.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(error) => return Err(map_error(error)),
             }
         }
-        Ok(added)
+        if self.tcp_from_sock_ops() && !added.is_empty() {
+            let watched: Vec<seeded::SeededListener> = listeners
+                .iter()
+                .map(|&(netns, local, pid, inode)| {
+                    let keys = forms(netns, local).filter(|form| added.contains(form)).map(key).collect();
+                    (netns, inode, pid, keys)
+                })
+                .collect();
+            // Only this task writes the map from userspace from now on.
+            let map = self.ebpf.take_map(MAP_LISTENERS).ok_or_else(missing)?;
+            let map = BpfHashMap::try_from(map).map_err(map_error)?;
+            self.runtime.spawn(seeded::forget_closed_listeners(
+                watched,
+                PathBuf::from("/proc"),
+                map,
+                self.cancel.clone(),
+            ));
+        }
+        Ok(added.len())
     }
 
     /// Adds TCP connections that existed before the programs were attached, as (network
@@ -469,14 +492,21 @@ fn resolve_offsets(
     (netns, offsets)
 }
 
-/// Returns the forms under which the kernel programs key a listener on `local`. The wildcard
-/// address of either family is all zeros. /proc shows an IPv4 address the same for an IPv4
-/// socket and a dual-stack one, so it gets both forms: IPv4 and IPv4-mapped.
-fn listener_address_forms(local: std::net::IpAddr) -> Vec<[u8; 16]> {
-    if local.is_unspecified() {
-        return vec![[0; 16]];
+/// Returns the (family, address) forms under which the kernel programs key a listener on
+/// `local`. A wildcard address is all zeros. /proc shows an IPv4 address the same for an IPv4
+/// socket and an IPv6 one bound to its IPv4-mapped form, so it gets both forms.
+fn listener_address_forms(local: std::net::IpAddr) -> Vec<(u16, [u8; 16])> {
+    use agent_common::{FAMILY_INET, FAMILY_INET6};
+    match local {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => vec![(FAMILY_INET, [0; 16])],
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => vec![(FAMILY_INET6, [0; 16])],
+        std::net::IpAddr::V4(v4) => {
+            let mut widened = [0u8; 16];
+            widened[..4].copy_from_slice(&v4.octets());
+            vec![(FAMILY_INET, widened), (FAMILY_INET6, v4.to_ipv6_mapped().octets())]
+        }
+        std::net::IpAddr::V6(v6) => vec![(FAMILY_INET6, v6.octets())],
     }
-    kernel_address_forms(local, local).into_iter().map(|(form, _)| form).collect()
 }
 
 /// Returns the address pairs under which `inet_sock_set_state` can show a connection: an IPv4
@@ -616,4 +646,22 @@ fn drain(ring_buffer: &mut RingBuf<aya::maps::MapData>, sender: &mpsc::Sender<Ev
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::{FAMILY_INET, FAMILY_INET6};
+
+    #[test]
+    fn listener_address_forms_per_family() {
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(listener_address_forms(ip("0.0.0.0")), [(FAMILY_INET, [0; 16])]);
+        assert_eq!(listener_address_forms(ip("::")), [(FAMILY_INET6, [0; 16])]);
+        let mut widened = [0u8; 16];
+        widened[..4].copy_from_slice(&[127, 0, 0, 2]);
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2];
+        assert_eq!(listener_address_forms(ip("127.0.0.2")), [(FAMILY_INET, widened), (FAMILY_INET6, mapped)]);
+        assert_eq!(listener_address_forms(ip("::1")), [(FAMILY_INET6, std::net::Ipv6Addr::LOCALHOST.octets())]);
+    }
 }

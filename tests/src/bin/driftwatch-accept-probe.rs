@@ -5,6 +5,7 @@
 //! driftwatch-accept-probe prefork WORKERS           listen, then fork WORKERS processes that accept
 //! driftwatch-accept-probe reuseport PORT            listen with SO_REUSEPORT (PORT 0: any) and accept
 //! driftwatch-accept-probe listen ADDR               listen on ADDR and accept
+//! driftwatch-accept-probe listen-v6only PORT        listen on [::]:PORT with IPV6_V6ONLY and accept
 //! driftwatch-accept-probe pass-listener UNIX_PATH   listen, send the socket to UNIX_PATH, close it
 //! driftwatch-accept-probe receive-listener UNIX_PATH  receive a listening socket there and accept
 //! driftwatch-accept-probe renamed-listen COMM       rename the task to COMM, then listen
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         ["prefork", workers] => parse(workers).and_then(prefork),
         ["reuseport", port] => parse(port).and_then(reuseport),
         ["listen", addr] => parse(addr).and_then(listen_on),
+        ["listen-v6only", port] => parse(port).and_then(listen_v6_only),
         ["pass-listener", path] => pass_listener(path),
         ["receive-listener", path] => receive_listener(path),
         ["renamed-listen", comm] => renamed_listen(comm),
@@ -85,6 +87,28 @@ fn serve(listener: &TcpListener) -> io::Result<()> {
 
 fn listen_on(addr: SocketAddr) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
+    say(&format!("listening {}", listener.local_addr()?))?;
+    serve(&listener)
+}
+
+fn listen_v6_only(port: u16) -> io::Result<()> {
+    // SAFETY: plain system calls on a descriptor this function owns; the address is a valid
+    // sockaddr_in6 of the size passed.
+    let listener = unsafe {
+        let fd = check(libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0), "socket")?;
+        let listener = TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        check(
+            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const libc::c_int).cast(), size_of::<libc::c_int>() as u32),
+            "setsockopt(IPV6_V6ONLY)",
+        )?;
+        let mut address: libc::sockaddr_in6 = zeroed();
+        address.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        address.sin6_port = port.to_be();
+        check(libc::bind(fd, (&address as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32), "bind")?;
+        check(libc::listen(fd, 128), "listen")?;
+        listener
+    };
     say(&format!("listening {}", listener.local_addr()?))?;
     serve(&listener)
 }
