@@ -770,7 +770,8 @@ pub struct CredRecord {
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct AcceptRecord {
-    /// `pid` and `tid` are the accepting process and thread.
+    /// `pid` and `tid` are the accepting process and thread; both 0, with no cgroup, for a
+    /// process outside the cgroup scope that accepted a connection of a listener in scope.
     pub header: RecordHeader,
     pub skaddr: u64,
     pub fd: u32,
@@ -909,6 +910,10 @@ pub struct ListenerOwner {
 
 /// [`ListenerOwner::flags`] bit: the listener belongs to the agent; its accepts are not reported.
 pub const LISTENER_FLAG_AGENT: u32 = 1;
+
+/// [`ListenerOwner::flags`] bit: the listener is outside the cgroup scope. Its entry keeps
+/// connections to its address from falling back to a wildcard listener in scope on the port.
+pub const LISTENER_FLAG_OUTSIDE_SCOPE: u32 = 2;
 
 /// Index of a loss counter in [`MAP_COUNTERS`]. Every record that could not be sent and every
 /// stash that could not be made adds one to exactly one counter.

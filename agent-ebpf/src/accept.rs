@@ -58,7 +58,15 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
         remember_owner(sock, tgid, SOCKET_FLAG_AGENT, 0);
         return Ok(());
     }
-    if !current_in_scope() {
+    // The entry the Accepted record left contains the socket's namespace and the listener's
+    // owner.
+    // SAFETY: the value is copied out of the map.
+    let known = unsafe { SOCKETS.get(&sock) }.copied();
+    // A process outside the scope may accept a connection of a listener in scope: a forked child
+    // that left the scope, or one the listening socket was passed to. Its record names no
+    // process, so the listener's owner is not charged with the connection.
+    let outside = !current_in_scope();
+    if outside && !known.is_some_and(|owner| owner.flags == 0) {
         return Ok(());
     }
     // A Unix domain socket or another family's accept goes through the same system call.
@@ -77,10 +85,6 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let sport: u16 = read_at(sock, offsets.skc_num).ok_or(0i64)?;
     let dport: u16 = read_at::<u16>(sock, offsets.skc_dport).ok_or(0i64)?;
-    // The entry the Accepted record left contains the socket's namespace and the listener's
-    // owner.
-    // SAFETY: the value is copied out of the map.
-    let known = unsafe { SOCKETS.get(&sock) }.copied();
     let known_netns = known.map_or(0, |owner| owner.netns);
     let netns = if known_netns != 0 { known_netns } else { tcp::socket_netns(sock) };
     // The listener's owner accepting its own connection is the common case, and the entry
@@ -91,7 +95,12 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     let by_listener_owner = known.is_some_and(|owner| owner.pid == tgid && owner.flags == 0 && owner.netns != 0);
     let mut flags = 0;
     let mut lineage = Lineage::default();
-    if !by_listener_owner {
+    let (mut pid, mut thread, mut cgroup_id) = (tgid, tid, current_cgroup_id());
+    if outside {
+        // Its close is not reported either.
+        let _ = SOCKETS.remove(&sock);
+        (pid, thread, cgroup_id) = (0, 0, 0);
+    } else if !by_listener_owner {
         // From now on the connection's Close record names this process.
         remember_owner(sock, tgid, 0, netns);
         if let Some(dentry) = kernel::exe_dentry(task) {
@@ -108,11 +117,11 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     entry.write(AcceptRecord {
         header: RecordHeader {
             kind: RecordKind::Accept as u32,
-            pid: tgid,
-            tid,
+            pid,
+            tid: thread,
             _reserved: 0,
             ktime_ns: ktime_ns(),
-            cgroup_id: current_cgroup_id(),
+            cgroup_id,
         },
         skaddr: sock,
         fd: ret as u32,

@@ -17,7 +17,7 @@
 
 use agent_common::{
     ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
-    TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, SOCKET_FLAG_AGENT,
+    TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, LISTENER_FLAG_OUTSIDE_SCOPE, SOCKET_FLAG_AGENT,
     TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
 use aya_ebpf::{
@@ -387,8 +387,8 @@ fn take_seeded<F: TcpFields>(ctx: &F, skaddr: u64) -> Option<SockOwner> {
     Some(owner)
 }
 
-/// Reports a listen in scope. Returns true when the listener is tracked, so that its close
-/// matters.
+/// Reports a listen in scope, and records one outside it. Returns true when the listener is
+/// tracked, so that its close matters.
 fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     let (tgid, tid) = current_ids();
     let key = listener_key(ctx, skaddr)?;
@@ -397,16 +397,16 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         return Ok(true);
     }
     if !current_in_scope() {
-        // An entry for this address and port is a listener in scope that closed unseen (one
-        // opened before the agent, whose close `sock_ops` does not report), so accepts on the
-        // new listener would be taken for its.
+        // The entry marks the address as taken by a listener outside the scope, so that its
+        // connections do not fall back to a wildcard listener in scope on the port. It also
+        // overrides an entry left by a listener in scope that closed unseen (one opened before
+        // the agent, whose close `sock_ops` does not report). The close of this listener is
+        // tracked, so that its entry goes with it.
         // NOTE: an address and port shared with SO_REUSEPORT by processes in and out of scope
-        // loses its entry too, and accepts of the one in scope are then not reported under a
-        // scope.
-        if LISTENERS.get_ptr(&key).is_some() {
-            let _ = LISTENERS.remove(&key);
-        }
-        return Ok(false);
+        // is marked by whichever listened last, and accepts of the one in scope are then
+        // reported only through the `accept` programs.
+        remember_listener(&key, tgid, LISTENER_FLAG_OUTSIDE_SCOPE);
+        return Ok(true);
     }
     remember_listener(&key, tgid, 0);
     let owner = Owner {
@@ -457,6 +457,7 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
             track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0);
             return Ok(true);
         }
+        Some(listener) if listener.flags & LISTENER_FLAG_OUTSIDE_SCOPE != 0 => return Ok(false),
         Some(listener) => listener.pid,
         None if scope_enabled() => return Ok(false),
         None => 0,

@@ -252,6 +252,36 @@ fn prefork_worker_is_named_not_listener_owner() {
 }
 
 #[test]
+fn acceptor_outside_scope_not_charged() {
+    let mut world = World::start();
+    let (_, addr) = world.listen("prefork", &["prefork", "1"]);
+    let server = world.processes.last().unwrap();
+    let worker: u32 = wait_until(RUN_TIMEOUT, || {
+        server.stdout_lines().iter().find_map(|line| line.strip_prefix("worker ")?.parse().ok())
+    })
+    .unwrap_or_else(|| panic!("the prefork server started no worker: {:?}", server.stdout_lines()));
+    // The worker leaves the scope for the cgroup above it; the listener's owner stays.
+    let outside = world.root.path().parent().unwrap().join("cgroup.procs");
+    fs::write(&outside, worker.to_string()).unwrap();
+
+    let served = world.connect(addr);
+    assert_eq!(served.pid, worker);
+    // A connection to a listener in scope afterwards raises its deviation. The worker's raises
+    // none, also once its 250 ms wait for an acceptor is over.
+    let (_, inside) = world.listen("reuse-a", &["reuseport", "0"]);
+    world.connect(inside);
+    world.wait_for_flow("reuse-a", inside.port());
+    std::thread::sleep(Duration::from_secs(1));
+    let raised = world.watcher().deviations();
+    let charged: Vec<&Deviation> = raised
+        .iter()
+        .filter(|deviation| deviation.port == Some(u32::from(addr.port())))
+        .filter(|deviation| deviation.category != Category::NewListener as i32)
+        .collect();
+    assert!(charged.is_empty(), "the connection accepted outside the scope was charged: {charged:#?}");
+}
+
+#[test]
 fn reuseport_listeners_each_name_themselves() {
     let mut world = World::start();
     let (first, addr) = world.listen("reuse-a", &["reuseport", "0"]);
@@ -378,6 +408,35 @@ fn v6only_listener_not_charged_ipv4() {
     assert_eq!(served_inside.pid, inside_pid);
     let deviation = world.wait_for_flow("reuse-a", port);
     assert_accepted_by(&deviation, &served_inside, inside_pid, std::process::id());
+}
+
+#[test]
+fn outside_listener_shadows_wildcard_in_scope() {
+    let mut world = World::start();
+    // In scope, a wildcard listener; outside it, one on a specific address of the same port.
+    // SO_REUSEPORT on both lets the two share the port.
+    let (inside_pid, inside) = world.listen("reuse-a", &["reuseport-on", "0.0.0.0:0"]);
+    let mut command = Command::new(PROBE);
+    command.args(["reuseport-on", &format!("127.0.0.2:{}", inside.port())]);
+    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
+    let line = outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
+    let outside_addr: SocketAddr = line["listening ".len()..].parse().unwrap();
+
+    let served = world.connect(outside_addr);
+    assert_eq!(served.pid, outside.pid());
+    std::thread::sleep(Duration::from_millis(500));
+    let loopback = SocketAddr::from(([127, 0, 0, 1], inside.port()));
+    let served_inside = world.connect(loopback);
+    assert_eq!(served_inside.pid, inside_pid);
+    let deviation = world.wait_for_flow("reuse-a", inside.port());
+    assert_accepted_by(&deviation, &served_inside, inside_pid, std::process::id());
+    std::thread::sleep(Duration::from_secs(1));
+    let raised = world.watcher().deviations();
+    let charged: Vec<&Deviation> = raised
+        .iter()
+        .filter(|deviation| deviation.evidence.as_ref().is_some_and(|evidence| evidence.remote_addr == outside_addr.to_string()))
+        .collect();
+    assert!(charged.is_empty(), "the connection to {outside_addr} was charged to the wildcard listener in scope: {charged:#?}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! ```text
 //! driftwatch-accept-probe prefork WORKERS           listen, then fork WORKERS processes that accept
 //! driftwatch-accept-probe reuseport PORT            listen with SO_REUSEPORT (PORT 0: any) and accept
+//! driftwatch-accept-probe reuseport-on ADDR         the same on an IPv4 ADDR
 //! driftwatch-accept-probe listen ADDR               listen on ADDR and accept
 //! driftwatch-accept-probe listen-v6only PORT        listen on [::]:PORT with IPV6_V6ONLY and accept
 //! driftwatch-accept-probe pass-listener UNIX_PATH   listen, send the socket to UNIX_PATH, close it
@@ -13,7 +14,7 @@
 //! driftwatch-accept-probe hold ADDR                 connect, print who served it, keep it open
 //! ```
 //!
-//! Every listener but `listen` binds 127.0.0.1; each prints `listening <addr>`; the connect mode prints
+//! Every listener but `listen` and `reuseport-on` binds 127.0.0.1; each prints `listening <addr>`; the connect mode prints
 //! `served <pid> <local addr> <peer addr>`. Servers run until they are killed.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -27,7 +28,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["prefork", workers] => parse(workers).and_then(prefork),
-        ["reuseport", port] => parse(port).and_then(reuseport),
+        ["reuseport", port] => parse(port).and_then(|port| reuseport(std::net::SocketAddrV4::new([127, 0, 0, 1].into(), port))),
+        ["reuseport-on", addr] => parse(addr).and_then(reuseport),
         ["listen", addr] => parse(addr).and_then(listen_on),
         ["listen-v6only", port] => parse(port).and_then(listen_v6_only),
         ["pass-listener", path] => pass_listener(path),
@@ -136,7 +138,7 @@ fn prefork(workers: u32) -> io::Result<()> {
     wait_forever()
 }
 
-fn reuseport(port: u16) -> io::Result<()> {
+fn reuseport(on: std::net::SocketAddrV4) -> io::Result<()> {
     // SAFETY: plain system calls on a descriptor this function owns; the address is a valid
     // sockaddr_in of the size passed.
     let listener = unsafe {
@@ -149,8 +151,8 @@ fn reuseport(port: u16) -> io::Result<()> {
         )?;
         let mut address: libc::sockaddr_in = zeroed();
         address.sin_family = libc::AF_INET as libc::sa_family_t;
-        address.sin_port = port.to_be();
-        address.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+        address.sin_port = on.port().to_be();
+        address.sin_addr.s_addr = u32::from_be_bytes(on.ip().octets()).to_be();
         check(libc::bind(fd, (&address as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32), "bind")?;
         check(libc::listen(fd, 128), "listen")?;
         listener
