@@ -770,8 +770,8 @@ pub struct CredRecord {
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct AcceptRecord {
-    /// `pid` and `tid` are the accepting process and thread; both 0, with no cgroup, for a
-    /// process outside the cgroup scope that accepted a connection of a listener in scope.
+    /// `pid` and `tid` are the accepting process and thread. They are 0, with no cgroup, when a
+    /// process outside the cgroup scope accepted a connection of a listener in scope.
     pub header: RecordHeader,
     pub skaddr: u64,
     pub fd: u32,

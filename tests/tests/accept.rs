@@ -153,6 +153,16 @@ impl World {
         (self.processes[index].pid(), addr)
     }
 
+    /// Starts a listening probe outside the agent's scope and returns it with its listening
+    /// address.
+    fn listen_outside(&self, args: &[&str]) -> (ProcessGuard, SocketAddr) {
+        let mut command = Command::new(PROBE);
+        command.args(args);
+        let process = spawn_in(Some(&self.netns), None, command).unwrap();
+        let line = process.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
+        (process, line["listening ".len()..].parse().unwrap())
+    }
+
     /// Connects once from outside the agent's scope and returns who served the connection.
     fn connect(&self, server: SocketAddr) -> Served {
         let mut command = Command::new(PROBE);
@@ -394,11 +404,8 @@ fn v6only_listener_not_charged_ipv4() {
     let mut world = World::start();
     // Outside the scope, an IPv4 wildcard listener; then, in scope, an IPv6-only wildcard one on
     // the same port. Both are wildcards, of different families.
-    let mut command = Command::new(PROBE);
-    command.args(["listen", "0.0.0.0:0"]);
-    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
-    let line = outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
-    let port = line["listening ".len()..].parse::<SocketAddr>().unwrap().port();
+    let (outside, outside_addr) = world.listen_outside(&["listen", "0.0.0.0:0"]);
+    let port = outside_addr.port();
     let (inside_pid, inside) = world.listen("reuse-a", &["listen-v6only", &port.to_string()]);
 
     let served_outside = world.connect(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -416,11 +423,7 @@ fn outside_listener_shadows_wildcard_in_scope() {
     // In scope, a wildcard listener; outside it, one on a specific address of the same port.
     // SO_REUSEPORT on both lets the two share the port.
     let (inside_pid, inside) = world.listen("reuse-a", &["reuseport-on", "0.0.0.0:0"]);
-    let mut command = Command::new(PROBE);
-    command.args(["reuseport-on", &format!("127.0.0.2:{}", inside.port())]);
-    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
-    let line = outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
-    let outside_addr: SocketAddr = line["listening ".len()..].parse().unwrap();
+    let (outside, outside_addr) = world.listen_outside(&["reuseport-on", &format!("127.0.0.2:{}", inside.port())]);
 
     let served = world.connect(outside_addr);
     assert_eq!(served.pid, outside.pid());
@@ -476,11 +479,7 @@ fn listener_other_address_not_charged() {
     let mut world = World::start();
     // Outside the scope, a listener on a second loopback address; then one in scope on the same
     // port of the first.
-    let mut command = Command::new(PROBE);
-    command.args(["listen", "127.0.0.2:0"]);
-    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
-    let line = outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
-    let outside_addr: SocketAddr = line["listening ".len()..].parse().unwrap();
+    let (outside, outside_addr) = world.listen_outside(&["listen", "127.0.0.2:0"]);
     let (inside_pid, inside) = world.listen("reuse-a", &["listen", &format!("127.0.0.1:{}", outside_addr.port())]);
 
     let served_outside = world.connect(outside_addr);
@@ -511,10 +510,7 @@ fn closed_seeded_listener_leaves_wildcard_port() {
     // the wildcard address of its port, which leaves the closed listener's kernel entry for
     // 127.0.0.1 in place. The agent reads /proc once a second to find such a close.
     drop(world.processes.pop());
-    let mut command = Command::new(PROBE);
-    command.args(["listen", &format!("0.0.0.0:{}", addr.port())]);
-    let outside = spawn_in(Some(&world.netns), None, command).unwrap();
-    outside.wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ")).unwrap();
+    let (outside, _) = world.listen_outside(&["listen", &format!("0.0.0.0:{}", addr.port())]);
     std::thread::sleep(Duration::from_millis(2500));
     let served = world.connect(addr);
     assert_eq!(served.pid, outside.pid());

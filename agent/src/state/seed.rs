@@ -107,25 +107,19 @@ pub fn scan_sockets(proc_root: &Path) -> ScannedSockets {
 /// read because the process is gone.
 pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
     let mut connections = HashSet::new();
-    let mut readable = false;
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = fs::read_to_string(proc_root.join(pid.to_string()).join("net").join(table)) else { continue };
-        readable = true;
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(state), Some(inode)) = (fields.get(1), fields.get(2), fields.get(3), fields.get(9))
-            else {
-                continue;
-            };
-            let Ok(state) = u8::from_str_radix(state, 16) else { continue };
-            if matches!(state, STATE_LISTEN | STATE_CLOSE | STATE_TIME_WAIT) || *inode == "0" {
-                continue;
-            }
-            if let (Some(local), Some(remote)) = (parse_endpoint(local), parse_endpoint(remote)) {
-                connections.insert((local, remote));
-            }
+    let readable = for_each_tcp_socket(proc_root, pid, |fields| {
+        let (Some(local), Some(remote), Some(state), Some(inode)) = (fields.get(1), fields.get(2), fields.get(3), fields.get(9))
+        else {
+            return;
+        };
+        let Ok(state) = u8::from_str_radix(state, 16) else { return };
+        if matches!(state, STATE_LISTEN | STATE_CLOSE | STATE_TIME_WAIT) || *inode == "0" {
+            return;
         }
-    }
+        if let (Some(local), Some(remote)) = (parse_endpoint(local), parse_endpoint(remote)) {
+            connections.insert((local, remote));
+        }
+    });
     readable.then_some(connections)
 }
 
@@ -133,19 +127,28 @@ pub fn open_connections(proc_root: &Path, pid: u32) -> Option<HashSet<(SocketAdd
 /// `pid`. `None` when the tables cannot be read because the process is gone.
 pub fn listening_sockets(proc_root: &Path, pid: u32) -> Option<HashSet<u64>> {
     let mut inodes = HashSet::new();
+    let readable = for_each_tcp_socket(proc_root, pid, |fields| {
+        let (Some(state), Some(inode)) = (fields.get(3), fields.get(9)) else { return };
+        if u8::from_str_radix(state, 16) == Ok(STATE_LISTEN) {
+            inodes.extend(inode.parse::<u64>());
+        }
+    });
+    readable.then_some(inodes)
+}
+
+/// Calls `visit` with the fields of each line of the IPv4 and IPv6 TCP tables in the network
+/// namespace of process `pid`. Returns false when neither table could be read.
+fn for_each_tcp_socket(proc_root: &Path, pid: u32, mut visit: impl FnMut(&[&str])) -> bool {
     let mut readable = false;
     for table in ["tcp", "tcp6"] {
         let Ok(text) = fs::read_to_string(proc_root.join(pid.to_string()).join("net").join(table)) else { continue };
         readable = true;
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(state), Some(inode)) = (fields.get(3), fields.get(9)) else { continue };
-            if u8::from_str_radix(state, 16) == Ok(STATE_LISTEN) {
-                inodes.extend(inode.parse::<u64>());
-            }
+            visit(&fields);
         }
     }
-    readable.then_some(inodes)
+    readable
 }
 
 /// Returns a process in the network namespace with inode `netns`, other than `except`, or `None`

@@ -285,7 +285,7 @@ impl Telemetry {
     /// listener map, as (network namespace inode, local address, owner pid, socket inode). Under
     /// a cgroup scope the kernel reports accepts only on listeners in that map, so without this,
     /// connections accepted on them would be missing. An entry the programs made meanwhile is
-    /// kept. The `sock_ops` program never sees these listeners close, so a task removes their
+    /// kept. The `sock_ops` program is not called when these listeners close, so a task removes their
     /// entries once /proc no longer shows them (see [`seeded`]). Returns how many entries were
     /// added.
     pub fn seed_listeners(&mut self, listeners: &[(u32, SocketAddr, u32, u64)]) -> Result<usize, TelemetryError> {
