@@ -39,6 +39,17 @@ pub const MAP_SEEDED_CONNECTIONS: &str = "SEEDED_CONNECTIONS";
 /// LRU hash map from thread id to the UDP `bind()` that thread has in progress, kept by the
 /// `bind4/6` programs for `post_bind4/6`, which report the bind once it succeeded.
 pub const MAP_UDP_BINDS: &str = "UDP_BINDS";
+/// Hash map of TCP flows whose repeated connections the kernel counts instead of reporting
+/// ([`FoldKey`] to [`FoldCounts`]).
+pub const MAP_FOLDS: &str = "FOLDS";
+/// One-entry array: the fold epoch in nanoseconds, 0 to report every TCP connection. A connection
+/// whose flow had a connection reported in the same epoch is counted in [`MAP_FOLDS`] instead. The
+/// agent sets it to 0 while a client streams raw TCP events.
+pub const MAP_FOLD_WINDOW: &str = "FOLD_WINDOW";
+/// LRU hash map from a connection's 4-tuple ([`PairKey`]) to whether its connecting end was
+/// folded, so that the accepting end of a connection between two processes on this host is
+/// folded exactly when the connecting end was.
+pub const MAP_TCP_PAIRS: &str = "TCP_PAIRS";
 
 /// Every map the eBPF object defines.
 pub const MAPS: &[&str] = &[
@@ -52,6 +63,9 @@ pub const MAPS: &[&str] = &[
     MAP_UDP_FLOWS,
     MAP_SEEDED_CONNECTIONS,
     MAP_UDP_BINDS,
+    MAP_FOLDS,
+    MAP_FOLD_WINDOW,
+    MAP_TCP_PAIRS,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.
@@ -309,6 +323,11 @@ pub const DNS_CAPTURE_BYTES: usize = 1024;
 pub const DNS_PORT: u16 = 53;
 /// Maximum number of connections seeded from /proc whose close the kernel attributes.
 pub const SEEDED_CONNECTIONS_MAX_ENTRIES: u32 = 16384;
+/// Maximum number of folded TCP flows in [`MAP_FOLDS`]. When it is full, connections of flows
+/// not in it are reported one by one.
+pub const FOLDS_MAX_ENTRIES: u32 = 16384;
+/// Maximum number of connections in [`MAP_TCP_PAIRS`] between their connect and their accept.
+pub const TCP_PAIRS_MAX_ENTRIES: u32 = 8192;
 
 /// Maximum number of argv entries captured.
 pub const ARGV_MAX_ARGS: u32 = 16;
@@ -856,11 +875,106 @@ pub struct SockOwner {
     pub flags: u32,
     /// Network namespace inode of the socket, read once when it is first tracked; 0 when unknown.
     pub netns: u32,
-    pub _reserved: u32,
+    /// [`FoldKey::exec`] of a connecting socket's process at connect time, 0 for others.
+    pub exec: u32,
 }
 
 /// [`SockOwner::flags`] bit: the socket belongs to the agent; its records are not reported.
 pub const SOCKET_FLAG_AGENT: u32 = 1;
+/// [`SockOwner::flags`] bit: a connecting socket whose records are counted in its outgoing
+/// [`FoldKey`] instead of sent.
+pub const SOCKET_FLAG_FOLDED_OUT: u32 = 2;
+/// [`SockOwner::flags`] bit: an accepted socket whose records are counted in its incoming
+/// [`FoldKey`] instead of sent.
+pub const SOCKET_FLAG_FOLDED_IN: u32 = 4;
+/// [`SockOwner::flags`] bit: an accepted socket whose connecting end on this host was folded,
+/// so that end's flow counts the connection; its records are neither sent nor counted.
+pub const SOCKET_FLAG_FOLDED_PAIRED: u32 = 8;
+/// Every `SOCKET_FLAG_FOLDED_*` bit.
+pub const SOCKET_FLAGS_FOLDED: u32 = SOCKET_FLAG_FOLDED_OUT | SOCKET_FLAG_FOLDED_IN | SOCKET_FLAG_FOLDED_PAIRED;
+
+/// [`FoldKey::direction`] of a flow this host's process connected.
+pub const FOLD_OUT: u16 = 1;
+/// [`FoldKey::direction`] of a flow accepted on a listener of this host.
+pub const FOLD_IN: u16 = 2;
+
+/// Key type of [`MAP_FOLDS`]: a TCP flow as the graph sees it, without the client's port.
+///
+/// An outgoing flow is the connecting process and the server's address and port. An incoming
+/// flow is the local address and port the connection reached and the client's address; the
+/// process that accepts is the one the last reported connection of the flow named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct FoldKey {
+    pub netns: u32,
+    /// The connecting process of an outgoing flow, 0 for an incoming one.
+    pub pid: u32,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    pub family: u16,
+    /// [`FOLD_OUT`] or [`FOLD_IN`].
+    pub direction: u16,
+    /// Local port of an incoming flow, host byte order; 0 for an outgoing one.
+    pub local_port: u16,
+    /// Remote port of an outgoing flow, host byte order; 0 for an incoming one.
+    pub remote_port: u16,
+    /// Local address of an incoming flow, laid out as in [`TcpRecord::saddr`]; zero for an
+    /// outgoing one.
+    pub local_addr: [u8; 16],
+    /// Remote address, laid out as in [`TcpRecord::daddr`].
+    pub remote_addr: [u8; 16],
+    /// For an outgoing flow, a value that changes when the process runs another program (the
+    /// address of its memory map, shifted), so that the new program's first connection is reported;
+    /// 0 for an incoming flow or when unknown. Userspace does not use it.
+    pub exec: u32,
+    pub _reserved: u32,
+}
+
+/// Value type of [`MAP_FOLDS`]. The counters only grow; the reader takes differences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct FoldCounts {
+    /// Fold epoch (`ktime` divided by the [`MAP_FOLD_WINDOW`] value) of the flow's last reported
+    /// connection. A connection is folded only in that same epoch.
+    pub epoch: u64,
+    /// Connections folded: connect calls for an outgoing flow, completed handshakes for an
+    /// incoming one.
+    pub connects: u64,
+    /// Folded outgoing connections that completed their handshake.
+    pub established: u64,
+    /// Folded outgoing connections refused or timed out.
+    pub failed: u64,
+    /// Folded connections closed after their handshake.
+    pub closes: u64,
+    /// Payload bytes of the closed folded connections, as in [`TcpRecord::bytes_sent`].
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// `ktime` of the last change.
+    pub last_ns: u64,
+    /// Folded incoming connections taken back out of `connects`: accepted by a process outside
+    /// the scope, or by another process than the flow's last reported acceptor, which then
+    /// reports them.
+    pub taken_back: u64,
+    /// The process that accepted the incoming flow's last reported connection, 0 when unknown.
+    pub acceptor: u32,
+    pub _reserved: u32,
+}
+
+/// Key type of [`MAP_TCP_PAIRS`]: a connection's 4-tuple as its connecting end sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct PairKey {
+    pub family: u16,
+    pub client_port: u16,
+    pub server_port: u16,
+    pub _reserved: u16,
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+}
+
+/// [`MAP_TCP_PAIRS`] value: the connecting end was folded.
+pub const PAIR_FOLDED: u32 = 1;
+/// [`MAP_TCP_PAIRS`] value: the connecting end was reported.
+pub const PAIR_REPORTED: u32 = 2;
 
 /// Key type of [`MAP_LISTENERS`]: the address a socket listens on, so that listeners of one port
 /// on different addresses stay apart.
@@ -1033,6 +1147,9 @@ const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
 const _: () = assert!(size_of::<AcceptRecord>() == 32 + 32 + 32 + 24);
 const _: () = assert!(size_of::<AcceptOffsets>() == 16 * 4);
 const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
+const _: () = assert!(size_of::<FoldKey>() == 56);
+const _: () = assert!(size_of::<FoldCounts>() == 80);
+const _: () = assert!(size_of::<PairKey>() == 40);
 const _: () = assert!(size_of::<SockOwner>() == 16);
 const _: () = assert!(size_of::<ListenerKey>() == 24);
 const _: () = assert!(size_of::<ListenerOwner>() == 16);
@@ -1062,6 +1179,8 @@ mod user {
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerOwner {}
     unsafe impl aya::Pod for ConnectionKey {}
+    unsafe impl aya::Pod for FoldKey {}
+    unsafe impl aya::Pod for FoldCounts {}
     unsafe impl aya::Pod for Lineage {}
     unsafe impl aya::Pod for CredRecord {}
     unsafe impl aya::Pod for KernelOffsets {}

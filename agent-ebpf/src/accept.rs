@@ -13,13 +13,13 @@
 
 use agent_common::{
     AcceptOffsets, AcceptRecord, Counter, Lineage, RecordHeader, RecordKind, SockOwner, FAMILY_INET, FAMILY_INET6,
-    SOCKET_FLAG_AGENT, TCP_FLAG_EXE_UNLINKED,
+    SOCKET_FLAGS_FOLDED, SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_PAIRED, TCP_FLAG_EXE_UNLINKED,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
 use core::ptr::{addr_of, read_volatile};
 
 use crate::{
-    count, current_cgroup_id, current_ids, current_in_scope, is_agent, kernel, ktime_ns, tcp, ACCEPT_OFFSETS, EVENTS,
+    count, current_cgroup_id, current_ids, current_in_scope, fold, is_agent, kernel, ktime_ns, tcp, ACCEPT_OFFSETS, EVENTS,
     SOCKETS,
 };
 
@@ -66,7 +66,17 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     // that left the scope, or one the listening socket was passed to. Its record names no
     // process, so the listener's owner is not charged with the connection.
     let outside = !current_in_scope();
-    if outside && !known.is_some_and(|owner| owner.flags == 0) {
+    // A folded connection is counted in its flow, which names the process of the flow's last
+    // reported connection, so that process accepting it adds nothing. One whose connecting end on
+    // this host was folded is counted in that end's flow.
+    // NOTE: so the processes of such a pair are those of the pair's last reported connection,
+    // whichever process accepts.
+    let folded = known.map_or(0, |owner| owner.flags & SOCKET_FLAGS_FOLDED);
+    let expected = known.is_some_and(|owner| owner.pid == tgid);
+    if folded != 0 && !outside && (folded & SOCKET_FLAG_FOLDED_PAIRED != 0 || expected) {
+        return Ok(());
+    }
+    if outside && folded == 0 && !known.is_some_and(|owner| owner.flags == 0) {
         return Ok(());
     }
     // A Unix domain socket or another family's accept goes through the same system call.
@@ -86,6 +96,20 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     let sport: u16 = read_at(sock, offsets.skc_num).ok_or(0i64)?;
     let dport: u16 = read_at::<u16>(sock, offsets.skc_dport).ok_or(0i64)?;
     let known_netns = known.map_or(0, |owner| owner.netns);
+    let flow = fold::incoming_key(known_netns, family, saddr, sport, daddr);
+    if folded & SOCKET_FLAG_FOLDED_IN != 0 {
+        // Accepted outside the scope, or in it by another process than the flow's last reported
+        // acceptor: the connection leaves its flow's count, and the latter is reported below.
+        fold::unfold_accepted(&flow);
+    }
+    if folded != 0 && outside {
+        let _ = SOCKETS.remove(&sock);
+        return Ok(());
+    }
+    if known.is_some() && !outside && fold::enabled() {
+        // The flow's folded connections are expected to come to this process.
+        fold::note_acceptor(tgid, &flow);
+    }
     let netns = if known_netns != 0 { known_netns } else { tcp::socket_netns(sock) };
     // The listener's owner accepting its own connection is the common case, and the entry
     // already names it: the record skips the map update and the reads of its lineage and
@@ -164,7 +188,7 @@ fn socket_of_fd(offsets: &AcceptOffsets, task: u64, fd: u64) -> Option<u64> {
 /// Records `pid` as the owner of the socket, so that its later records carry the process.
 #[inline(always)]
 fn remember_owner(sock: u64, pid: u32, flags: u32, netns: u32) {
-    if SOCKETS.insert(&sock, &SockOwner { pid, flags, netns, _reserved: 0 }, 0).is_err() {
+    if SOCKETS.insert(&sock, &SockOwner { pid, flags, netns, exec: 0 }, 0).is_err() {
         count(Counter::TcpSocketMapFull);
     }
 }

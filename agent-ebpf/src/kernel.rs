@@ -83,6 +83,17 @@ pub fn exe_dentry(task: u64) -> Option<u64> {
     Some(dentry)
 }
 
+/// A value that changes when the current process runs another program: the address of its memory
+/// map, which each exec replaces, shifted past its alignment. 0 when the offsets are unknown.
+#[inline(always)]
+pub fn exec_cookie() -> u32 {
+    let offsets = offsets();
+    if offsets.exe_valid == 0 {
+        return 0;
+    }
+    read_u64(current_task() + u64::from(offsets.task_mm)).map_or(0, |mm| (mm >> 6) as u32)
+}
+
 /// True when the file behind `dentry` has no link left in any directory.
 #[inline(always)]
 pub fn dentry_unlinked(dentry: u64) -> Option<bool> {

@@ -19,6 +19,7 @@ mod accept;
 mod cred;
 mod dns;
 mod exec;
+mod fold;
 mod kernel;
 mod process;
 mod tcp;
@@ -27,8 +28,8 @@ mod udp;
 use core::ptr::read_volatile;
 
 use agent_common::{
-    AcceptOffsets, ArgvStash, ConnectionKey, Counter, KernelOffsets, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
-    DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES,
+    AcceptOffsets, ArgvStash, ConnectionKey, Counter, FoldCounts, FoldKey, KernelOffsets, PairKey, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
+    DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES, FOLDS_MAX_ENTRIES, TCP_PAIRS_MAX_ENTRIES,
     LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_BINDS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
     UdpFlowCounts, UdpFlowKey,
 };
@@ -37,7 +38,7 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_current_pid_tgid, r#gen::bpf_get_current_ancestor_cgroup_id},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 // Map and global names must match `agent_common::MAPS` and `agent_common::GLOBALS`: the link step
@@ -92,6 +93,15 @@ static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlowCounts> =
 #[map]
 static SEEDED_CONNECTIONS: HashMap<ConnectionKey, SockOwner> =
     HashMap::with_max_entries(SEEDED_CONNECTIONS_MAX_ENTRIES, 0);
+
+#[map]
+static FOLDS: HashMap<FoldKey, FoldCounts> = HashMap::with_max_entries(FOLDS_MAX_ENTRIES, 0);
+
+#[map]
+static FOLD_WINDOW: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
+static TCP_PAIRS: LruHashMap<PairKey, u32> = LruHashMap::with_max_entries(TCP_PAIRS_MAX_ENTRIES, 0);
 
 #[map]
 static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);

@@ -14,11 +14,15 @@
 //! (netns, local address, port) or (netns, wildcard address, port), was recorded in scope (or
 //! always, when no scope is set). The `accept` programs name the process that takes it off the
 //! listener.
+//!
+//! The `sock_ops` program counts the repeated connections of a flow instead of reporting them
+//! (see `fold.rs`). Their sockets are tracked with a `SOCKET_FLAG_FOLDED_*` bit, and their
+//! handshake end and close add to the flow's counters.
 
 use agent_common::{
     ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
-    TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, LISTENER_FLAG_OUTSIDE_SCOPE, SOCKET_FLAG_AGENT,
-    TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
+    TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, LISTENER_FLAG_OUTSIDE_SCOPE, SOCKET_FLAGS_FOLDED,
+    SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_OUT, TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -29,7 +33,7 @@ use aya_ebpf::{
 use core::ptr::{addr_of, read_volatile};
 
 use crate::{
-    count, current_cgroup_id, tracepoint_address, tracepoint_field, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
+    count, current_cgroup_id, fold, tracepoint_address, tracepoint_field, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
     EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SEEDED_CONNECTIONS, SOCKETS,
 };
 
@@ -77,7 +81,10 @@ pub fn tcp_sock_ops(ctx: SockOpsContext) -> u32 {
 
 /// The socket fields of a state change, read from the tracepoint's record or from the
 /// `sock_ops` context.
-trait TcpFields {
+pub(crate) trait TcpFields {
+    /// True when this hook folds repeated connections (see the `fold` module).
+    const FOLDS: bool;
+
     fn family(&self) -> u16;
     /// Local port in host byte order.
     fn local_port(&self) -> u16;
@@ -94,6 +101,8 @@ trait TcpFields {
 }
 
 impl TcpFields for TracePointContext {
+    const FOLDS: bool = false;
+
     fn family(&self) -> u16 {
         // SAFETY: offset of this tracepoint's field, aligned to its size.
         unsafe { tracepoint_field(self, FAMILY_OFFSET) }
@@ -137,6 +146,8 @@ impl TcpFields for TracePointContext {
 }
 
 impl TcpFields for SockOpsContext {
+    const FOLDS: bool = true;
+
     fn family(&self) -> u16 {
         SockOpsContext::family(self) as u16
     }
@@ -306,7 +317,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 fn on_connect<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     let (tgid, tid) = current_ids();
     if is_agent(tgid) {
-        track_socket(skaddr, tgid, SOCKET_FLAG_AGENT, 0);
+        track_socket(skaddr, tgid, SOCKET_FLAG_AGENT, 0, 0);
         return Ok(true);
     }
     if !current_in_scope() {
@@ -314,7 +325,13 @@ fn on_connect<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     }
     // Read once here and kept with the owner, so that the socket's later records skip the read.
     let netns = socket_netns(skaddr);
-    track_socket(skaddr, tgid, 0, netns);
+    let folding = F::FOLDS && fold::enabled();
+    let exec = if folding { kernel::exec_cookie() } else { 0 };
+    if folding && fold::fold_connect(ctx, tgid, netns, exec) {
+        track_socket(skaddr, tgid, SOCKET_FLAG_FOLDED_OUT, netns, exec);
+        return Ok(true);
+    }
+    track_socket(skaddr, tgid, 0, netns, exec);
     let owner = Owner {
         pid: tgid,
         tid,
@@ -352,6 +369,14 @@ fn on_handshake_end<F: TcpFields>(
     };
     let (owner, netns) = match tracked {
         Some(socket) if socket.flags & SOCKET_FLAG_AGENT != 0 => return Ok(()),
+        Some(socket) if socket.flags & SOCKET_FLAGS_FOLDED != 0 => {
+            fold::fold_end(ctx, skaddr, &socket, kind);
+            return Ok(());
+        }
+        Some(socket) if F::FOLDS && kind == TcpKind::ConnectFailed && socket.exec != 0 && fold::enabled() => {
+            fold::forget_failed(ctx, &socket);
+            (socket.pid, socket.netns)
+        }
         Some(socket) => (socket.pid, socket.netns),
         // Sockets lost to a full map, or opened before the agent and not seeded: unattributed,
         // and unknown to be in scope.
@@ -454,7 +479,7 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     };
     let listener_pid = match listener {
         Some(listener) if listener.flags & LISTENER_FLAG_AGENT != 0 => {
-            track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0);
+            track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0, 0);
             return Ok(true);
         }
         Some(listener) if listener.flags & LISTENER_FLAG_OUTSIDE_SCOPE != 0 => return Ok(false),
@@ -462,10 +487,21 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         None if scope_enabled() => return Ok(false),
         None => 0,
     };
+    if F::FOLDS && fold::enabled() {
+        let shared = listener.is_some_and(|listener| listener.sockets > 1);
+        let decision = fold::fold_accepted(ctx, key.netns, !shared);
+        let (folded, acceptor) = ((decision >> 32) as u32, decision as u32);
+        if folded != 0 {
+            // The expected acceptor lets the accept program tell at once that it took the socket.
+            let owner = if acceptor != 0 { acceptor } else { listener_pid };
+            track_socket(skaddr, owner, folded, key.netns, 0);
+            return Ok(true);
+        }
+    }
     // The listener key carries the namespace, read from this socket. The listener's owner is
     // recorded as the socket's owner until an `accept` program names the process that took it.
     // That program skips most of its work when it is the same process.
-    track_socket(skaddr, listener_pid, 0, key.netns);
+    track_socket(skaddr, listener_pid, 0, key.netns, 0);
     emit(
         ctx,
         skaddr,
@@ -481,9 +517,9 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     Ok(true)
 }
 
-fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32) {
+fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32, exec: u32) {
     if SOCKETS
-        .insert(&skaddr, &SockOwner { pid, flags, netns, _reserved: 0 }, 0)
+        .insert(&skaddr, &SockOwner { pid, flags, netns, exec }, 0)
         .is_err()
     {
         count(Counter::TcpSocketMapFull);

@@ -8,6 +8,7 @@
 //! whose processes wait for a label lookup is held (see [`crate::labels::HoldQueue`]) and evaluated
 //! when the lookup returns, so a container's first connection is attributed by its labels.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,12 +25,13 @@ use crate::labels::{HoldQueue, HoldStats, LabelReply, LabelRequest, LabelStats, 
 use crate::dns::{DnsConfig, DnsNames, DnsSocket, DnsStats};
 use crate::fleet::endpoints::{EndpointTable, PeerConnection};
 use driftwatch_model::fleet::PeerRole;
+use crate::state::folds::{repeats, FoldStats, Folds};
 use crate::state::process::{ProcessTable, ProcessTableConfig, ProcessTableStats};
 use crate::state::seed::{SeededSocket, SeededState};
 use crate::state::sockets::{JoinedFlow, Listener, SocketState, SocketStats};
 use crate::state::udp_local::{LocalUdp, LocalUdpStats};
 use crate::state::udp_reply::{is_udp_reply, EphemeralPorts, ReceivedPeers};
-use crate::telemetry::event::{AcceptEvent, DnsEvent, Event, TcpEvent, TcpEventKind, UdpEvent, UdpEventKind};
+use crate::telemetry::event::{AcceptEvent, DnsEvent, Event, FoldEvent, FoldedFlow, TcpEvent, TcpEventKind, UdpEvent, UdpEventKind};
 
 /// Bounds and timing of the pipeline.
 #[derive(Debug, Clone)]
@@ -116,6 +118,7 @@ pub struct PipelineStats {
     pub processes_relabeled: u64,
     pub dns: DnsStats,
     pub local_udp: LocalUdpStats,
+    pub folds: FoldStats,
 }
 
 impl PipelineStats {
@@ -194,6 +197,14 @@ impl PipelineStats {
             ("sockets_accepts_by_acceptor", sockets.accepts_by_acceptor),
             ("sockets_accepts_by_listener_owner", sockets.accepts_by_listener_owner),
             ("sockets_late_accepts", sockets.late_accepts),
+            ("folds_counts", self.folds.counts),
+            ("folds_connections", self.folds.connections),
+            ("folds_failed", self.folds.failed),
+            ("folds_closes", self.folds.closes),
+            ("folds_bytes_sent", self.folds.bytes_sent),
+            ("folds_bytes_received", self.folds.bytes_received),
+            ("folds_without_flow", self.folds.without_flow),
+            ("folds_flows_evicted", self.folds.flows_evicted),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
@@ -298,6 +309,8 @@ pub struct Pipeline {
     config: PipelineConfig,
     processes: ProcessTable,
     sockets: SocketState,
+    /// Connections the kernel counted instead of reporting, and the flows they repeat.
+    folds: Folds,
     /// Peers of the UDP datagrams processes read, so that a server's replies add no flow.
     received_peers: ReceivedPeers,
     /// UDP listeners in scope, so that a flow between two processes in scope is one edge.
@@ -327,6 +340,7 @@ impl Pipeline {
         Pipeline {
             processes: ProcessTable::new(config.processes.clone()),
             sockets,
+            folds: Folds::new(config.join_window + config.accept_window, 2 * agent_common::FOLDS_MAX_ENTRIES as usize),
             received_peers: ReceivedPeers::new(agent_common::UDP_FLOWS_MAX_ENTRIES as usize),
             local_udp: LocalUdp::new(config.max_listeners, agent_common::UDP_FLOWS_MAX_ENTRIES as usize),
             labels: LabelTracker::new(config.labels.clone(), None),
@@ -446,6 +460,7 @@ impl Pipeline {
         loop {
             let join_deadline = self.sockets.next_deadline();
             let hold_deadline = self.held.next_deadline();
+            let fold_deadline = self.folds.next_deadline();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 received = events.recv_many(&mut batch, EVENT_BATCH) => {
@@ -463,6 +478,7 @@ impl Pipeline {
                     let flows = self.sockets.flush_expired(Instant::now());
                     self.observe_flows(flows);
                 }
+                _ = sleep_until(fold_deadline) => self.apply_folds(Instant::now()),
                 _ = loss_check.tick() => {
                     let total = lost_records();
                     if total > reported_losses {
@@ -483,6 +499,7 @@ impl Pipeline {
         // Whatever still waits for a partner or for labels goes to the engine before the pipeline stops.
         let flows = self.sockets.flush_expired(Instant::now() + self.config.join_window * 2);
         self.observe_flows(flows);
+        self.apply_all_folds();
         self.release_all_held();
         self.publish_stats();
     }
@@ -503,6 +520,7 @@ impl Pipeline {
     /// counters, for a caller that drives [`Pipeline::handle`] itself and has no more events.
     pub fn finish(&mut self) {
         self.flush_joins(Instant::now() + self.config.join_window * 2);
+        self.apply_all_folds();
         self.release_all_held();
         self.publish_stats();
     }
@@ -642,6 +660,7 @@ impl Pipeline {
                 self.stats.accepts += 1;
                 self.handle_accept(accept);
             }
+            Event::Fold(fold) => self.folds.hold(fold, Instant::now()),
             Event::Credentials(change) => {
                 self.stats.credential_changes += 1;
                 tracing::debug!(pid = change.pid, change = ?change.change, after = ?change.after, "credential change");
@@ -732,6 +751,7 @@ impl Pipeline {
                     netns: tcp.netns,
                     remote_name: self.dns.name_of(tcp.remote.ip(), now).map(str::to_owned),
                 };
+                self.folds.remember_failed(tcp.pid, tcp.netns, &observation);
                 self.submit(Observation::FailedConnect(observation));
             }
             TcpEventKind::Connected => {
@@ -953,7 +973,98 @@ impl Pipeline {
             netns,
             remote_name: self.dns.name_of(flow.server_addr.ip(), Instant::now()).map(str::to_owned),
         };
+        self.folds.remember(&flow, &observation);
         self.submit(Observation::Flow(observation));
+    }
+
+    /// Applies the folded counts due at `now`, after the connections whose join window has passed.
+    pub fn apply_folds(&mut self, now: Instant) {
+        self.flush_joins(now);
+        for fold in self.folds.take_due(now) {
+            self.apply_fold(fold);
+        }
+    }
+
+    fn apply_all_folds(&mut self) {
+        for fold in self.folds.take_all() {
+            self.apply_fold(fold);
+        }
+    }
+
+    /// Counts folded connections on their flow's edge: each repeats the observation of the flow's
+    /// last reported connection, at the time of the last one.
+    // NOTE: so for up to an epoch a folded connection takes the processes of that reported one,
+    // even when the connecting process has since run another program or another process took
+    // over the listener.
+    fn apply_fold(&mut self, fold: FoldEvent) {
+        let (connections, failed) = repeats(&fold);
+        self.folds.stats.connections += connections;
+        self.folds.stats.failed += failed;
+        let time = self.clock.to_system(fold.ktime_ns);
+        if connections > 0 {
+            let known = self.folds.observation(&fold.flow).cloned();
+            if let Some(observation) = self.repeated_observation(known, &fold.flow, time, connections) {
+                for _ in 0..connections {
+                    self.submit(Observation::Flow(observation.clone()));
+                }
+            }
+        }
+        if failed > 0 {
+            let known = self.folds.failed_observation(&fold.flow).cloned();
+            if let Some(observation) = self.repeated_observation(known, &fold.flow, time, failed) {
+                for _ in 0..failed {
+                    self.submit(Observation::FailedConnect(observation.clone()));
+                }
+            }
+        }
+    }
+
+    /// The observation `count` folded connections of `flow` repeat at `time`: `known`, or one
+    /// made from the flow itself when none is on record.
+    fn repeated_observation(
+        &mut self,
+        known: Option<FlowObservation>,
+        flow: &FoldedFlow,
+        time: SystemTime,
+        count: u64,
+    ) -> Option<FlowObservation> {
+        if let Some(known) = known {
+            return Some(FlowObservation { time, ..known });
+        }
+        self.folds.stats.without_flow += count;
+        let observation = self.fold_observation(flow, time);
+        if observation.is_none() {
+            self.stats.flows_without_process += count;
+        }
+        observation
+    }
+
+    /// The observation of a folded flow with no reported connection on record (its entry was
+    /// evicted): the connecting process, or the owner of the listener the connections reached.
+    fn fold_observation(&self, flow: &FoldedFlow, time: SystemTime) -> Option<FlowObservation> {
+        let (client, server, client_addr, server_addr, netns) = match *flow {
+            FoldedFlow::Out { netns, pid, server } => {
+                let unspecified = SocketAddr::new(unspecified_like(server.ip()), 0);
+                (self.processes.get(pid), None, unspecified, server, netns)
+            }
+            FoldedFlow::In { netns, server, client } => {
+                let owner = self.sockets.listener(netns, server).and_then(|listener| self.processes.get(listener.pid));
+                (None, owner, SocketAddr::new(client, 0), server, netns)
+            }
+        };
+        if client.is_none() && server.is_none() {
+            return None;
+        }
+        Some(FlowObservation {
+            time,
+            protocol: Protocol::Tcp,
+            client,
+            server,
+            client_addr,
+            server_addr,
+            netns,
+            remote_name: self.dns.name_of(server_addr.ip(), Instant::now()).map(str::to_owned),
+        })
     }
 
     /// Records the remote end of a flow with exactly one end on this host.
@@ -1028,7 +1139,16 @@ impl Pipeline {
         self.stats.held = self.held.stats();
         self.stats.dns = self.dns.stats();
         self.stats.local_udp = self.local_udp.stats();
+        self.stats.folds = self.folds.stats.clone();
         *self.shared.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = self.stats.clone();
+    }
+}
+
+/// The unspecified address of `ip`'s family.
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
     }
 }
 

@@ -324,6 +324,33 @@ fn reuseport_listeners_each_name_themselves() {
 }
 
 #[test]
+fn repeated_connections_count_on_one_edge() {
+    const REPEATS: u64 = 12;
+    let mut world = World::start();
+    let (server, addr) = world.listen("reuse-a", &["reuseport", "0"]);
+    for _ in 0..REPEATS {
+        assert_eq!(world.connect(addr).pid, server);
+    }
+    world.wait_for_flow("reuse-a", addr.port());
+
+    // Each connection counts once on the edge, whether the kernel reported it or only counted it.
+    let api = world.agent.as_ref().expect("the agent runs").api_addr();
+    let port = u32::from(addr.port());
+    let edge_connections = || {
+        let graph = driftwatch_e2e::stream::graph(api).ok()?;
+        graph.edges.iter().find(|edge| edge.destination == "reuse-a" && edge.port == port).map(|edge| edge.connections)
+    };
+    let counted = wait_until(OBSERVE_TIMEOUT, || edge_connections().filter(|&connections| connections >= REPEATS));
+    assert_eq!(counted, Some(REPEATS), "the edge did not reach {REPEATS} connections");
+    // Counts are read once a second and held for the join; none may come twice.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(edge_connections(), Some(REPEATS));
+    let status = driftwatch_e2e::stream::status(api).unwrap();
+    let folded = status.counters.iter().find(|counter| counter.name == "folds_connections").map_or(0, |counter| counter.value);
+    assert!((1..REPEATS).contains(&folded), "{folded} of {REPEATS} connections were folded");
+}
+
+#[test]
 fn listener_passed_over_unix_socket_names_receiver() {
     let mut world = World::start();
     let socket_dir = tempfile::tempdir().unwrap();

@@ -11,7 +11,7 @@ mod telemetry_common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use driftwatch::telemetry::event::{Event, TcpEventKind};
+use driftwatch::telemetry::event::{Event, FoldedFlow, TcpEventKind};
 use telemetry_common::{
     own_netns, raw_address, run_program, serve_one_connection, connect_once, start_scoped, Child,
     Recorder, TestCgroup,
@@ -256,6 +256,10 @@ async fn processes_outside_scope_not_reported() {
             Event::Accept(accept) => {
                 outside_pids.contains(&accept.pid) || accept.local.port() == server_port
             }
+            Event::Fold(fold) => match fold.flow {
+                FoldedFlow::Out { pid, server, .. } => outside_pids.contains(&pid) || server.port() == server_port,
+                FoldedFlow::In { server, .. } => server.port() == server_port,
+            },
         })
         .collect();
     assert!(

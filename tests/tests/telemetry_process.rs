@@ -76,7 +76,7 @@ fn table_from(events: &Recorder) -> ProcessTable {
                     table.mark_exe_deleted(tcp.pid);
                 }
             }
-            Event::Udp(_) | Event::Dns(_) => {}
+            Event::Udp(_) | Event::Dns(_) | Event::Fold(_) => {}
             Event::Accept(accept) => {
                 if let Some(lineage) = accept.lineage {
                     table.observe_lineage(accept.pid, lineage);

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::hub::{DeviationFilter, DeviationHub, HubConfig};
 use crate::api::server::{self, ApiListener, SocketAccess, DEFAULT_SOCKET_MODE};
-use crate::events::{EventHub, EventHubConfig};
+use crate::events::{EventHub, EventHubConfig, EventKind};
 use crate::api::tls::{ClientTls, ClientTlsFiles};
 use crate::api::{ListenAddr, ServerTlsArgs};
 use crate::labels::{self, CriSource, DockerSource, LabelSource, LookupConfig, DEFAULT_CRI_SOCKETS};
@@ -29,7 +29,7 @@ use crate::fleet::push::{run_pusher, PushConfig, PushCounters, PushSource};
 use crate::pipeline::{CgroupResolver, Pipeline, PipelineConfig, Shared};
 use crate::state::udp_reply::EphemeralPorts;
 use crate::reload::{self, ModelReloader, ReloadTrigger};
-use crate::telemetry::{self, CgroupPaths, TcpHook, Telemetry, TelemetryConfig};
+use crate::telemetry::{self, CgroupPaths, FoldSwitch, TcpHook, Telemetry, TelemetryConfig};
 use crate::view::{self, AgentStatusView};
 use crate::web::{self, live_view_config, LiveView, WebAddr, WebListener};
 
@@ -97,6 +97,14 @@ pub struct AgentArgs {
     /// `tracepoint` always takes the tracepoint.
     #[arg(long, value_enum, default_value_t = TcpHook::Auto)]
     pub tcp_hook: TcpHook,
+
+    /// Fold epoch in milliseconds. With the sock_ops hook, the first connection of a TCP flow
+    /// (a process and the server's address and port, or a local address and port and the client's
+    /// address) in each epoch is reported and the flow's later connections in it are counted in the
+    /// kernel, then added to the flow's edge about once a second. 0 reports every connection,
+    /// which raw TCP event subscribers may want.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_FOLD_WINDOW_MS))]
+    pub fold_window_ms: u64,
 
     /// Deviations kept for replay to new subscribers. With --collector it is also the buffer of
     /// deviations the collector has not acknowledged: what overflows it while the collector is
@@ -210,8 +218,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         ring_buffer_bytes: args.ring_buffer_kib.checked_mul(1024).context("--ring-buffer-kib is too large")?,
         channel_capacity: 65_536,
         tcp_hook: args.tcp_hook,
+        fold_window: Duration::from_millis(args.fold_window_ms),
     };
     let (mut telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
+    if args.fold_window_ms > 0 && !telemetry.tcp_from_sock_ops() {
+        tracing::warn!("repeated TCP connections are not folded: only the sock_ops hook folds, and it is not attached");
+    }
 
     let (commands, command_receiver) = tokio::sync::mpsc::channel(PIPELINE_COMMANDS);
     let reloader = Arc::new(ModelReloader::new(args.model.clone(), &model, &model_text, commands));
@@ -238,6 +250,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         label_replies_tx,
         cancel.clone(),
     ));
+
+    let fold_task = tokio::spawn(pause_folding_for_raw_tcp(telemetry.fold_switch(), event_hub.clone(), cancel.clone()));
 
     let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub.clone(), cgroup_resolver())
         .with_label_lookups(label_requests, label_replies)
@@ -392,6 +406,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         let _ = pipeline_task.await;
         let _ = server_task.await;
         let _ = lookup_task.await;
+        let _ = fold_task.await;
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
@@ -597,4 +612,43 @@ fn label_sources(docker_socket: &Path, cri_socket: Option<&Path>) -> Vec<Arc<dyn
         }
     }
     sources
+}
+
+/// Longest fold epoch, in milliseconds: a folded connection takes the processes of a reported one
+/// up to an epoch older.
+const MAX_FOLD_WINDOW_MS: u64 = 60_000;
+
+/// How often the agent checks whether a client streams raw TCP events.
+const RAW_TCP_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Makes the kernel report every TCP connection while a client streams raw TCP events, and fold
+/// repeated connections again when none does. Each connection then has its raw events.
+async fn pause_folding_for_raw_tcp(switch: FoldSwitch, events: Arc<EventHub>, cancel: CancellationToken) {
+    const TCP_KINDS: [EventKind; 5] = [
+        EventKind::TcpConnect,
+        EventKind::TcpEstablished,
+        EventKind::TcpConnectFailed,
+        EventKind::TcpAccept,
+        EventKind::TcpClose,
+    ];
+    let mut interval = tokio::time::interval(RAW_TCP_CHECK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let wanted = TCP_KINDS.iter().any(|kind| events.wants(*kind));
+        if wanted == paused {
+            continue;
+        }
+        match switch.report_every_connection(wanted) {
+            Ok(()) => {
+                paused = wanted;
+                tracing::info!(every_connection = wanted, "raw TCP event subscribers changed; TCP connection folding updated");
+            }
+            Err(error) => tracing::warn!(%error, every_connection = wanted, "failed to update TCP connection folding"),
+        }
+    }
 }

@@ -33,7 +33,7 @@ impl EventBuilder<'_> {
             Event::Exec(_) => EventKind::ProcessExec,
             Event::Fork(_) => EventKind::ProcessFork,
             Event::Exit(exit) if exit.pid == exit.tid => EventKind::ProcessExit,
-            Event::Exit(_) | Event::Credentials(_) => return None,
+            Event::Exit(_) | Event::Credentials(_) | Event::Fold(_) => return None,
             Event::Tcp(tcp) => match tcp.kind {
                 TcpEventKind::Connect => EventKind::TcpConnect,
                 TcpEventKind::Connected | TcpEventKind::Accepted => EventKind::TcpEstablished,
@@ -112,7 +112,7 @@ impl EventBuilder<'_> {
                 };
                 self.socket_event(kind, accept.ktime_ns, accept.pid, socket)
             }
-            Event::Dns(_) | Event::Credentials(_) => return None,
+            Event::Dns(_) | Event::Credentials(_) | Event::Fold(_) => return None,
         };
         Some(raw)
     }

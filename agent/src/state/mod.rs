@@ -6,3 +6,4 @@ pub mod seed;
 pub mod container;
 pub mod udp_reply;
 pub mod udp_local;
+pub mod folds;

@@ -9,14 +9,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
     AcceptRecord, CredRecord, CredSyscall, DnsRecord, ExecRecord, ExitRecord, ForkRecord, RecordHeader, RecordKind,
-    TcpKind, TcpRecord,
+    FoldKey, TcpKind, TcpRecord, FOLD_IN, FOLD_OUT,
     ARGV_CAPTURE_BYTES, EXEC_FLAG_ARGV_TRUNCATED, EXEC_FLAG_EXE_UNKNOWN, EXEC_FLAG_EXE_UNLINKED,
     EXEC_FLAG_LINEAGE_UNKNOWN, EXE_NAME_BYTES, FAMILY_INET, FAMILY_INET6, FILENAME_BYTES,
     TCP_FLAG_EXE_UNLINKED, DNS_CAPTURE_BYTES, UdpKind, UdpRecord,
 };
 
 use super::event::{
-    AcceptEvent, CredChange, CredEvent, Credentials, DnsEvent, Event, ExecEvent, ExitEvent, ForkEvent, Lineage,
+    AcceptEvent, FoldedFlow, CredChange, CredEvent, Credentials, DnsEvent, Event, ExecEvent, ExitEvent, ForkEvent, Lineage,
     TcpEvent, TcpEventKind, UdpEvent, UdpEventKind,
 };
 
@@ -292,6 +292,26 @@ fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
         exe_unlinked: record.flags & TCP_FLAG_EXE_UNLINKED != 0,
         cgroup_id: record.header.cgroup_id,
     }))
+}
+
+/// Names the flow of a [`MAP_FOLDS`](agent_common::MAP_FOLDS) entry with the addresses the TCP
+/// records of its connections carry, or `None` for an unknown family or direction.
+pub fn folded_flow(key: &FoldKey) -> Option<FoldedFlow> {
+    let address = |raw: &[u8; 16]| match key.family {
+        FAMILY_INET => Some(ipv4(raw)),
+        FAMILY_INET6 => Some(ipv6(*raw)),
+        _ => None,
+    };
+    let remote = address(&key.remote_addr)?;
+    match key.direction {
+        FOLD_OUT => Some(FoldedFlow::Out { netns: key.netns, pid: key.pid, server: SocketAddr::new(remote, key.remote_port) }),
+        FOLD_IN => Some(FoldedFlow::In {
+            netns: key.netns,
+            server: SocketAddr::new(address(&key.local_addr)?, key.local_port),
+            client: remote,
+        }),
+        _ => None,
+    }
 }
 
 /// Converts an IPv6 address, returning the IPv4 address it carries when it is IPv4-mapped

@@ -1,6 +1,6 @@
 //! Typed kernel events, decoded from the ring buffer records.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// One decoded kernel event. Times are `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +13,39 @@ pub enum Event {
     Udp(UdpEvent),
     Dns(DnsEvent),
     Accept(AcceptEvent),
+    /// Connections of one TCP flow that the kernel counted instead of reporting.
+    Fold(FoldEvent),
+}
+
+/// A TCP flow whose repeated connections the kernel counts, as the graph sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FoldedFlow {
+    /// Connections from a process on this host to `server`.
+    Out { netns: u32, pid: u32, server: SocketAddr },
+    /// Connections from `client` accepted on `server`, a local address and port.
+    In { netns: u32, server: SocketAddr, client: IpAddr },
+}
+
+/// What the kernel counted for a [`FoldedFlow`] since the agent last read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoldEvent {
+    pub flow: FoldedFlow,
+    /// Connections folded: connect calls of an outgoing flow, accepted connections of an
+    /// incoming one.
+    pub connects: u64,
+    /// Folded incoming connections taken back out of `connects`: a process outside the scope, or
+    /// another process than the one expected, accepted them.
+    pub taken_back: u64,
+    /// Folded outgoing connections that completed their handshake.
+    pub established: u64,
+    /// Folded outgoing connections refused or timed out.
+    pub failed: u64,
+    /// Folded connections closed, with their payload bytes.
+    pub closes: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Kernel time of the last change.
+    pub ktime_ns: u64,
 }
 
 /// A process took a connection off a listening socket with `accept()` or `accept4()`.

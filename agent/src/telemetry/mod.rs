@@ -12,6 +12,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod decode;
 pub mod event;
+mod fold;
 pub mod loader;
 pub mod seeded;
 pub mod probe;
@@ -22,10 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use agent_common::{
-    ConnectionKey, Counter, ListenerKey, ListenerOwner, SockOwner, DEFAULT_RING_BUFFER_BYTES, MAP_COUNTERS,
-    MAP_EVENTS, MAP_LISTENERS, MAP_SEEDED_CONNECTIONS,
+    MAP_FOLD_WINDOW, ConnectionKey, Counter, ListenerKey, ListenerOwner, SockOwner, DEFAULT_RING_BUFFER_BYTES, MAP_COUNTERS,
+    MAP_EVENTS, MAP_FOLDS, MAP_LISTENERS, MAP_SEEDED_CONNECTIONS,
 };
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -40,6 +41,39 @@ pub use event::Event;
 pub use loader::{HookStatus, TcpHook};
 pub use probe::HookSupport;
 
+/// Pauses and resumes the kernel's folding of repeated TCP connections while the agent runs.
+#[derive(Clone)]
+pub struct FoldSwitch {
+    map: Arc<std::sync::Mutex<Array<MapData, u64>>>,
+    window_ns: u64,
+}
+
+impl FoldSwitch {
+    /// Takes the kernel's fold window map and sets the configured window in it.
+    fn start(ebpf: &mut aya::Ebpf, window: std::time::Duration) -> Result<FoldSwitch, TelemetryError> {
+        let map_error = |source| TelemetryError::Map { name: MAP_FOLD_WINDOW, source };
+        let missing = || map_error(aya::maps::MapError::InvalidName { name: MAP_FOLD_WINDOW.to_string() });
+        let map = Array::try_from(ebpf.take_map(MAP_FOLD_WINDOW).ok_or_else(missing)?).map_err(map_error)?;
+        let switch = FoldSwitch {
+            map: Arc::new(std::sync::Mutex::new(map)),
+            window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+        };
+        switch.report_every_connection(false)?;
+        Ok(switch)
+    }
+
+    /// Makes the kernel report every TCP connection when `every` is true, and fold repeated ones
+    /// again, if the agent was started with a fold window, when it is false.
+    pub fn report_every_connection(&self, every: bool) -> Result<(), TelemetryError> {
+        let window = if every { 0 } else { self.window_ns };
+        let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.set(0, window, 0).map_err(|source| TelemetryError::Map { name: MAP_FOLD_WINDOW, source })
+    }
+}
+
+/// Default of [`TelemetryConfig::fold_window`].
+pub const DEFAULT_FOLD_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Settings of [`Telemetry::start`].
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
@@ -51,6 +85,10 @@ pub struct TelemetryConfig {
     pub channel_capacity: usize,
     /// Source of TCP state changes.
     pub tcp_hook: loader::TcpHook,
+    /// Fold epoch: a TCP connection of a flow that had one reported in the same epoch is counted
+    /// in the kernel instead of reported. Zero reports every connection. Only the `sock_ops` hook
+    /// folds.
+    pub fold_window: std::time::Duration,
 }
 
 impl Default for TelemetryConfig {
@@ -60,6 +98,7 @@ impl Default for TelemetryConfig {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             channel_capacity: 16384,
             tcp_hook: loader::TcpHook::Auto,
+            fold_window: DEFAULT_FOLD_WINDOW,
         }
     }
 }
@@ -166,6 +205,8 @@ pub struct Telemetry {
     support: Vec<HookSupport>,
     /// True when the accept offsets resolved, so the accept programs write records.
     accept_offsets_valid: bool,
+    /// Pauses folding while a client streams raw TCP events.
+    fold_switch: FoldSwitch,
     /// The runtime and channel of the reader, for the task that reports the close of connections
     /// opened before the agent.
     runtime: tokio::runtime::Handle,
@@ -238,11 +279,22 @@ impl Telemetry {
                 .map_err(|error| TelemetryError::Reactor(error.into()))?
         };
 
+        let fold_switch = FoldSwitch::start(&mut ebpf, config.fold_window)?;
+        let folds = if config.fold_window.is_zero() {
+            None
+        } else {
+            let map_error = |source| TelemetryError::Map { name: MAP_FOLDS, source };
+            let missing = || map_error(aya::maps::MapError::InvalidName { name: MAP_FOLDS.to_string() });
+            let map = ebpf.take_map(MAP_FOLDS).ok_or_else(missing)?;
+            let map = BpfHashMap::try_from(map).map_err(map_error)?;
+            Some(fold::FoldReader::new(map, config.fold_window))
+        };
         let (sender, receiver) = mpsc::channel(config.channel_capacity);
         let stats = Arc::new(ReaderStats::default());
         let cancel = CancellationToken::new();
         runtime.spawn(read_ring_buffer(
             ring,
+            folds,
             sender.clone(),
             stats.clone(),
             cancel.clone(),
@@ -261,11 +313,17 @@ impl Telemetry {
                 scope,
                 support,
                 accept_offsets_valid: accept_offsets.valid != 0,
+                fold_switch,
                 runtime,
                 sender,
             },
             receiver,
         ))
+    }
+
+    /// Returns the switch that pauses folding of repeated TCP connections.
+    pub fn fold_switch(&self) -> FoldSwitch {
+        self.fold_switch.clone()
     }
 
     /// Load and attach status of every hook, then one entry per hook kind probed at start-up
@@ -368,7 +426,7 @@ impl Telemetry {
         for &(netns, local, remote, pid) in connections {
             for (saddr, daddr) in kernel_address_forms(local.ip(), remote.ip()) {
                 let key = ConnectionKey { netns, sport: local.port(), dport: remote.port(), saddr, daddr };
-                map.insert(key, SockOwner { pid, flags: 0, netns, _reserved: 0 }, 0).map_err(map_error)?;
+                map.insert(key, SockOwner { pid, flags: 0, netns, exec: 0 }, 0).map_err(map_error)?;
             }
             added += 1;
         }
@@ -578,6 +636,7 @@ const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 /// dropped.
 async fn read_ring_buffer(
     mut ring: AsyncFd<RingBuf<aya::maps::MapData>>,
+    mut folds: Option<fold::FoldReader>,
     sender: mpsc::Sender<Event>,
     stats: Arc<ReaderStats>,
     cancel: CancellationToken,
@@ -592,6 +651,22 @@ async fn read_ring_buffer(
             _ = poll.tick() => {
                 if !drain(ring.get_mut(), &sender, &stats) {
                     return;
+                }
+                // Read right after the ring buffer, so that every flow's reported connection
+                // reaches the pipeline before the counts of the connections folded after it.
+                if let Some(folds) = folds.as_mut().filter(|folds| folds.due(std::time::Instant::now())) {
+                    if sender.is_closed() {
+                        return;
+                    }
+                    // A count the full channel does not take is sent again with the next read, so
+                    // it is not a drop.
+                    folds.read(std::time::Instant::now(), |event| {
+                        let sent = sender.try_send(event).is_ok();
+                        if sent {
+                            stats.events_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        sent
+                    });
                 }
             }
             ready = ring.readable_mut() => match ready {
@@ -628,24 +703,43 @@ fn drain(ring_buffer: &mut RingBuf<aya::maps::MapData>, sender: &mpsc::Sender<Ev
             }
         };
         tracing::trace!(?event, "kernel event");
-        match sender.try_send(event) {
-            Ok(()) => {
-                stats.events_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let dropped = stats.channel_drops.fetch_add(1, Ordering::Relaxed) + 1;
-                // Logged at 1, 2, 4, 8, ... drops so that a long overload stays readable.
-                if dropped.is_power_of_two() {
-                    tracing::error!(dropped, "event channel full; kernel events were dropped");
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::info!("event receiver dropped; ring buffer reader stops");
-                return false;
-            }
+        if forward(event, sender, stats) == Forwarded::Closed {
+            return false;
         }
     }
     true
+}
+
+/// What became of an event handed to the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forwarded {
+    Sent,
+    /// The channel was full; the event was counted as dropped.
+    Dropped,
+    /// The receiver is gone.
+    Closed,
+}
+
+/// Hands one event to the pipeline, counting it as dropped when the channel is full.
+fn forward(event: Event, sender: &mpsc::Sender<Event>, stats: &ReaderStats) -> Forwarded {
+    match sender.try_send(event) {
+        Ok(()) => {
+            stats.events_sent.fetch_add(1, Ordering::Relaxed);
+            Forwarded::Sent
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let dropped = stats.channel_drops.fetch_add(1, Ordering::Relaxed) + 1;
+            // Logged at 1, 2, 4, 8, ... drops so that a long overload stays readable.
+            if dropped.is_power_of_two() {
+                tracing::error!(dropped, "event channel full; kernel events were dropped");
+            }
+            Forwarded::Dropped
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            tracing::info!("event receiver dropped; ring buffer reader stops");
+            Forwarded::Closed
+        }
+    }
 }
 
 #[cfg(test)]

@@ -154,6 +154,18 @@ impl Recorder {
         }
     }
 
+    /// Waits until `done` holds for the events seen so far, for at most [`EVENT_TIMEOUT`].
+    pub async fn wait_until(&mut self, what: &str, done: impl Fn(&[Event]) -> bool) {
+        let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+        while !done(&self.seen) {
+            match tokio::time::timeout_at(deadline, self.receiver.recv()).await {
+                Ok(Some(event)) => self.seen.push(event),
+                Ok(None) => panic!("event channel closed while waiting for {what}"),
+                Err(_) => panic!("timed out after {EVENT_TIMEOUT:?} waiting for {what}; {} events seen", self.seen.len()),
+            }
+        }
+    }
+
     pub async fn wait_for_tcp(&mut self, what: &str, matches: impl Fn(&TcpEvent) -> bool) -> TcpEvent {
         match self
             .wait_for(
@@ -174,26 +186,28 @@ pub async fn start_scoped(cgroup: &TestCgroup) -> (Telemetry, Recorder) {
 
 /// Starts telemetry like [`start_scoped`], with TCP state changes from `tcp_hook`.
 pub async fn start_scoped_with(cgroup: &TestCgroup, tcp_hook: TcpHook) -> (Telemetry, Recorder) {
-    start_telemetry(Some(cgroup), tcp_hook).await
+    start_telemetry(Some(cgroup), TelemetryConfig { tcp_hook, ..TelemetryConfig::default() }).await
+}
+
+/// Starts telemetry like [`start_scoped`], with the fold epoch `fold_window` (zero reports every
+/// connection).
+pub async fn start_scoped_folding(cgroup: &TestCgroup, fold_window: std::time::Duration) -> (Telemetry, Recorder) {
+    start_telemetry(Some(cgroup), TelemetryConfig { fold_window, ..TelemetryConfig::default() }).await
 }
 
 /// Starts telemetry that observes the whole host.
 pub async fn start_unscoped() -> (Telemetry, Recorder) {
-    start_telemetry(None, TcpHook::Auto).await
+    start_telemetry(None, TelemetryConfig::default()).await
 }
 
-async fn start_telemetry(scope: Option<&TestCgroup>, tcp_hook: TcpHook) -> (Telemetry, Recorder) {
+async fn start_telemetry(scope: Option<&TestCgroup>, config: TelemetryConfig) -> (Telemetry, Recorder) {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
         "telemetry tests need root; run them with `cargo xtask test`"
     );
-    let config = TelemetryConfig {
-        scope_cgroup: scope.map(|cgroup| cgroup.path.clone()),
-        tcp_hook,
-        ..TelemetryConfig::default()
-    };
+    let config = TelemetryConfig { scope_cgroup: scope.map(|cgroup| cgroup.path.clone()), ..config };
     let (telemetry, receiver) = Telemetry::start(config).unwrap_or_else(|error| {
         let chain: Vec<String> = anyhow::Error::from(error)
             .chain()

@@ -1,0 +1,246 @@
+//! Repeated TCP connections that the kernel counts instead of reporting, on real connections: a
+//! process in scope that connects to a server in scope again and again (also an IPv4 client of a
+//! dual-stack listener), a client outside the scope whose connections fold on the accepting end
+//! only, and a zero fold epoch that reports every connection.
+
+mod telemetry_common;
+
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use driftwatch::telemetry::event::{Event, FoldEvent, FoldedFlow, TcpEvent, TcpEventKind};
+use telemetry_common::{own_netns, raw_address, report_port, start_scoped_folding, Child, RawAddress, Recorder, TestCgroup};
+
+const CONNECTIONS: usize = 40;
+
+/// Child body: listens on `address` (port 0), reports the port, then accepts `count` connections
+/// and closes each at once.
+fn serve_and_close(address: &RawAddress, count: usize, report: libc::c_int) -> i32 {
+    // SAFETY: raw socket calls on descriptors this function owns; `address` outlives them.
+    unsafe {
+        let listener = libc::socket(address.family, libc::SOCK_STREAM, 0);
+        if listener < 0 {
+            return 10;
+        }
+        if libc::bind(listener, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
+            return 11;
+        }
+        if libc::listen(listener, 64) != 0 {
+            return 12;
+        }
+        report_port(report, telemetry_common::local_port(listener));
+        for _ in 0..count {
+            let connection = libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut());
+            if connection < 0 {
+                return 13;
+            }
+            libc::close(connection);
+        }
+        libc::close(listener);
+    }
+    0
+}
+
+/// Child body: connects to `address` `count` times, one after another, each time reading until
+/// the server closes.
+fn connect_times(address: &RawAddress, count: usize, report: libc::c_int) -> i32 {
+    // SAFETY: as above.
+    unsafe {
+        for _ in 0..count {
+            let socket = libc::socket(address.family, libc::SOCK_STREAM, 0);
+            if socket < 0 {
+                return 20;
+            }
+            if libc::connect(socket, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
+                return 21;
+            }
+            let mut buffer = [0u8; 16];
+            while libc::read(socket, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
+            libc::close(socket);
+        }
+        report_port(report, 1);
+    }
+    0
+}
+
+/// Starts a server in `cgroup` that listens on `listen` and accepts `CONNECTIONS` connections;
+/// returns it and the IPv4 loopback address that reaches it.
+fn start_server_on(cgroup: &TestCgroup, listen: IpAddr) -> (Child, SocketAddr) {
+    let listen_address = raw_address(SocketAddr::new(listen, 0));
+    let server = Child::fork(Some(&cgroup.procs), |report| serve_and_close(&listen_address, CONNECTIONS, report));
+    let address = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server.read_port());
+    (server, address)
+}
+
+fn start_server(cgroup: &TestCgroup) -> (Child, SocketAddr) {
+    start_server_on(cgroup, IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+fn tcp_events<'a>(seen: &'a [Event], kind: TcpEventKind) -> impl Iterator<Item = &'a TcpEvent> {
+    seen.iter().filter_map(move |event| match event {
+        Event::Tcp(tcp) if tcp.kind == kind => Some(tcp),
+        _ => None,
+    })
+}
+
+/// The sum of the counts read for `flow`.
+fn folded(seen: &[Event], flow: FoldedFlow) -> FoldEvent {
+    let mut total = FoldEvent { flow, connects: 0, taken_back: 0, established: 0, failed: 0, closes: 0, bytes_sent: 0, bytes_received: 0, ktime_ns: 0 };
+    for event in seen {
+        let Event::Fold(fold) = event else { continue };
+        if fold.flow == flow {
+            total.connects += fold.connects;
+            total.taken_back += fold.taken_back;
+            total.established += fold.established;
+            total.failed += fold.failed;
+            total.closes += fold.closes;
+        }
+    }
+    total
+}
+
+fn connected_to(seen: &[Event], client_pid: u32, server: SocketAddr) -> Vec<TcpEvent> {
+    tcp_events(seen, TcpEventKind::Connected).filter(|tcp| tcp.pid == client_pid && tcp.remote == server).cloned().collect()
+}
+
+fn accepted_on(seen: &[Event], server: SocketAddr) -> Vec<TcpEvent> {
+    tcp_events(seen, TcpEventKind::Accepted).filter(|tcp| tcp.local == server).cloned().collect()
+}
+
+async fn wait_for_all(events: &mut Recorder, what: &str, done: impl Fn(&[Event]) -> bool) {
+    events.wait_until(what, done).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_connections_in_scope_fold_on_both_ends() {
+    both_ends_fold("fold-both", IpAddr::V4(Ipv4Addr::LOCALHOST)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_client_of_dual_stack_listener_folds_on_both_ends() {
+    // The accepted socket is IPv6 with the client's IPv4-mapped address, the client's is IPv4.
+    both_ends_fold("fold-dual", IpAddr::V6(Ipv6Addr::UNSPECIFIED)).await;
+}
+
+/// Connects `CONNECTIONS` times from one process in scope to a server in scope listening on
+/// `listen`, and checks that both ends of each connection are reported or both folded.
+async fn both_ends_fold(tag: &str, listen: IpAddr) {
+    let cgroup = TestCgroup::create(tag);
+    let (telemetry, mut events) = start_scoped_folding(&cgroup, Duration::from_secs(1)).await;
+    assert!(telemetry.tcp_from_sock_ops(), "{:#?}", telemetry.hooks());
+
+    let (server, server_address) = start_server_on(&cgroup, listen);
+    let connect_address = raw_address(server_address);
+    let client = Child::fork(Some(&cgroup.procs), |report| connect_times(&connect_address, CONNECTIONS, report));
+    let client_pid = client.pid as u32;
+    assert_eq!(client.wait(), 0, "client failed");
+    assert_eq!(server.wait(), 0, "server failed");
+
+    let out = FoldedFlow::Out { netns: own_netns(), pid: client_pid, server: server_address };
+    wait_for_all(&mut events, "every connection reported or counted", |seen| {
+        connected_to(seen, client_pid, server_address).len() as u64 + folded(seen, out).closes == CONNECTIONS as u64
+    })
+    .await;
+    let seen = &events.seen;
+    let reported = connected_to(seen, client_pid, server_address);
+    let counted = folded(seen, out);
+    // Each epoch of a second reports the flow's first connection; the loop takes well under one,
+    // so it crosses at most one epoch boundary.
+    assert!((1..=2).contains(&reported.len()), "reported {} of {CONNECTIONS}", reported.len());
+    assert_eq!(
+        (counted.connects, counted.established, counted.failed, counted.closes),
+        (CONNECTIONS as u64 - reported.len() as u64, CONNECTIONS as u64 - reported.len() as u64, 0, CONNECTIONS as u64 - reported.len() as u64),
+        "{counted:?}"
+    );
+    // The accepting end follows the connecting end: each reported connection has its accepted
+    // end, and no folded one is counted on the accepting side.
+    let accepted = accepted_on(seen, server_address);
+    assert_eq!(accepted.len(), reported.len(), "{accepted:#?}");
+    for connected in &reported {
+        assert!(
+            accepted.iter().any(|end| end.remote == connected.local),
+            "no accepted end for {}; accepted: {accepted:#?}",
+            connected.local
+        );
+    }
+    let incoming = FoldedFlow::In { netns: own_netns(), server: server_address, client: IpAddr::V4(Ipv4Addr::LOCALHOST) };
+    assert_eq!(folded(seen, incoming).connects, 0);
+    // Nothing of a folded connection reaches the ring buffer: neither its connect nor its closes.
+    let connects = tcp_events(seen, TcpEventKind::Connect).filter(|tcp| tcp.pid == client_pid).count();
+    assert_eq!(connects, reported.len());
+    let reported_socks: Vec<u64> = reported.iter().chain(&accepted).map(|tcp| tcp.sock).collect();
+    let closes: Vec<&TcpEvent> = tcp_events(seen, TcpEventKind::Close)
+        .filter(|tcp| tcp.local.port() == server_address.port() || tcp.remote == server_address)
+        .collect();
+    assert!(closes.iter().all(|close| reported_socks.contains(&close.sock)), "{closes:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_outside_scope_folds_on_the_accepting_end() {
+    let cgroup = TestCgroup::create("fold-in");
+    let (telemetry, mut events) = start_scoped_folding(&cgroup, Duration::from_secs(1)).await;
+    assert!(telemetry.tcp_from_sock_ops(), "{:#?}", telemetry.hooks());
+
+    let (server, server_address) = start_server(&cgroup);
+    let server_pid = server.pid as u32;
+    // This test process is outside the scope.
+    let client = std::thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let mut stream = std::net::TcpStream::connect(server_address).expect("connect");
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).expect("read until the server closes");
+        }
+    });
+    client.join().expect("client thread");
+    assert_eq!(server.wait(), 0, "server failed");
+
+    let incoming = FoldedFlow::In { netns: own_netns(), server: server_address, client: IpAddr::V4(Ipv4Addr::LOCALHOST) };
+    wait_for_all(&mut events, "every accepted connection reported or counted", |seen| {
+        accepted_on(seen, server_address).len() as u64 + folded(seen, incoming).closes == CONNECTIONS as u64
+    })
+    .await;
+    let seen = &events.seen;
+    let reported = accepted_on(seen, server_address);
+    let counted = folded(seen, incoming);
+    assert!((1..=2).contains(&reported.len()), "reported {} of {CONNECTIONS}", reported.len());
+    let folded_count = CONNECTIONS as u64 - reported.len() as u64;
+    assert_eq!((counted.connects, counted.closes, counted.established, counted.failed), (folded_count, folded_count, 0, 0));
+    // Only the reported connections have an accept record naming the server.
+    let accepts: Vec<_> = seen
+        .iter()
+        .filter_map(|event| match event {
+            Event::Accept(accept) if accept.local == server_address => Some(accept),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(accepts.len(), reported.len(), "{accepts:#?}");
+    assert!(accepts.iter().all(|accept| accept.pid == server_pid), "{accepts:#?}");
+    // The client is not in scope: no connecting end of it, reported or counted.
+    assert!(tcp_events(seen, TcpEventKind::Connected).all(|tcp| tcp.remote != server_address));
+    assert!(!seen.iter().any(|event| matches!(event, Event::Fold(fold) if matches!(fold.flow, FoldedFlow::Out { .. }))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_fold_window_reports_every_connection() {
+    let cgroup = TestCgroup::create("fold-off");
+    let (telemetry, mut events) = start_scoped_folding(&cgroup, Duration::ZERO).await;
+    assert!(telemetry.tcp_from_sock_ops(), "{:#?}", telemetry.hooks());
+
+    let (server, server_address) = start_server(&cgroup);
+    let connect_address = raw_address(server_address);
+    let client = Child::fork(Some(&cgroup.procs), |report| connect_times(&connect_address, CONNECTIONS, report));
+    let client_pid = client.pid as u32;
+    assert_eq!(client.wait(), 0, "client failed");
+    assert_eq!(server.wait(), 0, "server failed");
+
+    let client_closes = |seen: &[Event]| tcp_events(seen, TcpEventKind::Close).filter(|tcp| tcp.pid == client_pid).count();
+    wait_for_all(&mut events, "every connection, its accepted end and its close", |seen| {
+        connected_to(seen, client_pid, server_address).len() == CONNECTIONS
+            && accepted_on(seen, server_address).len() == CONNECTIONS
+            && client_closes(seen) == CONNECTIONS
+    })
+    .await;
+    let connects = tcp_events(&events.seen, TcpEventKind::Connect).filter(|tcp| tcp.pid == client_pid).count();
+    assert_eq!(connects, CONNECTIONS);
+}
