@@ -371,6 +371,12 @@ impl Pipeline {
         self
     }
 
+    /// Remembers each flow's observation from now on, for a kernel that folds repeated TCP
+    /// connections into counts.
+    pub fn track_folds(&mut self) {
+        self.folds.enable();
+    }
+
     /// Records remote ends of flows and listeners in `table` from now on, for a collector.
     pub fn track_endpoints(&mut self, table: Arc<Mutex<EndpointTable>>) {
         self.endpoints = Some(table);

@@ -261,6 +261,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if args.collector.is_some() {
         pipeline.track_endpoints(endpoints.clone());
     }
+    if args.fold_window_ms > 0 && telemetry.tcp_from_sock_ops() {
+        pipeline.track_folds();
+    }
     if telemetry.reports_acceptors() {
         pipeline.await_acceptors();
     } else {

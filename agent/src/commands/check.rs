@@ -199,6 +199,9 @@ async fn observe(args: &CheckArgs, model: Model) -> anyhow::Result<Observed> {
     let pipeline_config =
         PipelineConfig { ephemeral_ports: EphemeralPorts::read_or_default(), ..PipelineConfig::default() };
     let mut pipeline = Pipeline::new(pipeline_config, shared.clone(), hub, cgroup.resolver()?);
+    if telemetry.tcp_from_sock_ops() {
+        pipeline.track_folds();
+    }
     if telemetry.reports_acceptors() {
         pipeline.await_acceptors();
     }

@@ -40,12 +40,47 @@ pub struct FoldStats {
 /// The last observation of each folded flow, and the counts waiting to be applied.
 pub struct Folds {
     hold: Duration,
-    max_flows: usize,
-    flows: HashMap<FoldedFlow, FlowObservation>,
+    /// False until [`Folds::enable`]: without a kernel that folds, nothing is remembered.
+    enabled: bool,
+    flows: FlowTable,
     /// The last failed attempt of each outgoing flow, which its folded failures repeat.
-    failed: HashMap<FoldedFlow, FlowObservation>,
+    failed: FlowTable,
     held: VecDeque<(Instant, FoldEvent)>,
     pub stats: FoldStats,
+}
+
+/// Observations by flow, at most `max`; the flow remembered first goes first.
+struct FlowTable {
+    max: usize,
+    observations: HashMap<FoldedFlow, FlowObservation>,
+    order: VecDeque<FoldedFlow>,
+}
+
+impl FlowTable {
+    fn new(max: usize) -> Self {
+        FlowTable { max, observations: HashMap::default(), order: VecDeque::new() }
+    }
+
+    /// Inserts or replaces the observation of `key`. Returns true when another flow was forgotten
+    /// to make room; its next counts fall back to its own process until its next reported
+    /// connection.
+    fn insert(&mut self, key: FoldedFlow, observation: FlowObservation) -> bool {
+        if self.observations.insert(key, observation).is_some() {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() <= self.max {
+            return false;
+        }
+        if let Some(oldest) = self.order.pop_front() {
+            self.observations.remove(&oldest);
+        }
+        true
+    }
+
+    fn get(&self, key: &FoldedFlow) -> Option<&FlowObservation> {
+        self.observations.get(key)
+    }
 }
 
 impl Folds {
@@ -54,33 +89,44 @@ impl Folds {
     pub fn new(hold: Duration, max_flows: usize) -> Self {
         Folds {
             hold,
-            max_flows,
-            flows: HashMap::default(),
-            failed: HashMap::default(),
+            enabled: false,
+            flows: FlowTable::new(max_flows),
+            failed: FlowTable::new(max_flows),
             held: VecDeque::new(),
             stats: FoldStats::default(),
         }
     }
 
+    /// Remembers flows from now on, for a kernel that folds repeated connections.
+    pub fn enable(&mut self) {
+        self.enabled = true;
+    }
+
     /// Remembers `observation`, which `flow` became, for the kernel flows of its two ends.
     pub fn remember(&mut self, flow: &JoinedFlow, observation: &FlowObservation) {
+        if !self.enabled {
+            return;
+        }
         if let Some(client) = &flow.client {
             let key = FoldedFlow::Out { netns: client.netns, pid: client.pid, server: flow.server_addr };
-            insert(&mut self.flows, self.max_flows, &mut self.stats, key, observation.clone());
+            self.stats.flows_evicted += u64::from(self.flows.insert(key, observation.clone()));
         }
         if let Some(server) = &flow.server {
             // The kernel folds the accepting end on its own only when the connecting end is not a
             // process it reports, so the flow's count then has no client process.
             let key = FoldedFlow::In { netns: server.netns, server: flow.server_addr, client: flow.client_addr.ip() };
             let repeated = FlowObservation { client: None, netns: server.netns, ..observation.clone() };
-            insert(&mut self.flows, self.max_flows, &mut self.stats, key, repeated);
+            self.stats.flows_evicted += u64::from(self.flows.insert(key, repeated));
         }
     }
 
     /// Remembers a failed connection attempt by `pid`, which the flow's folded failures repeat.
     pub fn remember_failed(&mut self, pid: u32, netns: u32, observation: &FlowObservation) {
+        if !self.enabled {
+            return;
+        }
         let key = FoldedFlow::Out { netns, pid, server: observation.server_addr };
-        insert(&mut self.failed, self.max_flows, &mut self.stats, key, observation.clone());
+        self.stats.flows_evicted += u64::from(self.failed.insert(key, observation.clone()));
     }
 
     /// Queues a count from the kernel that arrived at `now`.
@@ -119,23 +165,6 @@ impl Folds {
     }
 }
 
-/// Inserts into a table of at most `max` flows, forgetting one other flow when it is full. A
-/// forgotten flow's next counts fall back to its own process until its next reported connection.
-fn insert(
-    table: &mut HashMap<FoldedFlow, FlowObservation>,
-    max: usize,
-    stats: &mut FoldStats,
-    key: FoldedFlow,
-    observation: FlowObservation,
-) {
-    if table.len() >= max && !table.contains_key(&key) {
-        if let Some(victim) = table.keys().next().copied() {
-            table.remove(&victim);
-            stats.flows_evicted += 1;
-        }
-    }
-    table.insert(key, observation);
-}
 
 /// Connections and failed attempts a count adds to its flow's edge: completed handshakes of an
 /// outgoing flow, accepted connections of an incoming one.

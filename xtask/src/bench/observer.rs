@@ -364,7 +364,8 @@ impl Running {
                     .sum();
                 Ok(Counters {
                     execs: value("pipeline_execs"),
-                    flows: value("pipeline_flows"),
+                    // Connections the kernel folded reach the graph as counts.
+                    flows: value("pipeline_flows") + value("folds_connections"),
                     lost: kernel + value("telemetry_channel_drops"),
                     audit_lost: 0,
                 })
@@ -393,6 +394,9 @@ impl Running {
             check_interrupted()?;
             let handled = value(&stream::status(api)?, "pipeline_events");
             if handled >= sent {
+                // Folded connections are read from the kernel once a second, and the pipeline
+                // applies them after its join and accept windows.
+                std::thread::sleep(Duration::from_millis(2_500));
                 return Ok(());
             }
             if Instant::now() >= deadline {
