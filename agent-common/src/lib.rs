@@ -50,6 +50,9 @@ pub const MAP_FOLD_WINDOW: &str = "FOLD_WINDOW";
 /// folded, so that the accepting end of a connection between two processes on this host is
 /// folded exactly when the connecting end was.
 pub const MAP_TCP_PAIRS: &str = "TCP_PAIRS";
+/// Per-CPU scratch space of the `sock_ops` program for its decision on an accepted connection,
+/// kept off its stack.
+pub const MAP_ACCEPT_SCRATCH: &str = "ACCEPT_SCRATCH";
 
 /// Every map the eBPF object defines.
 pub const MAPS: &[&str] = &[
@@ -66,6 +69,7 @@ pub const MAPS: &[&str] = &[
     MAP_FOLDS,
     MAP_FOLD_WINDOW,
     MAP_TCP_PAIRS,
+    MAP_ACCEPT_SCRATCH,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.
@@ -495,6 +499,9 @@ pub enum TcpKind {
     Connected = 2,
     ConnectFailed = 3,
     Listen = 4,
+    /// The handshake of an accepted connection completed. When the connecting end ran on this
+    /// host and its records were folded, the header's `tid` is that process and its `_reserved`
+    /// the connecting socket's network namespace, so that the connection joins both ends.
     Accepted = 5,
     Close = 6,
 }
@@ -971,9 +978,25 @@ pub struct PairKey {
     pub server_addr: [u8; 16],
 }
 
-/// [`MAP_TCP_PAIRS`] value: the connecting end was folded.
+/// Value type of [`MAP_TCP_PAIRS`]: the connecting end's choice and its outgoing [`FoldKey`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct PairValue {
+    /// [`PAIR_FOLDED`] or [`PAIR_REPORTED`].
+    pub choice: u32,
+    /// The connecting process.
+    pub pid: u32,
+    pub netns: u32,
+    pub exec: u32,
+    /// The connecting socket's family, which an IPv4-mapped address in the key hides.
+    pub family: u16,
+    pub _reserved: u16,
+    pub _reserved2: u32,
+}
+
+/// [`PairValue::choice`]: the connecting end was folded.
 pub const PAIR_FOLDED: u32 = 1;
-/// [`MAP_TCP_PAIRS`] value: the connecting end was reported.
+/// [`PairValue::choice`]: the connecting end was reported.
 pub const PAIR_REPORTED: u32 = 2;
 
 /// Key type of [`MAP_LISTENERS`]: the address a socket listens on, so that listeners of one port
@@ -1019,7 +1042,9 @@ pub struct ListenerOwner {
     /// Listening sockets on this (netns, port): an IPv4 and an IPv6 socket, or several with
     /// SO_REUSEPORT. The entry goes when the last of them closes.
     pub sockets: u32,
-    pub _reserved: u32,
+    /// Changes with each listen on the address, so that a new listener starts new incoming
+    /// [`FoldKey`]s; 0 for a listener the agent seeded.
+    pub serial: u32,
 }
 
 /// [`ListenerOwner::flags`] bit: the listener belongs to the agent; its accepts are not reported.
@@ -1150,6 +1175,7 @@ const _: () = assert!(size_of::<ArgvStash>() == 8 + ARGV_SCRATCH_BYTES);
 const _: () = assert!(size_of::<FoldKey>() == 56);
 const _: () = assert!(size_of::<FoldCounts>() == 80);
 const _: () = assert!(size_of::<PairKey>() == 40);
+const _: () = assert!(size_of::<PairValue>() == 24);
 const _: () = assert!(size_of::<SockOwner>() == 16);
 const _: () = assert!(size_of::<ListenerKey>() == 24);
 const _: () = assert!(size_of::<ListenerOwner>() == 16);

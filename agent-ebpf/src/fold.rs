@@ -5,22 +5,23 @@
 //! flow was reported, the flow's next connections in the same fold epoch only add to its counters
 //! in `FOLDS`. The agent reads the counters about once a second and counts them on the edge of the
 //! flow's last reported connection. The first connection of a flow in each epoch is reported in
-//! full, so a new flow is never delayed, and one that changed (a new process behind a listener,
-//! say) shows within an epoch.
+//! full, so a new flow is never delayed. An exec starts new outgoing flows of the process, and a
+//! listen new incoming flows on its address.
 //!
-//! The two ends of a connection between two processes on this host are folded together: the
-//! connecting end records its choice under the 4-tuple in `TCP_PAIRS`, and the accepting end
-//! follows it when its own flow was reported in the same epoch. Folded on one end only, the
-//! reported end would find no partner and the agent would take the connection for one with
-//! another host. The accepting end never follows into folding a flow it has not reported, so an
-//! entry that a process wrote for a 4-tuple of its choosing cannot hide a new client.
+//! The two ends of a connection between two processes on this host are folded together. Folded
+//! on one end only, the reported end would find no partner and the agent would take the
+//! connection for one with another host. The connecting end records its choice under the 4-tuple
+//! in `TCP_PAIRS`, and the accepting end follows it when its own flow was reported in the same
+//! epoch. Otherwise the accepting end is reported, names the connecting process in its record, and
+//! takes the connection back out of that end's count. So an entry that a process wrote for a
+//! 4-tuple of its choosing cannot hide a new client.
 //!
 //! Only the `sock_ops` program folds. The tracepoint learns a connection's local port after its
 //! connect, so it could not pair the two ends.
 
 use agent_common::{
-    FoldCounts, FoldKey, PairKey, SockOwner, TcpKind, FAMILY_INET, FAMILY_INET6, FOLD_IN, FOLD_OUT, PAIR_FOLDED,
-    PAIR_REPORTED, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_OUT, SOCKET_FLAG_FOLDED_PAIRED,
+    FoldCounts, FoldKey, PairKey, PairValue, SockOwner, TcpKind, FAMILY_INET, FAMILY_INET6, FOLD_IN, FOLD_OUT,
+    PAIR_FOLDED, PAIR_REPORTED, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_OUT, SOCKET_FLAG_FOLDED_PAIRED,
 };
 use core::{
     ptr::addr_of_mut,
@@ -43,47 +44,166 @@ pub(crate) fn enabled() -> bool {
 
 /// Decides whether a connect in scope is folded, and records the choice for the accepting end.
 /// Returns true when its records are to be counted instead of sent.
-#[inline(never)]
+// Two steps, each with its own key, so that neither frame with a callee's exceeds the verifier's
+// stack limit.
+#[inline(always)]
 pub(crate) fn fold_connect<F: TcpFields>(ctx: &F, pid: u32, netns: u32, exec: u32) -> bool {
-    let family = ctx.family();
-    let (local, remote) = ctx.addresses(family);
-    let remote_port = ctx.remote_port();
-    let folded = count_repeat(&outgoing_key(netns, pid, exec, family, remote, remote_port)).is_some();
-    let choice = if folded { PAIR_FOLDED } else { PAIR_REPORTED };
-    // An entry that no accept takes (a server on another host) ages out of the LRU map.
-    let _ = TCP_PAIRS.insert(&pair_key(family, local, ctx.local_port(), remote, remote_port), &choice, 0);
+    let folded = count_outgoing(ctx, pid, netns, exec);
+    record_pair(ctx, pid, netns, exec, folded);
     folded
 }
 
-/// Decides whether a connection accepted on a listener in scope is folded. Returns the
-/// `SOCKET_FLAG_FOLDED_*` bit for its socket, 0 to report it, in the upper 32 bits, and the
-/// process expected to accept it in the lower: the flow's last reported acceptor, 0 when unknown.
-/// (A BPF function returns one register.) `alone` is false when the
-/// connection's own flow must not fold it, only its connecting end's choice: the listener shares
-/// its address with others (SO_REUSEPORT), and each connection names the process that took it.
+/// Counts the connect in its outgoing flow when the flow had one reported in the epoch.
 #[inline(never)]
-pub(crate) fn fold_accepted<F: TcpFields>(ctx: &F, netns: u32, alone: bool) -> u64 {
+fn count_outgoing<F: TcpFields>(ctx: &F, pid: u32, netns: u32, exec: u32) -> bool {
+    let family = ctx.family();
+    let (_, remote) = ctx.addresses(family);
+    count_repeat(&outgoing_key(netns, pid, exec, family, remote, ctx.remote_port())).is_some()
+}
+
+/// Records the connecting end's choice under the connection's 4-tuple for its accepting end.
+#[inline(never)]
+fn record_pair<F: TcpFields>(ctx: &F, pid: u32, netns: u32, exec: u32, folded: bool) {
     let family = ctx.family();
     let (local, remote) = ctx.addresses(family);
-    let (local_port, remote_port) = (ctx.local_port(), ctx.remote_port());
-    let key = incoming_key(netns, family, local, local_port, remote);
-    let pair = pair_key(family, remote, remote_port, local, local_port);
+    let value = PairValue {
+        choice: if folded { PAIR_FOLDED } else { PAIR_REPORTED },
+        pid,
+        netns,
+        exec,
+        family,
+        _reserved: 0,
+        _reserved2: 0,
+    };
+    // An entry that no accept takes (a server on another host) ages out of the LRU map.
+    let _ = TCP_PAIRS.insert(&pair_key(family, local, ctx.local_port(), remote, ctx.remote_port()), &value, 0);
+}
+
+/// The decision of [`fold_accepted`] on an accepted connection, kept in `ACCEPT_SCRATCH`.
+#[repr(C)]
+pub(crate) struct AcceptedFold {
+    /// The `SOCKET_FLAG_FOLDED_*` bit for its socket, 0 to report it.
+    pub flag: u32,
+    /// The process expected to accept it: the flow's last reported acceptor, 0 when unknown.
+    pub acceptor: u32,
+    /// For a reported connection whose connecting end on this host was folded: that process and
+    /// its socket's network namespace, which the `Accepted` record carries, and the rest of its
+    /// outgoing flow's key.
+    pub client_pid: u32,
+    pub client_netns: u32,
+    pub client_exec: u32,
+    pub client_family: u16,
+}
+
+impl AcceptedFold {
+    /// A decision to report the connection, with no folded connecting end.
+    pub(crate) const REPORT: AcceptedFold =
+        AcceptedFold { flag: 0, acceptor: 0, client_pid: 0, client_netns: 0, client_exec: 0, client_family: 0 };
+}
+
+/// Decides whether a connection accepted on a listener in scope is folded, into `decision`.
+/// `serial` is the listener's ([`agent_common::ListenerOwner::serial`]). `alone` is false when
+/// the listener shares its address with others (SO_REUSEPORT): each connection must then name the
+/// process that took it, so none is folded.
+///
+/// A connection whose connecting end was folded is folded too when this end's flow, of this
+/// listener, was reported in the same epoch. Otherwise it is reported, and taken back out of the
+/// connecting end's count: a new listener, a listener of a group, or an epoch that ended during
+/// the handshake.
+// The steps are separate functions, each with its own keys, because one frame holding them all
+// and a callee's exceeds the verifier's stack limit.
+#[inline(always)]
+pub(crate) fn fold_accepted<F: TcpFields>(ctx: &F, netns: u32, serial: u32, alone: bool, decision: &mut AcceptedFold) {
+    let may_pair = alone && incoming_reported(ctx, netns, serial);
+    let choice = consult_pair(ctx, may_pair, decision);
+    if decision.flag != 0 {
+        return;
+    }
+    if decision.client_pid != 0 {
+        take_back_connect(ctx, decision);
+    }
+    if choice != 0 || !alone {
+        note_incoming(ctx, netns, serial);
+        return;
+    }
+    fold_incoming(ctx, netns, serial, decision);
+}
+
+/// True when this connection's incoming flow had a connection reported in the current epoch.
+#[inline(never)]
+fn incoming_reported<F: TcpFields>(ctx: &F, netns: u32, serial: u32) -> bool {
+    let family = ctx.family();
+    let (local, remote) = ctx.addresses(family);
+    reported_this_epoch(&incoming_key(netns, serial, family, local, ctx.local_port(), remote))
+}
+
+/// Takes the connecting end's entry for this connection, if it runs on this host, and returns its
+/// choice (0 when there is none). A folded connecting end folds this end too when `may_pair`:
+/// this end's flow was reported in the epoch. Otherwise it is taken back and named in `decision`.
+#[inline(never)]
+fn consult_pair<F: TcpFields>(ctx: &F, may_pair: bool, decision: &mut AcceptedFold) -> u32 {
+    let family = ctx.family();
+    let (local, remote) = ctx.addresses(family);
+    let pair = pair_key(family, remote, ctx.remote_port(), local, ctx.local_port());
     // SAFETY: the value is copied out before the entry is removed.
-    if let Some(choice) = unsafe { TCP_PAIRS.get(&pair) }.copied() {
-        let _ = TCP_PAIRS.remove(&pair);
-        if choice == PAIR_FOLDED && reported_this_epoch(&key) {
-            return u64::from(SOCKET_FLAG_FOLDED_PAIRED) << 32;
+    let Some(client) = (unsafe { TCP_PAIRS.get(&pair) }.copied()) else { return 0 };
+    let _ = TCP_PAIRS.remove(&pair);
+    if client.choice == PAIR_FOLDED {
+        if may_pair {
+            decision.flag = SOCKET_FLAG_FOLDED_PAIRED;
+        } else {
+            decision.client_pid = client.pid;
+            decision.client_netns = client.netns;
+            decision.client_exec = client.exec;
+            decision.client_family = client.family;
         }
-        note_reported(&key);
-        return 0;
     }
-    if !alone {
-        note_reported(&key);
-        return 0;
+    client.choice
+}
+
+/// Marks this connection's incoming flow reported in the current epoch.
+#[inline(never)]
+fn note_incoming<F: TcpFields>(ctx: &F, netns: u32, serial: u32) {
+    let family = ctx.family();
+    let (local, remote) = ctx.addresses(family);
+    note_reported(&incoming_key(netns, serial, family, local, ctx.local_port(), remote));
+}
+
+/// Folds this connection into its incoming flow when the flow had one reported in the epoch.
+#[inline(never)]
+fn fold_incoming<F: TcpFields>(ctx: &F, netns: u32, serial: u32, decision: &mut AcceptedFold) {
+    let family = ctx.family();
+    let (local, remote) = ctx.addresses(family);
+    if let Some(acceptor) = count_repeat(&incoming_key(netns, serial, family, local, ctx.local_port(), remote)) {
+        decision.flag = SOCKET_FLAG_FOLDED_IN;
+        decision.acceptor = acceptor;
     }
-    match count_repeat(&key) {
-        Some(acceptor) => u64::from(SOCKET_FLAG_FOLDED_IN) << 32 | u64::from(acceptor),
-        None => 0,
+}
+
+/// Takes the folded connect that `decision` names back out of its outgoing flow's count, because
+/// its accepting end is reported with it.
+#[inline(never)]
+fn take_back_connect<F: TcpFields>(ctx: &F, decision: &AcceptedFold) {
+    let family = ctx.family();
+    let local = ctx.local_address(family);
+    // The connecting socket's view of this address: an IPv4-mapped one when only one of the two
+    // sockets is IPv6.
+    let server = match (decision.client_family, family) {
+        (FAMILY_INET6, FAMILY_INET) => map_ipv4(&local),
+        (FAMILY_INET, FAMILY_INET6) => unmap(&local),
+        _ => local,
+    };
+    let key = outgoing_key(
+        decision.client_netns,
+        decision.client_pid,
+        decision.client_exec,
+        decision.client_family,
+        server,
+        ctx.local_port(),
+    );
+    if let Some(counts) = FOLDS.get_ptr_mut(&key) {
+        // SAFETY: as in `fold_end`.
+        unsafe { add(addr_of_mut!((*counts).taken_back), 1) };
     }
 }
 
@@ -99,7 +219,7 @@ pub(crate) fn fold_end<F: TcpFields>(ctx: &F, skaddr: u64, owner: &SockOwner, ki
     let key = if outgoing {
         outgoing_key(owner.netns, owner.pid, owner.exec, family, remote, ctx.remote_port())
     } else {
-        incoming_key(owner.netns, family, local, ctx.local_port(), remote)
+        incoming_key(owner.netns, owner.exec, family, local, ctx.local_port(), remote)
     };
     if outgoing && kind == TcpKind::ConnectFailed {
         // The attempt no accept will take: its entry would otherwise wait in the LRU map.
@@ -181,9 +301,16 @@ fn outgoing_key(netns: u32, pid: u32, exec: u32, family: u16, remote: [u8; 16], 
 }
 
 /// Returns the key of the incoming flow of a connection that reached `local`:`local_port` from
-/// `remote`.
+/// `remote`, on the listener with `serial`.
 #[inline(always)]
-pub(crate) fn incoming_key(netns: u32, family: u16, local: [u8; 16], local_port: u16, remote: [u8; 16]) -> FoldKey {
+pub(crate) fn incoming_key(
+    netns: u32,
+    serial: u32,
+    family: u16,
+    local: [u8; 16],
+    local_port: u16,
+    remote: [u8; 16],
+) -> FoldKey {
     FoldKey {
         netns,
         pid: 0,
@@ -193,7 +320,7 @@ pub(crate) fn incoming_key(netns: u32, family: u16, local: [u8; 16], local_port:
         remote_port: 0,
         local_addr: local,
         remote_addr: remote,
-        exec: 0,
+        exec: serial,
         _reserved: 0,
     }
 }
@@ -216,6 +343,12 @@ fn pair_key(family: u16, client: [u8; 16], client_port: u16, server: [u8; 16], s
 fn is_ipv4_mapped(address: &[u8; 16]) -> bool {
     let [a, b, c, d, e, f, g, h, i, j, k, l, ..] = *address;
     (a | b | c | d | e | f | g | h | i | j) == 0 && k == 0xff && l == 0xff
+}
+
+#[inline(always)]
+fn map_ipv4(address: &[u8; 16]) -> [u8; 16] {
+    let [a, b, c, d, ..] = *address;
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
 }
 
 #[inline(always)]
@@ -244,7 +377,7 @@ fn reported_this_epoch(key: &FoldKey) -> bool {
 }
 
 /// Marks the flow of `key` reported in the current epoch.
-#[inline(always)]
+#[inline(never)]
 fn note_reported(key: &FoldKey) {
     let Some((now, epoch)) = now_and_epoch() else { return };
     match FOLDS.get_ptr_mut(key) {
@@ -284,11 +417,37 @@ fn count_repeat(key: &FoldKey) -> Option<u32> {
 
 /// Adds the entry of a flow reported now. Another CPU that added it first keeps its entry, and a
 /// full map leaves the flow's connections reported one by one.
-#[inline(always)]
+#[inline(never)]
 fn insert(key: &FoldKey, epoch: u64, now: u64) {
-    let counts = FoldCounts { epoch, last_ns: now, ..FoldCounts::default() };
-    let _ = FOLDS.insert(key, &counts, BPF_NOEXIST);
+    // Inserted from a static, so that the value takes no room in the frame of `fold_connect`,
+    // which calls this with its own keys on the stack.
+    if FOLDS.insert(key, &EMPTY_COUNTS, BPF_NOEXIST).is_err() {
+        return;
+    }
+    if let Some(counts) = FOLDS.get_ptr_mut(key) {
+        // SAFETY: the pointer is to this map's value, valid during the program.
+        unsafe {
+            (*counts).epoch = epoch;
+            (*counts).last_ns = now;
+        }
+    }
 }
+
+/// The counters of a new flow, before its epoch is set. Between the insert and that store, a
+/// connection of the flow on another CPU finds epoch 0 and is reported.
+static EMPTY_COUNTS: FoldCounts = FoldCounts {
+    epoch: 0,
+    connects: 0,
+    established: 0,
+    failed: 0,
+    closes: 0,
+    bytes_sent: 0,
+    bytes_received: 0,
+    last_ns: 0,
+    taken_back: 0,
+    acceptor: 0,
+    _reserved: 0,
+};
 
 /// `bpf_map_update_elem` flag: fail instead of replacing an entry.
 const BPF_NOEXIST: u64 = 1;

@@ -28,7 +28,7 @@ mod udp;
 use core::ptr::read_volatile;
 
 use agent_common::{
-    AcceptOffsets, ArgvStash, ConnectionKey, Counter, FoldCounts, FoldKey, KernelOffsets, PairKey, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
+    AcceptOffsets, ArgvStash, ConnectionKey, Counter, FoldCounts, FoldKey, KernelOffsets, PairKey, PairValue, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
     DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES, FOLDS_MAX_ENTRIES, TCP_PAIRS_MAX_ENTRIES,
     LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_BINDS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
     UdpFlowCounts, UdpFlowKey,
@@ -101,7 +101,10 @@ static FOLDS: HashMap<FoldKey, FoldCounts> = HashMap::with_max_entries(FOLDS_MAX
 static FOLD_WINDOW: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
-static TCP_PAIRS: LruHashMap<PairKey, u32> = LruHashMap::with_max_entries(TCP_PAIRS_MAX_ENTRIES, 0);
+static ACCEPT_SCRATCH: PerCpuArray<fold::AcceptedFold> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static TCP_PAIRS: LruHashMap<PairKey, PairValue> = LruHashMap::with_max_entries(TCP_PAIRS_MAX_ENTRIES, 0);
 
 #[map]
 static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);

@@ -34,7 +34,7 @@ use core::ptr::{addr_of, read_volatile};
 
 use crate::{
     count, current_cgroup_id, fold, tracepoint_address, tracepoint_field, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
-    EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SEEDED_CONNECTIONS, SOCKETS,
+    ACCEPT_SCRATCH, EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SEEDED_CONNECTIONS, SOCKETS,
 };
 
 // Offsets in the record, from events/sock/inet_sock_set_state/format in tracefs.
@@ -282,6 +282,8 @@ struct Owner {
     current: bool,
     /// Network namespace of the socket when already known, 0 to read it from the socket.
     netns: u32,
+    /// In an Accepted record, the network namespace of a folded connecting end (see `TcpKind`).
+    peer_netns: u32,
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
@@ -338,6 +340,7 @@ fn on_connect<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         cgroup_id: current_cgroup_id(),
         current: true,
         netns,
+        peer_netns: 0,
     };
     emit(ctx, skaddr, TcpKind::Connect, &owner)?;
     Ok(true)
@@ -393,6 +396,7 @@ fn on_handshake_end<F: TcpFields>(
             cgroup_id: 0,
             current: false,
             netns,
+            peer_netns: 0,
         },
     )
 }
@@ -441,6 +445,7 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         current: true,
         // The listener key carries the namespace, read from this socket.
         netns: key.netns,
+        peer_netns: 0,
     };
     emit(ctx, skaddr, TcpKind::Listen, &owner)?;
     Ok(true)
@@ -487,31 +492,40 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         None if scope_enabled() => return Ok(false),
         None => 0,
     };
+    let serial = listener.map_or(0, |listener| listener.serial);
+    // The decision is kept in a per-CPU map: this program's stack has no room for it.
+    let Some(decision) = ACCEPT_SCRATCH.get_ptr_mut(0) else { return Ok(false) };
+    // SAFETY: the pointer is to this CPU's slot of the map, valid during the program and written
+    // by no other program run at the same time.
+    let decision = unsafe { &mut *decision };
+    *decision = fold::AcceptedFold::REPORT;
     if F::FOLDS && fold::enabled() {
         let shared = listener.is_some_and(|listener| listener.sockets > 1);
-        let decision = fold::fold_accepted(ctx, key.netns, !shared);
-        let (folded, acceptor) = ((decision >> 32) as u32, decision as u32);
-        if folded != 0 {
+        fold::fold_accepted(ctx, key.netns, serial, !shared, decision);
+        if decision.flag != 0 {
             // The expected acceptor lets the accept program tell at once that it took the socket.
-            let owner = if acceptor != 0 { acceptor } else { listener_pid };
-            track_socket(skaddr, owner, folded, key.netns, 0);
+            let owner = if decision.acceptor != 0 { decision.acceptor } else { listener_pid };
+            track_socket(skaddr, owner, decision.flag, key.netns, serial);
             return Ok(true);
         }
     }
     // The listener key carries the namespace, read from this socket. The listener's owner is
     // recorded as the socket's owner until an `accept` program names the process that took it.
-    // That program skips most of its work when it is the same process.
-    track_socket(skaddr, listener_pid, 0, key.netns, 0);
+    // That program skips most of its work when it is the same process. The listener's serial
+    // names the socket's incoming flow.
+    track_socket(skaddr, listener_pid, 0, key.netns, serial);
     emit(
         ctx,
         skaddr,
         TcpKind::Accepted,
         &Owner {
             pid: 0,
-            tid: 0,
+            // A connecting end on this host that was folded, so that the record joins it.
+            tid: decision.client_pid,
             cgroup_id: 0,
             current: false,
             netns: key.netns,
+            peer_netns: decision.client_netns,
         },
     )?;
     Ok(true)
@@ -534,13 +548,20 @@ fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
             (*owner).sockets = (*owner).sockets.saturating_add(1);
             (*owner).pid = pid;
             (*owner).flags = flags;
+            (*owner).serial = listen_serial();
         }
         return;
     }
-    let owner = ListenerOwner { pid, flags, sockets: 1, _reserved: 0 };
+    let owner = ListenerOwner { pid, flags, sockets: 1, serial: listen_serial() };
     if LISTENERS.insert(key, &owner, 0).is_err() {
         count(Counter::TcpListenerMapFull);
     }
+}
+
+/// A serial for a listen: the low bits of the time, never 0 (the seeded listeners' serial).
+#[inline(always)]
+fn listen_serial() -> u32 {
+    ktime_ns() as u32 | 1
 }
 
 fn listener_key<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<ListenerKey, i64> {
@@ -622,7 +643,7 @@ fn emit<F: TcpFields>(ctx: &F, skaddr: u64, kind: TcpKind, owner: &Owner) -> Res
             kind: RecordKind::Tcp as u32,
             pid: owner.pid,
             tid: owner.tid,
-            _reserved: 0,
+            _reserved: owner.peer_netns,
             ktime_ns: ktime_ns(),
             cgroup_id: owner.cgroup_id,
         },

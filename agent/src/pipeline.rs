@@ -767,8 +767,15 @@ impl Pipeline {
                 self.observe_flows(flows);
             }
             TcpEventKind::Accepted => {
-                let processes = &self.processes;
                 let time = self.clock.to_system(tcp.ktime_ns);
+                // The kernel folded the connecting end of this connection, so its end comes with
+                // this record, and the two join as if it had been reported.
+                if let Some((pid, netns)) = tcp.folded_client {
+                    let process = self.processes.get(pid);
+                    let flows = self.sockets.on_connected(process, pid, netns, tcp.remote, tcp.local, now, time);
+                    self.observe_flows(flows);
+                }
+                let processes = &self.processes;
                 let flows =
                     self.sockets.on_accepted(|pid| processes.get(pid), tcp.sock, tcp.netns, tcp.local, tcp.remote, now, time);
                 self.observe_flows(flows);
@@ -1206,6 +1213,10 @@ async fn recv_reply(replies: &mut Option<mpsc::Receiver<LabelReply>>) -> Option<
 #[cfg(test)]
 #[path = "pipeline_udp_tests.rs"]
 mod udp_tests;
+
+#[cfg(test)]
+#[path = "pipeline_fold_tests.rs"]
+mod fold_tests;
 
 #[cfg(test)]
 mod tests {

@@ -283,5 +283,6 @@ fn tcp_event(ktime_ns: u64, kind: TcpEventKind, pid: u32, local: SocketAddr, rem
         lineage: None,
         exe_unlinked: false,
         cgroup_id: 0,
+        folded_client: None,
     }
 }

@@ -23,6 +23,9 @@ fn serve_and_close(address: &RawAddress, count: usize, report: libc::c_int) -> i
         if listener < 0 {
             return 10;
         }
+        // A later server takes the port while this one's closed connections wait in TIME_WAIT.
+        let on: libc::c_int = 1;
+        libc::setsockopt(listener, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&on as *const libc::c_int).cast(), 4);
         if libc::bind(listener, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
             return 11;
         }
@@ -45,6 +48,14 @@ fn serve_and_close(address: &RawAddress, count: usize, report: libc::c_int) -> i
 /// Child body: connects to `address` `count` times, one after another, each time reading until
 /// the server closes.
 fn connect_times(address: &RawAddress, count: usize, report: libc::c_int) -> i32 {
+    let code = connect_repeatedly(address, count);
+    report_port(report, 1);
+    code
+}
+
+/// Connects to `address` `count` times, one after another, each time reading until the server
+/// closes; returns 0, or the step that failed.
+fn connect_repeatedly(address: &RawAddress, count: usize) -> i32 {
     // SAFETY: as above.
     unsafe {
         for _ in 0..count {
@@ -59,7 +70,6 @@ fn connect_times(address: &RawAddress, count: usize, report: libc::c_int) -> i32
             while libc::read(socket, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
             libc::close(socket);
         }
-        report_port(report, 1);
     }
     0
 }
@@ -174,6 +184,62 @@ async fn both_ends_fold(tag: &str, listen: IpAddr) {
         .filter(|tcp| tcp.local.port() == server_address.port() || tcp.remote == server_address)
         .collect();
     assert!(closes.iter().all(|close| reported_socks.contains(&close.sock)), "{closes:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_server_on_port_is_reported() {
+    let cgroup = TestCgroup::create("fold-swap");
+    // A long epoch, so that both servers' connections fall in one.
+    let (telemetry, mut events) = start_scoped_folding(&cgroup, Duration::from_secs(5)).await;
+    assert!(telemetry.tcp_from_sock_ops(), "{:#?}", telemetry.hooks());
+
+    let (first, server_address) = start_server(&cgroup);
+    let connect_address = raw_address(server_address);
+    let mut go = [0 as libc::c_int; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    // One client process connects to the first server, waits, then connects to the second.
+    let client = Child::fork(Some(&cgroup.procs), |report| {
+        let code = connect_repeatedly(&connect_address, CONNECTIONS / 2);
+        report_port(report, 1);
+        let mut byte = [0u8; 1];
+        // SAFETY: reads one byte into a local array.
+        unsafe { libc::read(go[0], byte.as_mut_ptr().cast(), 1) };
+        let second = connect_repeatedly(&connect_address, CONNECTIONS / 2);
+        if code != 0 { code } else { second }
+    });
+    let client_pid = client.pid as u32;
+    client.read_port();
+    // The first server accepted its share and stopped; it takes CONNECTIONS in all, so end it.
+    // SAFETY: the signal goes to the child this test forked.
+    unsafe { libc::kill(first.pid, libc::SIGKILL) };
+    first.wait();
+    let second_listen = raw_address(server_address);
+    let second = Child::fork(Some(&cgroup.procs), |report| serve_and_close(&second_listen, CONNECTIONS / 2, report));
+    let second_pid = second.pid as u32;
+    assert_eq!(second.read_port(), server_address.port());
+    // SAFETY: writes one byte from a local array to the pipe this test made.
+    unsafe { libc::write(go[1], [1u8].as_ptr().cast(), 1) };
+    assert_eq!(client.wait(), 0, "client failed");
+    assert_eq!(second.wait(), 0, "second server failed");
+
+    let listen = events
+        .wait_for_tcp("the second server's listen", |tcp| tcp.kind == TcpEventKind::Listen && tcp.pid == second_pid)
+        .await;
+    // The second server's first connection is reported, with the folded client's process.
+    let accepted = events
+        .wait_for_tcp("a connection accepted by the second server", |tcp| {
+            tcp.kind == TcpEventKind::Accepted && tcp.local == server_address && tcp.ktime_ns > listen.ktime_ns
+        })
+        .await;
+    let joined = accepted.folded_client.is_some_and(|(pid, netns)| pid == client_pid && netns == own_netns())
+        || connected_to(&events.seen, client_pid, server_address).iter().any(|tcp| tcp.local == accepted.remote);
+    assert!(joined, "the accepted end names no client: {accepted:#?}");
+    // SAFETY: closes the descriptors pipe returned.
+    unsafe {
+        libc::close(go[0]);
+        libc::close(go[1]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -170,7 +170,8 @@ impl Folds {
 /// outgoing flow, accepted connections of an incoming one.
 pub fn repeats(fold: &FoldEvent) -> (u64, u64) {
     match fold.flow {
-        FoldedFlow::Out { .. } => (fold.established, fold.failed),
+        // A connect taken back was reported with its accepting end.
+        FoldedFlow::Out { .. } => (fold.established.saturating_sub(fold.taken_back), fold.failed),
         // A connection taken back in a later read than its count stays counted.
         FoldedFlow::In { .. } => (fold.connects.saturating_sub(fold.taken_back), 0),
     }

@@ -291,6 +291,8 @@ fn decode_tcp(bytes: &[u8]) -> Result<Event, DecodeError> {
         lineage: lineage(&record.lineage),
         exe_unlinked: record.flags & TCP_FLAG_EXE_UNLINKED != 0,
         cgroup_id: record.header.cgroup_id,
+        folded_client: (kind == TcpEventKind::Accepted && record.header.tid != 0)
+            .then_some((record.header.tid, record.header._reserved)),
     }))
 }
 

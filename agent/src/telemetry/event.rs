@@ -234,6 +234,9 @@ pub struct TcpEvent {
     pub exe_unlinked: bool,
     /// cgroup v2 id of the owning process in `Connect` and `Listen` events, 0 in the others.
     pub cgroup_id: u64,
+    /// In an `Accepted` event: the connecting process on this host and its socket's network
+    /// namespace, when the kernel folded that end's records into a count.
+    pub folded_client: Option<(u32, u32)>,
 }
 
 impl TcpEvent {

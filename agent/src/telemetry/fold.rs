@@ -62,7 +62,7 @@ impl FoldReader {
             };
             let (before, unchanged) = self.last.get(&key).copied().unwrap_or_default();
             let unchanged = if counts == before { unchanged + 1 } else { 0 };
-            if unchanged >= self.idle_reads && open_connections(&counts) == 0 {
+            if unchanged >= self.idle_reads && open_connections(&key, &counts) == 0 {
                 idle.push((key, counts));
                 continue;
             }
@@ -93,8 +93,11 @@ impl FoldReader {
 }
 
 /// Connections of the flow counted as started and not yet as ended.
-fn open_connections(counts: &FoldCounts) -> u64 {
-    counts.connects.saturating_sub(counts.failed + counts.closes + counts.taken_back)
+fn open_connections(key: &FoldKey, counts: &FoldCounts) -> u64 {
+    // A connect taken back stays a folded socket whose close is counted; an accepted connection
+    // taken back is reported from then on, and its close with it.
+    let taken_back = if key.direction == agent_common::FOLD_IN { counts.taken_back } else { 0 };
+    counts.connects.saturating_sub(counts.failed + counts.closes + taken_back)
 }
 
 /// Returns the event for what changed between two reads of a flow's counters, `None` when no
@@ -201,8 +204,10 @@ mod tests {
     #[test]
     fn open_connections_after_ends() {
         let counts = FoldCounts { connects: 10, failed: 2, closes: 5, taken_back: 1, ..FoldCounts::default() };
-        assert_eq!(open_connections(&counts), 2);
+        assert_eq!(open_connections(&key(FOLD_IN), &counts), 2);
+        // An outgoing connect taken back still closes as a folded socket.
+        assert_eq!(open_connections(&key(FOLD_OUT), &counts), 3);
         let closed = FoldCounts { closes: 7, ..counts };
-        assert_eq!(open_connections(&closed), 0);
+        assert_eq!(open_connections(&key(FOLD_IN), &closed), 0);
     }
 }

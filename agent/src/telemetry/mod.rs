@@ -360,7 +360,7 @@ impl Telemetry {
             std::collections::HashMap::new();
         for &(netns, local, pid, _) in listeners {
             for form in forms(netns, local) {
-                counts.entry(form).or_insert(ListenerOwner { pid, flags: 0, sockets: 0, _reserved: 0 }).sockets += 1;
+                counts.entry(form).or_insert(ListenerOwner { pid, flags: 0, sockets: 0, serial: 0 }).sockets += 1;
             }
         }
         let mut added = std::collections::HashSet::new();

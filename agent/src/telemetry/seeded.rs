@@ -148,5 +148,6 @@ fn close_event(netns: u32, local: SocketAddr, remote: SocketAddr, pid: u32) -> E
         lineage: None,
         exe_unlinked: false,
         cgroup_id: 0,
+        folded_client: None,
     })
 }
