@@ -894,8 +894,8 @@ pub const SOCKET_FLAG_FOLDED_OUT: u32 = 2;
 /// [`SockOwner::flags`] bit: an accepted socket whose records are counted in its incoming
 /// [`FoldKey`] instead of sent.
 pub const SOCKET_FLAG_FOLDED_IN: u32 = 4;
-/// [`SockOwner::flags`] bit: an accepted socket whose connecting end on this host was folded,
-/// so that end's flow counts the connection; its records are neither sent nor counted.
+/// [`SockOwner::flags`] bit: an accepted socket whose connecting end on this host was folded, so
+/// that end's flow counts the connection. Its own records are neither sent nor counted.
 pub const SOCKET_FLAG_FOLDED_PAIRED: u32 = 8;
 /// Every `SOCKET_FLAG_FOLDED_*` bit.
 pub const SOCKET_FLAGS_FOLDED: u32 = SOCKET_FLAG_FOLDED_OUT | SOCKET_FLAG_FOLDED_IN | SOCKET_FLAG_FOLDED_PAIRED;
@@ -905,11 +905,11 @@ pub const FOLD_OUT: u16 = 1;
 /// [`FoldKey::direction`] of a flow accepted on a listener of this host.
 pub const FOLD_IN: u16 = 2;
 
-/// Key type of [`MAP_FOLDS`]: a TCP flow as the graph sees it, without the client's port.
+/// Key type of [`MAP_FOLDS`]: a TCP flow as one graph edge, without the client's port.
 ///
 /// An outgoing flow is the connecting process and the server's address and port. An incoming
-/// flow is the local address and port the connection reached and the client's address; the
-/// process that accepts is the one the last reported connection of the flow named.
+/// flow is the local address and port the connection reached and the client's address. Its
+/// accepting process is the one that the flow's last reported connection named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct FoldKey {
@@ -966,7 +966,7 @@ pub struct FoldCounts {
     pub _reserved: u32,
 }
 
-/// Key type of [`MAP_TCP_PAIRS`]: a connection's 4-tuple as its connecting end sees it.
+/// Key type of [`MAP_TCP_PAIRS`]: a connection's 4-tuple from its connecting end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct PairKey {

@@ -96,7 +96,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     let sport: u16 = read_at(sock, offsets.skc_num).ok_or(0i64)?;
     let dport: u16 = read_at::<u16>(sock, offsets.skc_dport).ok_or(0i64)?;
     let known_netns = known.map_or(0, |owner| owner.netns);
-    // The socket's entry holds its listener's serial, part of the flow's key.
+    // The socket's entry contains its listener's serial, part of the flow's key.
     let flow = fold::incoming_key(known_netns, known.map_or(0, |owner| owner.exec), family, saddr, sport, daddr);
     if folded & SOCKET_FLAG_FOLDED_IN != 0 {
         // Accepted outside the scope, or in it by another process than the flow's last reported

@@ -213,6 +213,7 @@ pub(crate) fn fold_end<F: TcpFields>(ctx: &F, skaddr: u64, owner: &SockOwner, ki
     if owner.flags & SOCKET_FLAG_FOLDED_PAIRED != 0 {
         return;
     }
+
     let family = ctx.family();
     let (local, remote) = ctx.addresses(family);
     let outgoing = owner.flags & SOCKET_FLAG_FOLDED_OUT != 0;
@@ -225,10 +226,11 @@ pub(crate) fn fold_end<F: TcpFields>(ctx: &F, skaddr: u64, owner: &SockOwner, ki
         // The attempt no accept will take: its entry would otherwise wait in the LRU map.
         let _ = TCP_PAIRS.remove(&pair_key(family, local, ctx.local_port(), remote, ctx.remote_port()));
     }
+
     // The agent removes a flow's entry once it is idle and none of its connections is open, so a
     // close finds the entry unless the map was full when the entry came back.
     let Some(counts) = FOLDS.get_ptr_mut(&key) else { return };
-    // SAFETY: the pointer is to this map's value, valid during the program; the counters are
+    // SAFETY: the pointer is to this map's value, valid during the program. The counters are
     // changed with atomic adds because other CPUs change them too.
     unsafe {
         match kind {

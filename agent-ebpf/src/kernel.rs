@@ -83,8 +83,8 @@ pub fn exe_dentry(task: u64) -> Option<u64> {
     Some(dentry)
 }
 
-/// A value that changes when the current process runs another program: the address of its memory
-/// map, which each exec replaces, shifted past its alignment. 0 when the offsets are unknown.
+/// Returns a value that changes when the current process runs another program: the address of its
+/// memory map, which each exec replaces, shifted past its alignment. 0 when the offsets are unknown.
 #[inline(always)]
 pub fn exec_cookie() -> u32 {
     let offsets = offsets();

@@ -558,7 +558,7 @@ fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
     }
 }
 
-/// A serial for a listen: the low bits of the time, never 0 (the seeded listeners' serial).
+/// Returns a serial for a listen: the low bits of the time, never 0 (the seeded listeners' serial).
 #[inline(always)]
 fn listen_serial() -> u32 {
     ktime_ns() as u32 | 1

@@ -1032,8 +1032,8 @@ impl Pipeline {
         }
     }
 
-    /// The observation `count` folded connections of `flow` repeat at `time`: `known`, or one
-    /// made from the flow itself when none is on record.
+    /// Returns the observation that `count` folded connections of `flow` repeat at `time`: `known`,
+    /// or one made from the flow itself when none is on record.
     fn repeated_observation(
         &mut self,
         known: Option<FlowObservation>,
@@ -1052,8 +1052,8 @@ impl Pipeline {
         observation
     }
 
-    /// The observation of a folded flow with no reported connection on record (its entry was
-    /// evicted): the connecting process, or the owner of the listener the connections reached.
+    /// Builds the observation of a folded flow with no reported connection on record (its entry
+    /// was evicted): the connecting process, or the owner of the listener the connections reached.
     fn fold_observation(&self, flow: &FoldedFlow, time: SystemTime) -> Option<FlowObservation> {
         let (client, server, client_addr, server_addr, netns) = match *flow {
             FoldedFlow::Out { netns, pid, server } => {
@@ -1157,7 +1157,7 @@ impl Pipeline {
     }
 }
 
-/// The unspecified address of `ip`'s family.
+/// Returns the unspecified address of `ip`'s family.
 fn unspecified_like(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),

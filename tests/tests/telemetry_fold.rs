@@ -94,7 +94,7 @@ fn tcp_events<'a>(seen: &'a [Event], kind: TcpEventKind) -> impl Iterator<Item =
     })
 }
 
-/// The sum of the counts read for `flow`.
+/// Sums the counts read for `flow`.
 fn folded(seen: &[Event], flow: FoldedFlow) -> FoldEvent {
     let mut total = FoldEvent { flow, connects: 0, taken_back: 0, established: 0, failed: 0, closes: 0, bytes_sent: 0, bytes_received: 0, ktime_ns: 0 };
     for event in seen {
@@ -128,7 +128,7 @@ async fn repeated_connections_in_scope_fold_on_both_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ipv4_client_of_dual_stack_listener_folds_on_both_ends() {
+async fn dual_stack_listener_folds_both_ends() {
     // The accepted socket is IPv6 with the client's IPv4-mapped address, the client's is IPv4.
     both_ends_fold("fold-dual", IpAddr::V6(Ipv6Addr::UNSPECIFIED)).await;
 }

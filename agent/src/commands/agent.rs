@@ -98,11 +98,11 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = TcpHook::Auto)]
     pub tcp_hook: TcpHook,
 
-    /// Fold epoch in milliseconds. With the sock_ops hook, the first connection of a TCP flow
-    /// (a process and the server's address and port, or a local address and port and the client's
-    /// address) in each epoch is reported and the flow's later connections in it are counted in the
-    /// kernel, then added to the flow's edge about once a second. 0 reports every connection,
-    /// which raw TCP event subscribers may want.
+    /// Fold epoch in milliseconds. A TCP flow is a process with the server's address and port, or
+    /// a local address and port with the client's address. With the sock_ops hook, a flow's first
+    /// connection in each epoch is reported, and its later ones are counted in the kernel and added
+    /// to the flow's edge about once a second. 0 reports every connection (as the agent does
+    /// anyway while a client streams raw TCP events).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_FOLD_WINDOW_MS))]
     pub fold_window_ms: u64,
 
@@ -617,8 +617,8 @@ fn label_sources(docker_socket: &Path, cri_socket: Option<&Path>) -> Vec<Arc<dyn
     sources
 }
 
-/// Longest fold epoch, in milliseconds: a folded connection takes the processes of a reported one
-/// up to an epoch older.
+/// Maximum fold epoch, in milliseconds, because a folded connection takes the processes of a
+/// reported one up to an epoch older.
 const MAX_FOLD_WINDOW_MS: u64 = 60_000;
 
 /// How often the agent checks whether a client streams raw TCP events.
@@ -642,16 +642,18 @@ async fn pause_folding_for_raw_tcp(switch: FoldSwitch, events: Arc<EventHub>, ca
             () = cancel.cancelled() => return,
             _ = interval.tick() => {}
         }
-        let wanted = TCP_KINDS.iter().any(|kind| events.wants(*kind));
-        if wanted == paused {
+        let requested = TCP_KINDS.iter().any(|kind| events.wants(*kind));
+        if requested == paused {
             continue;
         }
-        match switch.report_every_connection(wanted) {
+        match switch.report_every_connection(requested) {
             Ok(()) => {
-                paused = wanted;
-                tracing::info!(every_connection = wanted, "raw TCP event subscribers changed; TCP connection folding updated");
+                paused = requested;
+                tracing::info!(every_connection = requested, "raw TCP event subscribers changed; TCP connection folding updated");
             }
-            Err(error) => tracing::warn!(%error, every_connection = wanted, "failed to update TCP connection folding"),
+            Err(error) => {
+                tracing::warn!(%error, every_connection = requested, "failed to update TCP connection folding; retrying in 250 ms")
+            }
         }
     }
 }

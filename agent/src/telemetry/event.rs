@@ -17,7 +17,7 @@ pub enum Event {
     Fold(FoldEvent),
 }
 
-/// A TCP flow whose repeated connections the kernel counts, as the graph sees it.
+/// A TCP flow whose repeated connections the kernel counts, as one graph edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FoldedFlow {
     /// Connections from a process on this host to `server`.
@@ -26,7 +26,7 @@ pub enum FoldedFlow {
     In { netns: u32, server: SocketAddr, client: IpAddr },
 }
 
-/// What the kernel counted for a [`FoldedFlow`] since the agent last read it.
+/// Counts the kernel added for a [`FoldedFlow`] since the agent last read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoldEvent {
     pub flow: FoldedFlow,

@@ -94,7 +94,7 @@ impl FoldReader {
 
 /// Connections of the flow counted as started and not yet as ended.
 fn open_connections(key: &FoldKey, counts: &FoldCounts) -> u64 {
-    // A connect taken back stays a folded socket whose close is counted; an accepted connection
+    // A connect taken back stays a folded socket, so its close is counted. An accepted connection
     // taken back is reported from then on, and its close with it.
     let taken_back = if key.direction == agent_common::FOLD_IN { counts.taken_back } else { 0 };
     counts.connects.saturating_sub(counts.failed + counts.closes + taken_back)

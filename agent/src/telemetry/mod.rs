@@ -710,7 +710,7 @@ fn drain(ring_buffer: &mut RingBuf<aya::maps::MapData>, sender: &mpsc::Sender<Ev
     true
 }
 
-/// What became of an event handed to the pipeline.
+/// Outcome of handing an event to the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Forwarded {
     Sent,
