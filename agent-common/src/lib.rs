@@ -50,6 +50,12 @@ pub const MAP_FOLD_WINDOW: &str = "FOLD_WINDOW";
 /// folded, so that the accepting end of a connection between two processes on this host is
 /// folded exactly when the connecting end was.
 pub const MAP_TCP_PAIRS: &str = "TCP_PAIRS";
+/// LRU hash map from the kernel address of an accepted socket whose connecting end on this host was
+/// folded ([`SOCKET_FLAG_FOLDED_PAIRED`]) to its owner ([`SockOwner`]), until an `accept` program
+/// takes it. Such a socket is kept out of [`MAP_SOCKETS`] and asks for no state changes: its
+/// connecting end's flow counts the connection. An entry that no `accept` system call takes (an
+/// io_uring accept, a listener closed first) ages out.
+pub const MAP_PAIRED_ACCEPTS: &str = "PAIRED_ACCEPTS";
 /// Per-CPU scratch space of the `sock_ops` program for its decision on an accepted connection,
 /// kept off its stack.
 pub const MAP_ACCEPT_SCRATCH: &str = "ACCEPT_SCRATCH";
@@ -70,6 +76,7 @@ pub const MAPS: &[&str] = &[
     MAP_FOLD_WINDOW,
     MAP_TCP_PAIRS,
     MAP_ACCEPT_SCRATCH,
+    MAP_PAIRED_ACCEPTS,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.
@@ -332,6 +339,8 @@ pub const SEEDED_CONNECTIONS_MAX_ENTRIES: u32 = 16384;
 pub const FOLDS_MAX_ENTRIES: u32 = 16384;
 /// Maximum number of connections in [`MAP_TCP_PAIRS`] between their connect and their accept.
 pub const TCP_PAIRS_MAX_ENTRIES: u32 = 8192;
+/// Maximum number of accepted connections in [`MAP_PAIRED_ACCEPTS`] waiting for their accept.
+pub const PAIRED_ACCEPTS_MAX_ENTRIES: u32 = 8192;
 
 /// Maximum number of argv entries captured.
 pub const ARGV_MAX_ARGS: u32 = 16;
@@ -895,7 +904,8 @@ pub const SOCKET_FLAG_FOLDED_OUT: u32 = 2;
 /// [`FoldKey`] instead of sent.
 pub const SOCKET_FLAG_FOLDED_IN: u32 = 4;
 /// [`SockOwner::flags`] bit: an accepted socket whose connecting end on this host was folded, so
-/// that end's flow counts the connection. Its own records are neither sent nor counted.
+/// that end's flow counts the connection. Its own records are neither sent nor counted, and it is
+/// kept in [`MAP_PAIRED_ACCEPTS`] until it is accepted.
 pub const SOCKET_FLAG_FOLDED_PAIRED: u32 = 8;
 /// Every `SOCKET_FLAG_FOLDED_*` bit.
 pub const SOCKET_FLAGS_FOLDED: u32 = SOCKET_FLAG_FOLDED_OUT | SOCKET_FLAG_FOLDED_IN | SOCKET_FLAG_FOLDED_PAIRED;
@@ -1091,10 +1101,13 @@ pub enum Counter {
     /// `sys_exit_accept`, `sys_exit_accept4`: the ring buffer was full, so the connection is
     /// attributed to the listener's owner instead of the process that accepted it.
     AcceptRingBufferFull = 13,
+    /// `tcp_sock_ops`: the fold map was full, so the connections of a new flow are reported one
+    /// by one instead of counted.
+    FoldMapFull = 14,
 }
 
 /// Number of [`Counter`] values, the size of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 15;
 
 impl Counter {
     /// Every counter, in index order.
@@ -1113,6 +1126,7 @@ impl Counter {
         Counter::UdpFlowMapFull,
         Counter::DnsRingBufferFull,
         Counter::AcceptRingBufferFull,
+        Counter::FoldMapFull,
     ];
 
     /// Returns the program that increments the counter (`sys_enter_execve` also stands for
@@ -1127,12 +1141,19 @@ impl Counter {
             Counter::ExitRingBufferFull => "sched_process_exit",
             Counter::TcpRingBufferFull
             | Counter::TcpSocketMapFull
-            | Counter::TcpListenerMapFull => "tcp_state",
+            | Counter::TcpListenerMapFull
+            | Counter::FoldMapFull => "tcp_state",
             Counter::CredRingBufferFull => "sys_exit_setuid",
             Counter::UdpRingBufferFull | Counter::UdpFlowMapFull => "udp_sendmsg4",
             Counter::DnsRingBufferFull => "dns_ingress",
             Counter::AcceptRingBufferFull => "sys_exit_accept",
         }
+    }
+
+    /// Returns true when the counter counts lost records or attributions. A full fold map loses
+    /// nothing, because the connections of a flow it cannot take are reported one by one.
+    pub const fn loses_events(self) -> bool {
+        !matches!(self, Counter::FoldMapFull)
     }
 
     /// Returns why the record or stash was lost, as a snake_case identifier for metric names.
@@ -1152,6 +1173,7 @@ impl Counter {
             Counter::ExitCodeStashFull => "exit_status_map_full",
             Counter::TcpSocketMapFull => "socket_owner_map_full",
             Counter::TcpListenerMapFull => "listener_map_full",
+            Counter::FoldMapFull => "fold_map_full",
         }
     }
 }

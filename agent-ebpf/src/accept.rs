@@ -13,14 +13,14 @@
 
 use agent_common::{
     AcceptOffsets, AcceptRecord, Counter, Lineage, RecordHeader, RecordKind, SockOwner, FAMILY_INET, FAMILY_INET6,
-    SOCKET_FLAGS_FOLDED, SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_PAIRED, TCP_FLAG_EXE_UNLINKED,
+    SOCKET_FLAGS_FOLDED, SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_IN, TCP_FLAG_EXE_UNLINKED,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
 use core::ptr::{addr_of, read_volatile};
 
 use crate::{
     count, current_cgroup_id, current_ids, current_in_scope, fold, is_agent, kernel, ktime_ns, tcp, ACCEPT_OFFSETS, EVENTS,
-    SOCKETS,
+    PAIRED_ACCEPTS, SOCKETS,
 };
 
 // Offset of `ret` in every sys_exit_* record, from events/syscalls/sys_exit_*/format in tracefs.
@@ -58,6 +58,13 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
         remember_owner(sock, tgid, SOCKET_FLAG_AGENT, 0);
         return Ok(());
     }
+    // A connection whose connecting end on this host was folded is counted in that end's flow,
+    // which names the processes of the pair's last reported connection, whoever accepts it.
+    // SAFETY: the entry is only tested for presence.
+    if unsafe { PAIRED_ACCEPTS.get(&sock) }.is_some() {
+        let _ = PAIRED_ACCEPTS.remove(&sock);
+        return Ok(());
+    }
     // The entry the Accepted record left contains the socket's namespace and the listener's
     // owner.
     // SAFETY: the value is copied out of the map.
@@ -67,13 +74,10 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     // process, so the listener's owner is not charged with the connection.
     let outside = !current_in_scope();
     // A folded connection is counted in its flow, which names the process of the flow's last
-    // reported connection, so that process accepting it adds nothing. One whose connecting end on
-    // this host was folded is counted in that end's flow.
-    // NOTE: so the processes of such a pair are those of the pair's last reported connection,
-    // whichever process accepts.
+    // reported connection, so that process accepting it adds nothing.
     let folded = known.map_or(0, |owner| owner.flags & SOCKET_FLAGS_FOLDED);
     let expected = known.is_some_and(|owner| owner.pid == tgid);
-    if folded != 0 && !outside && (folded & SOCKET_FLAG_FOLDED_PAIRED != 0 || expected) {
+    if folded != 0 && !outside && expected {
         return Ok(());
     }
     if outside && folded == 0 && !known.is_some_and(|owner| owner.flags == 0) {

@@ -20,7 +20,7 @@
 //! connect, so it could not pair the two ends.
 
 use agent_common::{
-    FoldCounts, FoldKey, PairKey, PairValue, SockOwner, TcpKind, FAMILY_INET, FAMILY_INET6, FOLD_IN, FOLD_OUT,
+    Counter, FoldCounts, FoldKey, PairKey, PairValue, SockOwner, TcpKind, FAMILY_INET, FAMILY_INET6, FOLD_IN, FOLD_OUT,
     PAIR_FOLDED, PAIR_REPORTED, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_OUT, SOCKET_FLAG_FOLDED_PAIRED,
 };
 use core::{
@@ -28,7 +28,7 @@ use core::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::{kernel, ktime_ns, tcp::TcpFields, FOLDS, FOLD_WINDOW, TCP_PAIRS};
+use crate::{count, kernel, ktime_ns, tcp::TcpFields, FOLDS, FOLD_WINDOW, TCP_PAIRS};
 
 /// Fold epoch in nanoseconds, 0 when every connection is reported.
 #[inline(always)]
@@ -210,10 +210,6 @@ fn take_back_connect<F: TcpFields>(ctx: &F, decision: &AcceptedFold) {
 /// Counts the handshake end or the close of a folded socket in its flow.
 #[inline(never)]
 pub(crate) fn fold_end<F: TcpFields>(ctx: &F, skaddr: u64, owner: &SockOwner, kind: TcpKind) {
-    if owner.flags & SOCKET_FLAG_FOLDED_PAIRED != 0 {
-        return;
-    }
-
     let family = ctx.family();
     let (local, remote) = ctx.addresses(family);
     let outgoing = owner.flags & SOCKET_FLAG_FOLDED_OUT != 0;
@@ -423,8 +419,13 @@ fn count_repeat(key: &FoldKey) -> Option<u32> {
 fn insert(key: &FoldKey, epoch: u64, now: u64) {
     // Inserted from a static, so that the value takes no room in the frame of `fold_connect`,
     // which calls this with its own keys on the stack.
-    if FOLDS.insert(key, &EMPTY_COUNTS, BPF_NOEXIST).is_err() {
-        return;
+    match FOLDS.insert(key, &EMPTY_COUNTS, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(EEXIST) => return,
+        Err(_) => {
+            count(Counter::FoldMapFull);
+            return;
+        }
     }
     if let Some(counts) = FOLDS.get_ptr_mut(key) {
         // SAFETY: the pointer is to this map's value, valid during the program.
@@ -453,6 +454,8 @@ static EMPTY_COUNTS: FoldCounts = FoldCounts {
 
 /// `bpf_map_update_elem` flag: fail instead of replacing an entry.
 const BPF_NOEXIST: u64 = 1;
+/// `bpf_map_update_elem` error with `BPF_NOEXIST` when the entry exists.
+const EEXIST: i64 = -17;
 
 /// Adds to a counter that programs on other CPUs may change at the same time.
 ///

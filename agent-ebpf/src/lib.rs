@@ -29,7 +29,7 @@ use core::ptr::read_volatile;
 
 use agent_common::{
     AcceptOffsets, ArgvStash, ConnectionKey, Counter, FoldCounts, FoldKey, KernelOffsets, PairKey, PairValue, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
-    DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES, FOLDS_MAX_ENTRIES, TCP_PAIRS_MAX_ENTRIES,
+    DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES, FOLDS_MAX_ENTRIES, PAIRED_ACCEPTS_MAX_ENTRIES, TCP_PAIRS_MAX_ENTRIES,
     LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_BINDS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
     UdpFlowCounts, UdpFlowKey,
 };
@@ -105,6 +105,9 @@ static ACCEPT_SCRATCH: PerCpuArray<fold::AcceptedFold> = PerCpuArray::with_max_e
 
 #[map]
 static TCP_PAIRS: LruHashMap<PairKey, PairValue> = LruHashMap::with_max_entries(TCP_PAIRS_MAX_ENTRIES, 0);
+
+#[map]
+static PAIRED_ACCEPTS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(PAIRED_ACCEPTS_MAX_ENTRIES, 0);
 
 #[map]
 static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);

@@ -17,12 +17,14 @@
 //!
 //! The `sock_ops` program counts the repeated connections of a flow instead of reporting them
 //! (see `fold.rs`). Their sockets are tracked with a `SOCKET_FLAG_FOLDED_*` bit, and their
-//! handshake end and close add to the flow's counters.
+//! handshake end and close add to the flow's counters. An accepted socket whose connecting end on
+//! this host was folded adds nothing: it waits in `PAIRED_ACCEPTS` for the `accept` programs and
+//! requests no state changes.
 
 use agent_common::{
     ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
     TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, LISTENER_FLAG_OUTSIDE_SCOPE, SOCKET_FLAGS_FOLDED,
-    SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_OUT, TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
+    SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_OUT, SOCKET_FLAG_FOLDED_PAIRED, TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -34,7 +36,7 @@ use core::ptr::{addr_of, read_volatile};
 
 use crate::{
     count, current_cgroup_id, fold, tracepoint_address, tracepoint_field, kernel, current_ids, current_in_scope, is_agent, ktime_ns, scope_enabled,
-    ACCEPT_SCRATCH, EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, SEEDED_CONNECTIONS, SOCKETS,
+    ACCEPT_SCRATCH, EVENTS, LISTENERS, NETNS_OFFSETS_VALID, OFFSET_NET_INUM, OFFSET_SKC_NET, PAIRED_ACCEPTS, SEEDED_CONNECTIONS, SOCKETS,
 };
 
 // Offsets in the record, from events/sock/inet_sock_set_state/format in tracefs.
@@ -502,6 +504,13 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     if F::FOLDS && fold::enabled() {
         let shared = listener.is_some_and(|listener| listener.sockets > 1);
         fold::fold_accepted(ctx, key.netns, serial, !shared, decision);
+        if decision.flag == SOCKET_FLAG_FOLDED_PAIRED {
+            // The connecting end's flow counts this connection, so no state change is requested.
+            // The entry only tells the accept program to skip the socket.
+            let owner = SockOwner { pid: listener_pid, flags: decision.flag, netns: key.netns, exec: serial };
+            let _ = PAIRED_ACCEPTS.insert(&skaddr, &owner, 0);
+            return Ok(false);
+        }
         if decision.flag != 0 {
             // The expected acceptor lets the accept program tell at once that it took the socket.
             let owner = if decision.acceptor != 0 { decision.acceptor } else { listener_pid };

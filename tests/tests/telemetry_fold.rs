@@ -176,6 +176,9 @@ async fn both_ends_fold(tag: &str, listen: IpAddr) {
     }
     let incoming = FoldedFlow::In { netns: own_netns(), server: server_address, client: IpAddr::V4(Ipv4Addr::LOCALHOST) };
     assert_eq!(folded(seen, incoming).connects, 0);
+    // The accept programs know the folded connections' accepted ends and report none of them.
+    let accepts = seen.iter().filter(|event| matches!(event, Event::Accept(accept) if accept.local == server_address)).count();
+    assert_eq!(accepts, reported.len(), "accept records for {CONNECTIONS} connections, {} reported", reported.len());
     // Nothing of a folded connection reaches the ring buffer: neither its connect nor its closes.
     let connects = tcp_events(seen, TcpEventKind::Connect).filter(|tcp| tcp.pid == client_pid).count();
     assert_eq!(connects, reported.len());
@@ -309,4 +312,60 @@ async fn zero_fold_window_reports_every_connection() {
     .await;
     let connects = tcp_events(&events.seen, TcpEventKind::Connect).filter(|tcp| tcp.pid == client_pid).count();
     assert_eq!(connects, CONNECTIONS);
+}
+
+/// Child body: connects once to each of `count` closed ports on 127.1.0.0/16, so that each
+/// attempt is a flow of its own and is refused at once.
+fn connect_to_closed_ports(count: usize, report: libc::c_int) -> i32 {
+    for index in 0..count {
+        let address = Ipv4Addr::new(127, 1, (index / 256) as u8, (index % 256) as u8);
+        let raw = raw_address(SocketAddr::new(IpAddr::V4(address), DISCARD_PORT));
+        // SAFETY: raw socket calls on a descriptor this function owns; `raw` outlives them.
+        unsafe {
+            let socket = libc::socket(raw.family, libc::SOCK_STREAM, 0);
+            if socket < 0 {
+                return 30;
+            }
+            let refused = libc::connect(socket, (&raw.storage as *const libc::sockaddr_storage).cast(), raw.len) != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECONNREFUSED);
+            libc::close(socket);
+            if !refused {
+                return 31;
+            }
+        }
+    }
+    report_port(report, 1);
+    0
+}
+
+/// A port that nothing in the test listens on.
+const DISCARD_PORT: u16 = 9;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_fold_map_is_counted() {
+    let cgroup = TestCgroup::create("fold-full");
+    // An epoch longer than the test, so that no entry of the flow map goes idle and leaves it.
+    let (telemetry, mut events) = start_scoped_folding(&cgroup, Duration::from_secs(60)).await;
+    assert!(telemetry.tcp_from_sock_ops(), "{:#?}", telemetry.hooks());
+
+    let beyond = 64;
+    let attempts = agent_common::FOLDS_MAX_ENTRIES as usize + beyond;
+    let client = Child::fork(Some(&cgroup.procs), |report| connect_to_closed_ports(attempts, report));
+    let client_pid = client.pid as u32;
+    // The events are taken while the client runs, so that they do not fill the event channel.
+    // The last attempt's record is written after all the others.
+    let last = Ipv4Addr::new(127, 1, ((attempts - 1) / 256) as u8, ((attempts - 1) % 256) as u8);
+    let last = SocketAddr::new(IpAddr::V4(last), DISCARD_PORT);
+    events
+        .wait_for_tcp("the last attempt refused", |tcp| tcp.kind == TcpEventKind::ConnectFailed && tcp.remote == last)
+        .await;
+    assert_eq!(client.wait(), 0, "client failed");
+    // Flows the full map could not take are reported one by one, like every first attempt.
+    let refused = tcp_events(&events.seen, TcpEventKind::ConnectFailed).filter(|tcp| tcp.pid == client_pid).count();
+    assert_eq!(refused, attempts);
+    let counters = telemetry.counters();
+    let full = counters.kernel.iter().find(|drops| drops.reason == "fold_map_full").expect("a fold map counter");
+    assert_eq!(full.total, beyond as u64, "{full:?}");
+    assert!(!full.loses_events);
+    assert_eq!(counters.kernel_drops(), 0, "{:?}", counters.kernel);
 }

@@ -154,6 +154,9 @@ pub struct KernelDrops {
     /// Program that lost the record or stash.
     pub program: &'static str,
     pub reason: &'static str,
+    /// False for a counter that loses no event (see [`Counter::loses_events`]): it is shown but
+    /// raises no `telemetry-gap`.
+    pub loses_events: bool,
     /// Sum over CPUs.
     pub total: u64,
     /// One value per possible CPU.
@@ -180,9 +183,9 @@ pub struct TelemetryCounters {
 }
 
 impl TelemetryCounters {
-    /// Sum of every kernel counter.
+    /// Sum of the kernel counters of lost events (see [`Counter::loses_events`]).
     pub fn kernel_drops(&self) -> u64 {
-        self.kernel.iter().map(|drops| drops.total).sum()
+        self.kernel.iter().filter(|drops| drops.loses_events).map(|drops| drops.total).sum()
     }
 }
 
@@ -494,6 +497,7 @@ impl Telemetry {
                     Some(KernelDrops {
                         program: counter.program(),
                         reason: counter.reason(),
+                        loses_events: counter.loses_events(),
                         total: per_cpu.iter().sum(),
                         per_cpu,
                     })
