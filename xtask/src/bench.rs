@@ -136,10 +136,11 @@ wrote {}", serde_json::to_string_pretty(&result)?, json_path.display());
     println!("\n{}", machine.describe());
 
     let overhead = overhead::run(&setup, &plan, &peers)?;
+    let profile = overhead::profile(&setup, &plan, &peers)?;
     let pipeline = scale::pipeline(&setup, &plan)?;
     let agent_scale = scale::latency_and_memory(&setup, &plan)?;
 
-    let results = report::Results { machine, plan, peers, overhead, pipeline, agent_scale };
+    let results = report::Results { machine, plan, peers, overhead, profile, pipeline, agent_scale };
     let table = results.table();
     println!("\n{table}");
     let json_path = out_dir.join("results.json");

@@ -83,6 +83,17 @@ pub struct Observed {
     pub peak_rss_kib: Option<u64>,
     /// Resident memory after the storm, in KiB.
     pub rss_kib: Option<u64>,
+    /// Time the observer's eBPF programs ran in the kernel during the storm, and their runs. Only
+    /// with `kernel.bpf_stats_enabled` on, which the profile pass turns on (see
+    /// [`super::overhead::profile`]).
+    pub programs: Option<ProgramStats>,
+}
+
+/// Run time and run count summed over a process's eBPF programs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub run_time_ns: u64,
+    pub runs: u64,
 }
 
 /// Installs auditd and bpftrace when missing, then starts and stops each once to see whether it
@@ -138,6 +149,7 @@ pub struct Running {
     api: Option<SocketAddr>,
     before: Counters,
     cpu_before: Option<u64>,
+    programs_before: Option<ProgramStats>,
     audit_enabled_before: Option<String>,
 }
 
@@ -181,7 +193,7 @@ impl Running {
             fs::remove_dir_all(&dir).with_context(|| format!("failed to clear {}", dir.display()))?;
         }
         fs::create_dir_all(&dir)?;
-        let mut running = Running { config, child: None, dir, api: None, before: Counters::default(), cpu_before: None, audit_enabled_before: None };
+        let mut running = Running { config, child: None, dir, api: None, before: Counters::default(), cpu_before: None, programs_before: None, audit_enabled_before: None };
         let started = match config {
             Config::NoAgent => Ok(()),
             Config::Driftwatch => running.start_driftwatch(setup),
@@ -199,6 +211,7 @@ impl Running {
     pub fn mark(&mut self) -> anyhow::Result<()> {
         self.before = self.counters()?;
         self.cpu_before = self.pid().and_then(cpu_ticks);
+        self.programs_before = self.pid().and_then(program_stats);
         Ok(())
     }
 
@@ -235,6 +248,10 @@ impl Running {
             Config::NoAgent | Config::Bpftrace => {}
         }
         observed.cpu_ms = cpu_ticks(pid).zip(self.cpu_before).map(|(after, before)| ticks_to_ms(after - before));
+        observed.programs = program_stats(pid).zip(self.programs_before).map(|(after, before)| ProgramStats {
+            run_time_ns: after.run_time_ns.saturating_sub(before.run_time_ns),
+            runs: after.runs.saturating_sub(before.runs),
+        });
         observed.peak_rss_kib = memory_kib(pid, "VmHWM");
         observed.rss_kib = memory_kib(pid, "VmRSS");
         if self.config == Config::Bpftrace {
@@ -561,6 +578,37 @@ pub fn ticks_to_ms(ticks: u64) -> f64 {
     ticks as f64 * 1000.0 / per_second
 }
 
+/// Sums the run time and run count of the eBPF programs that process `pid` has open, from the
+/// `run_time_ns` and `run_cnt` lines of their descriptors' fdinfo. The kernel counts them only
+/// while `kernel.bpf_stats_enabled` is 1. Returns None when the process has no program open.
+pub fn program_stats(pid: u32) -> Option<ProgramStats> {
+    let entries = fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?;
+    // A program open on several descriptors counts once.
+    let mut programs = std::collections::BTreeMap::new();
+    for entry in entries.flatten() {
+        let Ok(text) = fs::read_to_string(entry.path()) else { continue };
+        if let Some((id, stats)) = parse_program_fdinfo(&text) {
+            programs.insert(id, stats);
+        }
+    }
+    if programs.is_empty() {
+        return None;
+    }
+    Some(programs.values().fold(ProgramStats::default(), |sum, program| ProgramStats {
+        run_time_ns: sum.run_time_ns + program.run_time_ns,
+        runs: sum.runs + program.runs,
+    }))
+}
+
+/// Returns the program id and statistics in the fdinfo text of a descriptor, or None when the
+/// descriptor is not an eBPF program.
+fn parse_program_fdinfo(text: &str) -> Option<(u64, ProgramStats)> {
+    let field = |name: &str| {
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.trim().parse::<u64>().ok())
+    };
+    Some((field("prog_id")?, ProgramStats { run_time_ns: field("run_time_ns")?, runs: field("run_cnt")? }))
+}
+
 /// Reads a `kB` field such as VmRSS or VmHWM from /proc/PID/status.
 pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -592,6 +640,14 @@ mod tests {
 
         assert_eq!(execs, 2);
         assert_eq!(connects, 1);
+    }
+
+    #[test]
+    fn program_fdinfo_gives_id_and_statistics() {
+        let program = "pos:\t0\nflags:\t02000002\nprog_type:\t13\nprog_tag:\t0123456789abcdef\nprog_id:\t57\nrun_time_ns:\t2763000\nrun_cnt:\t340000\n";
+        assert_eq!(parse_program_fdinfo(program), Some((57, ProgramStats { run_time_ns: 2_763_000, runs: 340_000 })));
+        let map = "pos:\t0\nflags:\t02000002\nmap_type:\t1\nmap_id:\t12\n";
+        assert_eq!(parse_program_fdinfo(map), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The overhead comparison: storms under each configuration, round after round.
 
+use anyhow::Context;
 use serde_json::json;
 
 use super::observer::{Config, Observed, Peers, Running, Storm};
@@ -32,6 +33,8 @@ impl Sample {
             "cpu_ms": self.observed.cpu_ms,
             "peak_rss_kib": self.observed.peak_rss_kib,
             "rss_kib": self.observed.rss_kib,
+            "program_run_time_ns": self.observed.programs.map(|programs| programs.run_time_ns),
+            "program_runs": self.observed.programs.map(|programs| programs.runs),
             "load_before": self.load.0,
             "load_after": self.load.1,
         })
@@ -80,6 +83,56 @@ fn measure(setup: &Setup, plan: &Plan, round: u32, storm: Storm, config: Config)
 
     let elapsed_ns = result["elapsed_ns"].as_u64().unwrap_or(0);
     Ok(Sample { round, storm, config, operations, elapsed_ns, observed, load: (load_before, load_after) })
+}
+
+/// Runs each storm once more under each observer that loads eBPF programs, with
+/// `kernel.bpf_stats_enabled` on, so that their samples carry the programs' kernel time. The
+/// statistics add two clock reads to every program run, so these runs stay out of the ratios.
+pub fn profile(setup: &Setup, plan: &Plan, peers: &Peers) -> anyhow::Result<Vec<Sample>> {
+    let _stats = BpfStats::enable()?;
+    let mut samples = Vec::new();
+    for storm in [Storm::Exec, Storm::Connect] {
+        for config in [Config::Driftwatch, Config::Bpftrace] {
+            if peers.unavailable(config).is_some() {
+                continue;
+            }
+            let sample = measure(setup, plan, 0, storm, config)?;
+            if let Some(programs) = sample.observed.programs {
+                println!(
+                    "profile: {:<13} {:<22} {:>7.0} ns of eBPF programs per operation, {:.1} runs",
+                    storm.name(),
+                    config.name(),
+                    programs.run_time_ns as f64 / sample.operations.max(1) as f64,
+                    programs.runs as f64 / sample.operations.max(1) as f64
+                );
+            }
+            samples.push(sample);
+        }
+    }
+    Ok(samples)
+}
+
+/// Guard that sets `kernel.bpf_stats_enabled` to 1 and restores the earlier value on drop.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS_ENABLED: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<BpfStats> {
+        let before = std::fs::read_to_string(BPF_STATS_ENABLED).with_context(|| format!("failed to read {BPF_STATS_ENABLED}"))?;
+        std::fs::write(BPF_STATS_ENABLED, "1").with_context(|| format!("failed to write 1 to {BPF_STATS_ENABLED}"))?;
+        Ok(BpfStats { before: before.trim().to_string() })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::write(BPF_STATS_ENABLED, &self.before) {
+            eprintln!("failed to restore {BPF_STATS_ENABLED} to {}: {error}; write it by hand", self.before);
+        }
+    }
 }
 
 /// Statistics of one configuration on one storm across the rounds.

@@ -58,6 +58,8 @@ pub struct Results {
     pub plan: Plan,
     pub peers: Peers,
     pub overhead: Vec<Sample>,
+    /// One storm of each kind per observer with eBPF programs, with their kernel time.
+    pub profile: Vec<Sample>,
     pub pipeline: Value,
     pub agent_scale: Value,
 }
@@ -88,6 +90,7 @@ impl Results {
             },
             "overhead": summaries.iter().map(summary_json).collect::<Vec<_>>(),
             "samples": self.overhead.iter().map(Sample::to_json).collect::<Vec<_>>(),
+            "profile": profile_rows(&self.profile, &summaries),
             "pipeline": self.pipeline,
             "agent_scale": self.agent_scale,
         })
@@ -121,6 +124,27 @@ impl Results {
         }
         let _ = writeln!(out, "\nEvents seen count the whole host, so other work on the machine adds to them; \"happened\" is what the storm itself did per round, times the rounds.");
 
+        let profile = profile_rows(&self.profile, &summaries);
+        if let Some(rows) = profile.as_array().filter(|rows| !rows.is_empty()) {
+            let _ = writeln!(
+                out,
+                "\nOne more storm of each kind per observer, with `kernel.bpf_stats_enabled` on: the time its eBPF programs ran, against the no-agent median time per operation. It leaves out the observer's own process (see observer CPU) and what the programs cost the storm outside their runs.\n"
+            );
+            let _ = writeln!(out, "| storm | configuration | eBPF program time per op | program runs per op | share of the no-agent time per op |");
+            let _ = writeln!(out, "|---|---|---|---|---|");
+            for row in rows {
+                let share = row["share_of_baseline"].as_f64().map_or("-".to_string(), |share| format!("{:.1}%", share * 100.0));
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {share} |",
+                    row["storm"].as_str().unwrap_or("-"),
+                    row["config"].as_str().unwrap_or("-"),
+                    row["ns_per_op"].as_f64().map_or("-".to_string(), |ns| format!("{ns:.0} ns")),
+                    row["runs_per_op"].as_f64().map_or("-".to_string(), |runs| format!("{runs:.1}")),
+                );
+            }
+        }
+
         let pipeline = &self.pipeline;
         let _ = writeln!(out, "\n| pipeline (synthetic events, in process) | value |\n|---|---|");
         let _ = writeln!(out, "| highest rate sustained with zero loss and no backlog | {} |", rate(&pipeline["max_sustained_per_s"]));
@@ -151,6 +175,28 @@ impl Results {
         let _ = writeln!(out, "| RSS after they exited | {} |", mib(&scale["rss_after_processes_exited_kib"]));
         out
     }
+}
+
+/// Returns the profile pass per storm and observer: program time and runs per operation, and
+/// that time as a share of the no-agent median time per operation.
+fn profile_rows(profile: &[Sample], summaries: &[Summary]) -> Value {
+    let rows = profile.iter().filter_map(|sample| {
+        let programs = sample.observed.programs?;
+        let operations = sample.operations.max(1) as f64;
+        let ns_per_op = programs.run_time_ns as f64 / operations;
+        let baseline_ns_per_op = summaries
+            .iter()
+            .find(|summary| summary.storm == sample.storm && summary.config == Config::NoAgent)
+            .map(|summary| summary.median_seconds * 1e9 / summary.operations.max(1) as f64);
+        Some(json!({
+            "storm": sample.storm.name(),
+            "config": sample.config.name(),
+            "ns_per_op": ns_per_op,
+            "runs_per_op": programs.runs as f64 / operations,
+            "share_of_baseline": baseline_ns_per_op.filter(|ns| *ns > 0.0).map(|ns| ns_per_op / ns),
+        }))
+    });
+    Value::Array(rows.collect())
 }
 
 fn peer_json(state: &Result<String, String>) -> Value {
@@ -242,6 +288,30 @@ pub fn update_docs(path: &Path, table: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profile_share_is_program_time_over_baseline_time() {
+        use super::super::observer::{Observed, ProgramStats, Storm};
+        let sample = |config, elapsed_ms: u64, programs| Sample {
+            round: 0,
+            storm: Storm::Connect,
+            config,
+            operations: 1_000,
+            elapsed_ns: elapsed_ms * 1_000_000,
+            observed: Observed { programs, ..Observed::default() },
+            load: (0.0, 0.0),
+        };
+        // 100 us per operation without an agent; 2 us of program time per operation.
+        let rounds = [sample(Config::NoAgent, 100, None), sample(Config::Driftwatch, 103, None)];
+        let profile = [sample(Config::Driftwatch, 105, Some(ProgramStats { run_time_ns: 2_000_000, runs: 14_000 }))];
+
+        let rows = profile_rows(&profile, &overhead::summarize(&rounds));
+        let row = &rows[0];
+        assert_eq!(row["config"], "driftwatch");
+        assert_eq!(row["ns_per_op"], 2_000.0);
+        assert_eq!(row["runs_per_op"], 14.0);
+        assert!((row["share_of_baseline"].as_f64().unwrap() - 0.02).abs() < 1e-12, "{row}");
+    }
 
     #[test]
     fn update_docs_replaces_only_between_markers() {
