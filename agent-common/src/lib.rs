@@ -50,11 +50,12 @@ pub const MAP_FOLD_WINDOW: &str = "FOLD_WINDOW";
 /// folded, so that the accepting end of a connection between two processes on this host is
 /// folded exactly when the connecting end was.
 pub const MAP_TCP_PAIRS: &str = "TCP_PAIRS";
-/// LRU hash map from the kernel address of an accepted socket whose connecting end on this host was
-/// folded ([`SOCKET_FLAG_FOLDED_PAIRED`]) to its owner ([`SockOwner`]), until an `accept` program
-/// takes it. Such a socket is kept out of [`MAP_SOCKETS`] and asks for no state changes: its
-/// connecting end's flow counts the connection. An entry that no `accept` system call takes (an
-/// io_uring accept, a listener closed first) ages out.
+/// Hash map from the kernel address of an accepted socket whose connecting end on this host was
+/// folded ([`SOCKET_FLAG_FOLDED_PAIRED`]) to its [`PairedAccept`], until an `accept` program takes
+/// it. Such a socket requests no state changes, because its connecting end's flow counts the
+/// connection. When the map is full, the socket goes to [`MAP_SOCKETS`] with its state changes
+/// instead. The agent removes entries older than [`PAIRED_ACCEPT_MAX_AGE_NS`]: those of sockets
+/// that no `accept` system call took (an io_uring accept, a listener closed first).
 pub const MAP_PAIRED_ACCEPTS: &str = "PAIRED_ACCEPTS";
 /// Per-CPU scratch space of the `sock_ops` program for its decision on an accepted connection,
 /// kept off its stack.
@@ -341,6 +342,9 @@ pub const FOLDS_MAX_ENTRIES: u32 = 16384;
 pub const TCP_PAIRS_MAX_ENTRIES: u32 = 8192;
 /// Maximum number of accepted connections in [`MAP_PAIRED_ACCEPTS`] waiting for their accept.
 pub const PAIRED_ACCEPTS_MAX_ENTRIES: u32 = 8192;
+/// Age after which the agent removes an entry of [`MAP_PAIRED_ACCEPTS`]: two minutes, far longer
+/// than a connection usually waits in a listen queue.
+pub const PAIRED_ACCEPT_MAX_AGE_NS: u64 = 120_000_000_000;
 
 /// Maximum number of argv entries captured.
 pub const ARGV_MAX_ARGS: u32 = 16;
@@ -866,7 +870,8 @@ pub struct AcceptOffsets {
     pub skc_v6_rcv_saddr: u32,
     /// `sock_common.skc_v6_daddr`.
     pub skc_v6_daddr: u32,
-    pub _reserved: u32,
+    /// `sock_common.skc_cookie`, set once a program requests the socket's cookie.
+    pub skc_cookie: u32,
 }
 
 /// Argv captured at `execve` entry, the value type of [`MAP_EXEC_ARGS`].
@@ -909,6 +914,16 @@ pub const SOCKET_FLAG_FOLDED_IN: u32 = 4;
 pub const SOCKET_FLAG_FOLDED_PAIRED: u32 = 8;
 /// Every `SOCKET_FLAG_FOLDED_*` bit.
 pub const SOCKET_FLAGS_FOLDED: u32 = SOCKET_FLAG_FOLDED_OUT | SOCKET_FLAG_FOLDED_IN | SOCKET_FLAG_FOLDED_PAIRED;
+
+/// Value type of [`MAP_PAIRED_ACCEPTS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct PairedAccept {
+    /// The socket's cookie, which differs from that of a later socket at the same address.
+    pub cookie: u64,
+    /// When the handshake ended (`bpf_ktime_get_ns`).
+    pub ktime_ns: u64,
+}
 
 /// [`FoldKey::direction`] of a flow this host's process connected.
 pub const FOLD_OUT: u16 = 1;
@@ -1199,6 +1214,7 @@ const _: () = assert!(size_of::<FoldCounts>() == 80);
 const _: () = assert!(size_of::<PairKey>() == 40);
 const _: () = assert!(size_of::<PairValue>() == 24);
 const _: () = assert!(size_of::<SockOwner>() == 16);
+const _: () = assert!(size_of::<PairedAccept>() == 16);
 const _: () = assert!(size_of::<ListenerKey>() == 24);
 const _: () = assert!(size_of::<ListenerOwner>() == 16);
 const _: () = assert!(size_of::<UdpRecord>() == 32 + 24 + 32);
@@ -1224,6 +1240,7 @@ mod user {
     unsafe impl aya::Pod for TcpRecord {}
     unsafe impl aya::Pod for ArgvStash {}
     unsafe impl aya::Pod for SockOwner {}
+    unsafe impl aya::Pod for PairedAccept {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerOwner {}
     unsafe impl aya::Pod for ConnectionKey {}

@@ -13,7 +13,7 @@
 
 use agent_common::{
     AcceptOffsets, AcceptRecord, Counter, Lineage, RecordHeader, RecordKind, SockOwner, FAMILY_INET, FAMILY_INET6,
-    SOCKET_FLAGS_FOLDED, SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_IN, TCP_FLAG_EXE_UNLINKED,
+    SOCKET_FLAGS_FOLDED, SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_PAIRED, TCP_FLAG_EXE_UNLINKED,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
 use core::ptr::{addr_of, read_volatile};
@@ -58,12 +58,16 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
         remember_owner(sock, tgid, SOCKET_FLAG_AGENT, 0);
         return Ok(());
     }
-    // A connection whose connecting end on this host was folded is counted in that end's flow,
-    // which names the processes of the pair's last reported connection, whoever accepts it.
-    // SAFETY: the entry is only tested for presence.
-    if unsafe { PAIRED_ACCEPTS.get(&sock) }.is_some() {
+    // A connection whose connecting end on this host was folded is counted in that end's flow.
+    // NOTE: so the processes of such a pair are those of the pair's last reported connection,
+    // whichever process accepts.
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(paired) = unsafe { PAIRED_ACCEPTS.get(&sock) }.copied() {
         let _ = PAIRED_ACCEPTS.remove(&sock);
-        return Ok(());
+        // An entry of an earlier socket at this address, which no accept took, does not count.
+        if read_at::<u64>(sock, offsets.skc_cookie) == Some(paired.cookie) {
+            return Ok(());
+        }
     }
     // The entry the Accepted record left contains the socket's namespace and the listener's
     // owner.
@@ -74,10 +78,11 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     // process, so the listener's owner is not charged with the connection.
     let outside = !current_in_scope();
     // A folded connection is counted in its flow, which names the process of the flow's last
-    // reported connection, so that process accepting it adds nothing.
+    // reported connection, so that process accepting it adds nothing. A paired one is here when
+    // `PAIRED_ACCEPTS` was full.
     let folded = known.map_or(0, |owner| owner.flags & SOCKET_FLAGS_FOLDED);
     let expected = known.is_some_and(|owner| owner.pid == tgid);
-    if folded != 0 && !outside && expected {
+    if folded != 0 && !outside && (folded & SOCKET_FLAG_FOLDED_PAIRED != 0 || expected) {
         return Ok(());
     }
     if outside && folded == 0 && !known.is_some_and(|owner| owner.flags == 0) {

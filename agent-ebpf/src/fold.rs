@@ -210,6 +210,11 @@ fn take_back_connect<F: TcpFields>(ctx: &F, decision: &AcceptedFold) {
 /// Counts the handshake end or the close of a folded socket in its flow.
 #[inline(never)]
 pub(crate) fn fold_end<F: TcpFields>(ctx: &F, skaddr: u64, owner: &SockOwner, kind: TcpKind) {
+    // Tracked here only when `PAIRED_ACCEPTS` was full; the connecting end counts it.
+    if owner.flags & SOCKET_FLAG_FOLDED_PAIRED != 0 {
+        return;
+    }
+
     let family = ctx.family();
     let (local, remote) = ctx.addresses(family);
     let outgoing = owner.flags & SOCKET_FLAG_FOLDED_OUT != 0;

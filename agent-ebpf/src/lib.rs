@@ -28,7 +28,7 @@ mod udp;
 use core::ptr::read_volatile;
 
 use agent_common::{
-    AcceptOffsets, ArgvStash, ConnectionKey, Counter, FoldCounts, FoldKey, KernelOffsets, PairKey, PairValue, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
+    AcceptOffsets, ArgvStash, ConnectionKey, Counter, FoldCounts, FoldKey, KernelOffsets, PairKey, PairValue, PairedAccept, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
     DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES, FOLDS_MAX_ENTRIES, PAIRED_ACCEPTS_MAX_ENTRIES, TCP_PAIRS_MAX_ENTRIES,
     LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_BINDS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
     UdpFlowCounts, UdpFlowKey,
@@ -107,7 +107,7 @@ static ACCEPT_SCRATCH: PerCpuArray<fold::AcceptedFold> = PerCpuArray::with_max_e
 static TCP_PAIRS: LruHashMap<PairKey, PairValue> = LruHashMap::with_max_entries(TCP_PAIRS_MAX_ENTRIES, 0);
 
 #[map]
-static PAIRED_ACCEPTS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(PAIRED_ACCEPTS_MAX_ENTRIES, 0);
+static PAIRED_ACCEPTS: HashMap<u64, PairedAccept> = HashMap::with_max_entries(PAIRED_ACCEPTS_MAX_ENTRIES, 0);
 
 #[map]
 static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);
@@ -189,7 +189,7 @@ static ACCEPT_OFFSETS: AcceptOffsets = AcceptOffsets {
     skc_daddr: 0,
     skc_v6_rcv_saddr: 0,
     skc_v6_daddr: 0,
-    _reserved: 0,
+    skc_cookie: 0,
 };
 
 /// Adds one to a loss counter on this CPU.

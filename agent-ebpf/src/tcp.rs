@@ -22,13 +22,13 @@
 //! requests no state changes.
 
 use agent_common::{
-    ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, RecordHeader, RecordKind, SockOwner, TcpKind,
+    ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, PairedAccept, RecordHeader, RecordKind, SockOwner, TcpKind,
     TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, LISTENER_FLAG_OUTSIDE_SCOPE, SOCKET_FLAGS_FOLDED,
     SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_OUT, SOCKET_FLAG_FOLDED_PAIRED, TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_probe_read_kernel, r#gen::bpf_get_socket_cookie},
     macros::{sock_ops, tracepoint},
     programs::{SockOpsContext, TracePointContext},
 };
@@ -100,6 +100,11 @@ pub(crate) trait TcpFields {
     /// the values. Loads that depend on `family` let the compiler merge them into one load at a
     /// computed context offset, which the verifier rejects.
     fn local_address(&self, family: u16) -> [u8; 16];
+
+    /// The socket's cookie, `None` where the hook cannot read it.
+    fn cookie(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl TcpFields for TracePointContext {
@@ -149,6 +154,11 @@ impl TcpFields for TracePointContext {
 
 impl TcpFields for SockOpsContext {
     const FOLDS: bool = true;
+
+    fn cookie(&self) -> Option<u64> {
+        // SAFETY: the helper takes this program's context.
+        Some(unsafe { bpf_get_socket_cookie(self.ops.cast()) })
+    }
 
     fn family(&self) -> u16 {
         SockOpsContext::family(self) as u16
@@ -504,11 +514,9 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     if F::FOLDS && fold::enabled() {
         let shared = listener.is_some_and(|listener| listener.sockets > 1);
         fold::fold_accepted(ctx, key.netns, serial, !shared, decision);
-        if decision.flag == SOCKET_FLAG_FOLDED_PAIRED {
+        if decision.flag == SOCKET_FLAG_FOLDED_PAIRED && remember_paired(ctx, skaddr) {
             // The connecting end's flow counts this connection, so no state change is requested.
-            // The entry only tells the accept program to skip the socket.
-            let owner = SockOwner { pid: listener_pid, flags: decision.flag, netns: key.netns, exec: serial };
-            let _ = PAIRED_ACCEPTS.insert(&skaddr, &owner, 0);
+            // The entry only marks the socket for the accept program to skip.
             return Ok(false);
         }
         if decision.flag != 0 {
@@ -538,6 +546,15 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         },
     )?;
     Ok(true)
+}
+
+/// Records an accepted socket whose connecting end was folded in `PAIRED_ACCEPTS`, with its cookie
+/// so that a later socket at the same address is not taken for it. Returns false when the map is
+/// full: the socket is then tracked in `SOCKETS`, as the others.
+#[inline(always)]
+fn remember_paired<F: TcpFields>(ctx: &F, skaddr: u64) -> bool {
+    let Some(cookie) = ctx.cookie() else { return false };
+    PAIRED_ACCEPTS.insert(&skaddr, &PairedAccept { cookie, ktime_ns: ktime_ns() }, 0).is_ok()
 }
 
 fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32, exec: u32) {

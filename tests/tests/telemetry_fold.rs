@@ -369,3 +369,119 @@ async fn full_fold_map_is_counted() {
     assert!(!full.loses_events);
     assert_eq!(counters.kernel_drops(), 0, "{:?}", counters.kernel);
 }
+
+/// Listeners of `more_waiting_accepts_than_paired_map`, each with a listen queue of this many
+/// connections, below the default `net.core.somaxconn` of 4096.
+const QUEUED_PER_LISTENER: usize = 1_800;
+const QUEUED_LISTENERS: usize = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_waiting_accepts_than_paired_map() {
+    let cgroup = TestCgroup::create("fold-queue");
+    let (telemetry, mut events) = start_scoped_folding(&cgroup, Duration::from_secs(60)).await;
+    assert!(telemetry.tcp_from_sock_ops(), "{:#?}", telemetry.hooks());
+    // More accepted ends of folded pairs wait in listen queues than the kernel's map of them
+    // holds: the rest are tracked as other sockets, and none is reported twice.
+    assert!(QUEUED_PER_LISTENER * QUEUED_LISTENERS > agent_common::PAIRED_ACCEPTS_MAX_ENTRIES as usize);
+
+    let mut go = [0 as libc::c_int; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    let server = Child::fork(Some(&cgroup.procs), |report| {
+        let mut listeners = [0; QUEUED_LISTENERS];
+        let loopback = raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
+        // SAFETY: raw socket calls on descriptors this function owns.
+        unsafe {
+            for listener in &mut listeners {
+                *listener = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if libc::bind(*listener, (&loopback.storage as *const libc::sockaddr_storage).cast(), loopback.len) != 0
+                    || libc::listen(*listener, QUEUED_PER_LISTENER as libc::c_int + 100) != 0
+                {
+                    return 40;
+                }
+                report_port(report, telemetry_common::local_port(*listener));
+            }
+            // Nothing is accepted before every connection waits in a queue.
+            let mut byte = [0u8; 1];
+            libc::read(go[0], byte.as_mut_ptr().cast(), 1);
+            for listener in listeners {
+                for _ in 0..QUEUED_PER_LISTENER {
+                    let connection = libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut());
+                    if connection < 0 {
+                        return 41;
+                    }
+                    libc::close(connection);
+                }
+            }
+        }
+        0
+    });
+    let ports: Vec<u16> = (0..QUEUED_LISTENERS).map(|_| server.read_port()).collect();
+    let addresses: Vec<RawAddress> =
+        ports.iter().map(|port| raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), *port))).collect();
+    let client = Child::fork(Some(&cgroup.procs), |report| {
+        let mut sockets = Vec::with_capacity(QUEUED_PER_LISTENER * QUEUED_LISTENERS);
+        // SAFETY: raw socket calls on descriptors this function owns.
+        unsafe {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            for address in &addresses {
+                for _ in 0..QUEUED_PER_LISTENER {
+                    let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    if socket < 0 {
+                        return 42;
+                    }
+                    if libc::connect(socket, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
+                        return 43;
+                    }
+                    sockets.push(socket);
+                }
+            }
+            report_port(report, 1);
+            // Each connection ends when the server has accepted and closed it.
+            let mut buffer = [0u8; 16];
+            for socket in sockets {
+                while libc::read(socket, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
+                libc::close(socket);
+            }
+        }
+        0
+    });
+    let client_pid = client.pid as u32;
+    client.read_port();
+    // SAFETY: writes one byte from a local array to the pipe this test made.
+    unsafe { libc::write(go[1], [1u8].as_ptr().cast(), 1) };
+    assert_eq!(server.wait(), 0, "server failed");
+    assert_eq!(client.wait(), 0, "client failed");
+    // SAFETY: closes the descriptors pipe returned.
+    unsafe {
+        libc::close(go[0]);
+        libc::close(go[1]);
+    }
+
+    let on_ports = |port: u16| ports.contains(&port);
+    let flows: Vec<FoldedFlow> = ports
+        .iter()
+        .map(|port| FoldedFlow::Out { netns: own_netns(), pid: client_pid, server: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), *port) })
+        .collect();
+    let total = QUEUED_PER_LISTENER * QUEUED_LISTENERS;
+    wait_for_all(&mut events, "every connection reported or counted", |seen| {
+        let reported = tcp_events(seen, TcpEventKind::Connected).filter(|tcp| tcp.pid == client_pid).count();
+        let counted: u64 = flows.iter().map(|flow| folded(seen, *flow).closes).sum();
+        reported as u64 + counted == total as u64
+    })
+    .await;
+    // Accept records come at the server's accept, after the client's closes: take what arrives in
+    // the next second and a half.
+    let _ = tokio::time::timeout(Duration::from_millis(1500), events.wait_until("no more events", |_| false)).await;
+    let seen = &events.seen;
+    let reported = tcp_events(seen, TcpEventKind::Connected).filter(|tcp| tcp.pid == client_pid).count();
+    let accepted = tcp_events(seen, TcpEventKind::Accepted).filter(|tcp| on_ports(tcp.local.port())).count();
+    let accepts = seen.iter().filter(|event| matches!(event, Event::Accept(accept) if on_ports(accept.local.port()))).count();
+    assert!(reported < total, "nothing was folded: {reported} of {total} reported");
+    assert_eq!(accepted, reported, "accepted ends of {reported} reported connections");
+    assert_eq!(accepts, reported, "accept records of {reported} reported connections");
+    assert_eq!(telemetry.counters().kernel_drops(), 0, "{:?}", telemetry.counters().kernel);
+}

@@ -461,7 +461,7 @@ pub fn accept_offsets(btf: &Btf) -> Result<AcceptOffsets, BtfError> {
         skc_daddr: btf.member_offset("sock_common", &["skc_daddr"])?,
         skc_v6_rcv_saddr: btf.member_offset("sock_common", &["skc_v6_rcv_saddr"])?,
         skc_v6_daddr: btf.member_offset("sock_common", &["skc_v6_daddr"])?,
-        _reserved: 0,
+        skc_cookie: btf.member_offset("sock_common", &["skc_cookie"])?,
     })
 }
 
@@ -602,5 +602,6 @@ mod tests {
         assert_eq!(offsets.skc_dport, 12, "{offsets:?}");
         assert_eq!(offsets.skc_num, 14, "{offsets:?}");
         assert!(offsets.socket_sk > 0, "{offsets:?}");
+        assert!(offsets.skc_cookie > offsets.skc_num, "{offsets:?}");
     }
 }

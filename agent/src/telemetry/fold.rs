@@ -9,11 +9,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use agent_common::{FoldCounts, FoldKey};
+use agent_common::{FoldCounts, FoldKey, PairedAccept, PAIRED_ACCEPT_MAX_AGE_NS};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use super::decode::folded_flow;
-use super::event::{Event, FoldEvent};
+use super::event::{kernel_now_ns, Event, FoldEvent};
 
 /// How often the folded counters are read.
 pub const READ_INTERVAL: Duration = Duration::from_secs(1);
@@ -23,9 +23,16 @@ pub const READ_INTERVAL: Duration = Duration::from_secs(1);
 /// An entry with a connection still open stays, so that its close is counted.
 const IDLE_READS: u32 = 2;
 
+/// Reads between two sweeps of the map of accepted sockets waiting for their accept.
+const SWEEP_READS: u32 = 10;
+
 /// The kernel's map of folded flows and what was last read from it.
 pub struct FoldReader {
     map: BpfHashMap<MapData, FoldKey, FoldCounts>,
+    /// Accepted sockets of folded pairs waiting for their accept; see [`FoldReader::sweep_paired`].
+    paired: Option<BpfHashMap<MapData, u64, PairedAccept>>,
+    /// Reads until the next sweep of `paired`.
+    reads_to_sweep: u32,
     /// Counters as last read, with the number of reads since they last changed.
     last: HashMap<FoldKey, (FoldCounts, u32)>,
     /// Unchanged reads after which an entry is removed.
@@ -34,11 +41,37 @@ pub struct FoldReader {
 }
 
 impl FoldReader {
-    pub fn new(map: BpfHashMap<MapData, FoldKey, FoldCounts>, window: Duration) -> Self {
+    pub fn new(
+        map: BpfHashMap<MapData, FoldKey, FoldCounts>,
+        paired: Option<BpfHashMap<MapData, u64, PairedAccept>>,
+        window: Duration,
+    ) -> Self {
         // An entry is removed only once its epoch has passed, so that no connect can still be
         // folded into it.
         let epoch_reads = window.as_nanos().div_ceil(READ_INTERVAL.as_nanos()) as u32;
-        FoldReader { map, last: HashMap::new(), idle_reads: epoch_reads + IDLE_READS, next_read: Instant::now() + READ_INTERVAL }
+        FoldReader {
+            map,
+            paired,
+            reads_to_sweep: SWEEP_READS,
+            last: HashMap::new(),
+            idle_reads: epoch_reads + IDLE_READS,
+            next_read: Instant::now() + READ_INTERVAL,
+        }
+    }
+
+    /// Removes the entries of `PAIRED_ACCEPTS` older than [`PAIRED_ACCEPT_MAX_AGE_NS`]: accepted
+    /// sockets that no `accept` system call took, which would otherwise fill the map. Returns how
+    /// many it removed.
+    pub fn sweep_paired(&mut self) -> usize {
+        let Some(paired) = self.paired.as_mut() else { return 0 };
+        let now = kernel_now_ns();
+        let old: Vec<u64> = paired
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| now.saturating_sub(entry.ktime_ns) > PAIRED_ACCEPT_MAX_AGE_NS)
+            .map(|(socket, _)| socket)
+            .collect();
+        old.iter().filter(|socket| paired.remove(socket).is_ok()).count()
     }
 
     /// True when the next read is due at `now`.
@@ -51,6 +84,14 @@ impl FoldReader {
     /// flows idle for longer than an epoch and a few reads.
     pub fn read(&mut self, now: Instant, mut send: impl FnMut(Event) -> bool) {
         self.next_read = now + READ_INTERVAL;
+        self.reads_to_sweep = self.reads_to_sweep.saturating_sub(1);
+        if self.reads_to_sweep == 0 {
+            self.reads_to_sweep = SWEEP_READS;
+            let removed = self.sweep_paired();
+            if removed > 0 {
+                tracing::debug!(removed, "removed accepted sockets of folded pairs that no accept took");
+            }
+        }
         let mut seen = HashMap::with_capacity(self.last.len());
         let mut idle = Vec::new();
         let mut complete = true;

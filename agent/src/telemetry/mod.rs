@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use agent_common::{
-    MAP_FOLD_WINDOW, ConnectionKey, Counter, ListenerKey, ListenerOwner, SockOwner, DEFAULT_RING_BUFFER_BYTES, MAP_COUNTERS,
+    MAP_FOLD_WINDOW, MAP_PAIRED_ACCEPTS, ConnectionKey, Counter, ListenerKey, ListenerOwner, SockOwner, DEFAULT_RING_BUFFER_BYTES, MAP_COUNTERS,
     MAP_EVENTS, MAP_FOLDS, MAP_LISTENERS, MAP_SEEDED_CONNECTIONS,
 };
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -290,7 +290,10 @@ impl Telemetry {
             let missing = || map_error(aya::maps::MapError::InvalidName { name: MAP_FOLDS.to_string() });
             let map = ebpf.take_map(MAP_FOLDS).ok_or_else(missing)?;
             let map = BpfHashMap::try_from(map).map_err(map_error)?;
-            Some(fold::FoldReader::new(map, config.fold_window))
+            let paired = ebpf.take_map(MAP_PAIRED_ACCEPTS).map(BpfHashMap::try_from).transpose().map_err(|source| {
+                TelemetryError::Map { name: MAP_PAIRED_ACCEPTS, source }
+            })?;
+            Some(fold::FoldReader::new(map, paired, config.fold_window))
         };
         let (sender, receiver) = mpsc::channel(config.channel_capacity);
         let stats = Arc::new(ReaderStats::default());
