@@ -29,7 +29,7 @@ const SWEEP_READS: u32 = 10;
 /// The kernel's map of folded flows and what was last read from it.
 pub struct FoldReader {
     map: BpfHashMap<MapData, FoldKey, FoldCounts>,
-    /// Accepted sockets of folded pairs waiting for their accept; see [`FoldReader::sweep_paired`].
+    /// Accepted sockets of folded pairs waiting for their accept (see [`FoldReader::sweep_paired`]).
     paired: Option<BpfHashMap<MapData, u64, PairedAccept>>,
     /// Reads until the next sweep of `paired`.
     reads_to_sweep: u32,

@@ -83,9 +83,8 @@ pub struct Observed {
     pub peak_rss_kib: Option<u64>,
     /// Resident memory after the storm, in KiB.
     pub rss_kib: Option<u64>,
-    /// Time the observer's eBPF programs ran in the kernel during the storm, and their runs. Only
-    /// with `kernel.bpf_stats_enabled` on, which the profile pass turns on (see
-    /// [`super::overhead::profile`]).
+    /// Kernel time and runs of the observer's eBPF programs during the storm. The kernel counts
+    /// them only while `kernel.bpf_stats_enabled` is on, as in [`super::overhead::profile`].
     pub programs: Option<ProgramStats>,
 }
 

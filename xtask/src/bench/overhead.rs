@@ -87,7 +87,8 @@ fn measure(setup: &Setup, plan: &Plan, round: u32, storm: Storm, config: Config)
 
 /// Runs each storm once more under each observer that loads eBPF programs, with
 /// `kernel.bpf_stats_enabled` on, so that their samples carry the programs' kernel time. The
-/// statistics add two clock reads to every program run, so these runs stay out of the ratios.
+/// statistics add a clock read before and after every program run, so these runs stay out of the
+/// ratios.
 pub fn profile(setup: &Setup, plan: &Plan, peers: &Peers) -> anyhow::Result<Vec<Sample>> {
     let _stats = BpfStats::enable()?;
     let mut samples = Vec::new();

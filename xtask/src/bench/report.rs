@@ -58,7 +58,8 @@ pub struct Results {
     pub plan: Plan,
     pub peers: Peers,
     pub overhead: Vec<Sample>,
-    /// One storm of each kind per observer with eBPF programs, with their kernel time.
+    /// Samples of the profile pass: one storm of each kind per observer with eBPF programs, with
+    /// the programs' kernel time.
     pub profile: Vec<Sample>,
     pub pipeline: Value,
     pub agent_scale: Value,
@@ -290,7 +291,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn profile_share_is_program_time_over_baseline_time() {
+    fn profile_share_over_baseline_time() {
         use super::super::observer::{Observed, ProgramStats, Storm};
         let sample = |config, elapsed_ms: u64, programs| Sample {
             round: 0,
