@@ -965,8 +965,8 @@ pub struct FoldKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
 pub struct FoldCounts {
-    /// Fold epoch (`ktime` divided by the [`MAP_FOLD_WINDOW`] value) of the flow's last reported
-    /// connection. A connection is folded only in that same epoch.
+    /// Fold epoch (`bpf_ktime_get_coarse_ns`, the monotonic time at the last timer tick, divided
+    /// by the [`MAP_FOLD_WINDOW`] value) of the flow's last reported connection. A connection is folded only in that same epoch.
     pub epoch: u64,
     /// Connections folded: connect calls for an outgoing flow, completed handshakes for an
     /// incoming one.
@@ -980,7 +980,8 @@ pub struct FoldCounts {
     /// Payload bytes of the closed folded connections, as in [`TcpRecord::bytes_sent`].
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// `ktime` of the last change.
+    /// `bpf_ktime_get_coarse_ns` of the last change: `CLOCK_MONOTONIC` at the timer tick before
+    /// it, up to a tick (a few milliseconds) early.
     pub last_ns: u64,
     /// Folded incoming connections taken back out of `connects`: accepted by a process outside
     /// the scope, or by another process than the flow's last reported acceptor, which then

@@ -180,19 +180,27 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
 fn socket_of_fd(offsets: &AcceptOffsets, task: u64, fd: u64) -> Option<u64> {
     let files: u64 = read_at(task, offsets.task_files)?;
     let table: u64 = read_at(files, offsets.files_fdt)?;
-    let max_fds: u32 = read_at(table, offsets.fdtable_max_fds)?;
-    if fd >= u64::from(max_fds) {
+    // `max_fds` is a 32-bit field, in the low half of its word.
+    let (max_fds, array) = read_two_words(table, offsets.fdtable_max_fds, offsets.fdtable_fd)?;
+    if fd >= max_fds & u64::from(u32::MAX) {
         return None;
     }
-    let array: u64 = read_at(table, offsets.fdtable_fd)?;
     let file: u64 = read_pointer(array + fd * 8)?;
     let socket: u64 = read_at(file, offsets.file_private_data)?;
     // Only a socket's private data points back to its file.
-    let back: u64 = read_at(socket, offsets.socket_file)?;
-    if back != file {
-        return None;
+    let (back, sk) = read_two_words(socket, offsets.socket_file, offsets.socket_sk)?;
+    (back == file).then_some(sk)
+}
+
+/// Reads the 8-byte words at `base + first` and `base + second`, in one probe read when the
+/// second starts 8 bytes after the first.
+#[inline(always)]
+fn read_two_words(base: u64, first: u32, second: u32) -> Option<(u64, u64)> {
+    if second == first.wrapping_add(8) {
+        let [a, b] = read_at::<[u64; 2]>(base, first)?;
+        return Some((a, b));
     }
-    read_at(socket, offsets.socket_sk)
+    Some((read_at(base, first)?, read_at(base, second)?))
 }
 
 /// Records `pid` as the owner of the socket, so that its later records carry the process.

@@ -28,7 +28,7 @@ use core::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::{count, kernel, ktime_ns, tcp::TcpFields, FOLDS, FOLD_WINDOW, TCP_PAIRS};
+use crate::{coarse_ns, count, kernel, tcp::TcpFields, FOLDS, FOLD_WINDOW, TCP_PAIRS};
 
 /// Fold epoch in nanoseconds, 0 when every connection is reported.
 #[inline(always)]
@@ -210,8 +210,9 @@ fn take_back_connect<F: TcpFields>(ctx: &F, decision: &AcceptedFold) {
 /// Counts the handshake end or the close of a folded socket in its flow.
 #[inline(never)]
 pub(crate) fn fold_end<F: TcpFields>(ctx: &F, skaddr: u64, owner: &SockOwner, kind: TcpKind) {
-    // Tracked here only when `PAIRED_ACCEPTS` was full; the connecting end counts it.
-    if owner.flags & SOCKET_FLAG_FOLDED_PAIRED != 0 {
+    // Tracked here only when `PAIRED_ACCEPTS` was full; the connecting end counts it. The
+    // tracepoint folds nothing, and leaves this function empty.
+    if !F::FOLDS || owner.flags & SOCKET_FLAG_FOLDED_PAIRED != 0 {
         return;
     }
 
@@ -246,7 +247,7 @@ pub(crate) fn fold_end<F: TcpFields>(ctx: &F, skaddr: u64, owner: &SockOwner, ki
             }
             _ => return,
         }
-        (*counts).last_ns = ktime_ns();
+        (*counts).last_ns = coarse_ns();
     }
 }
 
@@ -360,14 +361,14 @@ fn unmap(address: &[u8; 16]) -> [u8; 16] {
     crate::tcp::widen_ipv4([m, n, o, p])
 }
 
-/// Returns the current time and fold epoch, or `None` when folding is off.
+/// Returns the current time, to a timer tick, and fold epoch, or `None` when folding is off.
 #[inline(always)]
 fn now_and_epoch() -> Option<(u64, u64)> {
     let window = window();
     if window == 0 {
         return None;
     }
-    let now = ktime_ns();
+    let now = coarse_ns();
     Some((now, now / window))
 }
 

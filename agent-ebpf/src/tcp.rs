@@ -554,7 +554,7 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
 #[inline(always)]
 fn remember_paired<F: TcpFields>(ctx: &F, skaddr: u64) -> bool {
     let Some(cookie) = ctx.cookie() else { return false };
-    PAIRED_ACCEPTS.insert(&skaddr, &PairedAccept { cookie, ktime_ns: ktime_ns() }, 0).is_ok()
+    PAIRED_ACCEPTS.insert(&skaddr, &PairedAccept { cookie, ktime_ns: crate::coarse_ns() }, 0).is_ok()
 }
 
 fn track_socket(skaddr: u64, pid: u32, flags: u32, netns: u32, exec: u32) {
