@@ -1,7 +1,8 @@
 //! Accepted connections attributed to the process that accepts them, asserted on the agent's
 //! gRPC stream: prefork workers sharing one listening socket, two SO_REUSEPORT listeners on one
-//! port, and a listening socket handed to another process over a Unix socket. A process that
-//! renames itself with `prctl(PR_SET_NAME)` is still identified by its executable path.
+//! port, a listening socket handed to another process over a Unix socket, and a server that
+//! accepts through io_uring. A process that renames itself with `prctl(PR_SET_NAME)` is still
+//! identified by its executable path.
 //!
 //! Every server replies to a connection with the pid of the process that accepted it, so each test
 //! can tell exactly which process the agent must name. Servers and clients run in a network
@@ -43,6 +44,7 @@ components:
   - { id: passer, zone: inside, match: { cgroup: ["{ROOT}/passer"] } }
   - { id: receiver, zone: inside, match: { cgroup: ["{ROOT}/receiver"] } }
   - { id: seeded, zone: inside, match: { cgroup: ["{ROOT}/seeded"] } }
+  - { id: uring, zone: inside, match: { cgroup: ["{ROOT}/uring"] } }
   - { id: scripted, zone: inside, match: { cgroup: ["{ROOT}/scripted"] }, executables: ["/bin/true"] }
   - { id: decoy, zone: inside, match: { exe: ["**/sshd"] } }
   - { id: probe, zone: inside, match: { exe: ["**/driftwatch-accept-probe"] } }
@@ -50,7 +52,7 @@ flows: []
 exceptions: []
 "#;
 
-const CGROUPS: [&str; 8] = ["prefork", "reuse-a", "reuse-b", "passer", "receiver", "seeded", "scripted", "renamed"];
+const CGROUPS: [&str; 9] = ["prefork", "reuse-a", "reuse-b", "passer", "receiver", "seeded", "scripted", "renamed", "uring"];
 
 static AGENT_TESTS: Mutex<()> = Mutex::new(());
 
@@ -186,6 +188,33 @@ impl World {
     fn wait_for_flow(&self, component: &str, port: u16) -> Deviation {
         let id = format!("unexpected-flow@internet@{component}@tcp/{port}");
         self.wait_for(&id, |deviation| deviation.id == id)
+    }
+
+    /// Returns the connections counted on the graph's edge into `component` on `port`.
+    fn edge_connections(&self, component: &str, port: u16) -> Option<u64> {
+        let api = self.agent.as_ref().expect("the agent runs").api_addr();
+        let graph = driftwatch_e2e::stream::graph(api).ok()?;
+        let port = u32::from(port);
+        graph.edges.iter().find(|edge| edge.destination == component && edge.port == port).map(|edge| edge.connections)
+    }
+
+    /// Waits until the edge into `component` on `port` counts `expected` connections, then checks
+    /// that it still does 3 s later: counts are read once a second and held for the join, and
+    /// none may come twice.
+    fn assert_edge_settles_at(&self, component: &str, port: u16, expected: u64) {
+        let counted = wait_until(OBSERVE_TIMEOUT, || {
+            self.edge_connections(component, port).filter(|&connections| connections >= expected)
+        });
+        assert_eq!(counted, Some(expected), "the edge did not reach {expected} connections");
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(self.edge_connections(component, port), Some(expected));
+    }
+
+    /// Returns the agent's status counter `name`, 0 when it is not listed.
+    fn counter(&self, name: &str) -> u64 {
+        let api = self.agent.as_ref().expect("the agent runs").api_addr();
+        let status = driftwatch_e2e::stream::status(api).unwrap();
+        status.counters.iter().find(|counter| counter.name == name).map_or(0, |counter| counter.value)
     }
 
     fn wait_for(&self, what: &str, accept: impl Fn(&Deviation) -> bool) -> Deviation {
@@ -334,19 +363,30 @@ fn repeated_connections_count_on_one_edge() {
     world.wait_for_flow("reuse-a", addr.port());
 
     // Each connection counts once on the edge, whether the kernel reported it or only counted it.
-    let api = world.agent.as_ref().expect("the agent runs").api_addr();
-    let port = u32::from(addr.port());
-    let edge_connections = || {
-        let graph = driftwatch_e2e::stream::graph(api).ok()?;
-        graph.edges.iter().find(|edge| edge.destination == "reuse-a" && edge.port == port).map(|edge| edge.connections)
-    };
-    let counted = wait_until(OBSERVE_TIMEOUT, || edge_connections().filter(|&connections| connections >= REPEATS));
-    assert_eq!(counted, Some(REPEATS), "the edge did not reach {REPEATS} connections");
-    // Counts are read once a second and held for the join; none may come twice.
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(edge_connections(), Some(REPEATS));
-    let status = driftwatch_e2e::stream::status(api).unwrap();
-    let folded = status.counters.iter().find(|counter| counter.name == "folds_connections").map_or(0, |counter| counter.value);
+    world.assert_edge_settles_at("reuse-a", addr.port(), REPEATS);
+    let folded = world.counter("folds_connections");
+    assert!((1..REPEATS).contains(&folded), "{folded} of {REPEATS} connections were folded");
+}
+
+#[test]
+fn io_uring_accepts_name_listener_owner() {
+    const REPEATS: u64 = 12;
+    let mut world = World::start();
+    let (server, addr) = world.listen("uring", &["uring-listen"]);
+
+    // No accept system call returns the connection, so the agent names the listener's owner once
+    // its wait for one is over. Here that is the process that took it.
+    let first = world.connect(addr);
+    assert_eq!(first.pid, server);
+    let deviation = world.wait_for_flow("uring", addr.port());
+    assert_accepted_by(&deviation, &first, server, std::process::id());
+
+    // The repeats fold on the accepting end, where no accept program runs for them either.
+    for _ in 1..REPEATS {
+        assert_eq!(world.connect(addr).pid, server);
+    }
+    world.assert_edge_settles_at("uring", addr.port(), REPEATS);
+    let folded = world.counter("folds_connections");
     assert!((1..REPEATS).contains(&folded), "{folded} of {REPEATS} connections were folded");
 }
 

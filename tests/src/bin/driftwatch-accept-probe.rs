@@ -10,6 +10,7 @@
 //! driftwatch-accept-probe pass-listener UNIX_PATH   listen, send the socket to UNIX_PATH, close it
 //! driftwatch-accept-probe receive-listener UNIX_PATH  receive a listening socket there and accept
 //! driftwatch-accept-probe renamed-listen COMM       rename the task to COMM, then listen
+//! driftwatch-accept-probe uring-listen              listen and accept through io_uring only
 //! driftwatch-accept-probe connect ADDR              connect once and print who served it
 //! driftwatch-accept-probe hold ADDR                 connect, print who served it, keep it open
 //! ```
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         ["pass-listener", path] => pass_listener(path),
         ["receive-listener", path] => receive_listener(path),
         ["renamed-listen", comm] => renamed_listen(comm),
+        ["uring-listen"] => uring_listen(),
         ["connect", addr] => parse(addr).and_then(|addr| connect(addr).map(drop)),
         ["hold", addr] => parse(addr).and_then(|addr| {
             let _open = connect(addr)?;
@@ -189,6 +191,38 @@ fn renamed_listen(comm: &str) -> io::Result<()> {
     let listener = listen_loopback()?;
     let _keep = listener;
     wait_forever()
+}
+
+/// Listens on 127.0.0.1 and takes each connection with an io_uring `IORING_OP_ACCEPT` run by an
+/// io-wq worker thread (`IOSQE_ASYNC`), so that no `accept` system call of this process returns
+/// it. Replies and waits for the close as [`serve`] does.
+fn uring_listen() -> io::Result<()> {
+    use io_uring::{opcode, squeue, types, IoUring};
+
+    let listener = listen_loopback()?;
+    let mut ring = IoUring::new(4)?;
+    let pid = std::process::id();
+    loop {
+        let entry = opcode::Accept::new(types::Fd(listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .flags(squeue::Flags::ASYNC);
+        // SAFETY: the entry points to no buffer; the address arguments are null.
+        unsafe { ring.submission().push(&entry) }
+            .map_err(|error| io::Error::other(format!("the submission queue is full: {error}")))?;
+        ring.submit_and_wait(1)?;
+        let completion = ring.completion().next().ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
+        let fd = completion.result();
+        if fd < 0 {
+            let error = io::Error::from_raw_os_error(-fd);
+            return Err(io::Error::new(error.kind(), format!("io_uring accept failed: {error}")));
+        }
+        // SAFETY: the completion carries a new descriptor that nothing else owns.
+        let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+        stream.write_all(format!("{pid}\n").as_bytes())?;
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    }
 }
 
 fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
