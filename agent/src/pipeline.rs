@@ -278,6 +278,7 @@ pub type CgroupResolver = Box<dyn FnMut(u64) -> String + Send>;
 pub type LossCounter = Box<dyn Fn() -> u64 + Send>;
 
 /// An observation that may wait for container labels before it reaches the engine.
+#[derive(Clone)]
 enum Observation {
     Exec(ExecObservation),
     Listen(ListenObservation),
@@ -548,13 +549,13 @@ impl Pipeline {
         let labels = &self.labels;
         let ready = self.held.take_ready(now, |observation| waits_for_labels(labels, observation));
         for observation in ready {
-            self.evaluate(observation);
+            self.evaluate(observation, 1);
         }
     }
 
     fn release_all_held(&mut self) {
         for observation in self.held.take_all() {
-            self.evaluate(observation);
+            self.evaluate(observation, 1);
         }
     }
 
@@ -580,22 +581,30 @@ impl Pipeline {
 
     /// Passes an observation to the engine, or queues it while a label lookup for one of its
     /// processes is in flight.
-    fn submit(&mut self, mut observation: Observation) {
+    fn submit(&mut self, observation: Observation) {
+        self.submit_repeated(observation, 1);
+    }
+
+    /// Passes `count` observations that repeat `observation`, as `count` calls of `submit` would.
+    fn submit_repeated(&mut self, mut observation: Observation, count: u64) {
         for process in observation.processes_mut().into_iter().flatten() {
             *process = self.with_container(process.clone());
         }
         if !waits_for_labels(&self.labels, &observation) {
-            self.evaluate(observation);
+            self.evaluate(observation, count);
             return;
         }
-        if let Some(oldest) = self.held.push(observation, Instant::now()) {
-            tracing::debug!("label hold queue full; evaluating the oldest observation without waiting");
-            self.evaluate(oldest);
+        for _ in 0..count {
+            if let Some(oldest) = self.held.push(observation.clone(), Instant::now()) {
+                tracing::debug!("label hold queue full; evaluating the oldest observation without waiting");
+                self.evaluate(oldest, 1);
+            }
         }
     }
 
-    /// Passes an observation to the engine with the latest container identities.
-    fn evaluate(&mut self, mut observation: Observation) {
+    /// Passes `count` repeats of an observation to the engine with the latest container
+    /// identities.
+    fn evaluate(&mut self, mut observation: Observation, count: u64) {
         for process in observation.processes_mut().into_iter().flatten() {
             let Some(known) = &process.container else { continue };
             let Some(current) = self.labels.current(&known.id) else { continue };
@@ -606,14 +615,17 @@ impl Pipeline {
             }
         }
         let deviations = match observation {
-            Observation::Exec(exec) => self.engine().observe_exec(&exec),
-            Observation::Listen(listen) => self.engine().observe_listen(&listen),
+            Observation::Exec(exec) => (0..count).flat_map(|_| self.engine().observe_exec(&exec)).collect(),
+            Observation::Listen(listen) => (0..count).flat_map(|_| self.engine().observe_listen(&listen)).collect(),
             Observation::Flow(flow) => {
-                self.record_peer(&flow);
-                self.engine().observe_flow(&flow)
+                self.record_peer(&flow, count);
+                self.engine().observe_flow_repeated(&flow, count)
             }
             Observation::FailedConnect(flow) => {
-                self.engine().observe_failed_connect(&flow);
+                let mut engine = self.engine();
+                for _ in 0..count {
+                    engine.observe_failed_connect(&flow);
+                }
                 Vec::new()
             }
         };
@@ -1017,17 +1029,13 @@ impl Pipeline {
         if connections > 0 {
             let known = self.folds.observation(&fold.flow).cloned();
             if let Some(observation) = self.repeated_observation(known, &fold.flow, time, connections) {
-                for _ in 0..connections {
-                    self.submit(Observation::Flow(observation.clone()));
-                }
+                self.submit_repeated(Observation::Flow(observation), connections);
             }
         }
         if failed > 0 {
             let known = self.folds.failed_observation(&fold.flow).cloned();
             if let Some(observation) = self.repeated_observation(known, &fold.flow, time, failed) {
-                for _ in 0..failed {
-                    self.submit(Observation::FailedConnect(observation.clone()));
-                }
+                self.submit_repeated(Observation::FailedConnect(observation), failed);
             }
         }
     }
@@ -1081,7 +1089,7 @@ impl Pipeline {
     }
 
     /// Records the remote end of a flow with exactly one end on this host.
-    fn record_peer(&self, observation: &FlowObservation) {
+    fn record_peer(&self, observation: &FlowObservation, connections: u64) {
         let Some(endpoints) = &self.endpoints else { return };
         let (role, remote_ip) = match (&observation.client, &observation.server) {
             (Some(_), None) => (PeerRole::Client, observation.server_addr.ip()),
@@ -1097,6 +1105,7 @@ impl Pipeline {
             role,
             remote_ip,
             time: observation.time,
+            connections,
         });
     }
 

@@ -199,6 +199,43 @@ impl ObservedGraph {
         self.evictions
     }
 
+    /// True when the graph has the edge `key`.
+    pub fn has_edge(&self, key: &EdgeKey) -> bool {
+        self.edges.contains_key(key)
+    }
+
+    /// Adds `count` connections like `connection` to the edge `key`, as `count` calls of
+    /// [`Graph::record`] would. Returns false, changing nothing, when there is no such edge.
+    pub fn record_repeats(&mut self, key: &EdgeKey, connection: Connection, count: u64) -> bool {
+        let Some(&index) = self.edges.get(key) else {
+            return false;
+        };
+        self.add_connections(index, connection, count);
+        true
+    }
+
+    fn add_connections(&mut self, index: EdgeIndex, connection: Connection, count: u64) {
+        let edge = &mut self.graph[index];
+        edge.connections += count;
+        edge.declared = connection.declared;
+        if connection.time > edge.last_seen {
+            edge.last_seen = connection.time;
+        }
+        if let Some(example) = connection.example {
+            if edge.examples.len() < MAX_EXAMPLES && !edge.examples.contains(&example) {
+                edge.examples.push(example);
+            }
+        }
+        if let Some(name) = connection.remote_name {
+            if edge.remote_names.len() < MAX_EXAMPLES && !edge.remote_names.contains(&name) {
+                edge.remote_names.push(name);
+            }
+        }
+        let previous = edge.stamp;
+        let last_seen = edge.last_seen;
+        self.graph[index].stamp = self.recency.touch(Some(previous), last_seen, index);
+    }
+
     /// Keeps `observation` as the latest connection on the edge `key`, for [`Self::observations`].
     pub fn remember(&mut self, key: &EdgeKey, observation: FlowObservation) {
         if let Some(&index) = self.edges.get(key) {
@@ -281,42 +318,24 @@ impl ObservedGraph {
         destination: NodeRef,
         connection: Connection,
     ) -> bool {
+        let key = EdgeKey {
+            source: source.id.clone(),
+            destination: destination.id.clone(),
+            protocol: connection.protocol,
+            port: connection.port,
+        };
+        if let Some(&index) = self.edges.get(&key) {
+            self.add_connections(index, connection, 1);
+            return false;
+        }
         let Connection {
-            protocol,
-            port,
+            protocol: _,
+            port: _,
             declared,
             time,
             example,
             remote_name,
         } = connection;
-        let key = EdgeKey {
-            source: source.id.clone(),
-            destination: destination.id.clone(),
-            protocol,
-            port,
-        };
-        if let Some(&index) = self.edges.get(&key) {
-            let edge = &mut self.graph[index];
-            edge.connections += 1;
-            edge.declared = declared;
-            if time > edge.last_seen {
-                edge.last_seen = time;
-            }
-            if let Some(example) = example {
-                if edge.examples.len() < MAX_EXAMPLES && !edge.examples.contains(&example) {
-                    edge.examples.push(example);
-                }
-            }
-            if let Some(name) = remote_name {
-                if edge.remote_names.len() < MAX_EXAMPLES && !edge.remote_names.contains(&name) {
-                    edge.remote_names.push(name);
-                }
-            }
-            let previous = edge.stamp;
-            let last_seen = edge.last_seen;
-            self.graph[index].stamp = self.recency.touch(Some(previous), last_seen, index);
-            return false;
-        }
 
         while self.graph.edge_count() >= self.max_edges {
             if !self.evict_oldest() {

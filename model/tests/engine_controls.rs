@@ -486,3 +486,13 @@ fn deviations_list_in_priority_order() {
         }
     }
 }
+
+#[test]
+fn denied_burst_fails_the_control_once_per_connection() {
+    let denied = flow(at(0), Some(nginx()), "127.0.0.1:40000", Some(postgres()), "127.0.0.1:5432");
+    common::assert_bursts_match_single_observations(GUARDED, &[(denied.clone(), 5), (denied, 3)]);
+    let mut engine = engine();
+    let denied = flow(at(0), Some(nginx()), "127.0.0.1:40000", Some(postgres()), "127.0.0.1:5432");
+    engine.observe_flow_repeated(&denied, 8);
+    assert_eq!(engine.control_checks().iter().map(|check| check.failed).sum::<u64>(), 8);
+}

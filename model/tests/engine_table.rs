@@ -318,3 +318,26 @@ fn table_lists_most_severe_first() {
     assert_eq!(severities, sorted);
     assert_eq!(severities.len(), 4);
 }
+
+#[test]
+fn burst_counts_like_single_connections() {
+    // A new edge, repeats within the interval, and a burst after it that returns the deviations
+    // again with every connection counted.
+    let raised = common::assert_bursts_match_single_observations(
+        common::THREE_TIER,
+        &[(web_to_db(0), 40), (web_to_db(30), 5), (web_to_db(61), 10), (web_to_db(62), 0)],
+    );
+    let again = raised.iter().filter(|d| d.id == "unexpected-flow@web@db@tcp/5432").collect::<Vec<_>>();
+    assert_eq!(again.len(), 2, "{raised:#?}");
+    assert_eq!(again[1].count, 46);
+}
+
+#[test]
+fn burst_counts_every_connection_on_the_edge() {
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    engine.observe_flow_repeated(&web_to_db(0), 40);
+    let graph = engine.graph_snapshot();
+    let edge = graph.edges.iter().find(|edge| edge.destination == "db").unwrap();
+    assert_eq!(edge.connections, 40);
+    assert_eq!(engine.stats().flow_observations, 40);
+}

@@ -74,6 +74,8 @@ pub struct PeerConnection<'a> {
     pub role: PeerRole,
     pub remote_ip: IpAddr,
     pub time: SystemTime,
+    /// Number of connections this record counts: more than 1 for connections the kernel folded.
+    pub connections: u64,
 }
 
 impl EndpointTable {
@@ -87,7 +89,7 @@ impl EndpointTable {
         }
     }
 
-    /// Counts one connection of an edge with its remote IP.
+    /// Counts the connections of an edge with its remote IP.
     pub fn record_peer(&mut self, connection: PeerConnection<'_>) {
         let key = PeerKey {
             source: connection.source.to_owned(),
@@ -98,7 +100,7 @@ impl EndpointTable {
             remote_ip: connection.remote_ip.to_canonical(),
         };
         if let Some(counts) = self.peers.get_mut(&key) {
-            counts.connections += 1;
+            counts.connections += connection.connections;
             counts.last_seen = counts.last_seen.max(connection.time);
             return;
         }
@@ -118,7 +120,7 @@ impl EndpointTable {
         self.peers.insert(
             key,
             PeerCounts {
-                connections: 1,
+                connections: connection.connections,
                 first_seen: connection.time,
                 last_seen: connection.time,
             },
@@ -202,6 +204,7 @@ mod tests {
             role: PeerRole::Client,
             remote_ip: remote.parse().unwrap(),
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(seconds),
+            connections: 1,
         }
     }
 
@@ -213,6 +216,9 @@ mod tests {
         let peers = table.peers();
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].connections, 2);
+        // Connections the kernel counted arrive as one record.
+        table.record_peer(PeerConnection { connections: 40, ..connection("198.18.4.10", 12) });
+        assert_eq!(table.peers()[0].connections, 42);
         assert_eq!(peers[0].last_seen, SystemTime::UNIX_EPOCH + Duration::from_secs(9));
     }
 

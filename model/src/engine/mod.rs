@@ -376,7 +376,7 @@ impl Engine {
         if denied.is_none() && !new_edge {
             if let Some(judged) = self.judged_edges.get(&key) {
                 if judged.declared == declared
-                    && self.table.count_quiet_repeats(&judged.deviation_ids, observation.time, self.config.repeat_interval)
+                    && self.table.count_quiet_repeats(&judged.deviation_ids, observation.time, self.config.repeat_interval, 1)
                 {
                     return Vec::new();
                 }
@@ -428,6 +428,71 @@ impl Engine {
         self.emit_all(findings, observation.time)
     }
 
+
+    /// Observes `count` connections that each repeat `observation`, as `count` calls of
+    /// [`Engine::observe_flow`] would. Once a repeat would only be counted (an allowed flow on an
+    /// edge that exists, its deviations returned within the repeat interval), the rest are
+    /// counted in one step, so a burst of repeated connections costs about one observation.
+    pub fn observe_flow_repeated(&mut self, observation: &FlowObservation, count: u64) -> Vec<Deviation> {
+        let mut deviations = Vec::new();
+        for observed in 0..count {
+            if self.count_quiet_flow_repeats(observation, count - observed) {
+                break;
+            }
+            deviations.extend(self.observe_flow(observation));
+        }
+        deviations
+    }
+
+    /// Counts `count` repeats of `observation` when each would take the quiet path of
+    /// [`Engine::observe_flow`]. Returns false, changing nothing, otherwise.
+    fn count_quiet_flow_repeats(&mut self, observation: &FlowObservation, count: u64) -> bool {
+        let model = &self.model;
+        let (source, destination) = resolve_flow(model, Some(&mut self.attributions), observation);
+        let protocol = observation.protocol;
+        let port = observation.server_addr.port();
+        let source_key = (source.node.as_str(), source.zone_id());
+        let destination_key = (destination.node.as_str(), destination.zone_id());
+        if model.matching_flow(source_key, destination_key, protocol, port, true).is_some() {
+            return false;
+        }
+        let declared = model.flow_declared(source_key, destination_key, protocol, port);
+        let key = EdgeKey {
+            source: source.node.clone(),
+            destination: destination.node.clone(),
+            protocol,
+            port,
+        };
+        let Some(judged) = self.judged_edges.get(&key) else {
+            return false;
+        };
+        if judged.declared != declared || !self.graph.has_edge(&key) {
+            return false;
+        }
+        if !self.table.count_quiet_repeats(&judged.deviation_ids, observation.time, self.config.repeat_interval, count) {
+            return false;
+        }
+
+        self.stats.flow_observations += count;
+        for (i, flow) in model.flows.iter().enumerate() {
+            if !flow.deny && model.flow_covers(flow, source_key, destination_key, protocol, port) {
+                self.flow_last_seen[i] = Some(observation.time);
+            }
+        }
+        let example = observation.client.as_ref().or(observation.server.as_ref()).map(|p| (p.pid, p.exe.clone()));
+        let connection = Connection {
+            protocol,
+            port,
+            declared,
+            time: observation.time,
+            example,
+            remote_name: observation.remote_name.clone(),
+        };
+        self.graph.record_repeats(&key, connection, count);
+        self.graph.remember(&key, observation.clone());
+        self.note_time(observation.time);
+        true
+    }
 
     /// Records a connection attempt that the network refused or dropped (a reset, an ICMP error or
     /// a timeout). When a `deny` flow covers it, the control held and is counted. It raises no

@@ -101,13 +101,19 @@ impl DeviationTable {
         Offer::New(candidate)
     }
 
-    /// Counts one more occurrence of each id in `ids` without rebuilding its text, when every one
-    /// of them is in the table and was returned less than `repeat_interval` before `time`. Returns
+    /// Counts `count` more occurrences of each id in `ids` without rebuilding its text, when every
+    /// one of them is in the table and was returned less than `repeat_interval` before `time`. Returns
     /// false, changing nothing, when any of them is missing or due to be returned again; the caller
     /// then offers full candidates.
     ///
     /// A repeat counted this way keeps the summary and evidence of the occurrence last returned.
-    pub fn count_quiet_repeats(&mut self, ids: &[String], time: SystemTime, repeat_interval: Duration) -> bool {
+    pub fn count_quiet_repeats(
+        &mut self,
+        ids: &[String],
+        time: SystemTime,
+        repeat_interval: Duration,
+        count: u64,
+    ) -> bool {
         let all_quiet = ids.iter().all(|id| {
             self.entries.get(id).is_some_and(|entry| {
                 time.duration_since(entry.last_returned).unwrap_or(Duration::ZERO) < repeat_interval
@@ -118,7 +124,7 @@ impl DeviationTable {
         }
         for id in ids {
             let Some(entry) = self.entries.get_mut(id) else { continue };
-            entry.deviation.count += 1;
+            entry.deviation.count += count;
             if time > entry.deviation.last_seen {
                 entry.deviation.last_seen = time;
             }

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use driftwatch_model::observation::{
     ExecObservation, FlowObservation, ListenObservation, ProcessInfo, Protocol,
 };
+use driftwatch_model::deviation::Deviation;
 use driftwatch_model::Model;
 
 /// The example model of the design notes, with a host zone for loopback added in `three_tier`.
@@ -163,4 +164,27 @@ impl ProcessInfoExt for ProcessInfo {
     fn with_pid(self, pid: u32) -> ProcessInfo {
         ProcessInfo { pid, ..self }
     }
+}
+
+/// Feeds `bursts` of repeated connections (an observation and how many times it repeats) to two
+/// engines on `model`: one connection at a time, and one burst at a time through
+/// `Engine::observe_flow_repeated`. Checks that both return the same deviations and end in the
+/// same state; returns the deviations.
+pub fn assert_bursts_match_single_observations(model: &str, bursts: &[(FlowObservation, u64)]) -> Vec<Deviation> {
+    let mut single = driftwatch_model::Engine::new(self::model(model));
+    let mut batched = driftwatch_model::Engine::new(self::model(model));
+    let mut raised_single = Vec::new();
+    let mut raised_batched = Vec::new();
+    for (observation, count) in bursts {
+        for _ in 0..*count {
+            raised_single.extend(single.observe_flow(observation));
+        }
+        raised_batched.extend(batched.observe_flow_repeated(observation, *count));
+    }
+    assert_eq!(raised_batched, raised_single, "deviations returned");
+    assert_eq!(batched.deviations(), single.deviations(), "deviation table");
+    assert_eq!(batched.graph_snapshot(), single.graph_snapshot(), "graph");
+    assert_eq!(batched.stats(), single.stats(), "engine counters");
+    assert_eq!(batched.control_checks(), single.control_checks(), "deny flow checks");
+    raised_batched
 }
