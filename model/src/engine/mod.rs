@@ -340,28 +340,11 @@ impl Engine {
         let denied = model.matching_flow(source_key, destination_key, protocol, port, true);
         let declared =
             denied.is_none() && model.flow_declared(source_key, destination_key, protocol, port);
-        for (i, flow) in model.flows.iter().enumerate() {
-            if !flow.deny && model.flow_covers(flow, source_key, destination_key, protocol, port) {
-                self.flow_last_seen[i] = Some(observation.time);
-            }
-        }
+        mark_flows_seen(model, &mut self.flow_last_seen, source_key, destination_key, observation);
 
-        let example = observation
-            .client
-            .as_ref()
-            .or(observation.server.as_ref())
-            .map(|p| (p.pid, p.exe.clone()));
-        let connection = Connection {
-            protocol,
-            port,
-            declared,
-            time: observation.time,
-            example,
-            remote_name: observation.remote_name.clone(),
-        };
         let new_edge = self
             .graph
-            .record(source.node_ref(), destination.node_ref(), connection);
+            .record(source.node_ref(), destination.node_ref(), connection_of(observation, declared));
         let key = EdgeKey {
             source: source.node.clone(),
             destination: destination.node.clone(),
@@ -474,21 +457,8 @@ impl Engine {
         }
 
         self.stats.flow_observations += count;
-        for (i, flow) in model.flows.iter().enumerate() {
-            if !flow.deny && model.flow_covers(flow, source_key, destination_key, protocol, port) {
-                self.flow_last_seen[i] = Some(observation.time);
-            }
-        }
-        let example = observation.client.as_ref().or(observation.server.as_ref()).map(|p| (p.pid, p.exe.clone()));
-        let connection = Connection {
-            protocol,
-            port,
-            declared,
-            time: observation.time,
-            example,
-            remote_name: observation.remote_name.clone(),
-        };
-        self.graph.record_repeats(&key, connection, count);
+        mark_flows_seen(model, &mut self.flow_last_seen, source_key, destination_key, observation);
+        self.graph.record_repeats(&key, connection_of(observation, declared), count);
         self.graph.remember(&key, observation.clone());
         self.note_time(observation.time);
         true
@@ -635,6 +605,34 @@ impl Engine {
 }
 
 /// Resolves both ends of a flow to graph nodes, through `cache` when given.
+/// Marks the allowed flows of `model` that cover `observation` as seen at its time.
+fn mark_flows_seen(
+    model: &Model,
+    flow_last_seen: &mut [Option<SystemTime>],
+    source: (&str, Option<&str>),
+    destination: (&str, Option<&str>),
+    observation: &FlowObservation,
+) {
+    let port = observation.server_addr.port();
+    for (flow, last_seen) in model.flows.iter().zip(flow_last_seen.iter_mut()) {
+        if !flow.deny && model.flow_covers(flow, source, destination, observation.protocol, port) {
+            *last_seen = Some(observation.time);
+        }
+    }
+}
+
+/// Returns the connection that `observation` adds to its edge.
+fn connection_of(observation: &FlowObservation, declared: bool) -> Connection {
+    Connection {
+        protocol: observation.protocol,
+        port: observation.server_addr.port(),
+        declared,
+        time: observation.time,
+        example: observation.client.as_ref().or(observation.server.as_ref()).map(|p| (p.pid, p.exe.clone())),
+        remote_name: observation.remote_name.clone(),
+    }
+}
+
 fn resolve_flow<'m, 'o>(
     model: &'m Model,
     mut cache: Option<&mut endpoint::AttributionCache>,
