@@ -102,7 +102,7 @@ pub struct AgentArgs {
     /// a local address and port with the client's address. With the sock_ops hook, a flow's first
     /// connection in each epoch is reported, and its later ones are counted in the kernel and added
     /// to the flow's edge about once a second. The kernel reads the time of its last timer tick
-    /// (every 1 to 10 ms, by CONFIG_HZ) for epochs, so a shorter epoch lasts one tick. 0 reports
+    /// (every 1 to 10 ms, by CONFIG_HZ) for epochs, so an epoch lasts at least one tick. 0 reports
     /// every connection (as the agent does anyway while a client streams raw TCP events).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_FOLD_WINDOW_MS))]
     pub fold_window_ms: u64,
