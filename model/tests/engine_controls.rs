@@ -489,8 +489,12 @@ fn deviations_list_in_priority_order() {
 
 #[test]
 fn denied_burst_fails_the_control_once_per_connection() {
-    let denied = flow(at(0), Some(nginx()), "127.0.0.1:40000", Some(postgres()), "127.0.0.1:5432");
-    common::assert_bursts_match_single_observations(GUARDED, &[(denied.clone(), 5), (denied, 3)]);
+    let denied = |seconds| flow(at(seconds), Some(nginx()), "127.0.0.1:40000", Some(postgres()), "127.0.0.1:5432");
+    // Repeats within the repeat interval, then a burst after it that returns the deviation again.
+    let raised = common::assert_bursts_match_single_observations(GUARDED, &[(denied(0), 5), (denied(30), 3), (denied(61), 4)]);
+    let failed: Vec<&Deviation> = raised.iter().filter(|d| d.category == Category::ControlFailed).collect();
+    assert_eq!(failed.len(), 2, "{raised:#?}");
+    assert_eq!(failed[1].count, 9);
     let mut engine = engine();
     let denied = flow(at(0), Some(nginx()), "127.0.0.1:40000", Some(postgres()), "127.0.0.1:5432");
     engine.observe_flow_repeated(&denied, 8);

@@ -413,9 +413,10 @@ impl Engine {
 
 
     /// Observes `count` connections that each repeat `observation`, as `count` calls of
-    /// [`Engine::observe_flow`] would. Once a repeat would only be counted (an allowed flow on an
-    /// edge that exists, its deviations returned within the repeat interval), the rest are
-    /// counted in one step, so a burst of repeated connections costs about one observation.
+    /// [`Engine::observe_flow`] would. Once a repeat would only be counted (on an edge that
+    /// exists, its deviations returned within the repeat interval), the rest are counted in one
+    /// step, so a burst of repeated connections costs about one observation. That includes the
+    /// connections of a `deny` flow, so a process that repeats one cannot load the engine.
     pub fn observe_flow_repeated(&mut self, observation: &FlowObservation, count: u64) -> Vec<Deviation> {
         let mut deviations = Vec::new();
         for observed in 0..count {
@@ -427,8 +428,9 @@ impl Engine {
         deviations
     }
 
-    /// Counts `count` repeats of `observation` when each would take the quiet path of
-    /// [`Engine::observe_flow`]. Returns false, changing nothing, otherwise.
+    /// Counts `count` repeats of `observation` when each would only be counted: an edge that
+    /// exists and deviations returned within the repeat interval, for an allowed flow the same
+    /// judgement as before. Returns false, changing nothing, otherwise.
     fn count_quiet_flow_repeats(&mut self, observation: &FlowObservation, count: u64) -> bool {
         let model = &self.model;
         let (source, destination) = resolve_flow(model, Some(&mut self.attributions), observation);
@@ -436,26 +438,42 @@ impl Engine {
         let port = observation.server_addr.port();
         let source_key = (source.node.as_str(), source.zone_id());
         let destination_key = (destination.node.as_str(), destination.zone_id());
-        if model.matching_flow(source_key, destination_key, protocol, port, true).is_some() {
-            return false;
-        }
-        let declared = model.flow_declared(source_key, destination_key, protocol, port);
+        let denied = model.matching_flow(source_key, destination_key, protocol, port, true);
+        let declared = denied.is_none() && model.flow_declared(source_key, destination_key, protocol, port);
         let key = EdgeKey {
             source: source.node.clone(),
             destination: destination.node.clone(),
             protocol,
             port,
         };
-        let Some(judged) = self.judged_edges.get(&key) else {
-            return false;
-        };
-        if judged.declared != declared || !self.graph.has_edge(&key) {
+        if !self.graph.has_edge(&key) {
             return false;
         }
-        if !self.table.count_quiet_repeats(&judged.deviation_ids, observation.time, self.config.repeat_interval, count) {
+        let (time, interval) = (observation.time, self.config.repeat_interval);
+        let quiet = match denied {
+            // On an edge that exists, a denied flow's only finding is its failed control.
+            Some(flow) => {
+                let id = extra::control_failed(model, &model.flows[flow], observation, &source, &destination).id();
+                self.table.count_quiet_repeats(&[id], time, interval, count)
+            }
+            None => match self.judged_edges.get(&key) {
+                Some(judged) if judged.declared == declared => {
+                    self.table.count_quiet_repeats(&judged.deviation_ids, time, interval, count)
+                }
+                _ => false,
+            },
+        };
+        if !quiet {
             return false;
         }
 
+        if let Some(flow) = denied {
+            if let Some(check) = self.controls.iter_mut().find(|check| check.flow == flow) {
+                check.failed += count;
+                check.last_failed = Some(time);
+            }
+            self.stats.controls_failed += count;
+        }
         self.stats.flow_observations += count;
         mark_flows_seen(model, &mut self.flow_last_seen, source_key, destination_key, observation);
         self.graph.record_repeats(&key, connection_of(observation, declared), count);
