@@ -129,6 +129,7 @@ fn telemetry_counters(telemetry: &Telemetry) -> Vec<(String, u64)> {
         ("telemetry_channel_drops".to_string(), counters.channel_drops),
         ("telemetry_short_records".to_string(), counters.short_records),
         ("telemetry_unknown_records".to_string(), counters.unknown_records),
+        ("telemetry_paired_accepts_swept".to_string(), counters.paired_accepts_swept),
     ];
     for drops in &counters.kernel {
         named.push((format!("kernel_drops_{}_{}", drops.program, drops.reason), drops.total));

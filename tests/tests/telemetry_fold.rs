@@ -11,7 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use driftwatch::telemetry::event::{Event, FoldEvent, FoldedFlow, TcpEvent, TcpEventKind};
-use telemetry_common::{own_netns, raw_address, report_port, start_scoped_folding, Child, RawAddress, Recorder, TestCgroup};
+use driftwatch::telemetry::TelemetryConfig;
+use telemetry_common::{
+    own_netns, raw_address, report_port, start_scoped_config, start_scoped_folding, Child, RawAddress, Recorder, TestCgroup,
+};
 
 const CONNECTIONS: usize = 40;
 
@@ -172,7 +175,9 @@ async fn repeated_connections_in_scope_fold_on_both_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn io_uring_server_folds_both_ends() {
     // No accept program runs for these accepts, so the folded connections' accepted ends stay in the
-    // kernel's map of waiting sockets until the agent's sweep. The counts must be exact all the same.
+    // kernel's map of waiting sockets until the agent's sweep. The counts must be exact all the
+    // same. (Each connection is closed before the next, so the kernel reuses one socket's memory
+    // and the map contains one entry.)
     both_ends_fold("fold-uring", IpAddr::V4(Ipv4Addr::LOCALHOST), Acceptor::IoUring).await;
 }
 
@@ -536,4 +541,93 @@ async fn more_waiting_accepts_than_paired_map() {
     assert_eq!(accepted, reported, "accepted ends of {reported} reported connections");
     assert_eq!(accepts, reported, "accept records of {reported} reported connections");
     assert_eq!(telemetry.counters().kernel_drops(), 0, "{:?}", telemetry.counters().kernel);
+}
+
+/// Connections of `unaccepted_waiting_sockets_are_swept`, below the listen queue's length.
+const UNACCEPTED: usize = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unaccepted_waiting_sockets_are_swept() {
+    let cgroup = TestCgroup::create("fold-sweep");
+    // One epoch for the whole test, and waiting accepted ends removed after a second.
+    let config = TelemetryConfig {
+        fold_window: Duration::from_secs(60),
+        paired_accept_max_age: Duration::from_secs(1),
+        ..TelemetryConfig::default()
+    };
+    let (telemetry, mut events) = start_scoped_config(&cgroup, config).await;
+    assert!(telemetry.tcp_from_sock_ops(), "{:#?}", telemetry.hooks());
+
+    let mut go = [0 as libc::c_int; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+    // The server listens and closes its listener without accepting anything, so each connection's
+    // accepted end waits in the queue, all of them at once, until the kernel drops them.
+    let server = Child::fork(Some(&cgroup.procs), |report| {
+        let loopback = raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
+        // SAFETY: raw socket calls on a descriptor this function owns.
+        unsafe {
+            let listener = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if libc::bind(listener, (&loopback.storage as *const libc::sockaddr_storage).cast(), loopback.len) != 0
+                || libc::listen(listener, UNACCEPTED as libc::c_int + 50) != 0
+            {
+                return 50;
+            }
+            report_port(report, telemetry_common::local_port(listener));
+            let mut byte = [0u8; 1];
+            libc::read(go[0], byte.as_mut_ptr().cast(), 1);
+            libc::close(listener);
+        }
+        0
+    });
+    let server_address = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server.read_port());
+    let connect_address = raw_address(server_address);
+    let client = Child::fork(Some(&cgroup.procs), |report| {
+        let mut sockets = Vec::with_capacity(UNACCEPTED);
+        // SAFETY: raw socket calls on descriptors this function owns.
+        unsafe {
+            for _ in 0..UNACCEPTED {
+                let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if libc::connect(socket, (&connect_address.storage as *const libc::sockaddr_storage).cast(), connect_address.len) != 0 {
+                    return 51;
+                }
+                sockets.push(socket);
+            }
+            report_port(report, 1);
+            // The server's listener closes: each connection ends with a reset.
+            let mut buffer = [0u8; 16];
+            for socket in sockets {
+                while libc::read(socket, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
+                libc::close(socket);
+            }
+        }
+        0
+    });
+    let client_pid = client.pid as u32;
+    client.read_port();
+    // SAFETY: writes one byte from a local array to the pipe this test made.
+    unsafe { libc::write(go[1], [1u8].as_ptr().cast(), 1) };
+    assert_eq!(server.wait(), 0, "server failed");
+    assert_eq!(client.wait(), 0, "client failed");
+
+    let out = FoldedFlow::Out { netns: own_netns(), pid: client_pid, server: server_address };
+    wait_for_all(&mut events, "every connection reported or counted", |seen| {
+        connected_to(seen, client_pid, server_address).len() as u64 + folded(seen, out).connects == UNACCEPTED as u64
+    })
+    .await;
+    let reported = connected_to(&events.seen, client_pid, server_address).len();
+    assert!((1..=2).contains(&reported), "reported {reported} of {UNACCEPTED}");
+    // Every folded connection's accepted end waited for an accept that never came. The sweep,
+    // every tenth read of the counts, removes each of them once.
+    let waiting = (UNACCEPTED - reported) as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while telemetry.counters().paired_accepts_swept < waiting && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(telemetry.counters().paired_accepts_swept, waiting);
+    // SAFETY: closes the descriptors pipe returned.
+    unsafe {
+        libc::close(go[0]);
+        libc::close(go[1]);
+    }
 }

@@ -220,6 +220,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         channel_capacity: 65_536,
         tcp_hook: args.tcp_hook,
         fold_window: Duration::from_millis(args.fold_window_ms),
+        ..TelemetryConfig::default()
     };
     let (mut telemetry, events) = Telemetry::start(config).context("failed to start kernel telemetry")?;
     if args.fold_window_ms > 0 && !telemetry.tcp_from_sock_ops() {

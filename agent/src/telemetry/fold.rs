@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use agent_common::{FoldCounts, FoldKey, PairedAccept, PAIRED_ACCEPT_MAX_AGE_NS};
+use agent_common::{FoldCounts, FoldKey, PairedAccept};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use super::decode::folded_flow;
@@ -33,6 +33,8 @@ pub struct FoldReader {
     paired: Option<BpfHashMap<MapData, u64, PairedAccept>>,
     /// Reads until the next sweep of `paired`.
     reads_to_sweep: u32,
+    /// Age after which an entry of `paired` is removed, in nanoseconds.
+    paired_max_age_ns: u64,
     /// Counters as last read, with the number of reads since they last changed.
     last: HashMap<FoldKey, (FoldCounts, u32)>,
     /// Unchanged reads after which an entry is removed.
@@ -45,6 +47,7 @@ impl FoldReader {
         map: BpfHashMap<MapData, FoldKey, FoldCounts>,
         paired: Option<BpfHashMap<MapData, u64, PairedAccept>>,
         window: Duration,
+        paired_max_age: Duration,
     ) -> Self {
         // An entry is removed only once its epoch has passed, so that no connect can still be
         // folded into it.
@@ -53,22 +56,24 @@ impl FoldReader {
             map,
             paired,
             reads_to_sweep: SWEEP_READS,
+            paired_max_age_ns: u64::try_from(paired_max_age.as_nanos()).unwrap_or(u64::MAX),
             last: HashMap::new(),
             idle_reads: epoch_reads + IDLE_READS,
             next_read: Instant::now() + READ_INTERVAL,
         }
     }
 
-    /// Removes the entries of `PAIRED_ACCEPTS` older than [`PAIRED_ACCEPT_MAX_AGE_NS`]: accepted
-    /// sockets that no `accept` system call took, which would otherwise fill the map. Returns how
-    /// many it removed.
+    /// Removes the entries of `PAIRED_ACCEPTS` older than the maximum age: accepted sockets that
+    /// no `accept` system call took (an io_uring accept, or none yet), which would otherwise fill
+    /// the map. Returns how many it removed.
     pub fn sweep_paired(&mut self) -> usize {
         let Some(paired) = self.paired.as_mut() else { return 0 };
         let now = kernel_now_ns();
+        let max_age = self.paired_max_age_ns;
         let old: Vec<u64> = paired
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, entry)| now.saturating_sub(entry.ktime_ns) > PAIRED_ACCEPT_MAX_AGE_NS)
+            .filter(|(_, entry)| now.saturating_sub(entry.ktime_ns) > max_age)
             .map(|(socket, _)| socket)
             .collect();
         old.iter().filter(|socket| paired.remove(socket).is_ok()).count()
@@ -81,15 +86,17 @@ impl FoldReader {
 
     /// Reads every flow and hands one event per flow whose counters changed to `send`. When `send`
     /// returns false, that flow's change is sent again with the next read. Removes the entries of
-    /// flows idle for longer than an epoch and a few reads.
-    pub fn read(&mut self, now: Instant, mut send: impl FnMut(Event) -> bool) {
+    /// flows idle for longer than an epoch and a few reads. Every tenth read also sweeps the map
+    /// of waiting accepted sockets; returns how many entries that sweep removed.
+    pub fn read(&mut self, now: Instant, mut send: impl FnMut(Event) -> bool) -> usize {
         self.next_read = now + READ_INTERVAL;
         self.reads_to_sweep = self.reads_to_sweep.saturating_sub(1);
+        let mut swept = 0;
         if self.reads_to_sweep == 0 {
             self.reads_to_sweep = SWEEP_READS;
-            let removed = self.sweep_paired();
-            if removed > 0 {
-                tracing::debug!(removed, "removed accepted sockets of folded pairs that no accept took");
+            swept = self.sweep_paired();
+            if swept > 0 {
+                tracing::debug!(removed = swept, "removed accepted sockets of folded pairs that no accept took");
             }
         }
         let mut seen = HashMap::with_capacity(self.last.len());
@@ -130,6 +137,7 @@ impl FoldReader {
             }
         }
         self.last = seen;
+        swept
     }
 }
 

@@ -89,6 +89,9 @@ pub struct TelemetryConfig {
     /// in the kernel instead of reported. Zero reports every connection. Only the `sock_ops` hook
     /// folds.
     pub fold_window: std::time::Duration,
+    /// Age after which the agent removes an accepted socket of a folded pair from the kernel's map
+    /// of sockets waiting for their `accept` system call: one taken by io_uring, or not yet taken.
+    pub paired_accept_max_age: std::time::Duration,
 }
 
 impl Default for TelemetryConfig {
@@ -99,6 +102,7 @@ impl Default for TelemetryConfig {
             channel_capacity: 16384,
             tcp_hook: loader::TcpHook::Auto,
             fold_window: DEFAULT_FOLD_WINDOW,
+            paired_accept_max_age: std::time::Duration::from_nanos(agent_common::PAIRED_ACCEPT_MAX_AGE_NS),
         }
     }
 }
@@ -180,6 +184,9 @@ pub struct TelemetryCounters {
     pub channel_drops: u64,
     /// Events handed to the channel.
     pub events_sent: u64,
+    /// Accepted sockets of folded pairs removed from the kernel's waiting map because no `accept`
+    /// system call took them in time (io_uring accepts, or connections still queued).
+    pub paired_accepts_swept: u64,
 }
 
 impl TelemetryCounters {
@@ -196,6 +203,7 @@ struct ReaderStats {
     unknown_records: AtomicU64,
     channel_drops: AtomicU64,
     events_sent: AtomicU64,
+    paired_accepts_swept: AtomicU64,
 }
 
 /// Running kernel telemetry. Dropping it stops the reader task and detaches every program.
@@ -293,7 +301,7 @@ impl Telemetry {
             let paired = ebpf.take_map(MAP_PAIRED_ACCEPTS).map(BpfHashMap::try_from).transpose().map_err(|source| {
                 TelemetryError::Map { name: MAP_PAIRED_ACCEPTS, source }
             })?;
-            Some(fold::FoldReader::new(map, paired, config.fold_window))
+            Some(fold::FoldReader::new(map, paired, config.fold_window, config.paired_accept_max_age))
         };
         let (sender, receiver) = mpsc::channel(config.channel_capacity);
         let stats = Arc::new(ReaderStats::default());
@@ -474,6 +482,7 @@ impl Telemetry {
             unknown_records,
             channel_drops: stats.channel_drops.load(Ordering::Relaxed),
             events_sent: stats.events_sent.load(Ordering::Relaxed),
+            paired_accepts_swept: stats.paired_accepts_swept.load(Ordering::Relaxed),
         }
     }
 
@@ -667,13 +676,14 @@ async fn read_ring_buffer(
                     }
                     // A count the full channel does not take is sent again with the next read, so
                     // it is not a drop.
-                    folds.read(std::time::Instant::now(), |event| {
+                    let swept = folds.read(std::time::Instant::now(), |event| {
                         let sent = sender.try_send(event).is_ok();
                         if sent {
                             stats.events_sent.fetch_add(1, Ordering::Relaxed);
                         }
                         sent
                     });
+                    stats.paired_accepts_swept.fetch_add(swept as u64, Ordering::Relaxed);
                 }
             }
             ready = ring.readable_mut() => match ready {

@@ -189,6 +189,11 @@ pub async fn start_scoped_with(cgroup: &TestCgroup, tcp_hook: TcpHook) -> (Telem
     start_telemetry(Some(cgroup), TelemetryConfig { tcp_hook, ..TelemetryConfig::default() }).await
 }
 
+/// Starts telemetry like [`start_scoped`], with `config` (its scope is replaced by `cgroup`).
+pub async fn start_scoped_config(cgroup: &TestCgroup, config: TelemetryConfig) -> (Telemetry, Recorder) {
+    start_telemetry(Some(cgroup), config).await
+}
+
 /// Starts telemetry like [`start_scoped`], with the fold epoch `fold_window` (zero reports every
 /// connection).
 pub async fn start_scoped_folding(cgroup: &TestCgroup, fold_window: std::time::Duration) -> (Telemetry, Recorder) {
