@@ -500,3 +500,16 @@ fn denied_burst_fails_the_control_once_per_connection() {
     engine.observe_flow_repeated(&denied, 8);
     assert_eq!(engine.control_checks().iter().map(|check| check.failed).sum::<u64>(), 8);
 }
+
+#[test]
+fn excepted_denied_burst_counts_like_single_connections() {
+    let excepted = format!(
+        "{GUARDED}exceptions:\n  - {{ id: \"control-failed@web@db@tcp/5432\", reason: \"firewall change pending\", expires: 2030-01-01 }}\n"
+    );
+    let denied = |seconds| flow(at(seconds), Some(nginx()), "127.0.0.1:40000", Some(postgres()), "127.0.0.1:5432");
+    common::assert_bursts_match_single_observations(&excepted, &[(denied(0), 40), (denied(61), 10)]);
+    let mut engine = Engine::new(common::model(&excepted));
+    engine.observe_flow_repeated(&denied(0), 40);
+    assert_eq!(engine.stats().deviations_suppressed, 40);
+    assert_eq!(engine.control_checks().iter().map(|check| check.failed).sum::<u64>(), 40);
+}

@@ -341,3 +341,30 @@ fn burst_counts_every_connection_on_the_edge() {
     assert_eq!(edge.connections, 40);
     assert_eq!(engine.stats().flow_observations, 40);
 }
+
+#[test]
+fn burst_under_exception_counts_like_single_connections() {
+    // The exception suppresses unexpected-flow, and the trust boundary crossing is counted.
+    let dns = |seconds| FlowObservation {
+        protocol: Protocol::Udp,
+        ..flow(at(seconds), Some(api()), "10.0.0.2:45000", None, "1.1.1.1:53")
+    };
+    common::assert_bursts_match_single_observations(common::THREE_TIER, &[(dns(0), 50), (dns(30), 7), (dns(61), 5)]);
+    let mut engine = Engine::new(common::model(common::THREE_TIER));
+    engine.observe_flow_repeated(&dns(0), 50);
+    assert_eq!(engine.stats().deviations_suppressed, 50);
+}
+
+#[test]
+fn burst_across_exception_expiry_counts_like_single_connections() {
+    // The sketch's resolver exception expires on 2027-03-01 (1803859200 s after the epoch).
+    let without_catch_all = common::SKETCH.replace(r#"match: { cidrs: ["0.0.0.0/0", "::/0"] } "#, "");
+    let resolver = |seconds| FlowObservation {
+        protocol: Protocol::Udp,
+        ..flow(std::time::UNIX_EPOCH + Duration::from_secs(seconds), Some(nginx()), "10.0.0.2:45000", None, "9.9.9.9:53")
+    };
+    common::assert_bursts_match_single_observations(
+        &without_catch_all,
+        &[(resolver(1_803_859_100), 20), (resolver(1_803_859_200), 20), (resolver(1_803_859_230), 20)],
+    );
+}

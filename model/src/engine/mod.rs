@@ -429,8 +429,8 @@ impl Engine {
     }
 
     /// Counts `count` repeats of `observation` when each would only be counted: an edge that
-    /// exists and deviations returned within the repeat interval, for an allowed flow the same
-    /// judgement as before. Returns false, changing nothing, otherwise.
+    /// exists, and each deviation either returned within the repeat interval or suppressed by an
+    /// exception in force. Returns false, changing nothing, otherwise.
     fn count_quiet_flow_repeats(&mut self, observation: &FlowObservation, count: u64) -> bool {
         let model = &self.model;
         let (source, destination) = resolve_flow(model, Some(&mut self.attributions), observation);
@@ -450,23 +450,30 @@ impl Engine {
             return false;
         }
         let (time, interval) = (observation.time, self.config.repeat_interval);
-        let quiet = match denied {
-            // On an edge that exists, a denied flow's only finding is its failed control.
-            Some(flow) => {
-                let id = extra::control_failed(model, &model.flows[flow], observation, &source, &destination).id();
-                self.table.count_quiet_repeats(&[id], time, interval, count)
-            }
-            None => match self.judged_edges.get(&key) {
-                Some(judged) if judged.declared == declared => {
-                    self.table.count_quiet_repeats(&judged.deviation_ids, time, interval, count)
-                }
-                _ => false,
-            },
+        // The findings the full path would offer, built once for the whole burst. On an edge that
+        // exists, a denied flow's only finding is its failed control.
+        let findings = match denied {
+            Some(flow) => vec![extra::control_failed(model, &model.flows[flow], observation, &source, &destination)],
+            None => flow_findings(model, observation, &source, &destination, declared),
         };
-        if !quiet {
+        // An exception in force only counts the suppression. One that expired takes the full path,
+        // which notes it in the deviation.
+        let mut suppressed = 0;
+        let mut offered = Vec::with_capacity(findings.len());
+        for id in findings.iter().map(Finding::id) {
+            if model.exception_for(&id, time).is_some() {
+                suppressed += 1;
+            } else if model.expired_exception_for(&id, time).is_some() {
+                return false;
+            } else {
+                offered.push(id);
+            }
+        }
+        if !self.table.count_quiet_repeats(&offered, time, interval, count) {
             return false;
         }
 
+        self.stats.deviations_suppressed += suppressed * count;
         if let Some(flow) = denied {
             if let Some(check) = self.controls.iter_mut().find(|check| check.flow == flow) {
                 check.failed += count;
