@@ -561,8 +561,8 @@ async fn unaccepted_waiting_sockets_are_swept() {
     let mut go = [0 as libc::c_int; 2];
     // SAFETY: pipe writes two descriptors into the array.
     assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
-    // The server listens and closes its listener without accepting anything, so each connection's
-    // accepted end waits in the queue, all of them at once, until the kernel drops them.
+    // The server listens and, when the test says so, closes its listener without accepting
+    // anything: each connection's accepted end waits in the queue, all of them at once.
     let server = Child::fork(Some(&cgroup.procs), |report| {
         let loopback = raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
         // SAFETY: raw socket calls on a descriptor this function owns.
@@ -605,10 +605,6 @@ async fn unaccepted_waiting_sockets_are_swept() {
     });
     let client_pid = client.pid as u32;
     client.read_port();
-    // SAFETY: writes one byte from a local array to the pipe this test made.
-    unsafe { libc::write(go[1], [1u8].as_ptr().cast(), 1) };
-    assert_eq!(server.wait(), 0, "server failed");
-    assert_eq!(client.wait(), 0, "client failed");
 
     let out = FoldedFlow::Out { netns: own_netns(), pid: client_pid, server: server_address };
     wait_for_all(&mut events, "every connection reported or counted", |seen| {
@@ -618,8 +614,10 @@ async fn unaccepted_waiting_sockets_are_swept() {
     let reported = connected_to(&events.seen, client_pid, server_address).len();
     assert!((1..=2).contains(&reported), "reported {reported} of {UNACCEPTED}");
     // The accepted end of a folded connection is reported too when it reached the server before
-    // that of the epoch's reported one, which is rare. Every other accepted end waited for an
-    // accept that never came. The sweep, every tenth read of the counts, removes each of them once.
+    // that of the epoch's reported one, which is rare. Every other accepted end waits for an
+    // accept that does not come. The sweep, every tenth read of the counts, removes each of them
+    // once. They stay queued meanwhile: once freed, a socket that another process accepts at one
+    // of their addresses would take that entry out first.
     let accepted = accepted_on(&events.seen, server_address).len();
     assert!(accepted >= reported, "{accepted} accepted ends for {reported} reported connections");
     let waiting = (UNACCEPTED - accepted) as u64;
@@ -628,6 +626,11 @@ async fn unaccepted_waiting_sockets_are_swept() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(telemetry.counters().paired_accepts_swept, waiting);
+
+    // SAFETY: writes one byte from a local array to the pipe this test made.
+    unsafe { libc::write(go[1], [1u8].as_ptr().cast(), 1) };
+    assert_eq!(server.wait(), 0, "server failed");
+    assert_eq!(client.wait(), 0, "client failed");
     // SAFETY: closes the descriptors pipe returned.
     unsafe {
         libc::close(go[0]);
