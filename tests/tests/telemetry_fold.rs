@@ -561,8 +561,8 @@ async fn unaccepted_waiting_sockets_are_swept() {
     let mut go = [0 as libc::c_int; 2];
     // SAFETY: pipe writes two descriptors into the array.
     assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
-    // The server listens and, when the test says so, closes its listener without accepting
-    // anything: each connection's accepted end waits in the queue, all of them at once.
+    // The server listens and, once the test writes to the pipe, closes its listener without
+    // accepting anything. Until then every connection's accepted end waits in the queue.
     let server = Child::fork(Some(&cgroup.procs), |report| {
         let loopback = raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
         // SAFETY: raw socket calls on a descriptor this function owns.
