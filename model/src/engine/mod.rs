@@ -416,7 +416,7 @@ impl Engine {
     /// [`Engine::observe_flow`] would. Once a repeat would only be counted (on an edge that
     /// exists, its deviations returned within the repeat interval), the rest are counted in one
     /// step, so a burst of repeated connections costs about one observation. That includes the
-    /// connections of a `deny` flow, so a process that repeats one cannot load the engine.
+    /// connections of a `deny` flow and deviations under an exception in force.
     pub fn observe_flow_repeated(&mut self, observation: &FlowObservation, count: u64) -> Vec<Deviation> {
         let mut deviations = Vec::new();
         for observed in 0..count {
@@ -629,7 +629,6 @@ impl Engine {
     }
 }
 
-/// Resolves both ends of a flow to graph nodes, through `cache` when given.
 /// Marks the allowed flows of `model` that cover `observation` as seen at its time.
 fn mark_flows_seen(
     model: &Model,
@@ -658,6 +657,7 @@ fn connection_of(observation: &FlowObservation, declared: bool) -> Connection {
     }
 }
 
+/// Resolves both ends of a flow to graph nodes, through `cache` when given.
 fn resolve_flow<'m, 'o>(
     model: &'m Model,
     mut cache: Option<&mut endpoint::AttributionCache>,
