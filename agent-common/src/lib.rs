@@ -1080,6 +1080,12 @@ pub const LISTENER_FLAG_AGENT: u32 = 1;
 /// connections to its address from falling back to a wildcard listener in scope on the port.
 pub const LISTENER_FLAG_OUTSIDE_SCOPE: u32 = 2;
 
+/// [`ListenerOwner::flags`] bit: the `sock_ops` program alone requested the state changes of the
+/// listening sockets on this (netns, port), and no other program had. Their accepted sockets
+/// inherit the request, so one that the agent does not track can drop it. Never set by the
+/// tracepoint, nor on seeded entries.
+pub const LISTENER_FLAG_OWN_STATE_CHANGES: u32 = 4;
+
 /// Index of a loss counter in [`MAP_COUNTERS`]. Every record that could not be sent and every
 /// stash that could not be made adds one to exactly one counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -146,7 +146,7 @@ fn consult_pair<F: TcpFields>(ctx: &F, may_pair: bool, decision: &mut AcceptedFo
     let (local, remote) = ctx.addresses(family);
     let pair = pair_key(family, remote, ctx.remote_port(), local, ctx.local_port());
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(client) = (unsafe { TCP_PAIRS.get(&pair) }.copied()) else { return 0 };
+    let Some(client) = unsafe { TCP_PAIRS.get(&pair) }.copied() else { return 0 };
     let _ = TCP_PAIRS.remove(&pair);
     if client.choice == PAIR_FOLDED {
         if may_pair {

@@ -23,7 +23,7 @@
 
 use agent_common::{
     ConnectionKey, Counter, Lineage, ListenerKey, ListenerOwner, PairedAccept, RecordHeader, RecordKind, SockOwner, TcpKind,
-    TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, LISTENER_FLAG_OUTSIDE_SCOPE, SOCKET_FLAGS_FOLDED,
+    TcpRecord, FAMILY_INET, FAMILY_INET6, LISTENER_FLAG_AGENT, LISTENER_FLAG_OUTSIDE_SCOPE, LISTENER_FLAG_OWN_STATE_CHANGES, SOCKET_FLAGS_FOLDED,
     SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_OUT, SOCKET_FLAG_FOLDED_PAIRED, TCP_FLAG_EXE_UNLINKED, TCP_FLAG_SOCKET_READ,
 };
 use aya_ebpf::{
@@ -105,6 +105,15 @@ pub(crate) trait TcpFields {
     fn cookie(&self) -> Option<u64> {
         None
     }
+
+    /// Whether the socket's state changes are requested, `None` where the hook has no such
+    /// request.
+    fn state_changes_requested(&self) -> Option<bool> {
+        None
+    }
+
+    /// Stops the socket's state changes, where the hook runs for them on request.
+    fn drop_state_changes(&self) {}
 }
 
 impl TcpFields for TracePointContext {
@@ -158,6 +167,14 @@ impl TcpFields for SockOpsContext {
     fn cookie(&self) -> Option<u64> {
         // SAFETY: the helper takes this program's context.
         Some(unsafe { bpf_get_socket_cookie(self.ops.cast()) })
+    }
+
+    fn state_changes_requested(&self) -> Option<bool> {
+        Some(self.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0)
+    }
+
+    fn drop_state_changes(&self) {
+        let _ = self.set_cb_flags((self.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
 
     fn family(&self) -> u16 {
@@ -433,8 +450,10 @@ fn take_seeded<F: TcpFields>(ctx: &F, skaddr: u64) -> Option<SockOwner> {
 fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     let (tgid, tid) = current_ids();
     let key = listener_key(ctx, skaddr)?;
+    // The caller requests this socket's state changes next, unless another program already has.
+    let own = if ctx.state_changes_requested() == Some(false) { LISTENER_FLAG_OWN_STATE_CHANGES } else { 0 };
     if is_agent(tgid) {
-        remember_listener(&key, tgid, LISTENER_FLAG_AGENT);
+        remember_listener(&key, tgid, LISTENER_FLAG_AGENT | own);
         return Ok(true);
     }
     if !current_in_scope() {
@@ -446,10 +465,10 @@ fn on_listen<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         // NOTE: an address and port shared with SO_REUSEPORT by processes in and out of scope
         // is marked by whichever listened last, and accepts of the one in scope are then
         // reported only through the `accept` programs.
-        remember_listener(&key, tgid, LISTENER_FLAG_OUTSIDE_SCOPE);
+        remember_listener(&key, tgid, LISTENER_FLAG_OUTSIDE_SCOPE | own);
         return Ok(true);
     }
-    remember_listener(&key, tgid, 0);
+    remember_listener(&key, tgid, own);
     let owner = Owner {
         pid: tgid,
         tid,
@@ -499,7 +518,10 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
             track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0, 0);
             return Ok(true);
         }
-        Some(listener) if listener.flags & LISTENER_FLAG_OUTSIDE_SCOPE != 0 => return Ok(false),
+        Some(listener) if listener.flags & LISTENER_FLAG_OUTSIDE_SCOPE != 0 => {
+            leave_untracked(ctx, &listener);
+            return Ok(false);
+        }
         Some(listener) => listener.pid,
         None if scope_enabled() => return Ok(false),
         None => 0,
@@ -515,8 +537,11 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
         let shared = listener.is_some_and(|listener| listener.sockets > 1);
         fold::fold_accepted(ctx, key.netns, serial, !shared, decision);
         if decision.flag == SOCKET_FLAG_FOLDED_PAIRED && remember_paired(ctx, skaddr) {
-            // The connecting end's flow counts this connection, so no state change is requested.
-            // The entry only marks the socket for the accept program to skip.
+            // The connecting end's flow counts this connection, so its state changes are not
+            // needed. The entry only marks the socket for the accept program to skip.
+            if let Some(listener) = &listener {
+                leave_untracked(ctx, listener);
+            }
             return Ok(false);
         }
         if decision.flag != 0 {
@@ -548,6 +573,17 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
     Ok(true)
 }
 
+/// Drops the state changes that an accepted socket the agent does not track inherited from its
+/// listener, when only this program requested them there: four calls saved per connection.
+// NOTE: another `sock_ops` program that requested them on this accepted socket, at its handshake
+// end and before this one ran, loses them.
+#[inline(always)]
+fn leave_untracked<F: TcpFields>(ctx: &F, listener: &ListenerOwner) {
+    if listener.flags & LISTENER_FLAG_OWN_STATE_CHANGES != 0 {
+        ctx.drop_state_changes();
+    }
+}
+
 /// Records an accepted socket whose connecting end was folded in `PAIRED_ACCEPTS`, with its cookie
 /// so that a later socket at the same address is not taken for it. Returns false when the map is
 /// full: the socket is then tracked in `SOCKETS`, as the others.
@@ -573,7 +609,8 @@ fn remember_listener(key: &ListenerKey, pid: u32, flags: u32) {
         unsafe {
             (*owner).sockets = (*owner).sockets.saturating_add(1);
             (*owner).pid = pid;
-            (*owner).flags = flags;
+            // The accepted sockets may come from any of the listening sockets.
+            (*owner).flags = flags & ((*owner).flags | !LISTENER_FLAG_OWN_STATE_CHANGES);
             (*owner).serial = listen_serial();
         }
         return;
