@@ -61,6 +61,10 @@ pub const MAP_PAIRED_ACCEPTS: &str = "PAIRED_ACCEPTS";
 /// kept off its stack.
 pub const MAP_ACCEPT_SCRATCH: &str = "ACCEPT_SCRATCH";
 
+/// LRU hash map from an io_uring accept's ring and user data ([`UringRequest`]) to its request
+/// (`struct io_kiocb` address): the accepts whose completions name the accepting process.
+pub const MAP_URING_ACCEPTS: &str = "URING_ACCEPTS";
+
 /// Every map the eBPF object defines.
 pub const MAPS: &[&str] = &[
     MAP_EVENTS,
@@ -78,6 +82,7 @@ pub const MAPS: &[&str] = &[
     MAP_TCP_PAIRS,
     MAP_ACCEPT_SCRATCH,
     MAP_PAIRED_ACCEPTS,
+    MAP_URING_ACCEPTS,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.
@@ -98,6 +103,8 @@ pub const GLOBAL_NETNS_OFFSETS_VALID: &str = "NETNS_OFFSETS_VALID";
 pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 /// [`AcceptOffsets`]: offsets that lead from a task's file descriptor to its socket's addresses.
 pub const GLOBAL_ACCEPT_OFFSETS: &str = "ACCEPT_OFFSETS";
+/// [`UringOffsets`]: where an io_uring accept request keeps its fixed-file slot.
+pub const GLOBAL_URING_OFFSETS: &str = "URING_OFFSETS";
 
 /// Every global variable the loader sets before the programs load.
 pub const GLOBALS: &[&str] = &[
@@ -110,6 +117,7 @@ pub const GLOBALS: &[&str] = &[
     GLOBAL_NETNS_OFFSETS_VALID,
     GLOBAL_KERNEL_OFFSETS,
     GLOBAL_ACCEPT_OFFSETS,
+    GLOBAL_URING_OFFSETS,
 ];
 
 /// One tracepoint program: its function name in the eBPF object and where it attaches.
@@ -123,7 +131,34 @@ pub struct ProgramSpec {
     pub tracepoint: &'static str,
     /// When true, the agent does not start without this hook.
     pub required: bool,
+    /// Record fields the program reads at fixed offsets. The loader checks them against the
+    /// tracepoint's format in tracefs, and leaves the program unattached when one differs.
+    pub fields: &'static [TracepointField],
 }
+
+/// A field of a tracepoint's record, as its format file in tracefs lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TracepointField {
+    pub name: &'static str,
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// `io_uring:io_uring_submit_req` fields: the ring, the request, its user data and its opcode.
+pub const URING_SUBMIT_RING: TracepointField = TracepointField { name: "ctx", offset: 8, size: 8 };
+pub const URING_SUBMIT_REQ: TracepointField = TracepointField { name: "req", offset: 16, size: 8 };
+pub const URING_SUBMIT_USER_DATA: TracepointField = TracepointField { name: "user_data", offset: 24, size: 8 };
+pub const URING_SUBMIT_OPCODE: TracepointField = TracepointField { name: "opcode", offset: 32, size: 1 };
+/// `io_uring:io_uring_complete` fields: the ring, the request, its user data, result and flags.
+pub const URING_COMPLETE_RING: TracepointField = TracepointField { name: "ctx", offset: 8, size: 8 };
+pub const URING_COMPLETE_REQ: TracepointField = TracepointField { name: "req", offset: 16, size: 8 };
+pub const URING_COMPLETE_USER_DATA: TracepointField = TracepointField { name: "user_data", offset: 24, size: 8 };
+pub const URING_COMPLETE_RES: TracepointField = TracepointField { name: "res", offset: 32, size: 4 };
+pub const URING_COMPLETE_CFLAGS: TracepointField = TracepointField { name: "cflags", offset: 36, size: 4 };
+
+/// Program names of the io_uring accept hooks.
+pub const URING_SUBMIT_PROGRAM: &str = "io_uring_submit_req";
+pub const URING_COMPLETE_PROGRAM: &str = "io_uring_complete";
 
 /// Every program in the eBPF object.
 pub const PROGRAMS: &[ProgramSpec] = &[
@@ -132,108 +167,140 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         category: "syscalls",
         tracepoint: "sys_enter_execve",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_enter_execveat",
         category: "syscalls",
         tracepoint: "sys_enter_execveat",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_execve",
         category: "syscalls",
         tracepoint: "sys_exit_execve",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_execveat",
         category: "syscalls",
         tracepoint: "sys_exit_execveat",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sched_process_exec",
         category: "sched",
         tracepoint: "sched_process_exec",
         required: true,
+        fields: &[],
     },
     ProgramSpec {
         name: "sched_process_fork",
         category: "sched",
         tracepoint: "sched_process_fork",
         required: true,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_enter_exit_group",
         category: "syscalls",
         tracepoint: "sys_enter_exit_group",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sched_process_exit",
         category: "sched",
         tracepoint: "sched_process_exit",
         required: true,
+        fields: &[],
     },
     ProgramSpec {
         name: "inet_sock_set_state",
         category: "sock",
         tracepoint: "inet_sock_set_state",
         required: true,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_setuid",
         category: "syscalls",
         tracepoint: "sys_exit_setuid",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_setgid",
         category: "syscalls",
         tracepoint: "sys_exit_setgid",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_setreuid",
         category: "syscalls",
         tracepoint: "sys_exit_setreuid",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_setregid",
         category: "syscalls",
         tracepoint: "sys_exit_setregid",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_setresuid",
         category: "syscalls",
         tracepoint: "sys_exit_setresuid",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_setresgid",
         category: "syscalls",
         tracepoint: "sys_exit_setresgid",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_capset",
         category: "syscalls",
         tracepoint: "sys_exit_capset",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_accept",
         category: "syscalls",
         tracepoint: "sys_exit_accept",
         required: false,
+        fields: &[],
     },
     ProgramSpec {
         name: "sys_exit_accept4",
         category: "syscalls",
         tracepoint: "sys_exit_accept4",
         required: false,
+        fields: &[],
+    },
+    ProgramSpec {
+        name: URING_SUBMIT_PROGRAM,
+        category: "io_uring",
+        tracepoint: "io_uring_submit_req",
+        required: false,
+        fields: &[URING_SUBMIT_RING, URING_SUBMIT_REQ, URING_SUBMIT_USER_DATA, URING_SUBMIT_OPCODE],
+    },
+    ProgramSpec {
+        name: URING_COMPLETE_PROGRAM,
+        category: "io_uring",
+        tracepoint: "io_uring_complete",
+        required: false,
+        fields: &[URING_COMPLETE_RING, URING_COMPLETE_REQ, URING_COMPLETE_USER_DATA, URING_COMPLETE_RES, URING_COMPLETE_CFLAGS],
     },
 ];
 
@@ -342,6 +409,8 @@ pub const FOLDS_MAX_ENTRIES: u32 = 16384;
 pub const TCP_PAIRS_MAX_ENTRIES: u32 = 8192;
 /// Maximum number of accepted connections in [`MAP_PAIRED_ACCEPTS`] waiting for their accept.
 pub const PAIRED_ACCEPTS_MAX_ENTRIES: u32 = 8192;
+/// Maximum number of io_uring accept requests in [`MAP_URING_ACCEPTS`] waiting for a completion.
+pub const URING_ACCEPTS_MAX_ENTRIES: u32 = 4096;
 /// Age after which the agent removes an entry of [`MAP_PAIRED_ACCEPTS`]: two minutes, far longer
 /// than a connection usually waits in a listen queue.
 pub const PAIRED_ACCEPT_MAX_AGE_NS: u64 = 120_000_000_000;
@@ -925,6 +994,27 @@ pub struct PairedAccept {
     pub ktime_ns: u64,
 }
 
+/// Key type of [`MAP_URING_ACCEPTS`]: what every completion of an io_uring request carries. The
+/// completions after the first of a multishot accept name no request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct UringRequest {
+    /// `struct io_ring_ctx` address.
+    pub ring: u64,
+    pub user_data: u64,
+}
+
+/// Offsets in an io_uring request, resolved from BTF and passed as [`GLOBAL_URING_OFFSETS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct UringOffsets {
+    /// 1 when the offset below is valid; the io_uring programs record nothing otherwise.
+    pub valid: u32,
+    /// `io_kiocb.cmd` plus `io_accept.file_slot`: nonzero for an accept into a fixed-file slot,
+    /// whose result is no descriptor.
+    pub accept_file_slot: u32,
+}
+
 /// [`FoldKey::direction`] of a flow this host's process connected.
 pub const FOLD_OUT: u16 = 1;
 /// [`FoldKey::direction`] of a flow accepted on a listener of this host.
@@ -1229,6 +1319,8 @@ const _: () = assert!(size_of::<UdpFlowKey>() == 24 + 16);
 const _: () = assert!(size_of::<UdpFlowCounts>() == 16);
 const _: () = assert!(size_of::<DnsRecord>() == 32 + 24 + 16 + DNS_CAPTURE_BYTES);
 const _: () = assert!(size_of::<ConnectionKey>() == 40);
+const _: () = assert!(size_of::<UringOffsets>() == 8);
+const _: () = assert!(size_of::<UringRequest>() == 16);
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 const _: () = assert!(ARGV_CAPTURE_BYTES.is_power_of_two());
 // The DNS program bounds its copy length with a mask of `DNS_CAPTURE_BYTES - 1`.
@@ -1262,4 +1354,6 @@ mod user {
     unsafe impl aya::Pod for DnsRecord {}
     unsafe impl aya::Pod for AcceptRecord {}
     unsafe impl aya::Pod for AcceptOffsets {}
+    unsafe impl aya::Pod for UringOffsets {}
+    unsafe impl aya::Pod for UringRequest {}
 }

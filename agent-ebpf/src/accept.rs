@@ -8,19 +8,26 @@
 //! new descriptor leads to the `struct sock` (`task->files->fdt->fd[n]->private_data->sk`), whose
 //! address pairs this record with the `Accepted` one in userspace.
 //!
-//! io_uring's accept does not pass through these system calls, so its connections keep the
-//! listener's owner as their process.
+//! io_uring's accept (`IORING_OP_ACCEPT`) does not pass through these system calls. Its
+//! submission is recorded in `URING_ACCEPTS` by ring and user data, which each of its completions
+//! carries, and its completion, which runs in a thread of the process that owns the ring with
+//! that process's descriptor table, takes the same path as a system call's exit. A multishot
+//! accept keeps its entry until its last completion. An accept into a fixed-file slot (a direct
+//! descriptor) returns no descriptor; it is not recorded, and its connection keeps the listener's
+//! owner as its process.
 
 use agent_common::{
-    AcceptOffsets, AcceptRecord, Counter, Lineage, RecordHeader, RecordKind, SockOwner, FAMILY_INET, FAMILY_INET6,
-    SOCKET_FLAGS_FOLDED, SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_PAIRED, TCP_FLAG_EXE_UNLINKED,
+    AcceptOffsets, AcceptRecord, Counter, Lineage, RecordHeader, RecordKind, SockOwner, UringRequest, FAMILY_INET,
+    FAMILY_INET6, SOCKET_FLAGS_FOLDED, SOCKET_FLAG_AGENT, SOCKET_FLAG_FOLDED_IN, SOCKET_FLAG_FOLDED_PAIRED,
+    TCP_FLAG_EXE_UNLINKED, URING_COMPLETE_CFLAGS, URING_COMPLETE_REQ, URING_COMPLETE_RES, URING_COMPLETE_RING,
+    URING_COMPLETE_USER_DATA, URING_SUBMIT_OPCODE, URING_SUBMIT_REQ, URING_SUBMIT_RING, URING_SUBMIT_USER_DATA,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
 use core::ptr::{addr_of, read_volatile};
 
 use crate::{
-    count, current_cgroup_id, current_ids, current_in_scope, fold, is_agent, kernel, ktime_ns, tcp, ACCEPT_OFFSETS, EVENTS,
-    PAIRED_ACCEPTS, SOCKETS,
+    count, current_cgroup_id, current_ids, current_in_scope, fold, is_agent, kernel, ktime_ns, tcp, tracepoint_field,
+    ACCEPT_OFFSETS, EVENTS, PAIRED_ACCEPTS, SOCKETS, URING_ACCEPTS, URING_OFFSETS,
 };
 
 // Offset of `ret` in every sys_exit_* record, from events/syscalls/sys_exit_*/format in tracefs.
@@ -40,10 +47,102 @@ pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
 
 fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: offset of `ret` in this tracepoint's record, aligned to its size.
-    let ret: i64 = unsafe { crate::tracepoint_field(ctx, SYS_EXIT_RET_OFFSET) };
+    let ret: i64 = unsafe { tracepoint_field(ctx, SYS_EXIT_RET_OFFSET) };
     if ret < 0 {
         return Ok(());
     }
+    accepted(ret as u64)
+}
+
+// include/uapi/linux/io_uring.h.
+const IORING_OP_ACCEPT: u8 = 13;
+const IORING_CQE_F_MORE: u32 = 1 << 1;
+
+#[tracepoint]
+pub fn io_uring_submit_req(ctx: TracePointContext) -> u32 {
+    let _ = try_uring_submit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
+    let _ = try_uring_complete(&ctx);
+    0
+}
+
+/// Records an io_uring accept that will return a descriptor. Every submission of every ring
+/// comes here, so the others end at the opcode.
+fn try_uring_submit(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offsets of this tracepoint's fields, which the loader checked against its format.
+    let opcode: u8 = unsafe { tracepoint_field(ctx, URING_SUBMIT_OPCODE.offset as usize) };
+    if opcode != IORING_OP_ACCEPT {
+        return Ok(());
+    }
+    // SAFETY: a plain read of a static that the loader initialised.
+    let offsets = unsafe { read_volatile(addr_of!(URING_OFFSETS)) };
+    if offsets.valid == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let (ring, req, user_data): (u64, u64, u64) = unsafe {
+        (
+            tracepoint_field(ctx, URING_SUBMIT_RING.offset as usize),
+            tracepoint_field(ctx, URING_SUBMIT_REQ.offset as usize),
+            tracepoint_field(ctx, URING_SUBMIT_USER_DATA.offset as usize),
+        )
+    };
+    // The request is prepared before this tracepoint, so its slot is set.
+    if read_at::<u32>(req, offsets.accept_file_slot) != Some(0) {
+        return Ok(());
+    }
+    // An entry whose completion never comes (a ring torn down) ages out of the LRU map.
+    let _ = URING_ACCEPTS.insert(&UringRequest { ring, user_data }, &req, 0);
+    Ok(())
+}
+
+/// Takes the descriptor of a recorded io_uring accept's completion to the accept path. Every
+/// completion of every ring comes here, so the others end at the map lookup.
+fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offsets of this tracepoint's fields, which the loader checked against its format.
+    let key = unsafe {
+        UringRequest {
+            ring: tracepoint_field(ctx, URING_COMPLETE_RING.offset as usize),
+            user_data: tracepoint_field(ctx, URING_COMPLETE_USER_DATA.offset as usize),
+        }
+    };
+    // SAFETY: the value is copied out before the entry can be removed.
+    let Some(accept) = unsafe { URING_ACCEPTS.get(&key) }.copied() else {
+        return Ok(());
+    };
+    // SAFETY: as above.
+    let (req, res, cflags): (u64, i32, u32) = unsafe {
+        (
+            tracepoint_field(ctx, URING_COMPLETE_REQ.offset as usize),
+            tracepoint_field(ctx, URING_COMPLETE_RES.offset as usize),
+            tracepoint_field(ctx, URING_COMPLETE_CFLAGS.offset as usize),
+        )
+    };
+    // The completions that a multishot accept posts while it stays armed name no request. One
+    // that names another request is of another operation the process gave the same user data.
+    // NOTE: so a multishot operation of another kind with the accept's user data, on the same
+    // ring, is taken for the accept; its result then names a descriptor that is no new socket.
+    if req != 0 && req != accept {
+        return Ok(());
+    }
+    // The flag says more completions of the request follow.
+    if req != 0 && cflags & IORING_CQE_F_MORE == 0 {
+        let _ = URING_ACCEPTS.remove(&key);
+    }
+    if res < 0 {
+        return Ok(());
+    }
+    accepted(res as u64)
+}
+
+/// Reports the connection behind descriptor `fd` of the current process, which an accept
+/// returned.
+#[inline(always)]
+fn accepted(fd: u64) -> Result<(), i64> {
     // SAFETY: a plain read of a static that the loader initialised.
     let offsets = unsafe { read_volatile(addr_of!(ACCEPT_OFFSETS)) };
     if offsets.valid == 0 {
@@ -51,7 +150,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let (tgid, tid) = current_ids();
     let task = kernel::current_task();
-    let Some(sock) = socket_of_fd(&offsets, task, ret as u64) else {
+    let Some(sock) = socket_of_fd(&offsets, task, fd) else {
         return Ok(());
     };
     if is_agent(tgid) {
@@ -158,7 +257,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i64> {
             cgroup_id,
         },
         skaddr: sock,
-        fd: ret as u32,
+        fd: fd as u32,
         flags,
         netns,
         family,

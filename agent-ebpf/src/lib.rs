@@ -31,7 +31,7 @@ use agent_common::{
     AcceptOffsets, ArgvStash, ConnectionKey, Counter, FoldCounts, FoldKey, KernelOffsets, PairKey, PairValue, PairedAccept, ListenerKey, ListenerOwner, SockOwner, COUNTER_COUNT,
     DEFAULT_RING_BUFFER_BYTES, EXEC_ARGS_MAX_ENTRIES, EXIT_CODES_MAX_ENTRIES, FOLDS_MAX_ENTRIES, PAIRED_ACCEPTS_MAX_ENTRIES, TCP_PAIRS_MAX_ENTRIES,
     LISTENERS_MAX_ENTRIES, SEEDED_CONNECTIONS_MAX_ENTRIES, SOCKETS_MAX_ENTRIES, UDP_BINDS_MAX_ENTRIES, UDP_FLOWS_MAX_ENTRIES,
-    UdpFlowCounts, UdpFlowKey,
+    UdpFlowCounts, UdpFlowKey, UringRequest, UringOffsets, URING_ACCEPTS_MAX_ENTRIES,
 };
 use aya_ebpf::{
     programs::TracePointContext,
@@ -109,6 +109,10 @@ static TCP_PAIRS: LruHashMap<PairKey, PairValue> = LruHashMap::with_max_entries(
 #[map]
 static PAIRED_ACCEPTS: HashMap<u64, PairedAccept> = HashMap::with_max_entries(PAIRED_ACCEPTS_MAX_ENTRIES, 0);
 
+/// io_uring accept requests waiting for their completion; see `accept.rs`.
+#[map]
+static URING_ACCEPTS: LruHashMap<UringRequest, u64> = LruHashMap::with_max_entries(URING_ACCEPTS_MAX_ENTRIES, 0);
+
 #[map]
 static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);
 
@@ -171,6 +175,9 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     cred_cap_effective: 0,
     _reserved: 0,
 };
+
+#[no_mangle]
+static URING_OFFSETS: UringOffsets = UringOffsets { valid: 0, accept_file_slot: 0 };
 
 #[no_mangle]
 static ACCEPT_OFFSETS: AcceptOffsets = AcceptOffsets {

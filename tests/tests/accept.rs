@@ -1,7 +1,7 @@
 //! Accepted connections attributed to the process that accepts them, asserted on the agent's
 //! gRPC stream: prefork workers sharing one listening socket, two SO_REUSEPORT listeners on one
-//! port, a listening socket handed to another process over a Unix socket, and a server that
-//! accepts through io_uring. A process that renames itself with `prctl(PR_SET_NAME)` is still
+//! port, a listening socket handed to another process over a Unix socket, and servers that
+//! accept through io_uring, one of them on a socket handed to it. A process that renames itself with `prctl(PR_SET_NAME)` is still
 //! identified by its executable path.
 //!
 //! Every server replies to a connection with the pid of the process that accepted it, so each test
@@ -369,13 +369,13 @@ fn repeated_connections_count_on_one_edge() {
 }
 
 #[test]
-fn io_uring_accepts_name_listener_owner() {
+fn io_uring_worker_accepts_name_the_process() {
     const REPEATS: u64 = 12;
     let mut world = World::start();
     let (server, addr) = world.listen("uring", &["uring-listen"]);
 
-    // No accept system call returns the connection, so the agent names the listener's owner once
-    // its wait for one is over. Here that is the process that took it.
+    // No accept system call returns the connection: the completion of the accept, which an io-wq
+    // worker thread of the server ran, names the process.
     let first = world.connect(addr);
     assert_eq!(first.pid, server);
     let deviation = world.wait_for_flow("uring", addr.port());
@@ -408,6 +408,34 @@ fn listener_passed_over_unix_socket_names_receiver() {
     assert_eq!(served.pid, receiver, "the sender ({sender}) closed its copy of the socket");
     let deviation = world.wait_for_flow("receiver", addr.port());
     assert_accepted_by(&deviation, &served, receiver, std::process::id());
+    let passer = world.watcher().deviations().into_iter().find(|deviation| deviation.id.contains("@passer@tcp/"));
+    assert_eq!(passer, None, "no flow may be attributed to the process that only listened");
+}
+
+#[test]
+fn io_uring_accept_of_passed_listener_names_receiver() {
+    let mut world = World::start();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let path = socket_dir.path().join("listener.sock");
+    let path = path.to_str().unwrap();
+    let (receiver_index, _) = world.start_probe("receiver", &["uring-receive-listener", path], "ready");
+    let receiver = world.processes[receiver_index].pid();
+    let (sender, addr) = world.listen("passer", &["pass-listener", path]);
+    world.processes[receiver_index]
+        .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received "))
+        .unwrap();
+    world.processes.last().unwrap().wait_for_line(RUN_TIMEOUT, |line| line == "passed").unwrap();
+
+    // One multishot accept takes both connections. The second comes in a later fold epoch, so it
+    // is reported in full and needs the accept's second completion to name its process. Without
+    // that completion, the agent would name the listener's owner, the sender.
+    let first = world.connect(addr);
+    assert_eq!(first.pid, receiver, "the sender ({sender}) closed its copy of the socket");
+    let deviation = world.wait_for_flow("receiver", addr.port());
+    assert_accepted_by(&deviation, &first, receiver, std::process::id());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(world.connect(addr).pid, receiver);
+    world.assert_edge_settles_at("receiver", addr.port(), 2);
     let passer = world.watcher().deviations().into_iter().find(|deviation| deviation.id.contains("@passer@tcp/"));
     assert_eq!(passer, None, "no flow may be attributed to the process that only listened");
 }

@@ -28,6 +28,8 @@ const SERVER_PORT: u16 = 7000;
 const REQUEST_BYTES: u64 = 1000;
 const RESPONSE_BYTES: u64 = 500;
 const PERL: &str = "/usr/bin/perl";
+/// Servers that reply with their pid, and a client that prints who served it.
+const PROBE: &str = env!("CARGO_BIN_EXE_driftwatch-accept-probe");
 
 /// Accepts one connection on ARGV[0], reads exactly 1000 bytes, sends 500 back and waits for the
 /// client to close.
@@ -441,4 +443,39 @@ fn watch_prints_events_as_text_and_jsonl() {
     let process_line = format!("process    pid {pid} (ppid {}) {PERL}", std::process::id());
     text.wait_for_line(OBSERVE_TIMEOUT, |line| line.trim() == process_line)
         .unwrap_or_else(|error| panic!("{error:#}\nwatch output: {:?}", text.stdout_lines()));
+}
+
+#[test]
+fn io_uring_accept_has_its_event() {
+    let mut world = World::start();
+    let watcher = world.subscribe(events_request(&[EventKind::TcpAccept]));
+    let server = world.spawn("server", PROBE, &["uring-listen"]);
+    let addr = server
+        .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening "))
+        .unwrap()
+        .trim_start_matches("listening ")
+        .to_string();
+    let server_pid = server.pid();
+    world.processes.push(server);
+
+    // The client shares the server's namespace, to reach its loopback address.
+    let mut client = world.spawn("server", PROBE, &["connect", &addr]);
+    let lines = client.wait_success(RUN_TIMEOUT).unwrap();
+    let served: Vec<&str> = lines
+        .iter()
+        .find_map(|line| line.strip_prefix("served "))
+        .unwrap_or_else(|| panic!("the client printed nothing served: {lines:?}"))
+        .split(' ')
+        .collect();
+    assert_eq!(served[0], server_pid.to_string(), "the server accepted the connection");
+    let client_addr = served[1];
+
+    // An io-wq worker thread of the server ran the accept, and the event names the process.
+    let accept = world.wait_for_event(&watcher, "the io_uring accept", |event| {
+        is_kind(event, EventKind::TcpAccept) && event.remote_addr == client_addr
+    });
+    assert_eq!(pid_of(&accept.event), Some(server_pid));
+    assert_eq!(accept.event.local_addr, addr);
+    assert_eq!(accept.event.netns, world.netns_inode("server"));
+    assert_eq!(accept.event.component, "server");
 }

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use agent_common::{AcceptOffsets, KernelOffsets};
+use agent_common::{AcceptOffsets, KernelOffsets, UringOffsets};
 
 /// Path of the kernel's own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -465,6 +465,14 @@ pub fn accept_offsets(btf: &Btf) -> Result<AcceptOffsets, BtfError> {
     })
 }
 
+/// Resolves where an io_uring accept request keeps its fixed-file slot: the accept's own data
+/// lies in the request's `cmd` area.
+pub fn uring_offsets(btf: &Btf) -> Result<UringOffsets, BtfError> {
+    let command = btf.member_offset("io_kiocb", &["cmd"])?;
+    let slot = btf.member_offset("io_accept", &["file_slot"])?;
+    Ok(UringOffsets { valid: 1, accept_file_slot: command + slot })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,5 +611,19 @@ mod tests {
         assert_eq!(offsets.skc_num, 14, "{offsets:?}");
         assert!(offsets.socket_sk > 0, "{offsets:?}");
         assert!(offsets.skc_cookie > offsets.skc_num, "{offsets:?}");
+    }
+
+    #[test]
+    fn running_kernel_uring_offsets_resolve() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX_BTF} does not exist on this kernel");
+            return;
+        }
+        let offsets = uring_offsets(&Btf::from_file(path).unwrap()).unwrap();
+        // `struct io_accept` opens with the file, the address and its length (three pointers),
+        // then two ints; the slot comes after them.
+        assert_eq!(offsets.valid, 1);
+        assert!(offsets.accept_file_slot >= 32, "{offsets:?}");
     }
 }

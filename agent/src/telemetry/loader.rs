@@ -16,10 +16,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use agent_common::{
-    AcceptOffsets, CgroupHook, CgroupProgramSpec, KernelOffsets, ProgramSpec, CGROUP_PROGRAMS, GLOBAL_ACCEPT_OFFSETS,
-    GLOBAL_AGENT_TGID, GLOBAL_KERNEL_OFFSETS, GLOBAL_NETNS_OFFSETS_VALID, GLOBAL_OFFSET_NET_INUM,
-    GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL, GLOBAL_SCOPE_ENABLED,
-    MAP_EVENTS, PROGRAMS, TCP_SOCK_OPS_PROGRAM, TCP_TRACEPOINT_PROGRAM,
+    AcceptOffsets, CgroupHook, CgroupProgramSpec, KernelOffsets, ProgramSpec, TracepointField, UringOffsets,
+    CGROUP_PROGRAMS, GLOBAL_ACCEPT_OFFSETS, GLOBAL_AGENT_TGID, GLOBAL_KERNEL_OFFSETS, GLOBAL_NETNS_OFFSETS_VALID,
+    GLOBAL_OFFSET_NET_INUM, GLOBAL_OFFSET_SKC_NET, GLOBAL_SCOPE_CGROUP_ID, GLOBAL_SCOPE_CGROUP_LEVEL,
+    GLOBAL_SCOPE_ENABLED, GLOBAL_URING_OFFSETS, MAP_EVENTS, PROGRAMS, TCP_SOCK_OPS_PROGRAM, TCP_TRACEPOINT_PROGRAM,
+    URING_COMPLETE_PROGRAM, URING_SUBMIT_PROGRAM,
 };
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError, SockOps, TracePoint,
@@ -59,6 +60,8 @@ pub struct LoadParameters<'a> {
     pub netns_offsets: Option<NetnsOffsets>,
     pub kernel_offsets: KernelOffsets,
     pub accept_offsets: AcceptOffsets,
+    /// Offsets of the io_uring accept programs, or why they cannot be resolved.
+    pub uring_offsets: Result<UringOffsets, String>,
     pub ring_buffer_bytes: u32,
     pub tcp_hook: TcpHook,
 }
@@ -155,6 +158,9 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
         None => (0, 0, 0),
     };
 
+    let unresolved = UringOffsets::default();
+    let uring_offsets = parameters.uring_offsets.as_ref().unwrap_or(&unresolved);
+
     let mut loader = EbpfLoader::new();
     loader
         .set_global(GLOBAL_AGENT_TGID, &parameters.agent_tgid, true)
@@ -166,6 +172,7 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
         .set_global(GLOBAL_OFFSET_NET_INUM, &net_inum, true)
         .set_global(GLOBAL_KERNEL_OFFSETS, &parameters.kernel_offsets, true)
         .set_global(GLOBAL_ACCEPT_OFFSETS, &parameters.accept_offsets, true)
+        .set_global(GLOBAL_URING_OFFSETS, uring_offsets, true)
         .set_max_entries(MAP_EVENTS, parameters.ring_buffer_bytes);
     let mut ebpf = loader.load(BPF_OBJECT).map_err(classify_load_error)?;
 
@@ -190,7 +197,12 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
         if spec.name == TCP_TRACEPOINT_PROGRAM && sock_ops_attached {
             continue;
         }
-        let status = match attach(&mut ebpf, spec) {
+        let uring = spec.name == URING_SUBMIT_PROGRAM || spec.name == URING_COMPLETE_PROGRAM;
+        let result = match &parameters.uring_offsets {
+            Err(reason) if uring => Err(reason.clone()),
+            _ => check_format(spec).and_then(|()| attach(&mut ebpf, spec)),
+        };
+        let status = match result {
             Ok(()) => {
                 tracing::info!(hook = spec.name, "attached");
                 HookStatus::new(spec, None)
@@ -261,6 +273,52 @@ impl HookStatus {
             error,
         }
     }
+}
+
+/// Checks the record fields that `spec` reads against its tracepoint's format in tracefs.
+fn check_format(spec: &ProgramSpec) -> Result<(), String> {
+    if spec.fields.is_empty() {
+        return Ok(());
+    }
+    let events = if Path::new(TRACEFS).join("events").is_dir() {
+        Path::new(TRACEFS).join("events")
+    } else {
+        PathBuf::from("/sys/kernel/debug/tracing/events")
+    };
+    let path = events.join(spec.category).join(spec.tracepoint).join("format");
+    let text = std::fs::read_to_string(&path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    check_fields(&text, spec.fields).map_err(|problem| format!("{}: {problem}", path.display()))
+}
+
+/// Checks that the tracepoint format `text` lists each of `fields` at its offset and size.
+fn check_fields(text: &str, fields: &[TracepointField]) -> Result<(), String> {
+    for field in fields {
+        match text.lines().filter_map(format_field).find(|(name, _, _)| *name == field.name) {
+            None => {
+                return Err(format!("the record has no field `{}`; this kernel's record differs from the one the program reads", field.name))
+            }
+            Some((_, offset, size)) if (offset, size) != (field.offset, field.size) => {
+                return Err(format!(
+                    "field `{}` is at offset {offset} with size {size}; the program reads offset {} with size {}",
+                    field.name, field.offset, field.size
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Parses a field line of a tracepoint format, `field:void * req;\toffset:16;\tsize:8;...`,
+/// into its name, offset and size.
+fn format_field(line: &str) -> Option<(&str, u32, u32)> {
+    let mut parts = line.trim().split(';').map(str::trim);
+    let declaration = parts.next()?.strip_prefix("field:")?;
+    // The name is the declaration's last word, without an array's length: `char comm[16]`.
+    let name = declaration.rsplit([' ', '*']).next()?.split('[').next()?;
+    let offset = parts.next()?.strip_prefix("offset:")?.parse().ok()?;
+    let size = parts.next()?.strip_prefix("size:")?.parse().ok()?;
+    Some((name, offset, size))
 }
 
 fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<(), String> {
@@ -420,4 +478,57 @@ fn classify_load_error(error: aya::EbpfError) -> TelemetryError {
         source = cause.source();
     }
     TelemetryError::Load(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::{URING_COMPLETE_CFLAGS, URING_COMPLETE_REQ, URING_COMPLETE_RES, URING_SUBMIT_OPCODE};
+
+    /// The record of `io_uring:io_uring_complete` on Linux 6.18.
+    const COMPLETE_FORMAT: &str = "name: io_uring_complete
+ID: 2141
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:void * ctx;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:void * req;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:u64 user_data;\toffset:24;\tsize:8;\tsigned:0;
+\tfield:int res;\toffset:32;\tsize:4;\tsigned:1;
+\tfield:unsigned cflags;\toffset:36;\tsize:4;\tsigned:0;
+\tfield:char comm[16];\toffset:40;\tsize:16;\tsigned:0;
+
+print fmt: \"ring %p, req %p\", REC->ctx, REC->req
+";
+
+    #[test]
+    fn format_fields_at_their_offsets_pass() {
+        check_fields(COMPLETE_FORMAT, &[URING_COMPLETE_REQ, URING_COMPLETE_RES, URING_COMPLETE_CFLAGS]).unwrap();
+        let comm = TracepointField { name: "comm", offset: 40, size: 16 };
+        check_fields(COMPLETE_FORMAT, &[comm]).unwrap();
+    }
+
+    #[test]
+    fn moved_or_missing_fields_are_named() {
+        // Linux 5.10 had no request in this record, and the result at offset 24.
+        let old = COMPLETE_FORMAT.replace("\tfield:void * req;\toffset:16;\tsize:8;\tsigned:0;\n", "").replace("offset:32", "offset:24");
+        let error = check_fields(&old, &[URING_COMPLETE_REQ]).unwrap_err();
+        assert!(error.contains("no field `req`"), "{error}");
+        let error = check_fields(&old, &[URING_COMPLETE_RES]).unwrap_err();
+        assert!(error.contains("field `res` is at offset 24 with size 4; the program reads offset 32"), "{error}");
+        let error = check_fields(COMPLETE_FORMAT, &[URING_SUBMIT_OPCODE]).unwrap_err();
+        assert!(error.contains("no field `opcode`"), "{error}");
+    }
+
+    #[test]
+    fn running_kernel_formats_match_the_programs() {
+        for spec in PROGRAMS.iter().filter(|spec| !spec.fields.is_empty()) {
+            if !Path::new(TRACEFS).join("events").join(spec.category).is_dir() {
+                eprintln!("skipped {}: tracefs has no {} events here", spec.name, spec.category);
+                continue;
+            }
+            check_format(spec).unwrap();
+        }
+    }
 }

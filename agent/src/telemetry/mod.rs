@@ -90,7 +90,8 @@ pub struct TelemetryConfig {
     /// folds.
     pub fold_window: std::time::Duration,
     /// Age after which the agent removes an accepted socket of a folded pair from the kernel's map
-    /// of sockets waiting for their `accept` system call: one taken by io_uring, or not yet taken.
+    /// of sockets waiting for an accept: one taken into an io_uring fixed-file slot, or not yet
+    /// taken.
     pub paired_accept_max_age: std::time::Duration,
 }
 
@@ -184,8 +185,9 @@ pub struct TelemetryCounters {
     pub channel_drops: u64,
     /// Events handed to the channel.
     pub events_sent: u64,
-    /// Accepted sockets of folded pairs removed from the kernel's waiting map because no `accept`
-    /// system call took them in time (io_uring accepts, or connections still queued).
+    /// Accepted sockets of folded pairs removed from the kernel's waiting map because no accept
+    /// record took them in time (io_uring accepts into fixed-file slots, or connections still
+    /// queued).
     pub paired_accepts_swept: u64,
 }
 
@@ -260,12 +262,17 @@ impl Telemetry {
             }
         }
         let accept_offsets = resolve_accept_offsets(kernel_btf.as_ref());
+        let uring_offsets = match &kernel_btf {
+            Ok(parsed) => btf::uring_offsets(parsed).map_err(|error| format!("cannot resolve the io_uring accept request from kernel BTF: {error}")),
+            Err(error) => Err(format!("no kernel BTF for the io_uring accept request: {error}")),
+        };
         let parameters = loader::LoadParameters {
             agent_tgid: std::process::id(),
             scope: scope.as_ref(),
             netns_offsets,
             kernel_offsets,
             accept_offsets,
+            uring_offsets,
             ring_buffer_bytes: config.ring_buffer_bytes,
             tcp_hook: config.tcp_hook,
         };

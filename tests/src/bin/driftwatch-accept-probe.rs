@@ -11,6 +11,8 @@
 //! driftwatch-accept-probe receive-listener UNIX_PATH  receive a listening socket there and accept
 //! driftwatch-accept-probe renamed-listen COMM       rename the task to COMM, then listen
 //! driftwatch-accept-probe uring-listen              listen and accept through io_uring only
+//! driftwatch-accept-probe uring-receive-listener UNIX_PATH  receive a listening socket there and
+//!                                                   accept with one multishot io_uring accept
 //! driftwatch-accept-probe connect ADDR              connect once and print who served it
 //! driftwatch-accept-probe hold ADDR                 connect, print who served it, keep it open
 //! ```
@@ -36,7 +38,8 @@ fn main() -> ExitCode {
         ["pass-listener", path] => pass_listener(path),
         ["receive-listener", path] => receive_listener(path),
         ["renamed-listen", comm] => renamed_listen(comm),
-        ["uring-listen"] => uring_listen(),
+        ["uring-listen"] => listen_loopback().and_then(|listener| serve_uring(&listener, false)),
+        ["uring-receive-listener", path] => receive_listener_at(path).and_then(|listener| serve_uring(&listener, true)),
         ["connect", addr] => parse(addr).and_then(|addr| connect(addr).map(drop)),
         ["hold", addr] => parse(addr).and_then(|addr| {
             let _open = connect(addr)?;
@@ -174,6 +177,11 @@ fn pass_listener(path: &str) -> io::Result<()> {
 }
 
 fn receive_listener(path: &str) -> io::Result<()> {
+    serve(&receive_listener_at(path)?)
+}
+
+/// Binds a Unix socket at `path` and returns the listening socket the first peer sends there.
+fn receive_listener_at(path: &str) -> io::Result<TcpListener> {
     let unix = UnixListener::bind(path)?;
     say("ready")?;
     let (channel, _) = unix.accept()?;
@@ -181,7 +189,7 @@ fn receive_listener(path: &str) -> io::Result<()> {
     // SAFETY: the descriptor arrived with SCM_RIGHTS and nothing else owns it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     say(&format!("received {}", listener.local_addr()?))?;
-    serve(&listener)
+    Ok(listener)
 }
 
 fn renamed_listen(comm: &str) -> io::Result<()> {
@@ -193,25 +201,35 @@ fn renamed_listen(comm: &str) -> io::Result<()> {
     wait_forever()
 }
 
-/// Listens on 127.0.0.1 and takes each connection with an io_uring `IORING_OP_ACCEPT` run by an
-/// io-wq worker thread (`IOSQE_ASYNC`), so that no `accept` system call of this process returns
-/// it. Replies and waits for the close as [`serve`] does.
-fn uring_listen() -> io::Result<()> {
-    use io_uring::{opcode, squeue, types, IoUring};
+/// Takes each connection of `listener` with io_uring, so that no `accept` system call of this
+/// process returns it. Without `multishot`, each is an `IORING_OP_ACCEPT` of its own run by an
+/// io-wq worker thread (`IOSQE_ASYNC`). With it, one multishot accept takes them all, its
+/// completions posted by this thread. Replies and waits for the close as [`serve`] does.
+fn serve_uring(listener: &TcpListener, multishot: bool) -> io::Result<()> {
+    use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-    let listener = listen_loopback()?;
     let mut ring = IoUring::new(4)?;
     let pid = std::process::id();
+    let socket = types::Fd(listener.as_raw_fd());
+    let mut armed = false;
     loop {
-        let entry = opcode::Accept::new(types::Fd(listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .flags(squeue::Flags::ASYNC);
-        // SAFETY: the entry points to no buffer; the address arguments are null.
-        unsafe { ring.submission().push(&entry) }
-            .map_err(|error| io::Error::other(format!("the submission queue is full: {error}")))?;
+        if !armed {
+            let entry = if multishot {
+                opcode::AcceptMulti::new(socket).flags(libc::SOCK_CLOEXEC).build()
+            } else {
+                opcode::Accept::new(socket, std::ptr::null_mut(), std::ptr::null_mut())
+                    .flags(libc::SOCK_CLOEXEC)
+                    .build()
+                    .flags(squeue::Flags::ASYNC)
+            };
+            // SAFETY: the entry points to no buffer; the address arguments are null.
+            unsafe { ring.submission().push(&entry) }
+                .map_err(|error| io::Error::other(format!("the submission queue is full: {error}")))?;
+            armed = multishot;
+        }
         ring.submit_and_wait(1)?;
         let completion = ring.completion().next().ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
+        armed &= cqueue::more(completion.flags());
         let fd = completion.result();
         if fd < 0 {
             let error = io::Error::from_raw_os_error(-fd);
