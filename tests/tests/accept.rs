@@ -155,6 +155,22 @@ impl World {
         (self.processes[index].pid(), addr)
     }
 
+    /// Starts a probe in `mode` in cgroup `receiver`, then one in `passer` that listens and sends
+    /// it the listening socket over a Unix socket. Returns the receiver's pid, the sender's and
+    /// the listening address, once the sender has closed its copy.
+    fn pass_listener(&mut self, mode: &str) -> (u32, u32, SocketAddr) {
+        let socket_dir = tempfile::tempdir().unwrap();
+        let path = socket_dir.path().join("listener.sock");
+        let path = path.to_str().unwrap();
+        let (receiver_index, _) = self.start_probe("receiver", &[mode, path], "ready");
+        let (sender, addr) = self.listen("passer", &["pass-listener", path]);
+        self.processes[receiver_index]
+            .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received "))
+            .unwrap();
+        self.processes.last().unwrap().wait_for_line(RUN_TIMEOUT, |line| line == "passed").unwrap();
+        (self.processes[receiver_index].pid(), sender, addr)
+    }
+
     /// Starts a listening probe outside the agent's scope and returns it with its listening
     /// address.
     fn listen_outside(&self, args: &[&str]) -> (ProcessGuard, SocketAddr) {
@@ -393,16 +409,7 @@ fn io_uring_worker_accepts_name_the_process() {
 #[test]
 fn listener_passed_over_unix_socket_names_receiver() {
     let mut world = World::start();
-    let socket_dir = tempfile::tempdir().unwrap();
-    let path = socket_dir.path().join("listener.sock");
-    let path = path.to_str().unwrap();
-    let (receiver_index, _) = world.start_probe("receiver", &["receive-listener", path], "ready");
-    let receiver = world.processes[receiver_index].pid();
-    let (sender, addr) = world.listen("passer", &["pass-listener", path]);
-    world.processes[receiver_index]
-        .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received "))
-        .unwrap();
-    world.processes.last().unwrap().wait_for_line(RUN_TIMEOUT, |line| line == "passed").unwrap();
+    let (receiver, sender, addr) = world.pass_listener("receive-listener");
 
     let served = world.connect(addr);
     assert_eq!(served.pid, receiver, "the sender ({sender}) closed its copy of the socket");
@@ -415,16 +422,7 @@ fn listener_passed_over_unix_socket_names_receiver() {
 #[test]
 fn io_uring_accept_of_passed_listener_names_receiver() {
     let mut world = World::start();
-    let socket_dir = tempfile::tempdir().unwrap();
-    let path = socket_dir.path().join("listener.sock");
-    let path = path.to_str().unwrap();
-    let (receiver_index, _) = world.start_probe("receiver", &["uring-receive-listener", path], "ready");
-    let receiver = world.processes[receiver_index].pid();
-    let (sender, addr) = world.listen("passer", &["pass-listener", path]);
-    world.processes[receiver_index]
-        .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("received "))
-        .unwrap();
-    world.processes.last().unwrap().wait_for_line(RUN_TIMEOUT, |line| line == "passed").unwrap();
+    let (receiver, sender, addr) = world.pass_listener("uring-receive-listener");
 
     // One multishot accept takes both connections. The second comes in a later fold epoch, so it
     // is reported in full and needs the accept's second completion to name its process. Without
