@@ -61,8 +61,8 @@ pub const MAP_PAIRED_ACCEPTS: &str = "PAIRED_ACCEPTS";
 /// kept off its stack.
 pub const MAP_ACCEPT_SCRATCH: &str = "ACCEPT_SCRATCH";
 
-/// LRU hash map from an io_uring accept's ring and user data ([`UringRequest`]) to its request
-/// (`struct io_kiocb` address): the accepts whose completions name the accepting process.
+/// Hash map of the io_uring accepts waiting for a completion ([`UringRequest`] to `u64`), whose
+/// completions name the accepting process.
 pub const MAP_URING_ACCEPTS: &str = "URING_ACCEPTS";
 
 /// Every map the eBPF object defines.
@@ -409,8 +409,9 @@ pub const FOLDS_MAX_ENTRIES: u32 = 16384;
 pub const TCP_PAIRS_MAX_ENTRIES: u32 = 8192;
 /// Maximum number of accepted connections in [`MAP_PAIRED_ACCEPTS`] waiting for their accept.
 pub const PAIRED_ACCEPTS_MAX_ENTRIES: u32 = 8192;
-/// Maximum number of io_uring accept requests in [`MAP_URING_ACCEPTS`] waiting for a completion.
-pub const URING_ACCEPTS_MAX_ENTRIES: u32 = 4096;
+/// Maximum number of entries in [`MAP_URING_ACCEPTS`]: one per waiting io_uring accept, and one
+/// per ring and user data of those.
+pub const URING_ACCEPTS_MAX_ENTRIES: u32 = 8192;
 /// Age after which the agent removes an entry of [`MAP_PAIRED_ACCEPTS`]: two minutes, far longer
 /// than a connection usually waits in a listen queue.
 pub const PAIRED_ACCEPT_MAX_AGE_NS: u64 = 120_000_000_000;
@@ -994,14 +995,19 @@ pub struct PairedAccept {
     pub ktime_ns: u64,
 }
 
-/// Key type of [`MAP_URING_ACCEPTS`]: what every completion of an io_uring request carries. The
-/// completions after the first of a multishot accept name no request.
+/// Key type of [`MAP_URING_ACCEPTS`]: what a completion of an io_uring request carries.
+///
+/// Each accept has an entry under its request, valued 0. Beside it, the entry with request 0
+/// counts the ring's accepts with that user data: the completions that a multishot accept posts
+/// while it stays armed name no request, and find that entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct UringRequest {
     /// `struct io_ring_ctx` address.
     pub ring: u64,
     pub user_data: u64,
+    /// `struct io_kiocb` address, 0 in the entry that counts.
+    pub req: u64,
 }
 
 /// Offsets in an io_uring request, resolved from BTF and passed as [`GLOBAL_URING_OFFSETS`].
@@ -1216,10 +1222,13 @@ pub enum Counter {
     /// `tcp_sock_ops`: the fold map was full, so the connections of a new flow are reported one
     /// by one instead of counted.
     FoldMapFull = 14,
+    /// `io_uring_submit_req`: the map of io_uring accepts was full, so the connections of an
+    /// accept are attributed to the listener's owner.
+    UringAcceptMapFull = 15,
 }
 
 /// Number of [`Counter`] values, the size of [`MAP_COUNTERS`].
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     /// Every counter, in index order.
@@ -1239,6 +1248,7 @@ impl Counter {
         Counter::DnsRingBufferFull,
         Counter::AcceptRingBufferFull,
         Counter::FoldMapFull,
+        Counter::UringAcceptMapFull,
     ];
 
     /// Returns the program that increments the counter (`sys_enter_execve` also stands for
@@ -1259,6 +1269,7 @@ impl Counter {
             Counter::UdpRingBufferFull | Counter::UdpFlowMapFull => "udp_sendmsg4",
             Counter::DnsRingBufferFull => "dns_ingress",
             Counter::AcceptRingBufferFull => "sys_exit_accept",
+            Counter::UringAcceptMapFull => "io_uring_submit_req",
         }
     }
 
@@ -1286,6 +1297,7 @@ impl Counter {
             Counter::TcpSocketMapFull => "socket_owner_map_full",
             Counter::TcpListenerMapFull => "listener_map_full",
             Counter::FoldMapFull => "fold_map_full",
+            Counter::UringAcceptMapFull => "uring_accept_map_full",
         }
     }
 }
@@ -1320,7 +1332,7 @@ const _: () = assert!(size_of::<UdpFlowCounts>() == 16);
 const _: () = assert!(size_of::<DnsRecord>() == 32 + 24 + 16 + DNS_CAPTURE_BYTES);
 const _: () = assert!(size_of::<ConnectionKey>() == 40);
 const _: () = assert!(size_of::<UringOffsets>() == 8);
-const _: () = assert!(size_of::<UringRequest>() == 16);
+const _: () = assert!(size_of::<UringRequest>() == 24);
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 const _: () = assert!(ARGV_CAPTURE_BYTES.is_power_of_two());
 // The DNS program bounds its copy length with a mask of `DNS_CAPTURE_BYTES - 1`.

@@ -9,12 +9,12 @@
 //! address pairs this record with the `Accepted` one in userspace.
 //!
 //! io_uring's accept (`IORING_OP_ACCEPT`) does not pass through these system calls. Its
-//! submission is recorded in `URING_ACCEPTS` by ring and user data, which each of its completions
-//! carries, and its completion, which runs in a thread of the process that owns the ring with
-//! that process's descriptor table, takes the same path as a system call's exit. A multishot
-//! accept keeps its entry until its last completion. An accept into a fixed-file slot (a direct
-//! descriptor) returns no descriptor; it is not recorded, and its connection keeps the listener's
-//! owner as its process.
+//! submission is recorded in `URING_ACCEPTS` by ring, user data and request, and counted by ring
+//! and user data, because the completions of a multishot accept may name no request. Its
+//! completion runs in a thread of the process that owns the ring, with that process's descriptor
+//! table, and takes the same path as a system call's exit. The entries go with the request's last
+//! completion. An accept into a fixed-file slot (a direct descriptor) returns no descriptor. It is
+//! not recorded, and its connection keeps the listener's owner as its process.
 
 use agent_common::{
     AcceptOffsets, AcceptRecord, Counter, Lineage, RecordHeader, RecordKind, SockOwner, UringRequest, FAMILY_INET,
@@ -23,7 +23,10 @@ use agent_common::{
     URING_COMPLETE_USER_DATA, URING_SUBMIT_OPCODE, URING_SUBMIT_REQ, URING_SUBMIT_RING, URING_SUBMIT_USER_DATA,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
-use core::ptr::{addr_of, read_volatile};
+use core::{
+    ptr::{addr_of, read_volatile},
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use crate::{
     count, current_cgroup_id, current_ids, current_in_scope, fold, is_agent, kernel, ktime_ns, tcp, tracepoint_field,
@@ -91,12 +94,36 @@ fn try_uring_submit(ctx: &TracePointContext) -> Result<(), i64> {
             tracepoint_field(ctx, URING_SUBMIT_USER_DATA.offset as usize),
         )
     };
+
     // The request is prepared before this tracepoint, so its slot is set.
-    if read_at::<u32>(req, offsets.accept_file_slot) != Some(0) {
+    if req == 0 || read_at::<u32>(req, offsets.accept_file_slot) != Some(0) {
         return Ok(());
     }
-    // An entry whose completion never comes (a ring torn down) ages out of the LRU map.
-    let _ = URING_ACCEPTS.insert(&UringRequest { ring, user_data }, &req, 0);
+
+    let accept = UringRequest { ring, user_data, req };
+    // SAFETY: only the presence of the entry is read.
+    if unsafe { URING_ACCEPTS.get(&accept) }.is_some() {
+        // An entry left by a request at this address whose completion went unseen (a full map
+        // at its submission leaves none): this request takes it over, and is counted already.
+        return Ok(());
+    }
+    if URING_ACCEPTS.insert(&accept, &0, 0).is_err() {
+        count(Counter::UringAcceptMapFull);
+        return Ok(());
+    }
+
+    let counted = UringRequest { ring, user_data, req: 0 };
+    match URING_ACCEPTS.get_ptr_mut(&counted) {
+        // SAFETY: the pointer is to this map's value, valid during the program. Completions on
+        // other CPUs change it too.
+        Some(pending) => unsafe { AtomicU64::from_ptr(pending).fetch_add(1, Ordering::Relaxed); },
+        None => {
+            if URING_ACCEPTS.insert(&counted, &1, 0).is_err() {
+                // A single-shot accept still finds its own entry.
+                count(Counter::UringAcceptMapFull);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -108,35 +135,51 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
         UringRequest {
             ring: tracepoint_field(ctx, URING_COMPLETE_RING.offset as usize),
             user_data: tracepoint_field(ctx, URING_COMPLETE_USER_DATA.offset as usize),
+            req: tracepoint_field(ctx, URING_COMPLETE_REQ.offset as usize),
         }
     };
-    // SAFETY: the value is copied out before the entry can be removed.
-    let Some(accept) = unsafe { URING_ACCEPTS.get(&key) }.copied() else {
+    // A completion that names no request finds the entry that counts the ring's accepts with its
+    // user data.
+    // NOTE: so another multishot operation of the process with an accept's user data, on the same
+    // ring, is taken for the accept. Its result then names a descriptor that is no new socket.
+    // SAFETY: only the presence of the entry is read.
+    if unsafe { URING_ACCEPTS.get(&key) }.is_none() {
         return Ok(());
-    };
+    }
     // SAFETY: as above.
-    let (req, res, cflags): (u64, i32, u32) = unsafe {
+    let (res, cflags): (i32, u32) = unsafe {
         (
-            tracepoint_field(ctx, URING_COMPLETE_REQ.offset as usize),
             tracepoint_field(ctx, URING_COMPLETE_RES.offset as usize),
             tracepoint_field(ctx, URING_COMPLETE_CFLAGS.offset as usize),
         )
     };
-    // The completions that a multishot accept posts while it stays armed name no request. One
-    // that names another request is of another operation the process gave the same user data.
-    // NOTE: so a multishot operation of another kind with the accept's user data, on the same
-    // ring, is taken for the accept; its result then names a descriptor that is no new socket.
-    if req != 0 && req != accept {
-        return Ok(());
-    }
     // The flag says more completions of the request follow.
-    if req != 0 && cflags & IORING_CQE_F_MORE == 0 {
+    if key.req != 0 && cflags & IORING_CQE_F_MORE == 0 {
         let _ = URING_ACCEPTS.remove(&key);
+        forget_accept(&UringRequest { req: 0, ..key });
     }
     if res < 0 {
         return Ok(());
     }
     accepted(res as u64)
+}
+
+/// Takes one accept off the count at `counted`, and the entry with the last.
+// NOTE: an accept submitted with the same ring and user data on another CPU, between the
+// decrement and the removal, loses the entry: its completions that name no request are then not
+// taken for it.
+#[inline(always)]
+fn forget_accept(counted: &UringRequest) {
+    let Some(pending) = URING_ACCEPTS.get_ptr_mut(counted) else { return };
+    // SAFETY: the pointer is to this map's value, valid during the program. The kernel's BPF
+    // target here has no atomic that returns the old value, so the count is read after.
+    let left = unsafe {
+        AtomicU64::from_ptr(pending).fetch_sub(1, Ordering::Relaxed);
+        read_volatile(pending)
+    };
+    if left == 0 || left > u64::MAX / 2 {
+        let _ = URING_ACCEPTS.remove(counted);
+    }
 }
 
 /// Reports the connection behind descriptor `fd` of the current process, which an accept

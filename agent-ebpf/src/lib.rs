@@ -111,7 +111,7 @@ static PAIRED_ACCEPTS: HashMap<u64, PairedAccept> = HashMap::with_max_entries(PA
 
 /// io_uring accept requests waiting for their completion; see `accept.rs`.
 #[map]
-static URING_ACCEPTS: LruHashMap<UringRequest, u64> = LruHashMap::with_max_entries(URING_ACCEPTS_MAX_ENTRIES, 0);
+static URING_ACCEPTS: HashMap<UringRequest, u64> = HashMap::with_max_entries(URING_ACCEPTS_MAX_ENTRIES, 0);
 
 #[map]
 static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);

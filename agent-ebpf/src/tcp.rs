@@ -518,10 +518,9 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
             track_socket(skaddr, listener.pid, SOCKET_FLAG_AGENT, 0, 0);
             return Ok(true);
         }
-        Some(listener) if listener.flags & LISTENER_FLAG_OUTSIDE_SCOPE != 0 => {
-            leave_untracked(ctx, &listener);
-            return Ok(false);
-        }
+        // The socket keeps the state changes it inherited: a process in scope may accept it (the
+        // listening socket passed to it, or SO_REUSEPORT), and its close is then reported.
+        Some(listener) if listener.flags & LISTENER_FLAG_OUTSIDE_SCOPE != 0 => return Ok(false),
         Some(listener) => listener.pid,
         None if scope_enabled() => return Ok(false),
         None => 0,
@@ -576,7 +575,8 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
 /// Drops the state changes that an accepted socket the agent does not track inherited from its
 /// listener, when only this program requested them there: four calls saved per connection.
 // NOTE: another `sock_ops` program that requested them on this accepted socket, at its handshake
-// end and before this one ran, loses them.
+// end and before this one ran, loses them. So does a paired socket accepted after the agent
+// swept its entry (see `PAIRED_ACCEPT_MAX_AGE_NS`): its accept is reported, its close is not.
 #[inline(always)]
 fn leave_untracked<F: TcpFields>(ctx: &F, listener: &ListenerOwner) {
     if listener.flags & LISTENER_FLAG_OWN_STATE_CHANGES != 0 {

@@ -479,3 +479,73 @@ fn io_uring_accept_has_its_event() {
     assert_eq!(accept.event.netns, world.netns_inode("server"));
     assert_eq!(accept.event.component, "server");
 }
+
+#[test]
+fn passed_listener_from_outside_scope_reports_close() {
+    let mut world = World::start();
+    let watcher = world.subscribe(events_request(&[EventKind::TcpAccept, EventKind::TcpClose]));
+    let socket_dir = tempfile::tempdir().unwrap();
+    let path = socket_dir.path().join("listener.sock");
+    let path = path.to_str().unwrap();
+    let receiver = world.spawn("server", PROBE, &["receive-listener", path]);
+    receiver.wait_for_line(RUN_TIMEOUT, |line| line == "ready").unwrap();
+    let receiver_pid = receiver.pid();
+    world.processes.push(receiver);
+
+    // The sender listens outside the scope, so the kernel records its listener as out of scope,
+    // and passes the socket to the receiver, in scope.
+    let mut command = Command::new(PROBE);
+    command.args(["pass-listener", path]);
+    let sender = spawn_in(Some(&world.topology.host("server").netns), None, command).unwrap();
+    let addr = sender
+        .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening "))
+        .unwrap()
+        .trim_start_matches("listening ")
+        .to_string();
+    sender.wait_for_line(RUN_TIMEOUT, |line| line == "passed").unwrap();
+    world.processes.push(sender);
+
+    let mut client = world.spawn("server", PROBE, &["connect", &addr]);
+    let lines = client.wait_success(RUN_TIMEOUT).unwrap();
+    let reply = format!("{receiver_pid}\n");
+    assert!(lines.iter().any(|line| line.starts_with(&format!("served {receiver_pid} "))), "{lines:?}");
+
+    world.wait_for_event(&watcher, "the receiver's accept", |event| {
+        is_kind(event, EventKind::TcpAccept) && pid_of(event) == Some(receiver_pid)
+    });
+    // The accepted socket keeps the state changes it inherited from the listener, so its close is
+    // reported with its bytes.
+    let close = world.wait_for_event(&watcher, "the receiver's close", |event| {
+        is_kind(event, EventKind::TcpClose) && pid_of(event) == Some(receiver_pid)
+    });
+    assert_eq!(close.event.local_addr, addr);
+    assert_eq!(close.event.bytes_sent, reply.len() as u64);
+    assert_eq!(close.event.bytes_received, 0);
+}
+
+#[test]
+fn io_uring_accepts_sharing_user_data_have_events() {
+    let mut world = World::start();
+    let watcher = world.subscribe(events_request(&[EventKind::TcpAccept]));
+    let server = world.spawn("server", PROBE, &["uring-listen-two"]);
+    let server_pid = server.pid();
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let line = server
+            .wait_for_line(RUN_TIMEOUT, |line| line.starts_with("listening ") && !addrs.iter().any(|addr: &String| line.ends_with(addr.as_str())))
+            .unwrap();
+        addrs.push(line.trim_start_matches("listening ").to_string());
+    }
+    world.processes.push(server);
+
+    // Both accepts wait on one ring with user data 0. The one armed first completes first, and
+    // must still be known as an accept after the second was armed.
+    for addr in &addrs {
+        let mut client = world.spawn("server", PROBE, &["connect", addr]);
+        let lines = client.wait_success(RUN_TIMEOUT).unwrap();
+        assert!(lines.iter().any(|line| line.starts_with(&format!("served {server_pid} "))), "{lines:?}");
+        world.wait_for_event(&watcher, &format!("the accept on {addr}"), |event| {
+            is_kind(event, EventKind::TcpAccept) && pid_of(event) == Some(server_pid) && &event.local_addr == addr
+        });
+    }
+}

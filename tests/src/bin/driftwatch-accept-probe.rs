@@ -13,6 +13,8 @@
 //! driftwatch-accept-probe uring-listen              listen and accept through io_uring only
 //! driftwatch-accept-probe uring-receive-listener UNIX_PATH  receive a listening socket there and
 //!                                                   accept with one multishot io_uring accept
+//! driftwatch-accept-probe uring-listen-two          listen twice and accept both through one ring,
+//!                                                   every accept with user data 0
 //! driftwatch-accept-probe connect ADDR              connect once and print who served it
 //! driftwatch-accept-probe hold ADDR                 connect, print who served it, keep it open
 //! ```
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         ["receive-listener", path] => receive_listener(path),
         ["renamed-listen", comm] => renamed_listen(comm),
         ["uring-listen"] => listen_loopback().and_then(|listener| serve_uring(&listener, false)),
+        ["uring-listen-two"] => uring_listen_two(),
         ["uring-receive-listener", path] => receive_listener_at(path).and_then(|listener| serve_uring(&listener, true)),
         ["connect", addr] => parse(addr).and_then(|addr| connect(addr).map(drop)),
         ["hold", addr] => parse(addr).and_then(|addr| {
@@ -237,6 +240,48 @@ fn serve_uring(listener: &TcpListener, multishot: bool) -> io::Result<()> {
         }
         // SAFETY: the completion carries a new descriptor that nothing else owns.
         let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+        stream.write_all(format!("{pid}\n").as_bytes())?;
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    }
+}
+
+/// Listens on two loopback ports and keeps an io_uring accept waiting on each, both with user data
+/// 0 as many servers leave it, armed in the order the ports are printed. A completion's socket is
+/// told by its local port, and its listener armed again.
+fn uring_listen_two() -> io::Result<()> {
+    use io_uring::{opcode, types, IoUring};
+
+    let listeners = [listen_loopback()?, listen_loopback()?];
+    let mut ring = IoUring::new(4)?;
+    let pid = std::process::id();
+    let arm = |ring: &mut IoUring, listener: &TcpListener| -> io::Result<()> {
+        let entry = opcode::Accept::new(types::Fd(listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(0);
+        // SAFETY: the entry points to no buffer; the address arguments are null.
+        unsafe { ring.submission().push(&entry) }
+            .map_err(|error| io::Error::other(format!("the submission queue is full: {error}")))?;
+        ring.submit().map(drop)
+    };
+    for listener in &listeners {
+        arm(&mut ring, listener)?;
+    }
+    loop {
+        ring.submit_and_wait(1)?;
+        let completion = ring.completion().next().ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
+        let fd = completion.result();
+        if fd < 0 {
+            let error = io::Error::from_raw_os_error(-fd);
+            return Err(io::Error::new(error.kind(), format!("io_uring accept failed: {error}")));
+        }
+        // SAFETY: the completion carries a new descriptor that nothing else owns.
+        let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+        let port = stream.local_addr()?.port();
+        if let Some(listener) = listeners.iter().find(|listener| listener.local_addr().is_ok_and(|addr| addr.port() == port)) {
+            arm(&mut ring, listener)?;
+        }
         stream.write_all(format!("{pid}\n").as_bytes())?;
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest);
