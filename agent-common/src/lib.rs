@@ -65,6 +65,10 @@ pub const MAP_ACCEPT_SCRATCH: &str = "ACCEPT_SCRATCH";
 /// completions name the accepting process.
 pub const MAP_URING_ACCEPTS: &str = "URING_ACCEPTS";
 
+/// One-entry array: the number of entries in [`MAP_URING_ACCEPTS`] under a request, so that a
+/// completion on a host with no io_uring accept waiting ends before the map lookup.
+pub const MAP_URING_WAITING: &str = "URING_WAITING";
+
 /// Every map the eBPF object defines.
 pub const MAPS: &[&str] = &[
     MAP_EVENTS,
@@ -83,6 +87,7 @@ pub const MAPS: &[&str] = &[
     MAP_ACCEPT_SCRATCH,
     MAP_PAIRED_ACCEPTS,
     MAP_URING_ACCEPTS,
+    MAP_URING_WAITING,
 ];
 
 /// `u32`: tgid of the agent, whose own activity is not reported.

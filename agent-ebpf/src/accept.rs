@@ -30,7 +30,7 @@ use core::{
 
 use crate::{
     count, current_cgroup_id, current_ids, current_in_scope, fold, is_agent, kernel, ktime_ns, tcp, tracepoint_field,
-    ACCEPT_OFFSETS, EVENTS, PAIRED_ACCEPTS, SOCKETS, URING_ACCEPTS, URING_OFFSETS,
+    ACCEPT_OFFSETS, EVENTS, PAIRED_ACCEPTS, SOCKETS, URING_ACCEPTS, URING_OFFSETS, URING_WAITING,
 };
 
 // Offset of `ret` in every sys_exit_* record, from events/syscalls/sys_exit_*/format in tracefs.
@@ -111,6 +111,7 @@ fn try_uring_submit(ctx: &TracePointContext) -> Result<(), i64> {
         count(Counter::UringAcceptMapFull);
         return Ok(());
     }
+    add_waiting(1);
 
     let counted = UringRequest { ring, user_data, req: 0 };
     match URING_ACCEPTS.get_ptr_mut(&counted) {
@@ -128,8 +129,13 @@ fn try_uring_submit(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 /// Takes the descriptor of a recorded io_uring accept's completion to the accept path. Every
-/// completion of every ring comes here, so the others end at the map lookup.
+/// completion of every ring comes here, so the others end at the count of waiting accepts, or
+/// at the map lookup when some wait.
 fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: a plain read of this map's value, which programs on other CPUs may change.
+    if URING_WAITING.get_ptr(0).is_none_or(|waiting| unsafe { read_volatile(waiting) } == 0) {
+        return Ok(());
+    }
     // SAFETY: offsets of this tracepoint's fields, which the loader checked against its format.
     let key = unsafe {
         UringRequest {
@@ -154,14 +160,24 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
         )
     };
     // The flag says more completions of the request follow.
-    if key.req != 0 && cflags & IORING_CQE_F_MORE == 0 {
-        let _ = URING_ACCEPTS.remove(&key);
+    if key.req != 0 && cflags & IORING_CQE_F_MORE == 0 && URING_ACCEPTS.remove(&key).is_ok() {
+        add_waiting(u64::MAX);
         forget_accept(&UringRequest { req: 0, ..key });
     }
     if res < 0 {
         return Ok(());
     }
     accepted(res as u64)
+}
+
+/// Adds `delta` (`u64::MAX` to take one off) to the count of accepts waiting in `URING_ACCEPTS`.
+#[inline(always)]
+fn add_waiting(delta: u64) {
+    if let Some(waiting) = URING_WAITING.get_ptr_mut(0) {
+        // SAFETY: the pointer is to this map's value, valid during the program. Programs on other
+        // CPUs change it too.
+        unsafe { AtomicU64::from_ptr(waiting).fetch_add(delta, Ordering::Relaxed) };
+    }
 }
 
 /// Takes one accept off the count at `counted`, and the entry with the last.

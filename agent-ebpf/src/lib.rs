@@ -113,6 +113,10 @@ static PAIRED_ACCEPTS: HashMap<u64, PairedAccept> = HashMap::with_max_entries(PA
 #[map]
 static URING_ACCEPTS: HashMap<UringRequest, u64> = HashMap::with_max_entries(URING_ACCEPTS_MAX_ENTRIES, 0);
 
+/// The number of io_uring accepts in `URING_ACCEPTS`; see `accept.rs`.
+#[map]
+static URING_WAITING: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 static UDP_BINDS: LruHashMap<u32, udp::BindInProgress> = LruHashMap::with_max_entries(UDP_BINDS_MAX_ENTRIES, 0);
 

@@ -113,7 +113,13 @@ impl World {
     }
 
     fn start_agent(&mut self) {
-        let agent = AgentUnderTest::start(self.model.path(), self.root.path()).unwrap();
+        self.start_agent_with(&[]);
+    }
+
+    /// Starts the agent with `extra_args` on its command line.
+    fn start_agent_with(&mut self, extra_args: &[&str]) {
+        let bin = driftwatch_e2e::driftwatch_bin().unwrap();
+        let agent = AgentUnderTest::start_with(&bin, self.model.path(), self.root.path(), extra_args).unwrap();
         // The agent falls back to the tracepoint when the kernel refuses `sock_ops`; these tests
         // are about the program this kernel allows.
         let status = driftwatch_e2e::stream::status(agent.api_addr()).unwrap();
@@ -436,6 +442,27 @@ fn io_uring_accept_of_passed_listener_names_receiver() {
     world.assert_edge_settles_at("receiver", addr.port(), 2);
     let passer = world.watcher().deviations().into_iter().find(|deviation| deviation.id.contains("@passer@tcp/"));
     assert_eq!(passer, None, "no flow may be attributed to the process that only listened");
+}
+
+#[test]
+fn io_uring_accepts_turned_off_name_listener_owner() {
+    let mut world = World::prepare();
+    world.start_agent_with(&["--no-io-uring-accepts"]);
+    let api = world.agent.as_ref().expect("the agent runs").api_addr();
+    let hooks = driftwatch_e2e::stream::status(api).unwrap().hooks;
+    for name in ["io_uring_submit_req", "io_uring_complete"] {
+        let hook = hooks.iter().find(|hook| hook.name == name).unwrap_or_else(|| panic!("no hook {name}: {hooks:#?}"));
+        assert!(!hook.attached, "{hook:#?}");
+        assert!(hook.error.contains("--no-io-uring-accepts"), "{hook:#?}");
+    }
+
+    // Without the programs, the connection goes to the listener's owner after the wait for an
+    // accept record: here the sender, which passed the socket on.
+    let (receiver, sender, addr) = world.pass_listener("uring-receive-listener");
+    let served = world.connect(addr);
+    assert_eq!(served.pid, receiver);
+    let deviation = world.wait_for_flow("passer", addr.port());
+    assert_eq!(process(&deviation).pid, sender, "{deviation:#?}");
 }
 
 #[test]

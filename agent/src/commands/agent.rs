@@ -98,6 +98,12 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = TcpHook::Auto)]
     pub tcp_hook: TcpHook,
 
+    /// Leave the io_uring programs unattached. They name the process of an io_uring accept, and
+    /// run for every io_uring request on the host: about 40 ns each here. Without them, such a
+    /// connection is charged to the listening socket's owner.
+    #[arg(long)]
+    pub no_io_uring_accepts: bool,
+
     /// Fold epoch in milliseconds. A TCP flow is a process with the server's address and port, or
     /// a local address and port with the client's address. With the sock_ops hook, a flow's first
     /// connection in each epoch is reported, and its later ones are counted in the kernel and added
@@ -219,6 +225,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         ring_buffer_bytes: args.ring_buffer_kib.checked_mul(1024).context("--ring-buffer-kib is too large")?,
         channel_capacity: 65_536,
         tcp_hook: args.tcp_hook,
+        uring_accepts: !args.no_io_uring_accepts,
         fold_window: Duration::from_millis(args.fold_window_ms),
         ..TelemetryConfig::default()
     };

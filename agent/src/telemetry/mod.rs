@@ -85,6 +85,8 @@ pub struct TelemetryConfig {
     pub channel_capacity: usize,
     /// Source of TCP state changes.
     pub tcp_hook: loader::TcpHook,
+    /// Whether the io_uring programs attach, which name the process of an io_uring accept.
+    pub uring_accepts: bool,
     /// Fold epoch: a TCP connection of a flow that had one reported in the same epoch is counted
     /// in the kernel instead of reported. Zero reports every connection. Only the `sock_ops` hook
     /// folds.
@@ -102,6 +104,7 @@ impl Default for TelemetryConfig {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             channel_capacity: 16384,
             tcp_hook: loader::TcpHook::Auto,
+            uring_accepts: true,
             fold_window: DEFAULT_FOLD_WINDOW,
             paired_accept_max_age: std::time::Duration::from_nanos(agent_common::PAIRED_ACCEPT_MAX_AGE_NS),
         }
@@ -263,6 +266,7 @@ impl Telemetry {
         }
         let accept_offsets = resolve_accept_offsets(kernel_btf.as_ref());
         let uring_offsets = match &kernel_btf {
+            _ if !config.uring_accepts => Err("turned off with --no-io-uring-accepts".to_string()),
             Ok(parsed) => btf::uring_offsets(parsed).map_err(|error| format!("cannot resolve the io_uring accept request from kernel BTF: {error}")),
             Err(error) => Err(format!("no kernel BTF for the io_uring accept request: {error}")),
         };
