@@ -136,6 +136,7 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     if URING_WAITING.get_ptr(0).is_none_or(|waiting| unsafe { read_volatile(waiting) } == 0) {
         return Ok(());
     }
+
     // SAFETY: offsets of this tracepoint's fields, which the loader checked against its format.
     let key = unsafe {
         UringRequest {
@@ -152,6 +153,7 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     if unsafe { URING_ACCEPTS.get(&key) }.is_none() {
         return Ok(());
     }
+
     // SAFETY: as above.
     let (res, cflags): (i32, u32) = unsafe {
         (
@@ -159,7 +161,7 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
             tracepoint_field(ctx, URING_COMPLETE_CFLAGS.offset as usize),
         )
     };
-    // The flag says more completions of the request follow.
+    // The flag marks a completion that more of the request's completions follow.
     if key.req != 0 && cflags & IORING_CQE_F_MORE == 0 && URING_ACCEPTS.remove(&key).is_ok() {
         add_waiting(u64::MAX);
         forget_accept(&UringRequest { req: 0, ..key });
