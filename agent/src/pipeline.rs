@@ -1149,7 +1149,7 @@ impl Pipeline {
             first_seen: now,
             last_seen: now,
             count: lost,
-            resolution: "Raise the ring buffer size (--ring-buffer-kib) or reduce the event rate; see the status counters for the program that lost records.".to_string(),
+            resolution: "See the status counters (kernel_drops_*) for the program and the reason. For ring_buffer_full, raise the ring buffer size (--ring-buffer-kib) or reduce the event rate. A *_map_full counter means more sockets, flows or accepts were waiting at once than the kernel map holds.".to_string(),
         };
         self.publish(vec![deviation]);
     }

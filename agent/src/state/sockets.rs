@@ -142,7 +142,9 @@ pub struct SocketState {
     next_sequence: u64,
     /// Accepted sockets whose server end waits in `pending` for its acceptor.
     awaiting: HashMap<u64, FlowKey>,
-    recent: HashMap<u64, RecentSocket>,
+    /// Sockets whose late events add nothing, with when each entry expires. The close of a socket
+    /// removes its entry: a later socket at the same kernel address is another one.
+    recent: HashMap<u64, (RecentSocket, Instant)>,
     recent_order: VecDeque<(Instant, u64)>,
     stats: SocketStats,
 }
@@ -242,8 +244,9 @@ impl SocketState {
         (added, flushed)
     }
 
-    /// Forgets a listener when its socket closes; other sockets are ignored.
+    /// Forgets a socket that closed: its listener, or what a late event of it would add nothing to.
     pub fn on_close(&mut self, sock: u64) {
+        self.recent.remove(&sock);
         if let Some(key) = self.listener_socks.remove(&sock) {
             self.remove_listener_sock(key, sock);
         }
@@ -312,7 +315,7 @@ impl SocketState {
         now: Instant,
         time: SystemTime,
     ) -> Vec<JoinedFlow> {
-        if self.recent.get(&sock) == Some(&RecentSocket::Accepted) {
+        if self.recent_state(sock) == Some(RecentSocket::Accepted) {
             self.recent.remove(&sock);
             return Vec::new();
         }
@@ -352,7 +355,7 @@ impl SocketState {
         if let Some(key) = self.awaiting.remove(&sock) {
             return self.resolve_acceptor(key, end, now);
         }
-        if self.recent.get(&sock) == Some(&RecentSocket::HandedToListenerOwner) {
+        if self.recent_state(sock) == Some(RecentSocket::HandedToListenerOwner) {
             self.recent.remove(&sock);
             self.stats.late_accepts += 1;
             return Vec::new();
@@ -431,14 +434,21 @@ impl SocketState {
         pending.flow
     }
 
+    fn recent_state(&self, sock: u64) -> Option<RecentSocket> {
+        self.recent.get(&sock).map(|(state, _)| *state)
+    }
+
     fn remember_recent(&mut self, sock: u64, state: RecentSocket, now: Instant) {
         if self.recent.len() >= self.max_pending {
-            if let Some((_, oldest)) = self.recent_order.pop_front() {
-                self.recent.remove(&oldest);
+            while let Some((expiry, oldest)) = self.recent_order.pop_front() {
+                if self.forget_recent(oldest, expiry) {
+                    break;
+                }
             }
         }
-        self.recent.insert(sock, state);
-        self.recent_order.push_back((now + RECENT_SOCKET_RETENTION, sock));
+        let expiry = now + RECENT_SOCKET_RETENTION;
+        self.recent.insert(sock, (state, expiry));
+        self.recent_order.push_back((expiry, sock));
     }
 
     fn expire_recent(&mut self, now: Instant) {
@@ -447,8 +457,18 @@ impl SocketState {
                 break;
             }
             self.recent_order.pop_front();
-            self.recent.remove(&sock);
+            self.forget_recent(sock, expiry);
         }
+    }
+
+    /// Removes the entry of `sock` when it is the one that expires at `expiry`, not that of a
+    /// later socket at the same address. Returns whether it did.
+    fn forget_recent(&mut self, sock: u64, expiry: Instant) -> bool {
+        if self.recent.get(&sock).is_some_and(|(_, current)| *current == expiry) {
+            self.recent.remove(&sock);
+            return true;
+        }
+        false
     }
 
     /// Adds one end to the flow at `key`. `awaiting` is the accepted socket and the time until
@@ -707,6 +727,48 @@ mod tests {
         assert!(late.is_empty());
         assert_eq!(state.stats().late_accepts, 1);
         assert!(state.flush_expired(now + Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn closed_socket_address_starts_afresh() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        let mut state = prefork_state(now);
+        // An accept whose `Accepted` event never comes (its listener is unknown to the kernel
+        // program), then the close of that socket.
+        assert_eq!(state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now, T0).len(), 1);
+        state.on_close(0x100);
+        // A later socket at the same address is reported in full.
+        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40001"), addr("198.18.0.3:80"), later, T0).is_empty());
+        state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40001"), later, T0);
+        let flushed = state.flush_expired(later + Duration::from_millis(600));
+        assert_eq!(flushed.len(), 1);
+        assert_eq!(flushed[0].server.as_ref().map(|end| end.pid), Some(20));
+
+        // The same after a connection handed to the listener's owner.
+        state.on_close(0x100);
+        state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40002"), later, T0);
+        assert_eq!(state.stats().late_accepts, 0);
+        let flushed = state.flush_expired(later + Duration::from_secs(2));
+        assert_eq!(flushed.len(), 1);
+        assert_eq!(flushed[0].server.as_ref().map(|end| end.pid), Some(21));
+    }
+
+    #[test]
+    fn reused_address_keeps_its_own_expiry() {
+        let now = Instant::now();
+        let mut state = prefork_state(now);
+        assert_eq!(state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40000"), now, T0).len(), 1);
+        state.on_close(0x100);
+        let later = now + Duration::from_secs(20);
+        assert!(state.on_connected(None, 10, 1, addr("198.18.0.2:40001"), addr("198.18.0.3:80"), later, T0).is_empty());
+        assert_eq!(state.on_accept(None, 21, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40001"), later, T0).len(), 1);
+        // The first socket's entry expires at 30 s; the second's, at 50 s, still absorbs the late
+        // `Accepted` event.
+        state.flush_expired(now + Duration::from_secs(31));
+        let late = state.on_accepted(|_| None, 0x100, 2, addr("198.18.0.3:80"), addr("198.18.0.2:40001"), now + Duration::from_secs(31), T0);
+        assert!(late.is_empty());
+        assert!(state.flush_expired(now + Duration::from_secs(32)).is_empty());
     }
 
     #[test]

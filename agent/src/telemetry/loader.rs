@@ -198,10 +198,12 @@ pub fn load(parameters: &LoadParameters<'_>) -> Result<(Ebpf, Vec<HookStatus>), 
             continue;
         }
         let uring = spec.name == URING_SUBMIT_PROGRAM || spec.name == URING_COMPLETE_PROGRAM;
-        let result = match &parameters.uring_offsets {
-            Err(reason) if uring => Err(reason.clone()),
-            _ => check_format(spec).and_then(|()| attach(&mut ebpf, spec)),
-        };
+        if let (true, Err(reason)) = (uring, &parameters.uring_offsets) {
+            tracing::info!(hook = spec.name, %reason, "not attached; io_uring accepts are attributed to the listener's owner");
+            hooks.push(HookStatus::new(spec, Some(reason.clone())));
+            continue;
+        }
+        let result = check_format(spec).and_then(|()| attach(&mut ebpf, spec));
         let status = match result {
             Ok(()) => {
                 tracing::info!(hook = spec.name, "attached");
