@@ -23,10 +23,7 @@ use agent_common::{
     URING_COMPLETE_USER_DATA, URING_SUBMIT_OPCODE, URING_SUBMIT_REQ, URING_SUBMIT_RING, URING_SUBMIT_USER_DATA,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
-use core::{
-    ptr::{addr_of, read_volatile},
-    sync::atomic::{AtomicU64, Ordering},
-};
+use core::ptr::{addr_of, read_volatile};
 
 use crate::{
     count, current_cgroup_id, current_ids, current_in_scope, fold, is_agent, kernel, ktime_ns, tcp, tracepoint_field,
@@ -103,8 +100,8 @@ fn try_uring_submit(ctx: &TracePointContext) -> Result<(), i64> {
     let accept = UringRequest { ring, user_data, req };
     // SAFETY: only the presence of the entry is read.
     if unsafe { URING_ACCEPTS.get(&accept) }.is_some() {
-        // An entry left by a request at this address whose completion went unseen (a full map
-        // at its submission leaves none): this request takes it over, and is counted already.
+        // The entry of an earlier request at this address whose last completion went unseen.
+        // This request takes it over, and is counted already.
         return Ok(());
     }
     if URING_ACCEPTS.insert(&accept, &0, 0).is_err() {
@@ -115,15 +112,11 @@ fn try_uring_submit(ctx: &TracePointContext) -> Result<(), i64> {
 
     let counted = UringRequest { ring, user_data, req: 0 };
     match URING_ACCEPTS.get_ptr_mut(&counted) {
-        // SAFETY: the pointer is to this map's value, valid during the program. Completions on
-        // other CPUs change it too.
-        Some(pending) => unsafe { AtomicU64::from_ptr(pending).fetch_add(1, Ordering::Relaxed); },
-        None => {
-            if URING_ACCEPTS.insert(&counted, &1, 0).is_err() {
-                // A single-shot accept still finds its own entry.
-                count(Counter::UringAcceptMapFull);
-            }
-        }
+        // SAFETY: the pointer is to this map's value, valid during the program.
+        Some(pending) => unsafe { fold::add(pending, 1) },
+        // A single-shot accept still finds its own entry.
+        None if URING_ACCEPTS.insert(&counted, &1, 0).is_err() => count(Counter::UringAcceptMapFull),
+        None => {}
     }
     Ok(())
 }
@@ -161,7 +154,7 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
             tracepoint_field(ctx, URING_COMPLETE_CFLAGS.offset as usize),
         )
     };
-    // The flag marks a completion that more of the request's completions follow.
+    // The flag marks a completion that more completions of the request follow.
     if key.req != 0 && cflags & IORING_CQE_F_MORE == 0 && URING_ACCEPTS.remove(&key).is_ok() {
         add_waiting(u64::MAX);
         forget_accept(&UringRequest { req: 0, ..key });
@@ -176,9 +169,8 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
 #[inline(always)]
 fn add_waiting(delta: u64) {
     if let Some(waiting) = URING_WAITING.get_ptr_mut(0) {
-        // SAFETY: the pointer is to this map's value, valid during the program. Programs on other
-        // CPUs change it too.
-        unsafe { AtomicU64::from_ptr(waiting).fetch_add(delta, Ordering::Relaxed) };
+        // SAFETY: the pointer is to this map's value, valid during the program.
+        unsafe { fold::add(waiting, delta) };
     }
 }
 
@@ -189,10 +181,10 @@ fn add_waiting(delta: u64) {
 #[inline(always)]
 fn forget_accept(counted: &UringRequest) {
     let Some(pending) = URING_ACCEPTS.get_ptr_mut(counted) else { return };
-    // SAFETY: the pointer is to this map's value, valid during the program. The kernel's BPF
-    // target here has no atomic that returns the old value, so the count is read after.
+    // SAFETY: the pointer is to this map's value, valid during the program. The BPF target this
+    // object is built for has no atomic add that returns the old value, so the count is read after.
     let left = unsafe {
-        AtomicU64::from_ptr(pending).fetch_sub(1, Ordering::Relaxed);
+        fold::add(pending, u64::MAX);
         read_volatile(pending)
     };
     if left == 0 || left > u64::MAX / 2 {

@@ -468,6 +468,6 @@ const EEXIST: i64 = -17;
 /// # Safety
 /// `counter` must point into a map value that stays valid during the program.
 #[inline(always)]
-unsafe fn add(counter: *mut u64, value: u64) {
+pub(crate) unsafe fn add(counter: *mut u64, value: u64) {
     AtomicU64::from_ptr(counter).fetch_add(value, Ordering::Relaxed);
 }

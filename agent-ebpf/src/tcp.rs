@@ -574,9 +574,9 @@ fn on_accepted<F: TcpFields>(ctx: &F, skaddr: u64) -> Result<bool, i64> {
 
 /// Drops the state changes that an accepted socket the agent does not track inherited from its
 /// listener, when only this program requested them there: four calls saved per connection.
-// NOTE: another `sock_ops` program that requested them on this accepted socket, at its handshake
-// end and before this one ran, loses them. So does a paired socket accepted after the agent
-// swept its entry (see `PAIRED_ACCEPT_MAX_AGE_NS`): its accept is reported, its close is not.
+// NOTE: another `sock_ops` program loses them when it relies on the listener's request but made it
+// after this program ran at listen, or requested them on this socket before this program ran. A
+// paired socket accepted after the agent swept its entry has its accept reported, not its close.
 #[inline(always)]
 fn leave_untracked<F: TcpFields>(ctx: &F, listener: &ListenerOwner) {
     if listener.flags & LISTENER_FLAG_OWN_STATE_CHANGES != 0 {

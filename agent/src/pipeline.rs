@@ -1149,7 +1149,7 @@ impl Pipeline {
             first_seen: now,
             last_seen: now,
             count: lost,
-            resolution: "See the status counters (kernel_drops_*) for the program and the reason. For ring_buffer_full, raise the ring buffer size (--ring-buffer-kib) or reduce the event rate. A *_map_full counter means more sockets, flows or accepts were waiting at once than the kernel map holds.".to_string(),
+            resolution: "Check the status counters kernel_drops_* for the program and the reason. For ring_buffer_full, raise the ring buffer size (--ring-buffer-kib) or reduce the event rate. For a *_map_full reason, the kernel map was full: more sockets, flows or accepts were open or waiting at once than it has entries for.".to_string(),
         };
         self.publish(vec![deviation]);
     }

@@ -118,6 +118,33 @@ fn connect_repeatedly(address: &RawAddress, count: usize) -> i32 {
     0
 }
 
+/// Connects once to each of `targets` and holds every connection, then reports port 1 to the
+/// parent and reads each connection until the peer ends it. Returns the child's exit code: 42 when
+/// a socket fails, 43 when a connect fails.
+fn connect_and_hold<'a>(targets: impl Iterator<Item = &'a RawAddress>, report: libc::c_int) -> i32 {
+    let mut sockets = Vec::new();
+    // SAFETY: raw socket calls on descriptors this function owns; each address outlives its call.
+    unsafe {
+        for address in targets {
+            let socket = libc::socket(address.family, libc::SOCK_STREAM, 0);
+            if socket < 0 {
+                return 42;
+            }
+            if libc::connect(socket, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
+                return 43;
+            }
+            sockets.push(socket);
+        }
+        report_port(report, 1);
+        let mut buffer = [0u8; 16];
+        for socket in sockets {
+            while libc::read(socket, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
+            libc::close(socket);
+        }
+    }
+    0
+}
+
 /// Starts a server in `cgroup` that listens on `listen` and accepts `CONNECTIONS` connections
 /// with `acceptor`; returns it and the IPv4 loopback address that reaches it.
 fn start_server_on(cgroup: &TestCgroup, listen: IpAddr, acceptor: Acceptor) -> (Child, SocketAddr) {
@@ -475,34 +502,15 @@ async fn more_waiting_accepts_than_paired_map() {
     let addresses: Vec<RawAddress> =
         ports.iter().map(|port| raw_address(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), *port))).collect();
     let client = Child::fork(Some(&cgroup.procs), |report| {
-        let mut sockets = Vec::with_capacity(QUEUED_PER_LISTENER * QUEUED_LISTENERS);
-        // SAFETY: raw socket calls on descriptors this function owns.
+        // SAFETY: raises this child's own descriptor limit to its hard limit.
         unsafe {
             let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            for address in &addresses {
-                for _ in 0..QUEUED_PER_LISTENER {
-                    let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                    if socket < 0 {
-                        return 42;
-                    }
-                    if libc::connect(socket, (&address.storage as *const libc::sockaddr_storage).cast(), address.len) != 0 {
-                        return 43;
-                    }
-                    sockets.push(socket);
-                }
-            }
-            report_port(report, 1);
-            // Each connection ends when the server has accepted and closed it.
-            let mut buffer = [0u8; 16];
-            for socket in sockets {
-                while libc::read(socket, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
-                libc::close(socket);
-            }
         }
-        0
+        // Each connection ends when the server has accepted and closed it.
+        connect_and_hold(addresses.iter().flat_map(|address| std::iter::repeat_n(address, QUEUED_PER_LISTENER)), report)
     });
     let client_pid = client.pid as u32;
     client.read_port();
@@ -580,26 +588,9 @@ async fn unaccepted_waiting_sockets_are_swept() {
     });
     let server_address = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server.read_port());
     let connect_address = raw_address(server_address);
+    // The server's listener closes: each connection ends with a reset.
     let client = Child::fork(Some(&cgroup.procs), |report| {
-        let mut sockets = Vec::with_capacity(UNACCEPTED);
-        // SAFETY: raw socket calls on descriptors this function owns.
-        unsafe {
-            for _ in 0..UNACCEPTED {
-                let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                if libc::connect(socket, (&connect_address.storage as *const libc::sockaddr_storage).cast(), connect_address.len) != 0 {
-                    return 51;
-                }
-                sockets.push(socket);
-            }
-            report_port(report, 1);
-            // The server's listener closes: each connection ends with a reset.
-            let mut buffer = [0u8; 16];
-            for socket in sockets {
-                while libc::read(socket, buffer.as_mut_ptr().cast(), buffer.len()) > 0 {}
-                libc::close(socket);
-            }
-        }
-        0
+        connect_and_hold(std::iter::repeat_n(&connect_address, UNACCEPTED), report)
     });
     let client_pid = client.pid as u32;
     client.read_port();

@@ -247,8 +247,8 @@ fn serve_uring(listener: &TcpListener, multishot: bool) -> io::Result<()> {
 }
 
 /// Listens on two loopback ports and keeps an io_uring accept waiting on each, both with user data
-/// 0 as many servers leave it, armed in the order the ports are printed. A completion's socket is
-/// told by its local port, and its listener armed again.
+/// 0 as many servers leave it, armed in the order the ports are printed. The local port of a
+/// completion's socket names its listener, which is armed again.
 fn uring_listen_two() -> io::Result<()> {
     use io_uring::{opcode, types, IoUring};
 
