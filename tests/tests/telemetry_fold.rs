@@ -118,7 +118,7 @@ fn connect_repeatedly(address: &RawAddress, count: usize) -> i32 {
     0
 }
 
-/// Connects once to each of `targets` and holds every connection, then reports port 1 to the
+/// Connects once to each of `targets` and keeps every connection open, then reports port 1 to the
 /// parent and reads each connection until the peer ends it. Returns the child's exit code: 42 when
 /// a socket fails, 43 when a connect fails.
 fn connect_and_hold<'a>(targets: impl Iterator<Item = &'a RawAddress>, report: libc::c_int) -> i32 {
